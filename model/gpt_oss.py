@@ -1,0 +1,145 @@
+"""GPT-OSS (OpenAI, 2025) as two static-shape entry points over a static KV cache.
+
+    h_0        = Embed(ids)
+    a_l        = Attn_l(RMSNorm(h_l))                          GQA + learned sinks; sliding band on even layers
+    h_l'       = h_l + AllReduce(a_l)
+    h_{l+1}    = h_l' + AllReduce(MoE_l(RMSNorm(h_l')))         top-k router, clamped SwiGLU experts
+    logits     = Gather(LMHead(RMSNorm(h_L)))
+
+`prefill` runs a chunk of T tokens per sequence starting at `start[b]` and returns the logits at each row's
+`last[b]`; `decode` runs one token per sequence at `pos[b]`. Both write K/V into the cache in place. Positions
+travel as tensor values, never as Python ints, so both functions can be captured as graphs with static shapes;
+the only Python int they take, `kv_len` (how many cache slots attention reads), is a per-graph constant.
+Everything backend-specific is behind `self.ops`; everything tensor-parallel is in `self.plan`/`self.parallel`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .config import GptOssConfig
+from .ops import get_ops
+from .parallel import Parallel, ShardPlan
+from .rope import rope_cos_sin, yarn_inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GptOssConfig, plan: ShardPlan, layer: int, ops):
+        super().__init__()
+        self.ops = ops
+        self.q_heads, self.kv_heads, self.head_dim = plan.q_heads, plan.kv_heads, config.head_dim
+        width = (plan.q_heads + 2 * plan.kv_heads) * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, width)  # merged q, k, v
+        self.o_proj = nn.Linear(plan.q_heads * config.head_dim, config.hidden_size)  # row-parallel
+        self.sinks = nn.Parameter(torch.zeros(plan.q_heads))
+        self.window = config.sliding_window if config.is_sliding(layer) else 0
+        self.scale = config.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, positions, start, k_cache, v_cache, kv_len: int):
+        batch, steps, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = self.ops.apply_rope(q.view(batch, steps, self.q_heads, self.head_dim), cos, sin)
+        k = self.ops.apply_rope(k.view(batch, steps, self.kv_heads, self.head_dim), cos, sin)
+        self.ops.cache_write(k_cache, start, k)
+        self.ops.cache_write(v_cache, start, v.view(batch, steps, self.kv_heads, self.head_dim))
+        out = self.ops.attention(q, k_cache, v_cache, self.sinks, positions, self.window, self.scale, kv_len)
+        return self.o_proj(out.reshape(batch, steps, -1))
+
+
+class Router(nn.Module):
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.num_local_experts))
+
+
+class MoE(nn.Module):
+    """Experts hold this rank's slice of the intermediate dimension: gate_up columns (gate/up pairs kept
+    together), down rows. The output is a partial sum under TP."""
+
+    def __init__(self, config: GptOssConfig, plan: ShardPlan, ops):
+        super().__init__()
+        self.ops, self.top_k = ops, config.num_experts_per_tok
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        experts, hidden, inter = config.num_local_experts, config.hidden_size, plan.intermediate
+        self.router = Router(config)
+        self.gate_up_proj = nn.Parameter(torch.zeros(experts, hidden, 2 * inter))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(experts, 2 * inter))
+        self.down_proj = nn.Parameter(torch.zeros(experts, inter, hidden))
+        self.down_proj_bias = nn.Parameter(torch.zeros(experts, hidden))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.ops.route(x, self.router.weight, self.router.bias, self.top_k)
+        y = self.ops.moe(x, weights, experts, self.gate_up_proj, self.gate_up_proj_bias,
+                         self.down_proj, self.down_proj_bias, self.alpha, self.limit)
+        return y.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GptOssConfig, plan: ShardPlan, layer: int, ops):
+        super().__init__()
+        self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
+        self.self_attn = Attention(config, plan, layer, ops)
+        self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
+        self.mlp = MoE(config, plan, ops)
+
+
+class GptOss(nn.Module):
+    def __init__(self, config: GptOssConfig, parallel: Parallel = Parallel(), ops: str = "torch"):
+        super().__init__()
+        self.config, self.parallel = config, parallel
+        self.plan = ShardPlan.build(config, parallel)
+        self.ops = get_ops(ops)
+        self.ops_name = ops
+        self.embed_tokens = nn.Parameter(torch.zeros(self.plan.vocab, config.hidden_size))  # vocab-parallel
+        self.layers = nn.ModuleList(Block(config, self.plan, i, self.ops) for i in range(config.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = nn.Parameter(torch.zeros(self.plan.vocab, config.hidden_size))  # vocab-parallel
+        inv_freq, self.rope_scale = yarn_inv_freq(config.head_dim, config.rope)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    # -- pieces -------------------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.tp_size == 1:
+            return F.embedding(ids, self.embed_tokens)
+        local = ids - self.plan.vocab_start
+        owned = (local >= 0) & (local < self.plan.vocab)
+        rows = F.embedding(torch.where(owned, local, torch.zeros_like(local)), self.embed_tokens)
+        return self.parallel.all_reduce(rows * owned[..., None].to(rows.dtype))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.lm_head)
+        return self.parallel.all_gather_last_dim(logits)[..., : self.config.vocab_size]
+
+    def hidden(self, ids, positions, start, k_caches, v_caches, kv_len: int) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] for tokens `ids` [B, T] at `positions` [B, T]; writes the
+        cache at `start[b] + t`."""
+        ops, eps = self.ops, self.config.rms_norm_eps
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.embed_tokens.dtype)
+        residual = self.embed(ids)
+        h = ops.rms_norm(residual, self.layers[0].input_layernorm, eps)
+        for i, block in enumerate(self.layers):
+            a = block.self_attn(h, cos, sin, positions, start, k_caches[i], v_caches[i], kv_len)
+            h, residual = ops.add_rms_norm(self.parallel.all_reduce(a), residual, block.post_attention_layernorm, eps)
+            m = self.parallel.all_reduce(block.mlp(h))
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, residual = ops.add_rms_norm(m, residual, next_norm, eps)
+        return h
+
+    # -- entry points (the only functions graph/ captures) ------------------------------------------------
+    def prefill(self, ids, start, last, k_caches, v_caches, kv_len: int) -> torch.Tensor:
+        """ids [B, T] at positions start[b] + t; returns logits [B, vocab] at token index last[b]."""
+        steps = ids.shape[1]
+        positions = start[:, None] + torch.arange(steps, device=ids.device)
+        h = self.hidden(ids, positions, start, k_caches, v_caches, kv_len)
+        h_last = h.gather(1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
+        return self.logits(h_last)
+
+    def decode(self, ids, pos, k_caches, v_caches, kv_len: int) -> torch.Tensor:
+        """ids [B] at positions pos [B]; returns logits [B, vocab]."""
+        h = self.hidden(ids[:, None], pos[:, None], pos, k_caches, v_caches, kv_len)
+        return self.logits(h[:, 0])

@@ -1,0 +1,157 @@
+"""Load a GPT-OSS checkpoint directory as published (or as written by transformers) into this rank's shards.
+
+Checkpoint names map onto the model as follows (TP slices in brackets, `r` = this rank):
+    self_attn.{q,k,v}_proj.{weight,bias}  -> self_attn.qkv_proj   [q heads of r | kv heads of r]
+    self_attn.o_proj.weight               -> self_attn.o_proj      [input columns of r's heads]
+    self_attn.o_proj.bias, experts.down_proj_bias -> on rank 0 only (they are added once, after the all-reduce)
+    self_attn.sinks                       -> [r's heads]
+    mlp.experts.gate_up_proj [E, H, 2I]   -> [columns 2*i0 .. 2*(i0+I_r): interleaved gate/up pairs stay together]
+    mlp.experts.down_proj    [E, I, H]    -> [rows i0 .. i0+I_r]
+    mlp.experts.*_blocks/_scales (MXFP4)  -> dequantised at load; stored [E, out, in/32, 16], i.e. transposed
+    embed_tokens, lm_head                 -> [vocab rows of r], zero-padded on the last rank
+
+Tensors stream one at a time (see safetensors_reader), so peak memory is the model plus one tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError, GptOssConfig
+from .gpt_oss import GptOss
+from .mxfp4 import dequantize_mxfp4
+from .parallel import Parallel
+from .rope import yarn_inv_freq
+from .safetensors_reader import CheckpointError, SafetensorsReader
+
+MXFP4_BLOCK = 32
+
+
+def _copy(reader: SafetensorsReader, name: str, expected: tuple, dst: torch.Tensor, dim: int | None = None,
+          start: int = 0, length: int | None = None) -> None:
+    with reader.open(name, expected) as src:
+        if dim is not None:
+            src = src.narrow(dim, start, length)
+        dst.copy_(src)
+
+
+def _copy_mxfp4(reader: SafetensorsReader, prefix: str, out_features: int, in_features: int, dst: torch.Tensor,
+                out_start: int, out_len: int, in_start: int, in_len: int) -> None:
+    """dst [E, in_len, out_len] <- dequantised, transposed slice of an MXFP4 [E, out, in] weight. A slice of the
+    input dim that does not fall on 32-wide block boundaries reads the covering blocks and trims them."""
+    experts = dst.shape[0]
+    if in_features % MXFP4_BLOCK:
+        raise CheckpointError(f"'{prefix}_blocks': input width {in_features} is not a multiple of {MXFP4_BLOCK}")
+    groups = in_features // MXFP4_BLOCK
+    first, last = in_start // MXFP4_BLOCK, -(-(in_start + in_len) // MXFP4_BLOCK)
+    trim = in_start - first * MXFP4_BLOCK
+    with reader.open(prefix + "_blocks", (experts, out_features, groups, 16)) as blocks, \
+            reader.open(prefix + "_scales", (experts, out_features, groups)) as scales:
+        for e in range(experts):  # one expert at a time bounds the dequantisation temporaries
+            b = blocks[e, out_start:out_start + out_len, first:last]
+            s = scales[e, out_start:out_start + out_len, first:last]
+            w = dequantize_mxfp4(b, s, dtype=torch.float32)[:, trim:trim + in_len]  # [out_len, in_len]
+            dst[e].copy_(w.t())
+        del blocks, scales, b, s
+
+
+def _expected_names(config: GptOssConfig, mxfp4: bool) -> set[str]:
+    names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    expert = (["gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"] if mxfp4
+              else ["gate_up_proj", "down_proj"]) + ["gate_up_proj_bias", "down_proj_bias"]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "self_attn.sinks",
+                  p + "mlp.router.weight", p + "mlp.router.bias"}
+        names |= {p + f"self_attn.{n}_proj.{w}" for n in "qkvo" for w in ("weight", "bias")}
+        names |= {p + "mlp.experts." + n for n in expert}
+    return names
+
+
+def load_weights(model: GptOss, model_dir) -> None:
+    """Fill `model` (already allocated for its rank) from the checkpoint in `model_dir`."""
+    config, plan, rank = model.config, model.plan, model.parallel.rank
+    reader = SafetensorsReader(model_dir)
+    hidden, dim, experts = config.hidden_size, config.head_dim, config.num_local_experts
+    inter = config.intermediate_size
+
+    mxfp4 = any(n.endswith("_blocks") for n in reader.names())
+    if mxfp4 and config.quant_method != "mxfp4":
+        raise CheckpointError("checkpoint has MXFP4 expert tensors (*_blocks/*_scales) but config.json declares no "
+                              "quantization_config with quant_method 'mxfp4'")
+    expected = _expected_names(config, mxfp4)
+    missing = sorted(expected - reader.names())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"checkpoint tensor '{missing[0]}' is missing{more}")
+    unknown = sorted(reader.names() - expected)
+    if unknown:
+        raise CheckpointError(f"checkpoint tensor '{unknown[0]}' is not part of GPT-OSS as configured "
+                              f"({len(unknown)} unexpected tensor(s); unknown quantisation or wrong config?)")
+
+    with torch.no_grad():
+        vocab_rows = min(plan.vocab, config.vocab_size - plan.vocab_start)
+        for name, dst in (("model.embed_tokens.weight", model.embed_tokens), ("lm_head.weight", model.lm_head)):
+            dst.zero_()
+            _copy(reader, name, (config.vocab_size, hidden), dst[:vocab_rows], 0, plan.vocab_start, vocab_rows)
+        _copy(reader, "model.norm.weight", (hidden,), model.norm)
+
+        q_rows, kv_rows = plan.q_heads * dim, plan.kv_heads * dim
+        q_start, kv_start = plan.q_head_start * dim, plan.kv_head_start * dim
+        full_q, full_kv = config.num_attention_heads * dim, config.num_key_value_heads * dim
+        i_len, i_start = plan.intermediate, plan.intermediate_start
+        for i, block in enumerate(model.layers):
+            p = f"model.layers.{i}."
+            attn, moe = block.self_attn, block.mlp
+            _copy(reader, p + "input_layernorm.weight", (hidden,), block.input_layernorm)
+            _copy(reader, p + "post_attention_layernorm.weight", (hidden,), block.post_attention_layernorm)
+            for kind, shape in (("weight", (hidden,)), ("bias", ())):
+                dst = getattr(attn.qkv_proj, kind)
+                _copy(reader, p + f"self_attn.q_proj.{kind}", (full_q, *shape), dst[:q_rows], 0, q_start, q_rows)
+                _copy(reader, p + f"self_attn.k_proj.{kind}", (full_kv, *shape), dst[q_rows:q_rows + kv_rows],
+                      0, kv_start, kv_rows)
+                _copy(reader, p + f"self_attn.v_proj.{kind}", (full_kv, *shape), dst[q_rows + kv_rows:],
+                      0, kv_start, kv_rows)
+            _copy(reader, p + "self_attn.o_proj.weight", (hidden, full_q), attn.o_proj.weight, 1, q_start, q_rows)
+            _copy_or_zero(reader, p + "self_attn.o_proj.bias", (hidden,), attn.o_proj.bias, rank == 0)
+            _copy(reader, p + "self_attn.sinks", (config.num_attention_heads,), attn.sinks, 0,
+                  plan.q_head_start, plan.q_heads)
+            _copy(reader, p + "mlp.router.weight", (experts, hidden), moe.router.weight)
+            _copy(reader, p + "mlp.router.bias", (experts,), moe.router.bias)
+
+            e = p + "mlp.experts."
+            _copy(reader, e + "gate_up_proj_bias", (experts, 2 * inter), moe.gate_up_proj_bias, 1,
+                  2 * i_start, 2 * i_len)
+            _copy_or_zero(reader, e + "down_proj_bias", (experts, hidden), moe.down_proj_bias, rank == 0)
+            if mxfp4:
+                _copy_mxfp4(reader, e + "gate_up_proj", 2 * inter, hidden, moe.gate_up_proj,
+                            2 * i_start, 2 * i_len, 0, hidden)
+                _copy_mxfp4(reader, e + "down_proj", hidden, inter, moe.down_proj, 0, hidden, i_start, i_len)
+            else:
+                _copy(reader, e + "gate_up_proj", (experts, hidden, 2 * inter), moe.gate_up_proj, 2,
+                      2 * i_start, 2 * i_len)
+                _copy(reader, e + "down_proj", (experts, inter, hidden), moe.down_proj, 1, i_start, i_len)
+
+
+def _copy_or_zero(reader, name, expected, dst, owner: bool) -> None:
+    if owner:
+        _copy(reader, name, expected, dst)
+    else:
+        reader.check(name, expected)
+        dst.zero_()
+
+
+def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", ops: str = "torch") -> GptOss:
+    """Build this rank's model for `model_dir` and fill it. The model's memory is allocated once, uninitialised,
+    and every parameter is written from the checkpoint."""
+    config = GptOssConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = GptOss(config, Parallel(tp_size, rank), ops=ops).to(dtype)
+    model = model.to_empty(device=device)
+    # The rope table is not a checkpoint tensor, and the meta device dropped its values: compute it (fp32).
+    model.inv_freq = yarn_inv_freq(config.head_dim, config.rope)[0].to(device)
+    load_weights(model, model_dir)
+    return model.eval().requires_grad_(False)
+
+
+__all__ = ["load_model", "load_weights", "CheckpointError", "ConfigError"]

@@ -1,0 +1,121 @@
+"""The portable op table: plain torch, runs on CPU and CUDA, and is the specification the fused NPU ops are
+held to. Every function takes static shapes and carries lengths and positions as tensor values."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .grouped_mm import grouped_mm
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * xf).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(x + residual), x + residual): the sum becomes the new residual stream."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; cos/sin [B, T, D/2]. Half-split rotation."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def cache_write(cache: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> None:
+    """In place: cache[b, start[b] + t] = new[b, t] for every row b (the semantics of `scatter_update_`
+    along the sequence axis). cache [B, S, H, D], start [B] int, new [B, T, H, D]."""
+    batch, steps = new.shape[:2]
+    rows = torch.arange(batch, device=new.device)[:, None].expand(batch, steps)
+    cols = start[:, None].to(torch.long) + torch.arange(steps, device=new.device)
+    cache.index_put_((rows, cols), new)
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor,
+    q_pos: torch.Tensor,
+    window: int,
+    scale: float,
+    kv_len: int,
+) -> torch.Tensor:
+    """Causal (or sliding-band) GQA attention with a learned per-head sink logit.
+
+    q [B, T, Hq, D] at positions q_pos [B, T]; keys/values are the first `kv_len` slots of the cache
+    [B, S, Hkv, D] (`kv_len` is static; positions above q_pos are masked, so only written slots are read).
+    The sink joins each head's softmax as one more logit and is then dropped. Returns [B, T, Hq, D].
+    """
+    batch, steps, q_heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = q_heads // kv_heads
+    k = k_cache[:, :kv_len].permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
+    v = v_cache[:, :kv_len].permute(0, 2, 1, 3).unsqueeze(2)
+    qg = q.view(batch, steps, kv_heads, group, dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, T, S]
+    k_pos = torch.arange(kv_len, device=q.device)
+    visible = k_pos <= q_pos[..., None]  # [B, T, S]
+    if window > 0:
+        visible = visible & (k_pos > q_pos[..., None] - window)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+
+    sink = sinks.to(scores.dtype).view(1, kv_heads, group, 1, 1).expand(batch, -1, -1, steps, 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    out = torch.matmul(probs.to(v.dtype), v)  # [B, Hkv, G, T, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, steps, q_heads, dim)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int):
+    """Router: top-k of the logits, softmax over those k. Returns (weights [N, k], expert ids [N, k])."""
+    logits = F.linear(x, weight, bias)
+    top_logits, experts = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(top_logits, dim=-1), experts
+
+
+def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS activation on interleaved [gate0, up0, gate1, up1, ...] columns."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def moe(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """Routed experts only: the N*k (token, expert) rows are sorted by expert, each expert multiplies its
+    contiguous rows (grouped matmul), then rows are weighted and summed back per token.
+
+    x [N, H]; weights/experts [N, k]; gate_up [E, H, 2I]; down [E, I, H]. Returns [N, H] (partial sum
+    under tensor parallelism: the caller all-reduces)."""
+    tokens, top_k = experts.shape
+    num_experts = gate_up.shape[0]
+    flat_experts = experts.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)  # row r of the sorted list is pair order[r]
+    sorted_experts = flat_experts[order]
+    token_of_row = order // top_k
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, sorted_experts.to(torch.long), torch.ones_like(sorted_experts, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+    rows = x[token_of_row]
+    h = grouped_mm(rows, gate_up, offs) + gate_up_bias[sorted_experts]
+    h = clamped_swiglu(h, alpha, limit)
+    y = grouped_mm(h, down, offs) + down_bias[sorted_experts]
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of_row, y)
