@@ -1,0 +1,72 @@
+"""The static shapes the runtime runs at: a bounded set, known up front, so that every graph can be built ahead
+of time and steady-state serving never meets a new shape.
+
+- cache slots: max_seq_len rounded up to a whole prefill chunk (a chunk's padding tokens then always land
+  inside the buffer);
+- prefill chunk length: a power of two from `min_chunk` to `prefill_chunk`, the smallest that covers what is
+  left of the longest prompt (long prompts run as several full chunks, then one shorter one);
+- attention reads `kv_len` cache slots: a power of two from `min_kv` up to the slot count, the smallest that
+  covers the furthest position in the step, so decode work follows the actual context, not max_seq_len;
+- batch: a power of two up to max_batch_size (extra rows are idle padding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class ShapePlan:
+    max_batch_size: int
+    max_seq_len: int
+    prefill_chunk: int = 256
+    min_chunk: int = 16
+    min_kv: int = 128
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "min_chunk", "min_kv"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("prefill_chunk", "min_chunk"):
+            if _next_pow2(getattr(self, name)) != getattr(self, name):
+                raise ValueError(f"{name} must be a power of two, got {getattr(self, name)}")
+
+    @property
+    def slots(self) -> int:
+        return -(-self.max_seq_len // self.prefill_chunk) * self.prefill_chunk
+
+    def batch(self, n: int) -> int:
+        return min(_next_pow2(n), self.max_batch_size)
+
+    def chunk(self, remaining: int) -> int:
+        return min(max(_next_pow2(remaining), self.min_chunk), self.prefill_chunk)
+
+    def kv_len(self, needed: int) -> int:
+        return min(max(_next_pow2(needed), self.min_kv), self.slots)
+
+    # -- the whole set, for building graphs ahead of time ------------------------------------------------
+    def batch_sizes(self) -> list[int]:
+        return sorted({self.batch(n) for n in range(1, self.max_batch_size + 1)})
+
+    def chunk_sizes(self) -> list[int]:
+        return sorted({self.chunk(n) for n in range(1, self.prefill_chunk + 1)})
+
+    def kv_lens(self) -> list[int]:
+        out, n = set(), 1
+        while True:
+            out.add(self.kv_len(n))
+            if n >= self.slots:
+                return sorted(out)
+            n *= 2
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """(chunk, kv_len) pairs a prefill can meet: the first chunk at start 0, later full chunks anywhere."""
+        pairs = {(c, self.kv_len(c)) for c in self.chunk_sizes()}
+        start = self.prefill_chunk
+        while start < self.slots:
+            pairs |= {(c, self.kv_len(start + c)) for c in self.chunk_sizes()}
+            start += self.prefill_chunk
+        return sorted(pairs)

@@ -1,0 +1,66 @@
+"""The checkpoint's tokenizer (`tokenizer.json`, read with the `tokenizers` library, offline) and its stop ids."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: str | Path):
+        path = Path(model_dir) / "tokenizer.json"
+        self.tokenizer = Tokenizer.from_file(str(path)) if path.is_file() else None
+
+    @property
+    def available(self) -> bool:
+        return self.tokenizer is not None
+
+    def _require(self):
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: pass prompts as lists of token ids")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._require().encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token) if self.tokenizer else None
+
+
+def stop_token_ids(model_dir: str | Path, config_eos: tuple[int, ...]) -> set[int]:
+    """EOS ids from generation_config.json (the published models stop at <|return|> and <|call|> there),
+    falling back to config.json's."""
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return set(eos if isinstance(eos, list) else [eos])
+    return set(config_eos)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text
+        return delta
