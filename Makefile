@@ -1,0 +1,37 @@
+# Every target works from a fresh clone: it creates (or reuses) the local virtualenv first.
+PY_SYS ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TINY   := checkpoints/tiny
+
+.PHONY: venv demo test test-all checkpoint-tiny checkpoint-bench clean
+
+venv: $(STAMP)
+
+# torch is pinned to 2.13.0: on these machines the CPU wheel is on local disk; an open range pulls a CUDA build.
+$(STAMP): pyproject.toml
+	$(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+$(TINY)/config.json: | $(STAMP)
+	$(PY) -m tools.make_checkpoint --preset tiny --out $(TINY)
+
+checkpoint-tiny: $(TINY)/config.json
+
+checkpoint-bench: $(STAMP)
+	$(PY) -m tools.make_checkpoint --preset bench --out checkpoints/bench
+
+demo: $(TINY)/config.json
+	$(PY) -m tools.demo --model $(TINY)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) checkpoints artifacts
