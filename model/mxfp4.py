@@ -84,6 +84,32 @@ def dequantize_mxfp4(
     return out.view(*prefix, groups * BLOCK_SIZE)
 
 
+def _block_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """Smallest e with ``amax <= 6 * 2**e``, clamped to [-127, 127]; 0 for an all-zero block (int32).
+
+    Exact, from the float32 bits: with ``amax = m * 2**p`` (m in [1, 2)) and ``6 * 2**e = 1.5 * 2**(e + 2)``,
+    ``e = p - 2`` if ``m <= 1.5`` else ``p - 1``.  (A subnormal amax gives e <= -128, clamped to -127 as it should.)
+    """
+    bits = amax.to(torch.float32).contiguous().view(torch.int32)
+    e = (bits >> 23) - (SCALE_BIAS + 2) + ((bits & 0x7FFFFF) > 0x400000).to(torch.int32)
+    e = torch.where(bits == 0, torch.zeros_like(e), e)
+    return e.clamp_(-SCALE_BIAS, SCALE_BIAS)
+
+
+def _e2m1_code(a: torch.Tensor) -> torch.Tensor:
+    """fp4 e2m1 magnitude code (0..7, uint8) of ``a`` in [0, 6], rounded to nearest, ties to even.
+
+    The e2m1 grid has step q = 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]; the code's mantissa bit is the parity of
+    the multiple of q, so rounding ``a / q`` half-to-even (torch.round) is exactly ties-to-even on the code.
+    """
+    hi2 = a >= 2.0
+    hi4 = a >= 4.0
+    # a / q = a * 2 (a < 2), a (2 <= a < 4), a / 2 (a >= 4): all exact.
+    m = torch.round(a * torch.where(hi4, 0.5, torch.where(hi2, 1.0, 2.0)))
+    off = hi2.to(torch.uint8) + hi4.to(torch.uint8)
+    return m.to(torch.uint8) + (off << 1)
+
+
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode a float tensor ``w [..., K]`` (K a multiple of 32) to MXFP4 ``(blocks, scales)``.
 
@@ -111,34 +137,21 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = torch.empty(rows, BLOCK_SIZE // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(rows, dtype=torch.uint8, device=w.device)
     flat = w.reshape(rows, BLOCK_SIZE)
-    # Ties-to-even rounding boundaries on the scaled magnitude: a value *at* a boundary in `_UP` moves up.
-    bounds_down = (0.25, 1.25, 2.5, 5.0)  # tie goes to the lower (even) code
-    bounds_up = (0.75, 1.75, 3.5)  # tie goes to the upper (even) code
     for r0 in range(0, rows, _ROWS_PER_CHUNK):
         r1 = min(r0 + _ROWS_PER_CHUNK, rows)
         x = flat[r0:r1].to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        amax = x.abs().amax(dim=1)  # NaN and inf propagate here
+        if not bool(torch.isfinite(amax).all()):
             raise ValueError("quantize_mxfp4: input has non-finite values")
-        amax = x.abs().amax(dim=1)
-        # Estimate e = ceil(log2(amax / 6)) and then correct it exactly with power-of-two comparisons.
-        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-        e = torch.ceil(torch.log2(safe / FP4_MAX)).to(torch.int32).clamp_(-SCALE_BIAS - 1, SCALE_BIAS + 1)
-        six = torch.full_like(amax, FP4_MAX)
-        # ldexp in float64 so 6 * 2**e never overflows/underflows in the comparison.
-        e = e + (safe.double() > torch.ldexp(six.double(), e)).to(torch.int32)
-        e = e - (safe.double() <= torch.ldexp(six.double(), e - 1)).to(torch.int32)
-        e = torch.where(amax > 0, e, torch.zeros_like(e)).clamp_(-SCALE_BIAS, SCALE_BIAS)
+        e = _block_exponent(amax)
         scales[r0:r1] = (e + SCALE_BIAS).to(torch.uint8)
 
-        # Scale: x / 2**e, done in float64 so the division by a power of two is exact even for e near +-127.
-        a = torch.ldexp(x.double(), (-e).unsqueeze(1))
+        # x / 2**e: a product with a power of two (2**-e is a normal or subnormal float32, exact); exact unless the
+        # result is below 2**-126, where it rounds to code 0 anyway.
+        a = x * torch.ldexp(torch.ones_like(amax), -e).unsqueeze(1)  # (not in place: x may be a view of w)
         neg = torch.signbit(a)
-        a = a.abs_()
-        code = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
-        for b in bounds_down:
-            code += a > b
-        for b in bounds_up:
-            code += a >= b
+        a = a.abs_().clamp_(max=FP4_MAX)
+        code = _e2m1_code(a)
         del a
         code |= neg.to(torch.uint8) << 3
         blocks[r0:r1] = code[:, 0::2] | (code[:, 1::2] << 4)

@@ -1,0 +1,265 @@
+"""tools.make_checkpoint: random GPT-OSS checkpoints that transformers loads, deterministic per seed."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from model.mxfp4 import dequantize_mxfp4
+from tools.make_checkpoint import LAYOUTS, PRESETS, SPECIAL_TOKENS, fp32_size_bytes, main, make_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "sliding_window": 8,
+    "intermediate_size": 96,
+    "vocab_size": 400,
+}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {layout: make_checkpoint(root / layout, "tiny", layout=layout, seed=0) for layout in LAYOUTS}
+
+
+def _load(path, layout):
+    kwargs = {}
+    if layout == "mxfp4":
+        kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    model, info = transformers.GptOssForCausalLM.from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True, **kwargs
+    )
+    return model, info
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                out[k] = st.get_tensor(k)
+    return out
+
+
+def _file_hashes(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_transformers_loads_every_layout(ckpts, layout):
+    cfg = transformers.AutoConfig.from_pretrained(ckpts[layout])
+    assert cfg.model_type == "gpt_oss"
+    assert cfg.num_hidden_layers == PRESETS["tiny"]["num_hidden_layers"]
+    assert cfg.layer_types == ["sliding_attention", "full_attention"] * 2
+    assert cfg.rope_parameters["rope_type"] == "yarn"
+    model, info = _load(ckpts[layout], layout)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"] and not info.get("error_msgs"), info
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_all_layouts_hold_the_same_model(ckpts):
+    """fp32, bf16 and mxfp4 (dequantised by transformers on CPU) of one seed load to identical parameters."""
+    ref = _load(ckpts["fp32"], "fp32")[0].state_dict()
+    for layout in ("bf16", "mxfp4"):
+        sd = _load(ckpts[layout], layout)[0].state_dict()
+        assert sd.keys() == ref.keys()
+        for name, t in ref.items():
+            assert torch.equal(sd[name], t), (layout, name)
+
+
+def test_mxfp4_file_layout(ckpts):
+    c = PRESETS["tiny"]
+    E, H, I = c["num_local_experts"], c["hidden_size"], c["intermediate_size"]
+    t = _tensors(ckpts["mxfp4"])
+    p = "model.layers.1.mlp.experts."
+    assert t[p + "gate_up_proj_blocks"].shape == (E, 2 * I, H // 32, 16)
+    assert t[p + "gate_up_proj_scales"].shape == (E, 2 * I, H // 32)
+    assert t[p + "down_proj_blocks"].shape == (E, H, I // 32, 16)
+    assert t[p + "down_proj_scales"].shape == (E, H, I // 32)
+    assert t[p + "gate_up_proj_bias"].shape == (E, 2 * I) and t[p + "down_proj_bias"].shape == (E, H)
+    for name, x in t.items():
+        assert x.dtype == (torch.uint8 if name.endswith(("_blocks", "_scales")) else torch.bfloat16), name
+    assert not any(n.endswith(("gate_up_proj", "down_proj")) for n in t)
+    assert t["model.layers.0.self_attn.sinks"].shape == (c["num_attention_heads"],)
+    # The fp32 layout's experts are the [E, in, out] transpose of the decoded [E, out, in] blocks.
+    f = _tensors(ckpts["fp32"])
+    for proj in ("gate_up_proj", "down_proj"):
+        dq = dequantize_mxfp4(t[p + proj + "_blocks"], t[p + proj + "_scales"])
+        assert torch.equal(dq.transpose(1, 2), f[p + proj])
+    assert {k for k in f} == {k for k in _tensors(ckpts["bf16"])}
+    config = json.loads((ckpts["mxfp4"] / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mxfp4"
+    assert "quantization_config" not in json.loads((ckpts["bf16"] / "config.json").read_text())
+    assert json.loads((ckpts["fp32"] / "config.json").read_text())["dtype"] == "float32"
+    assert config["dtype"] == "bfloat16"
+
+
+def test_tokenizer(ckpts):
+    path = ckpts["mxfp4"]
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert len(tok) == config["vocab_size"] == PRESETS["tiny"]["vocab_size"]
+    for text in ["Hello, world! The model reads 42 tokens.", "  two  spaces\nnew line\ttab ünïcödé 🙂", ""]:
+        ids = tok(text)["input_ids"]
+        assert tok.decode(ids) == text
+    ids = {name: tok.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    base = ids["<|startoftext|>"]
+    assert {name: i - base for name, i in ids.items()} == SPECIAL_TOKENS
+    for name, i in ids.items():
+        assert tok(name)["input_ids"] == [i]  # one token, not split
+        assert tok.decode([i]) == name
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        ids["<|startoftext|>"],
+        ids["<|return|>"],
+        ids["<|endoftext|>"],
+    )
+    assert gen["eos_token_id"] == [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]]
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+        config["bos_token_id"],
+        config["eos_token_id"],
+        config["pad_token_id"],
+    )
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "More?"},
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|start|>system<|message|>Be brief.<|end|><|start|>user<|message|>Hi there<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Hello.<|end|>"
+        "<|start|>user<|message|>More?<|end|><|start|>assistant"
+    )
+    assert tok.apply_chat_template(msgs[:2], tokenize=False).endswith("Hi there<|end|>")
+
+
+def test_deterministic_per_seed(tmp_path, ckpts):
+    a = make_checkpoint(tmp_path / "a", "tiny", layout="mxfp4", seed=0)
+    assert _file_hashes(a) == _file_hashes(ckpts["mxfp4"])
+    b = make_checkpoint(tmp_path / "b", "tiny", layout="mxfp4", seed=1)
+    ha, hb = _file_hashes(a), _file_hashes(b)
+    assert ha["tokenizer.json"] == hb["tokenizer.json"]  # the tokenizer does not depend on the seed
+    assert ha["model.safetensors"] != hb["model.safetensors"]
+
+
+def test_cli_in_subprocess_matches_api_bit_for_bit(tmp_path, ckpts):
+    # Another process with another hash seed writes the same bytes.
+    # ATEN_CPU_CAPABILITY=default: torch's scalar kernels instead of the SIMD ones must not change any bit.
+    env = dict(os.environ, PYTHONHASHSEED="12345", ATEN_CPU_CAPABILITY="default")
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "tools.make_checkpoint", "--preset", "tiny", "--out", str(out), "--layout", "bf16"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "fp32 size" in res.stdout
+    assert _file_hashes(out) == _file_hashes(ckpts["bf16"])
+
+
+# sha256 of model.safetensors of `tiny`, seed 0: the checkpoints must be the same on every machine (update these
+# only when the generator is changed on purpose).
+GOLDEN = {
+    "mxfp4": "03df5d5b87fc9db390adda98baba976c18bd22b050cfaf7859b743a85c6c9093",
+    "fp32": "846649dbb8a468f3f4bcd7208b625e8680055b6c1b22183b911e8e03713a4842",
+}
+
+
+@pytest.mark.parametrize("layout", sorted(GOLDEN))
+def test_golden_hash(ckpts, layout):
+    assert _file_hashes(ckpts[layout])["model.safetensors"] == GOLDEN[layout]
+
+
+def test_sharded_index(tmp_path, ckpts):
+    out = make_checkpoint(tmp_path / "sharded", "tiny", layout="mxfp4", seed=0, num_shards=3)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert files == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = _tensors(out)
+    single = _tensors(ckpts["mxfp4"])
+    assert tensors.keys() == single.keys() == index["weight_map"].keys()
+    assert all(torch.equal(tensors[k], single[k]) for k in single)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    for f in files:
+        with safe_open(out / f, "pt") as st:
+            assert all(index["weight_map"][k] == f for k in st.keys())
+            assert len(list(st.keys())) > 0
+    sizes = [(out / f).stat().st_size for f in files]
+    assert max(sizes) < 0.6 * sum(sizes)  # roughly balanced
+    model, info = _load(out, "mxfp4")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # Rewriting a directory with one shard removes the old shards and index.
+    make_checkpoint(out, "tiny", layout="mxfp4", seed=0)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_overrides_and_validation(tmp_path):
+    out = make_checkpoint(tmp_path / "small", SMALL, layout="bf16", seed=3, num_shards=2)
+    cfg = transformers.AutoConfig.from_pretrained(out)
+    for key, value in SMALL.items():
+        assert getattr(cfg, key) == value, key
+    assert cfg.hidden_size == PRESETS["tiny"]["hidden_size"]
+    assert cfg.layer_types == ["sliding_attention", "full_attention"]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 400
+    model, info = _load(out, "bf16")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 64, 192)
+    rope = make_checkpoint(tmp_path / "rope", {**SMALL, "rope_parameters": {"factor": 8.0}}, layout="bf16")
+    rp = json.loads((rope / "config.json").read_text())["rope_parameters"]
+    assert rp["factor"] == 8.0 and rp["original_max_position_embeddings"] == 128  # merged key by key
+    with pytest.raises(ValueError, match="unknown config overrides"):
+        make_checkpoint(tmp_path / "bad", {"num_layers": 2})
+    with pytest.raises(ValueError, match="multiples of 32"):
+        make_checkpoint(tmp_path / "bad", {"intermediate_size": 40}, layout="mxfp4")
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_checkpoint(tmp_path / "bad", "huge")
+    with pytest.raises(ValueError, match="layout"):
+        make_checkpoint(tmp_path / "bad", "tiny", layout="fp8")
+    # Non-multiple-of-32 sizes are fine outside the mxfp4 layout.
+    odd = make_checkpoint(tmp_path / "odd", {**SMALL, "intermediate_size": 40}, layout="fp32")
+    assert not _load(odd, "fp32")[1]["missing_keys"]
+
+
+def test_tiny_forward_is_sane(ckpts):
+    model = _load(ckpts["fp32"], "fp32")[0].eval()
+    tok = transformers.AutoTokenizer.from_pretrained(ckpts["fp32"])
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Tell me about the model."}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+        gen = model.generate(x, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.isfinite(out.logits).all()
+    rms = [h.pow(2).mean().sqrt().item() for h in out.hidden_states]
+    assert all(0.3 < r < 20 for r in rms), rms
+    new = gen[0, x.shape[1] :].tolist()
+    assert len(set(new)) >= 8, new  # greedy text is not stuck on one token
+
+
+def test_bench_size_estimate():
+    size = fp32_size_bytes("bench")
+    assert 0.5e9 <= size <= 1.5e9, size
+
+
+@pytest.mark.slow
+def test_bench_checkpoint(tmp_path):
+    assert main(["--preset", "bench", "--out", str(tmp_path / "bench")]) == 0
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "bench")
+    assert config.num_local_experts == 32 and config.num_experts_per_tok == 4
+    assert len(transformers.AutoTokenizer.from_pretrained(tmp_path / "bench")) == config.vocab_size
