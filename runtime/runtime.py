@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from graph import build_graphs
 from model.kv_cache import KVCache
 from model.loader import load_model
 
@@ -69,20 +70,23 @@ class _Sequence:
 class Runtime:
     def __init__(self, model, model_dir: str | Path | None = None, *, max_batch_size: int = 8,
                  max_seq_len: int = 4096, prefill_chunk: int = 256, backend: str = "eager",
-                 device: str | torch.device | None = None):
+                 batch_sizes: Sequence[int] | None = None, artifacts: str | Path | None = None,
+                 rebuild: bool = False, progress: bool = True):
         self.model = model
         self.config = model.config
-        self.device = torch.device(device) if device is not None else model.embed_tokens.device
+        self.device = model.embed_tokens.device
         self.dtype = model.embed_tokens.dtype
-        if backend != "eager":
-            raise ValueError(f"unknown backend '{backend}'; available: ['eager']")
-        self.backend = backend
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        self.shapes = ShapePlan(max_batch_size, max_seq_len, min(prefill_chunk, 1 << (max_seq_len - 1).bit_length()))
+        chunk = min(prefill_chunk, 1 << (max_seq_len - 1).bit_length())
+        self.shapes = ShapePlan(max_batch_size, max_seq_len, chunk, min_chunk=min(16, chunk),
+                                batch_buckets=tuple(batch_sizes) if batch_sizes else None)
         self.cache = KVCache.allocate(self.config, model.plan, max_batch_size, self.shapes.slots, self.dtype,
                                       self.device)
+        self.backend = backend
+        self.graphs = build_graphs(model, self.shapes, backend, self.cache.keys, self.cache.values,
+                                   artifacts=artifacts, rebuild=rebuild, progress=progress)
         self.tokenizer = TextTokenizer(model_dir) if model_dir is not None else TextTokenizer("/nonexistent")
         self.eos_ids = stop_token_ids(model_dir, self.config.eos_token_ids) if model_dir else set(
             self.config.eos_token_ids)
@@ -91,13 +95,18 @@ class Runtime:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, backend: str = "eager", max_batch_size: int = 8,
                         max_seq_len: int = 4096, prefill_chunk: int = 256, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> "Runtime":
+                        device: str | torch.device | None = None, batch_sizes: Sequence[int] | None = None,
+                        artifacts: str | Path | None = None, rebuild: bool = False,
+                        progress: bool = True) -> "Runtime":
+        """Load a checkpoint directory and build (or load from `artifacts`) the graphs for `backend`:
+        "eager", "inductor" (CPU/CUDA) or "torchair" (Ascend)."""
         device = torch.device(device or "cpu")
         if dtype is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         model = load_model(model_dir, dtype=dtype, device=device)
         return cls(model, model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                   prefill_chunk=prefill_chunk, backend=backend, device=device)
+                   prefill_chunk=prefill_chunk, backend=backend, batch_sizes=batch_sizes, artifacts=artifacts,
+                   rebuild=rebuild, progress=progress)
 
     # -- the two entry points, on the runtime's cache --------------------------------------------------------
     def _cache_rows(self, rows: int):
@@ -106,10 +115,10 @@ class Runtime:
         return [k[:rows] for k in self.cache.keys], [v[:rows] for v in self.cache.values]
 
     def _prefill(self, ids, start, last, kv_len: int) -> torch.Tensor:
-        return self.model.prefill(ids, start, last, *self._cache_rows(ids.shape[0]), kv_len)
+        return self.graphs.prefill(ids, start, last, *self._cache_rows(ids.shape[0]), kv_len)
 
     def _decode(self, ids, pos, kv_len: int) -> torch.Tensor:
-        return self.model.decode(ids, pos, *self._cache_rows(ids.shape[0]), kv_len)
+        return self.graphs.decode(ids, pos, *self._cache_rows(ids.shape[0]), kv_len)
 
     # -- public API ------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, *, max_new_tokens: int,
@@ -193,7 +202,7 @@ class Runtime:
              ) -> Iterator[TokenEvent]:
         stats = self.last_stats = GenerationStats()
         limit = self.shapes.max_batch_size
-        with torch.inference_mode():
+        with torch.no_grad():
             for first in range(0, len(seqs), limit):
                 stats.batches += 1
                 yield from self._run_batch(seqs[first:first + limit], temperature, top_k, top_p, generator,
@@ -201,7 +210,8 @@ class Runtime:
 
     def _run_batch(self, batch: list[_Sequence], temperature, top_k, top_p, generator, stop_ids, stop_strings,
                    stats: GenerationStats) -> Iterator[TokenEvent]:
-        n, rows = len(batch), self.shapes.batch(len(batch))
+        n = len(batch)
+        rows = n if self.backend == "eager" else self.shapes.batch(n)  # graphs exist for bucketed sizes only
         dev = self.device
         lengths = torch.tensor([len(s.prompt) for s in batch] + [1] * (rows - n), device=dev)
         stats.prompt_tokens += sum(len(s.prompt) for s in batch)
@@ -244,7 +254,7 @@ class Runtime:
         out = torch.empty(rows, self.config.vocab_size, dtype=torch.float32, device=self.device)
         done = 0
         while done < longest:
-            chunk = self.shapes.chunk(longest - done)
+            chunk = self.shapes.chunk(done, longest - done)
             start = torch.full((rows,), done, dtype=torch.long, device=self.device)
             last = (lengths - 1 - done).clamp(0, chunk - 1)
             logits = self._prefill(padded[:, done:done + chunk], start, last, self.shapes.kv_len(done + chunk))

@@ -3,11 +3,12 @@ of time and steady-state serving never meets a new shape.
 
 - cache slots: max_seq_len rounded up to a whole prefill chunk (a chunk's padding tokens then always land
   inside the buffer);
-- prefill chunk length: a power of two from `min_chunk` to `prefill_chunk`, the smallest that covers what is
-  left of the longest prompt (long prompts run as several full chunks, then one shorter one);
+- prefill chunk length: a prompt that fits in one chunk runs at the smallest power of two from `min_chunk` to
+  `prefill_chunk` that covers it; a longer one runs as full `prefill_chunk`s;
 - attention reads `kv_len` cache slots: a power of two from `min_kv` up to the slot count, the smallest that
   covers the furthest position in the step, so decode work follows the actual context, not max_seq_len;
-- batch: a power of two up to max_batch_size (extra rows are idle padding).
+- batch: the smallest of `batch_sizes` (default: powers of two up to max_batch_size) that holds the prompts;
+  extra rows are idle padding.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class ShapePlan:
     prefill_chunk: int = 256
     min_chunk: int = 16
     min_kv: int = 128
+    batch_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "min_chunk", "min_kv"):
@@ -34,14 +36,21 @@ class ShapePlan:
             if _next_pow2(getattr(self, name)) != getattr(self, name):
                 raise ValueError(f"{name} must be a power of two, got {getattr(self, name)}")
 
+        if self.batch_buckets is not None:
+            if not self.batch_buckets or min(self.batch_buckets) < 1 or max(self.batch_buckets) > self.max_batch_size:
+                raise ValueError(f"batch sizes {self.batch_buckets} must lie in 1..max_batch_size="
+                                 f"{self.max_batch_size}")
+
     @property
     def slots(self) -> int:
         return -(-self.max_seq_len // self.prefill_chunk) * self.prefill_chunk
 
     def batch(self, n: int) -> int:
-        return min(_next_pow2(n), self.max_batch_size)
+        return min(b for b in self.batch_sizes() if b >= n)
 
-    def chunk(self, remaining: int) -> int:
+    def chunk(self, start: int, remaining: int) -> int:
+        if start > 0:
+            return self.prefill_chunk
         return min(max(_next_pow2(remaining), self.min_chunk), self.prefill_chunk)
 
     def kv_len(self, needed: int) -> int:
@@ -49,10 +58,12 @@ class ShapePlan:
 
     # -- the whole set, for building graphs ahead of time ------------------------------------------------
     def batch_sizes(self) -> list[int]:
-        return sorted({self.batch(n) for n in range(1, self.max_batch_size + 1)})
+        if self.batch_buckets is not None:
+            return sorted(set(self.batch_buckets) | {self.max_batch_size})
+        return sorted({min(_next_pow2(n), self.max_batch_size) for n in range(1, self.max_batch_size + 1)})
 
     def chunk_sizes(self) -> list[int]:
-        return sorted({self.chunk(n) for n in range(1, self.prefill_chunk + 1)})
+        return sorted({self.chunk(0, n) for n in range(1, self.prefill_chunk + 1)})
 
     def kv_lens(self) -> list[int]:
         out, n = set(), 1
@@ -63,10 +74,8 @@ class ShapePlan:
             n *= 2
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
-        """(chunk, kv_len) pairs a prefill can meet: the first chunk at start 0, later full chunks anywhere."""
+        """(chunk, kv_len) pairs a prefill can meet: a first chunk of any size, later full chunks anywhere."""
         pairs = {(c, self.kv_len(c)) for c in self.chunk_sizes()}
-        start = self.prefill_chunk
-        while start < self.slots:
-            pairs |= {(c, self.kv_len(start + c)) for c in self.chunk_sizes()}
-            start += self.prefill_chunk
+        pairs |= {(self.prefill_chunk, self.kv_len(s + self.prefill_chunk))
+                  for s in range(self.prefill_chunk, self.slots, self.prefill_chunk)}
         return sorted(pairs)
