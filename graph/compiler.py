@@ -81,11 +81,11 @@ def _example_inputs(spec: GraphSpec, model, keys, values):
     dev = model.embed_tokens.device
     k = [t[:spec.batch] for t in keys]
     v = [t[:spec.batch] for t in values]
-    zeros = torch.zeros(spec.batch, dtype=torch.long, device=dev)
+    row = lambda: torch.zeros(spec.batch, dtype=torch.long, device=dev)  # noqa: E731 (distinct: no aliasing guard)
     if spec.kind == "prefill":
         ids = torch.zeros(spec.batch, spec.steps, dtype=torch.long, device=dev)
-        return prefill_entry, (model, ids, zeros, zeros, k, v, spec.kv_len)
-    return decode_entry, (model, zeros, zeros, k, v, spec.kv_len)
+        return prefill_entry, (model, ids, row(), row(), k, v, spec.kv_len)
+    return decode_entry, (model, row(), row(), k, v, spec.kv_len)
 
 
 @contextmanager
@@ -159,7 +159,7 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
 
-    with _inductor_cache(directory), torch.inference_mode():
+    with _inductor_cache(directory), torch.no_grad():
         fns, seconds = _compile_inductor(specs, model, keys, values, directory, progress)
     graphs = Graphs(model, backend, fns)
     graphs.compile_seconds = seconds

@@ -257,7 +257,7 @@ class Runtime:
             chunk = self.shapes.chunk(done, longest - done)
             start = torch.full((rows,), done, dtype=torch.long, device=self.device)
             last = (lengths - 1 - done).clamp(0, chunk - 1)
-            logits = self._prefill(padded[:, done:done + chunk], start, last, self.shapes.kv_len(done + chunk))
+            logits = self._prefill(padded[:, done:done + chunk].contiguous(), start, last, self.shapes.kv_len(done + chunk))
             ends_here = (lengths - 1 >= done) & (lengths - 1 < done + chunk)
             out[ends_here] = logits[ends_here].float()
             done += chunk
