@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from .artifacts import ArtifactMismatch, Manifest, artifact_key
+from .cuda_graphs import wrap_decode_graphs
 from .entry import decode_entry, prefill_entry
 
 BACKENDS = ("eager", "inductor", "torchair")
@@ -123,13 +124,19 @@ def _compile_inductor(specs, model, keys, values, save_dir: Path | None, progres
     return fns, time.perf_counter() - started
 
 
+def shapes_record(shapes) -> dict:
+    """The runtime settings that determine the graph set (stored in the manifest, so tools can reuse them)."""
+    return {"max_batch_size": shapes.max_batch_size, "max_seq_len": shapes.max_seq_len,
+            "prefill_chunk": shapes.prefill_chunk, "batch_sizes": shapes.batch_sizes()}
+
+
 def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | Path | None = None,
-                 rebuild: bool = False, progress: bool = True) -> Graphs:
+                 rebuild: bool = False, compile_missing: bool = True, progress: bool = True) -> Graphs:
     """Graphs for every shape of `shapes`, compiled now or loaded from `artifacts`.
 
     With `artifacts`: a directory holding a matching manifest is loaded (nothing traced or compiled); an empty or
     absent one is filled; one whose manifest does not match raises ArtifactMismatch, unless `rebuild` is set,
-    in which case it is wiped and rebuilt."""
+    in which case it is wiped and rebuilt. With `compile_missing=False` an absent manifest is an error too."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown graph backend '{backend}'; available: {list(BACKENDS)}")
     if backend == "eager":
@@ -141,6 +148,7 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
     specs = graph_specs(shapes)
     dtype, device = model.embed_tokens.dtype, model.embed_tokens.device
     wanted = artifact_key(model, backend, [s.to_json() for s in specs], dtype, device)
+    wanted["shapes"] = shapes_record(shapes)
     directory = Path(artifacts) if artifacts is not None else None
     if directory is not None:
         manifest = Manifest.read(directory)
@@ -152,6 +160,9 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
                 if not rebuild:
                     raise
             shutil.rmtree(directory)
+        elif not compile_missing:
+            raise ArtifactMismatch(f"no compiled graphs in {directory} (no manifest.json): build them first with "
+                                   f"`python -m tools.compile --model MODEL --out {directory}`")
         elif directory.exists() and any(directory.iterdir()):
             if not rebuild:
                 raise ArtifactMismatch(f"{directory} is not empty and has no {directory / 'manifest.json'}: "
@@ -161,7 +172,7 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
 
     with _inductor_cache(directory), torch.no_grad():
         fns, seconds = _compile_inductor(specs, model, keys, values, directory, progress)
-    graphs = Graphs(model, backend, fns)
+    graphs = Graphs(model, backend, wrap_decode_graphs(fns, device))
     graphs.compile_seconds = seconds
     if directory is not None:
         Manifest(wanted, {s.name: f"{s.name}.bin" for s in specs}, seconds).write(directory)
@@ -174,6 +185,6 @@ def _load_inductor(model, specs, manifest: Manifest, directory: Path) -> Graphs:
         for spec in specs:
             with open(directory / manifest.files[spec.name], "rb") as f:
                 fns[spec] = torch.compiler.load_compiled_function(f)
-    graphs = Graphs(model, "inductor", fns)
+    graphs = Graphs(model, "inductor", wrap_decode_graphs(fns, model.embed_tokens.device))
     graphs.loaded_from = directory
     return graphs

@@ -71,7 +71,8 @@ class Runtime:
     def __init__(self, model, model_dir: str | Path | None = None, *, max_batch_size: int = 8,
                  max_seq_len: int = 4096, prefill_chunk: int = 256, backend: str = "eager",
                  batch_sizes: Sequence[int] | None = None, artifacts: str | Path | None = None,
-                 rebuild: bool = False, progress: bool = True):
+                 rebuild: bool = False, compile_missing: bool = True, progress: bool = True,
+                 min_prefill_chunk: int = 16):
         self.model = model
         self.config = model.config
         self.device = model.embed_tokens.device
@@ -80,13 +81,14 @@ class Runtime:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         chunk = min(prefill_chunk, 1 << (max_seq_len - 1).bit_length())
-        self.shapes = ShapePlan(max_batch_size, max_seq_len, chunk, min_chunk=min(16, chunk),
+        self.shapes = ShapePlan(max_batch_size, max_seq_len, chunk, min_chunk=min(min_prefill_chunk, chunk),
                                 batch_buckets=tuple(batch_sizes) if batch_sizes else None)
         self.cache = KVCache.allocate(self.config, model.plan, max_batch_size, self.shapes.slots, self.dtype,
                                       self.device)
         self.backend = backend
         self.graphs = build_graphs(model, self.shapes, backend, self.cache.keys, self.cache.values,
-                                   artifacts=artifacts, rebuild=rebuild, progress=progress)
+                                   artifacts=artifacts, rebuild=rebuild, compile_missing=compile_missing,
+                                   progress=progress)
         self.tokenizer = TextTokenizer(model_dir) if model_dir is not None else TextTokenizer("/nonexistent")
         self.eos_ids = stop_token_ids(model_dir, self.config.eos_token_ids) if model_dir else set(
             self.config.eos_token_ids)
@@ -97,7 +99,8 @@ class Runtime:
                         max_seq_len: int = 4096, prefill_chunk: int = 256, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, batch_sizes: Sequence[int] | None = None,
                         artifacts: str | Path | None = None, rebuild: bool = False,
-                        progress: bool = True) -> "Runtime":
+                        compile_missing: bool = True, progress: bool = True,
+                        min_prefill_chunk: int = 16) -> "Runtime":
         """Load a checkpoint directory and build (or load from `artifacts`) the graphs for `backend`:
         "eager", "inductor" (CPU/CUDA) or "torchair" (Ascend)."""
         device = torch.device(device or "cpu")
@@ -106,7 +109,13 @@ class Runtime:
         model = load_model(model_dir, dtype=dtype, device=device)
         return cls(model, model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                    prefill_chunk=prefill_chunk, backend=backend, batch_sizes=batch_sizes, artifacts=artifacts,
-                   rebuild=rebuild, progress=progress)
+                   rebuild=rebuild, compile_missing=compile_missing, progress=progress,
+                   min_prefill_chunk=min_prefill_chunk)
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0 under tensor parallelism (the one that prints); always True on one device."""
+        return self.model.parallel.rank == 0
 
     # -- the two entry points, on the runtime's cache --------------------------------------------------------
     def _cache_rows(self, rows: int):
@@ -124,10 +133,11 @@ class Runtime:
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, *, max_new_tokens: int,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: Sequence[str | int] | str | int | None = None,
-                 stream: bool = False):
+                 stream: bool = False, ignore_eos: bool = False):
         """Generate for each prompt (strings, or lists of token ids; lengths may differ). Returns a list of
-        `GenerationResult` in prompt order, or with `stream=True` an iterator of `TokenEvent`s. Bad input raises
-        ValueError/TypeError before anything runs; the runtime stays usable."""
+        `GenerationResult` in prompt order, or with `stream=True` an iterator of `TokenEvent`s. `ignore_eos` keeps
+        generating past the checkpoint's EOS tokens (benchmarks). Bad input raises ValueError/TypeError before
+        anything runs; the runtime stays usable."""
         encoded = self._encode_prompts(prompts)
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -138,7 +148,8 @@ class Runtime:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         seqs = [_Sequence(i, p, min(max_new_tokens, self.shapes.max_seq_len - len(p)),
                           IncrementalDetokenizer(self.tokenizer)) for i, p in enumerate(encoded)]
-        events = self._run(seqs, temperature, top_k, top_p, generator, stop_ids | self.eos_ids, stop_strings)
+        stop_ids = stop_ids if ignore_eos else stop_ids | self.eos_ids
+        events = self._run(seqs, temperature, top_k, top_p, generator, stop_ids, stop_strings)
         if stream:
             return events
         for _ in events:
@@ -257,7 +268,9 @@ class Runtime:
             chunk = self.shapes.chunk(done, longest - done)
             start = torch.full((rows,), done, dtype=torch.long, device=self.device)
             last = (lengths - 1 - done).clamp(0, chunk - 1)
-            logits = self._prefill(padded[:, done:done + chunk].contiguous(), start, last, self.shapes.kv_len(done + chunk))
+            # a fresh tensor: graphs are specialised to standard strides, which a column slice does not have
+            ids = padded[:, done:done + chunk].clone(memory_format=torch.contiguous_format)
+            logits = self._prefill(ids, start, last, self.shapes.kv_len(done + chunk))
             ends_here = (lengths - 1 >= done) & (lengths - 1 < done + chunk)
             out[ends_here] = logits[ends_here].float()
             done += chunk

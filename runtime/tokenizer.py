@@ -9,7 +9,8 @@ from tokenizers import Tokenizer
 
 class TextTokenizer:
     def __init__(self, model_dir: str | Path):
-        path = Path(model_dir) / "tokenizer.json"
+        self.model_dir, self._chat = Path(model_dir), None
+        path = self.model_dir / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(path)) if path.is_file() else None
 
     @property
@@ -28,6 +29,17 @@ class TextTokenizer:
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """The checkpoint's chat template (harmony for GPT-OSS) rendered as a prompt ending where the assistant
+        speaks. Uses transformers' renderer, which supplies the helpers the published template calls."""
+        from transformers import AutoTokenizer
+
+        if self._chat is None:
+            self._chat = AutoTokenizer.from_pretrained(self.model_dir)
+            if not self._chat.chat_template:
+                raise ValueError(f"{self.model_dir} has no chat template (chat_template.jinja)")
+        return self._chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token) if self.tokenizer else None

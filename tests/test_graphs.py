@@ -1,0 +1,162 @@
+"""Compiled graphs (inductor, CPU): equal to eager, no compilation in steady state, reusable from another process,
+refused when built for something else. One artifact directory is compiled once for the whole module (the
+compile is the slow part: ~4 graphs, a couple of minutes on 2 cores)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from graph import ArtifactMismatch
+from model.loader import load_model
+from runtime import Runtime
+from runtime.shapes import ShapePlan
+from tools.make_checkpoint import make_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = dict(max_batch_size=4, max_seq_len=128, prefill_chunk=16, batch_sizes=[1, 4])
+PROMPTS = [[5, 17, 300, 2, 9, 44, 12, 8, 3, 1, 400, 41, 7, 7, 9, 10, 11, 600, 3],
+           [8, 9], list(range(100, 137)), [900, 3, 5, 7, 11]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "tiny", layout="mxfp4")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, checkpoint):
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    rt = Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=out, progress=False, **SETTINGS)
+    return out, rt
+
+
+@pytest.fixture(scope="module")
+def eager(checkpoint):
+    return Runtime.from_pretrained(checkpoint, **SETTINGS)
+
+
+def _step_logits(rt, prompts, steps):
+    """Prefill then `steps` greedy decode steps through the runtime's own graphs; all logits."""
+    n = len(prompts)
+    rows = n if rt.backend == "eager" else rt.shapes.batch(n)
+    lengths = torch.tensor([len(p) for p in prompts] + [1] * (rows - n))
+    with torch.no_grad():
+        logits = rt._prefill_batch(prompts + [[0]] * (rows - n), lengths)
+        out, pos = [logits[:n]], lengths.clone()
+        for _ in range(steps):
+            tokens = logits.argmax(-1)
+            logits = rt._decode(tokens, pos, rt.shapes.kv_len(int(pos.max()) + 1))
+            out.append(logits[:n].clone())
+            pos += 1
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch4-mixed"])
+def test_compiled_equals_eager(artifacts, eager, prompts):
+    compiled = artifacts[1]
+    got, want = _step_logits(compiled, prompts, 64), _step_logits(eager, prompts, 64)
+    assert (got - want).abs().max() <= 1e-4
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert [r.token_ids for r in compiled.generate(prompts, max_new_tokens=40)] == \
+           [r.token_ids for r in eager.generate(prompts, max_new_tokens=40)]
+
+
+def test_steady_state_compiles_nothing(artifacts, monkeypatch):
+    rt = artifacts[1]
+    rt.generate(PROMPTS, max_new_tokens=4)  # warm-up
+    builds = []
+    from torch._inductor import cpp_builder
+    original = cpp_builder.CppBuilder.build
+    monkeypatch.setattr(cpp_builder.CppBuilder, "build", lambda self: builds.append(1) or original(self))
+    before = json.dumps(counters, sort_keys=True, default=str)
+
+    assert len(rt.generate([PROMPTS[1]], max_new_tokens=100)[0].token_ids) == 100
+    assert len(rt.generate([PROMPTS[3]] * 3, max_new_tokens=100)[0].token_ids) == 100
+    assorted = [list(range(1, n + 1)) for n in (1, 2, 3, 5, 8, 15, 16, 17, 33, 60)]
+    rt.generate(assorted, max_new_tokens=3)  # 10 prompts of assorted lengths, in 3 batches
+
+    assert builds == []
+    assert json.dumps(counters, sort_keys=True, default=str) == before
+
+
+def test_second_process_loads_without_compiling(artifacts, checkpoint):
+    out, rt = artifacts
+    expected = [r.token_ids for r in rt.generate(PROMPTS, max_new_tokens=12)]
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {ROOT!r})
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})
+        from torch._inductor import cpp_builder
+        from torch._dynamo.utils import counters
+        def refuse(self):
+            raise AssertionError("C++ compiler invoked: the artifacts were not reused")
+        cpp_builder.CppBuilder.build = refuse
+        from runtime import Runtime
+        rt = Runtime.from_pretrained({str(checkpoint)!r}, backend="inductor", artifacts={str(out)!r},
+                                     compile_missing=False, progress=False, **{SETTINGS!r})
+        tokens = [r.token_ids for r in rt.generate({PROMPTS!r}, max_new_tokens=12)]
+        print(json.dumps({{"tokens": tokens, "frames": dict(counters["frames"]),
+                          "graphs": dict(counters["stats"]), "loaded": str(rt.graphs.loaded_from)}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["tokens"] == expected
+    assert report["loaded"] == str(out)
+    assert report["frames"] == {} and report["graphs"] == {}  # dynamo traced no frame
+
+
+def test_manifest_is_human_readable(artifacts):
+    manifest = json.loads((artifacts[0] / "manifest.json").read_text())
+    assert manifest["key"]["backend"] == "inductor"
+    assert manifest["key"]["shapes"]["batch_sizes"] == [1, 4]
+    assert sorted(manifest["files"]) == ["decode_b1_t1_kv128", "decode_b4_t1_kv128",
+                                         "prefill_b1_t16_kv128", "prefill_b4_t16_kv128"]
+
+
+def test_refused_for_another_config(artifacts, tmp_path):
+    other = make_checkpoint(tmp_path / "other", {"rms_norm_eps": 1e-6}, layout="mxfp4")
+    with pytest.raises(ArtifactMismatch, match=r"model_config \(rms_norm_eps\)"):
+        Runtime.from_pretrained(other, backend="inductor", artifacts=artifacts[0], progress=False, **SETTINGS)
+
+
+def test_refused_for_other_shapes(artifacts, checkpoint):
+    with pytest.raises(ArtifactMismatch, match="shapes"):
+        Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=artifacts[0], progress=False,
+                                **(SETTINGS | {"max_seq_len": 256}))
+
+
+def test_refused_for_other_model_code(artifacts, checkpoint, tmp_path):
+    import shutil
+    copy = tmp_path / "art"
+    shutil.copytree(artifacts[0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["key"]["code_sha256"] = "0" * 64  # as if built by another version of model/ or graph/
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactMismatch, match="code_sha256"):
+        Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=copy, progress=False, **SETTINGS)
+
+
+def test_missing_graph_file_is_refused(artifacts, checkpoint, tmp_path):
+    import shutil
+    copy = tmp_path / "art"
+    shutil.copytree(artifacts[0], copy)
+    (copy / "decode_b1_t1_kv128.bin").unlink()
+    with pytest.raises(ArtifactMismatch, match="incomplete"):
+        Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=copy, progress=False, **SETTINGS)
+
+
+def test_shape_plan_is_bounded():
+    plan = ShapePlan(max_batch_size=8, max_seq_len=8192, prefill_chunk=256)
+    assert plan.batch_sizes() == [1, 2, 4, 8]
+    assert plan.kv_lens() == [128, 256, 512, 1024, 2048, 4096, 8192]
+    assert plan.chunk_sizes() == [16, 32, 64, 128, 256]
+    assert len(plan.prefill_shapes()) == 5 + 5  # first chunks, then full chunks at each context bucket
+    assert plan.kv_len(129) == 256 and plan.kv_len(1) == 128 and plan.kv_len(8192) == 8192
+    assert plan.chunk(0, 3) == 16 and plan.chunk(0, 300) == 256 and plan.chunk(256, 3) == 256

@@ -1,0 +1,66 @@
+"""Generate from a checkpoint, with graphs loaded from an artifact directory built by tools.compile.
+
+    python -m tools.generate --model checkpoints/bench --artifacts artifacts/bench --prompt "Hello" --max-new-tokens 64
+    python -m tools.generate --model DIR --backend eager --prompt "a" --prompt "b" --stream
+
+Shape settings (max batch, max sequence length, chunk, batch sizes) default to the ones the artifacts were built
+with. Without --artifacts the inductor backend compiles in-process first.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from runtime import Runtime
+
+from .cli import add_runtime_args, apply_threads, run_cli, runtime_kwargs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_runtime_args(ap)
+    ap.add_argument("--artifacts", default=None, help="artifact directory from tools.compile")
+    ap.add_argument("--prompt", action="append", help="prompt text (repeatable); default: one built-in prompt")
+    ap.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    ap.add_argument("--stream", action="store_true")
+    args = ap.parse_args(argv)
+    apply_threads(args)
+
+    t0 = time.perf_counter()
+    rt = Runtime.from_pretrained(args.model, compile_missing=args.artifacts is None,
+                                 **runtime_kwargs(args, args.artifacts))
+    ready = time.perf_counter() - t0
+    prompts = args.prompt or ["The harbour at dawn was quiet, and the boats"]
+    if args.chat:
+        prompts = [rt.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              seed=args.seed, stop=args.stop)
+    say = print if rt.is_main_process else (lambda *a, **k: None)
+    source = f"artifacts {args.artifacts}" if rt.graphs.loaded_from else f"backend {rt.backend}"
+    say(f"ready in {ready:.1f}s ({source})", file=sys.stderr)
+    t0 = time.perf_counter()
+    if args.stream:
+        for event in rt.generate(prompts, stream=True, **kw):
+            if rt.is_main_process:
+                sys.stdout.write(event.text if len(prompts) == 1 else f"[{event.index}] {event.text!r}\n")
+                sys.stdout.flush()
+        say()
+    else:
+        for p, r in zip(prompts, rt.generate(prompts, **kw)):
+            say(f"{p!r} -> {r.text!r} [{r.finish_reason}, {len(r.token_ids)} tokens]")
+    first = time.perf_counter() - t0
+    s = rt.last_stats
+    say(f"{s.generated_tokens} tokens in {first:.2f}s; decode {s.decode_tokens_per_s:.1f} tokens/s; "
+        f"prefill {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.0f} ms", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
