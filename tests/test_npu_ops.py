@@ -1,0 +1,239 @@
+"""The `npu` op table against the `torch` op table (the specification), with torch_npu emulated on CPU
+(tests/npu_emulator.py): op by op, then the whole model (prefill and decode, batch > 1 with mixed lengths, sliding
+and full layers) at TP 1 and at TP 2 over gloo, within 1e-4 in fp32."""
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from model.ops import get_ops, torch_ops
+from npu_emulator import installed
+
+TOL = 1e-4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread is fastest, and far faster than two when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def npu():
+    with installed() as (emulated, _):
+        yield emulated
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny preset (4 layers alternating sliding(window 8)/full, GQA 4:2, 8 experts top-2), fp32."""
+    from tools.make_checkpoint import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_npu"), {}, layout="fp32")
+
+
+# -- op by op -------------------------------------------------------------------------------------------------------
+def test_norm_and_cache_ops(npu):
+    ops = get_ops("npu")
+    torch.manual_seed(0)
+    x, r, w = torch.randn(2, 5, 64), torch.randn(2, 5, 64), torch.randn(64)
+    assert (ops.rms_norm(x, w, 1e-5) - torch_ops.rms_norm(x, w, 1e-5)).abs().max() <= TOL
+    y, s = ops.add_rms_norm(x, r, w, 1e-5)
+    y_ref, s_ref = torch_ops.add_rms_norm(x, r, w, 1e-5)
+    assert (y - y_ref).abs().max() <= TOL and torch.equal(s, s_ref)
+    cache, ref = torch.zeros(3, 256, 2, 8), torch.zeros(3, 256, 2, 8)
+    new, start = torch.randn(3, 16, 2, 8), torch.tensor([0, 100, 240])
+    ops.cache_write(cache, start, new)
+    torch_ops.cache_write(ref, start, new)
+    assert torch.equal(cache, ref)
+    assert npu.calls["npu_rms_norm"] == 1 and npu.calls["npu_add_rms_norm"] == 1 and npu.calls["scatter_update_"] == 1
+
+
+@pytest.mark.parametrize("window", [0, 8], ids=["full", "sliding"])
+def test_attention_op(npu, window):
+    """Prefill chunk of 16 at different starts per row (so rows see different context lengths, padding at the end of
+    short rows included), then one decode step; both against torch_ops.attention."""
+    ops = get_ops("npu")
+    torch.manual_seed(1)
+    batch, slots, hq, hkv, dim = 3, 256, 4, 2, 16
+    kc, vc = torch.randn(batch, slots, hkv, dim), torch.randn(batch, slots, hkv, dim)
+    sinks = torch.randn(hq)
+    start = torch.tensor([0, 9, 130])  # 130: beyond the first page; kv_len 256 -> two pages per row
+    for steps, kv_len in ((16, 256), (1, 256), (16, 128)):
+        st = start if kv_len == 256 else start.clamp(max=100)
+        q_pos = st[:, None] + torch.arange(steps)
+        q = torch.randn(batch, steps, hq, dim)
+        out = ops.attention(q, kc, vc, sinks, q_pos, window, 0.25, kv_len)
+        ref = torch_ops.attention(q, kc, vc, sinks, q_pos, window, 0.25, kv_len)
+        assert (out - ref).abs().max() <= TOL, (steps, kv_len)
+    assert npu.calls["npu_fused_infer_attention_score_v2"] == 3
+
+
+def test_attention_row_beyond_kv_len(npu):
+    """The runtime picks decode's kv_len for the rows still generating; a finished row may sit beyond it. Its output
+    is discarded, but it must not make FIA read past the block table (the emulator refuses that), and stays finite."""
+    ops = get_ops("npu")
+    torch.manual_seed(3)
+    kc, vc, sinks = torch.randn(3, 256, 2, 16), torch.randn(3, 256, 2, 16), torch.randn(4)
+    q_pos = torch.tensor([[10], [200], [127]])  # row 1 finished at 200; kv_len 128 covers rows 0 and 2
+    q = torch.randn(3, 1, 4, 16)
+    for window in (0, 8):
+        out = ops.attention(q, kc, vc, sinks, q_pos, window, 0.25, 128)
+        ref = torch_ops.attention(q, kc, vc, sinks, q_pos, window, 0.25, 128)
+        assert torch.isfinite(out).all()
+        assert (out[[0, 2]] - ref[[0, 2]]).abs().max() <= TOL
+
+
+def test_attention_needs_paged_cache_slots(npu):
+    ops = get_ops("npu")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ops.attention(torch.randn(1, 1, 4, 16), torch.zeros(1, 96, 2, 16), torch.zeros(1, 96, 2, 16),
+                      torch.zeros(4), torch.zeros(1, 1, dtype=torch.long), 0, 0.25, 96)
+
+
+@pytest.mark.parametrize("clipped", [True, False], ids=["npu_clipped_swiglu", "composed_swiglu"])
+def test_route_and_moe(clipped):
+    with installed(clipped_swiglu=clipped) as (npu, _):
+        ops = get_ops("npu")
+        torch.manual_seed(2)
+        tokens, hidden, inter, experts, k = 12, 32, 16, 6, 2
+        x = torch.randn(tokens, hidden)
+        router_w, router_b = torch.randn(experts, hidden), torch.randn(experts)
+        router_w[5] = -100.0  # edge: expert 5 is never chosen (an empty group in the grouped matmuls)
+        weights, idx = ops.route(x, router_w, router_b, k)
+        w_ref, i_ref = torch_ops.route(x, router_w, router_b, k)
+        assert torch.equal(idx.long(), i_ref) and (weights - w_ref).abs().max() <= 1e-6
+        gu, gu_b = torch.randn(experts, hidden, 2 * inter) * 0.5, torch.randn(experts, 2 * inter)
+        dn, dn_b = torch.randn(experts, inter, hidden) * 0.2, torch.randn(experts, hidden)
+        out = ops.moe(x, weights, idx, gu, gu_b, dn, dn_b, 1.702, 7.0)
+        ref = torch_ops.moe(x, w_ref, i_ref, gu, gu_b, dn, dn_b, 1.702, 7.0)
+        assert (out - ref).abs().max() <= TOL * ref.abs().max()
+        assert npu.calls["npu_clipped_swiglu"] == (1 if clipped else 0)
+        for name in ("npu_moe_gating_top_k_softmax", "npu_moe_init_routing", "npu_moe_compute_expert_tokens",
+                     "npu_moe_finalize_routing"):
+            assert npu.calls[name] == 1, name
+        assert npu.calls["npu_grouped_matmul"] == 2
+
+
+def test_choosing_npu_without_torch_npu_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # `import torch_npu` now fails, as without CANN
+    monkeypatch.delitem(sys.modules, "model.ops.npu_ops", raising=False)
+    with pytest.raises(ImportError, match=r"torch_npu.*CANN.*\.\[npu\]"):
+        get_ops("npu")
+    from model.config import GptOssConfig
+    with pytest.raises(ImportError, match="CANN"):
+        from model.gpt_oss import GptOss
+        GptOss(GptOssConfig.from_pretrained(ROOT / "checkpoints" / "tiny"), ops="npu")
+
+
+# -- the whole model ------------------------------------------------------------------------------------------------
+def run_scenario(model, slots: int = 256, seed: int = 0) -> dict:
+    """Three rows of different lengths (150, 64, 5 tokens) prefilled in chunks of 64 (kv_len 128, 128, 256), then
+    four decode steps at kv_len 256 with fixed input tokens. Returns every step's logits and the caches."""
+    cfg = model.config
+    batch, chunk = 3, 64
+    shape = (batch, slots, model.plan.kv_heads, cfg.head_dim)
+    dtype = model.embed_tokens.dtype
+    keys = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+    values = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([150, 64, 5])
+    ids = torch.randint(0, cfg.vocab_size, (batch, 192), generator=gen)
+    out = {"prefill": [], "decode": []}
+    with torch.no_grad():
+        for done in range(0, int(lengths.max()), chunk):
+            start = torch.full((batch,), done)
+            last = (lengths - 1 - done).clamp(0, chunk - 1)
+            kv_len = 128 if done + chunk <= 128 else 256
+            out["prefill"].append(model.prefill(ids[:, done:done + chunk].contiguous(), start, last, keys, values,
+                                                kv_len).float())
+        pos = lengths.clone()
+        for _ in range(4):
+            tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
+            out["decode"].append(model.decode(tokens, pos, keys, values, 256).float())
+            pos = pos + 1
+    out["keys"] = [k.float() for k in keys]
+    return out
+
+
+def max_diff(a: dict, b: dict) -> dict:
+    return {part: max(float((x - y).abs().max()) for x, y in zip(a[part], b[part]))
+            for part in ("prefill", "decode", "keys")}
+
+
+def test_model_tp1_matches_torch_ops(npu, tiny):
+    from model.loader import load_model
+    ref = run_scenario(load_model(tiny, ops="torch"))
+    got = run_scenario(load_model(tiny, ops="npu"))
+    diffs = max_diff(got, ref)
+    print(f"\nTP1 npu vs torch op table, max |diff|: {diffs}")
+    assert all(d <= TOL for d in diffs.values()), diffs
+    assert npu.calls["npu_fused_infer_attention_score_v2"] == 4 * (3 + 4)  # 4 layers x (3 chunks + 4 steps)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from model.loader import load_model
+        with installed():
+            results = {ops: run_scenario(load_model(ckpt, tp_size=world, rank=rank, ops=ops))
+                       for ops in ("torch", "npu")}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_model_tp2_matches_torch_ops(tiny, tmp_path):
+    """Two gloo ranks (standing in for HCCL) each run both op tables; rank outputs are full logits (all-gathered)."""
+    mp.start_processes(_tp_worker, args=(2, _free_port(), str(tiny), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    from model.loader import load_model
+    tp1 = run_scenario(load_model(tiny, ops="torch"))
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        diffs = max_diff(res["npu"], res["torch"])
+        vs_tp1 = {k: v for k, v in max_diff(res["npu"], tp1).items() if k != "keys"}  # caches are sharded
+        print(f"\nTP2 rank {rank}: npu vs torch {diffs}; npu TP2 vs torch TP1 {vs_tp1}")
+        assert all(d <= TOL for d in diffs.values()), diffs
+        assert all(d <= TOL for d in vs_tp1.values()), vs_tp1
+
+
+def test_model_bf16_with_documented_dtypes(tiny):
+    """With the emulator enforcing the documented dtypes (bf16 queries and learnable_sink, fp32 GMM biases, scales in
+    the rows' dtype), a bf16 model runs, and its logits stay near the fp32 torch op table (relative L2 error)."""
+    from model.loader import load_model
+    with installed(strict_dtypes=True) as (npu, _):
+        got = run_scenario(load_model(tiny, ops="npu", dtype=torch.bfloat16))
+    assert npu.calls["npu_fused_infer_attention_score_v2"] > 0
+    ref = run_scenario(load_model(tiny, ops="torch"))
+    rel = {part: max(float((x - y).norm() / y.norm()) for x, y in zip(got[part], ref[part]))
+           for part in ("prefill", "decode")}
+    print(f"\nbf16 npu op table vs fp32 torch op table, relative L2 error per step (max): {rel}")
+    assert all(r <= 0.1 for r in rel.values()), rel
+
+
+def test_npu_check_tool_runs(tiny, capsys):
+    """tools/npu_check.py's op checks and the GE-graph attention check, at the tiny model's shapes on CPU (the
+    generation part is exercised by hand: `python -m tools.npu_check` on a device)."""
+    from tools import npu_check
+    with installed():
+        rc = npu_check.main(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--slots", "256",
+                             "--chunk", "32", "--iters", "1", "--floor", "1e-4", "--skip-generate"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ALL PASS" in out and "attention (GE graph, tensor lengths)" in out, out

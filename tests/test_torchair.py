@@ -1,0 +1,180 @@
+"""graph/torchair.py as far as a CPU allows: the CompilerConfig it builds, what it hands to
+`torchair.inference.cache_compile` (bound prefill/decode methods, static shapes, per-rank cache directories), the
+graphs dynamo traces from the npu op table (GE path: attention lengths as tensors) and their outputs, and the
+project's manifest refusing or rebuilding mismatched artifacts. torch_npu and torchair are the test emulator; what
+GE compilation does with the graphs cannot run here."""
+import json
+import os
+
+import pytest
+import torch
+
+import graph.artifacts
+from graph import ArtifactMismatch
+from graph.torchair import (GraphEntry, build_torchair_graphs, compiler_config, configure_launch_env,
+                            rank_directory, torchair_options)
+from model.kv_cache import KVCache
+from model.parallel import Parallel
+from npu_emulator import installed
+from runtime.shapes import ShapePlan
+
+TOL = 1e-4
+SHAPES = ShapePlan(2, 128, 16, min_chunk=16, batch_buckets=(2,))  # one prefill and one decode graph
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread is fastest, and far faster than two when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from tools.make_checkpoint import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_air"), {"num_hidden_layers": 2}, layout="fp32")
+
+
+@pytest.fixture
+def emu(monkeypatch):
+    # other edits to model/ or graph/ while a test runs would change the real code hash between two builds
+    monkeypatch.setattr(graph.artifacts, "code_hash", lambda *a, **k: "a" * 64)
+    with installed() as pair:
+        yield pair
+
+
+def _build(ckpt, shapes=SHAPES, **kw):
+    from model.loader import load_model
+    model = load_model(ckpt, ops="npu")
+    cache = KVCache.allocate(model.config, model.plan, shapes.max_batch_size, shapes.slots, torch.float32)
+    graphs = build_torchair_graphs(model, shapes, cache.keys, cache.values, progress=False, **kw)
+    return model, cache, graphs
+
+
+def test_launch_env():
+    env = {}
+    assert configure_launch_env(env) == {"HCCL_OP_EXPANSION_MODE": "AIV"} and env["HCCL_OP_EXPANSION_MODE"] == "AIV"
+    env = {"HCCL_OP_EXPANSION_MODE": "HOST"}
+    assert configure_launch_env(env) == {} and env["HCCL_OP_EXPANSION_MODE"] == "HOST"  # the user's choice stays
+
+
+def test_compiler_config(emu):
+    _, air = emu
+    config = compiler_config(air, "max-autotune")
+    assert config.mode == "max-autotune"
+    assert config.experimental_config.frozen_parameter is True
+    assert config.experimental_config.tiling_schedule_optimize is True
+    config = compiler_config(air, "npugraph_ex")
+    assert config.mode == "npugraph_ex" and config.experimental_config.tiling_schedule_optimize is False
+    with pytest.raises(ValueError, match="unknown torchair mode"):
+        torchair_options("fast")
+    with pytest.raises(ValueError, match="no option"):  # the emulated config rejects names torchair lacks
+        air.CompilerConfig().experimental_config.frozen_parameters = True
+
+
+def test_rank_directories(tmp_path):
+    assert rank_directory(tmp_path, Parallel(2, 1)) == tmp_path / "rank1"
+    assert rank_directory(tmp_path, Parallel()) == tmp_path / "rank0"
+
+
+def test_requires_npu_op_table(emu, small):
+    from model.loader import load_model
+    model = load_model(small, ops="torch")
+    cache = KVCache.allocate(model.config, model.plan, 2, SHAPES.slots, torch.float32)
+    with pytest.raises(ValueError, match="ops='npu'"):
+        build_torchair_graphs(model, SHAPES, cache.keys, cache.values, progress=False)
+
+
+def _run(graphs, cache):
+    """Prefill two rows (lengths 5 and 16, one chunk of 16), then three decode steps; returns all logits."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 16))
+    start, last = torch.zeros(2, dtype=torch.long), torch.tensor([4, 15])
+    outs = [graphs.prefill(ids, start, last, cache.keys, cache.values, 128)]
+    pos = torch.tensor([5, 16])
+    for _ in range(3):
+        tokens = torch.randint(0, 1000, (2,))
+        outs.append(graphs.decode(tokens, pos, cache.keys, cache.values, 128))
+        pos = pos + 1
+    return outs
+
+
+def test_build_load_and_refuse(emu, small, tmp_path, monkeypatch):
+    npu, air = emu
+    monkeypatch.delenv("HCCL_OP_EXPANSION_MODE", raising=False)
+    art = tmp_path / "art"
+    model, cache, graphs = _build(small, artifacts=art)
+    assert os.environ["HCCL_OP_EXPANSION_MODE"] == "AIV"
+
+    # what cache_compile was given
+    calls = air.cache_calls
+    assert [c["func"].__name__ for c in calls] == ["prefill", "decode"]
+    for c, kind in zip(calls, ("prefill", "decode")):
+        assert isinstance(c["module"], GraphEntry) and c["module"].model is model and c["module"].spec.kind == kind
+        assert c["dynamic"] is False and c["ge_cache"] is True
+        assert (c["global_rank"], c["tp_rank"], c["pp_rank"]) == (0, 0, 0)
+        assert c["cache_dir"] == str(art / "rank0" / "torchair" / c["module"].spec.name)
+        assert c["config"].mode == "max-autotune" and c["config"].experimental_config.frozen_parameter is True
+    assert [e for e, _ in air.cache_events] == ["compiled", "compiled"]
+    assert air.traces == 2  # one full graph per entry point and shape
+    # traced in GE mode: attention's lengths went in as tensors through torchair.ops
+    assert npu.calls["torchair.ops.npu_fused_infer_attention_score_v2"] == 2 * model.config.num_hidden_layers
+    assert npu.calls["npu_fused_infer_attention_score_v2"] == 0
+
+    manifest = json.loads((art / "rank0" / "manifest.json").read_text())
+    key = manifest["key"]
+    assert key["backend"] == "torchair" and key["ops"] == "npu" and key["rank"] == 0 and key["tp_size"] == 1
+    assert key["torch_npu"] == npu.__version__ and key["cann"] == "emulated"
+    assert key["torchair_options"]["mode"] == "max-autotune" and "threads" not in key
+    assert sorted(manifest["files"]) == ["decode_b2_t1_kv128", "prefill_b2_t16_kv128"]
+    assert all((art / "rank0" / f).is_file() for f in manifest["files"].values())
+
+    # the compiled graphs compute what the torch op table computes
+    from model.loader import load_model
+    ref_model = load_model(small, ops="torch")
+    ref_cache = KVCache.allocate(ref_model.config, ref_model.plan, 2, SHAPES.slots, torch.float32)
+    from graph.compiler import Graphs
+    with torch.no_grad():
+        got = _run(graphs, cache)
+        ref = _run(Graphs(ref_model, "eager"), ref_cache)
+    diff = max(float((a - b).abs().max()) for a, b in zip(got, ref))
+    print(f"\ntorchair (emulated GE path) vs torch op table eager, max |diff|: {diff:.2e}")
+    assert diff <= TOL
+
+    # same everything: loaded from the cache, not compiled
+    traces = air.traces
+    _, _, again = _build(small, artifacts=art)
+    assert again.loaded_from == art / "rank0" and [e for e, _ in air.cache_events][-2:] == ["loaded", "loaded"]
+    assert air.traces == traces
+
+    # different shapes, or different model code: refused, never reused
+    other = ShapePlan(2, 128, 16, min_chunk=16, batch_buckets=(1, 2))
+    with pytest.raises(ArtifactMismatch, match="graphs"):
+        _build(small, shapes=other, artifacts=art)
+    monkeypatch.setattr(graph.artifacts, "code_hash", lambda *a, **k: "0" * 64)
+    with pytest.raises(ArtifactMismatch, match="code_sha256"):
+        _build(small, artifacts=art)
+    n_compiled = sum(e == "compiled" for e, _ in air.cache_events)
+    _, _, rebuilt = _build(small, artifacts=art, rebuild=True)
+    assert rebuilt.loaded_from is None and sum(e == "compiled" for e, _ in air.cache_events) == n_compiled + 2
+    assert json.loads((art / "rank0" / "manifest.json").read_text())["key"]["code_sha256"] == "0" * 64
+
+    # a compiled file gone, a torchair cache without the project's manifest, nothing built yet: refused
+    files = json.loads((art / "rank0" / "manifest.json").read_text())["files"]
+    (art / "rank0" / files["decode_b2_t1_kv128"]).unlink()
+    with pytest.raises(ArtifactMismatch, match="incomplete"):
+        _build(small, artifacts=art)
+    foreign = tmp_path / "foreign"
+    (foreign / "rank0" / "torchair").mkdir(parents=True)
+    with pytest.raises(ArtifactMismatch, match="no manifest"):
+        _build(small, artifacts=foreign)
+    with pytest.raises(ArtifactMismatch, match="build them first"):
+        _build(small, artifacts=tmp_path / "empty", compile_missing=False)
+
+
+def test_without_artifacts_uses_the_npu_backend(emu, small):
+    _, air = emu
+    _, _, graphs = _build(small, mode="npugraph_ex")
+    assert not air.cache_calls and air.backends[-1].mode == "npugraph_ex" and len(graphs.fns) == 2
