@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TINY   := checkpoints/tiny
 
-.PHONY: venv demo test test-all checkpoint-tiny checkpoint-bench clean
+.PHONY: venv demo test test-all bench checkpoint-tiny checkpoint-bench clean
 
 venv: $(STAMP)
 
@@ -21,8 +21,14 @@ $(TINY)/config.json: | $(STAMP)
 
 checkpoint-tiny: $(TINY)/config.json
 
-checkpoint-bench: $(STAMP)
+checkpoints/bench/config.json: | $(STAMP)
 	$(PY) -m tools.make_checkpoint --preset bench --out checkpoints/bench
+
+checkpoint-bench: checkpoints/bench/config.json
+
+# A tool, not a test: several minutes (it compiles the bench graphs cold, then measures). See BENCHMARKS.md.
+bench: checkpoints/bench/config.json
+	$(PY) -m tools.bench --model checkpoints/bench --threads 2 --json build/bench.json
 
 demo: $(TINY)/config.json
 	$(PY) -m tools.demo --model $(TINY)

@@ -17,24 +17,30 @@ import torch
 
 MANIFEST = "manifest.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CODE_DIRS = ("model", "graph")
+# What a captured graph is made of: the model, the reference op table (other tables build on its helpers), and
+# how graph/ captures it. The active op table is added per key. Tools, tests and the runtime are not.
+CODE_FILES = ("model/*.py", "model/ops/__init__.py", "model/ops/grouped_mm.py", "model/ops/torch_ops.py",
+              "graph/entry.py", "graph/compiler.py", "graph/artifacts.py")
 
 
 class ArtifactMismatch(RuntimeError):
     """An artifact directory built for something else than what is being run."""
 
 
-def code_hash() -> str:
-    """sha256 over the project's model and graph sources: any edit to what is captured invalidates artifacts."""
+def code_hash(ops: str = "torch", extra: tuple[str, ...] = ()) -> str:
+    """sha256 over the sources a captured graph is made of: any edit to them invalidates artifacts."""
+    patterns = CODE_FILES + (f"model/ops/{ops}_ops.py",) + extra
+    paths = sorted({p for pattern in patterns for p in PROJECT_ROOT.glob(pattern)})
     h = hashlib.sha256()
-    for d in CODE_DIRS:
-        for path in sorted((PROJECT_ROOT / d).rglob("*.py")):
-            h.update(str(path.relative_to(PROJECT_ROOT)).encode())
-            h.update(path.read_bytes())
+    for path in paths:
+        h.update(str(path.relative_to(PROJECT_ROOT)).encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
-def artifact_key(model, backend: str, graphs: list[dict], dtype: torch.dtype, device: torch.device) -> dict:
+def artifact_key(model, backend: str, graphs: list[dict], dtype: torch.dtype, device: torch.device,
+                 code_files: tuple[str, ...] = ()) -> dict:
+    """Everything a set of graphs depends on. `code_files`: backend-specific sources (glob patterns) to hash too."""
     return {
         "model_config": model.config.to_json(),
         "dtype": str(dtype).removeprefix("torch."),
@@ -48,7 +54,7 @@ def artifact_key(model, backend: str, graphs: list[dict], dtype: torch.dtype, de
         "python": platform.python_version(),
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),  # inductor's CPU kernels bake the OpenMP thread count in
-        "code_sha256": code_hash(),
+        "code_sha256": code_hash(model.ops_name, code_files),
     }
 
 

@@ -91,13 +91,30 @@ def _example_inputs(spec: GraphSpec, model, keys, values):
 
 @contextmanager
 def _inductor_cache(directory: Path | None):
-    """Point inductor's kernel cache into the artifact directory, so the directory is self-contained."""
+    """Point inductor's kernel cache into the artifact directory, so the directory is self-contained.
+
+    The kernels' cache keys depend on the precompiled header they were built with, and inductor keeps those
+    headers in a machine-global directory: they are redirected into the artifacts too, so that a new machine
+    (or a cleaned /tmp) can load the kernels without compiling a header first."""
     if directory is None:
         yield
         return
+    from torch._inductor import codecache
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
-    with temporary_cache_dir(str(directory / "inductor")):
-        yield
+
+    headers = str(directory / "inductor" / "precompiled_headers")
+    saved = getattr(codecache, "_HEADER_DIR", None), getattr(codecache, "_HEADER_LOCK_DIR", None)
+    redirect = saved[0] is not None and hasattr(codecache._precompile_header, "cache_clear")
+    if redirect:
+        codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = headers, os.path.join(headers, "locks")
+        codecache._precompile_header.cache_clear()
+    try:
+        with temporary_cache_dir(str(directory / "inductor")):
+            yield
+    finally:
+        if redirect:
+            codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = saved
+            codecache._precompile_header.cache_clear()
 
 
 def _progress(i: int, n: int, name: str, started: float) -> None:
@@ -143,11 +160,13 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
         return Graphs(model, backend)
     if backend == "torchair":
         from .torchair import build_torchair_graphs
-        return build_torchair_graphs(model, shapes, keys, values, artifacts=artifacts, rebuild=rebuild)
+        return build_torchair_graphs(model, shapes, keys, values, artifacts=artifacts, rebuild=rebuild,
+                                     compile_missing=compile_missing, progress=progress)
 
     specs = graph_specs(shapes)
     dtype, device = model.embed_tokens.dtype, model.embed_tokens.device
-    wanted = artifact_key(model, backend, [s.to_json() for s in specs], dtype, device)
+    wanted = artifact_key(model, backend, [s.to_json() for s in specs], dtype, device,
+                          code_files=("graph/cuda_graphs.py",))
     wanted["shapes"] = shapes_record(shapes)
     directory = Path(artifacts) if artifacts is not None else None
     if directory is not None:

@@ -2,7 +2,7 @@
 of time and steady-state serving never meets a new shape.
 
 - cache slots: max_seq_len rounded up to a whole prefill chunk (a chunk's padding tokens then always land
-  inside the buffer);
+  inside the buffer) and to `slot_multiple` (the NPU attention reads the cache as 128-slot pages);
 - prefill chunk length: a prompt that fits in one chunk runs at the smallest power of two from `min_chunk` to
   `prefill_chunk` that covers it; a longer one runs as full `prefill_chunk`s;
 - attention reads `kv_len` cache slots: a power of two from `min_kv` up to the slot count, the smallest that
@@ -12,6 +12,7 @@ of time and steady-state serving never meets a new shape.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -27,6 +28,7 @@ class ShapePlan:
     min_chunk: int = 16
     min_kv: int = 128
     batch_buckets: tuple[int, ...] | None = None
+    slot_multiple: int = 1
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "min_chunk", "min_kv"):
@@ -43,7 +45,8 @@ class ShapePlan:
 
     @property
     def slots(self) -> int:
-        return -(-self.max_seq_len // self.prefill_chunk) * self.prefill_chunk
+        unit = math.lcm(self.prefill_chunk, self.slot_multiple)
+        return -(-self.max_seq_len // unit) * unit
 
     def batch(self, n: int) -> int:
         return min(b for b in self.batch_sizes() if b >= n)

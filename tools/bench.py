@@ -182,6 +182,7 @@ def main(argv=None) -> int:
         report["transformers"] = bench_transformers(args.model, args.decode_tokens)
     print_table(report)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
