@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     print(f"loaded {args.model} ({rt.config.num_hidden_layers} layers, {rt.config.num_local_experts} experts, "
           f"vocab {rt.config.vocab_size}) on {rt.device}, backend {rt.backend}, "
           f"{torch.get_num_threads()} threads, in {time.perf_counter() - t0:.1f}s")
+    print("(the built-in checkpoints have random weights: the text is noise; the pipeline is the real one)")
     print(f"prompt: {args.prompt!r}\n--- streamed (greedy) ---")
     for event in rt.generate([args.prompt], max_new_tokens=args.max_new_tokens, stream=True):
         sys.stdout.write(event.text)
