@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,3 +102,31 @@ class Manifest:
         missing = [f for f in self.files.values() if not (directory / f).is_file()]
         if missing:
             raise ArtifactMismatch(f"artifacts in {directory} are incomplete: {missing[0]} is missing")
+
+
+def open_artifact_dir(directory: Path, wanted: dict, *, rebuild: bool, compile_missing: bool,
+                      build_hint: str = "") -> Manifest | None:
+    """The one policy for an artifact directory. Returns its manifest when it was built for `wanted` (load it);
+    otherwise leaves the directory empty and ready to be filled (compile), or refuses:
+    - a manifest for something else: ArtifactMismatch naming what differs, unless `rebuild` (then wiped);
+    - no manifest and `compile_missing` false: ArtifactMismatch saying how to build it;
+    - no manifest but other files: refused unless `rebuild` (never write into, or load from, unknown files)."""
+    manifest = Manifest.read(directory)
+    if manifest is not None:
+        try:
+            manifest.check(wanted, directory)
+            return manifest
+        except ArtifactMismatch:
+            if not rebuild:
+                raise
+        shutil.rmtree(directory)
+    elif not compile_missing:
+        raise ArtifactMismatch(f"no compiled graphs in {directory} (no manifest.json): build them first"
+                               + (f" with `{build_hint}`" if build_hint else ""))
+    elif directory.exists() and any(directory.iterdir()):
+        if not rebuild:
+            raise ArtifactMismatch(f"{directory} is not empty and has no manifest.json: refusing to write "
+                                   "artifacts into it")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return None

@@ -11,17 +11,16 @@ Backends:
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .artifacts import ArtifactMismatch, Manifest, artifact_key
+from .artifacts import Manifest, artifact_key, open_artifact_dir
 from .cuda_graphs import wrap_decode_graphs
 from .entry import decode_entry, prefill_entry
 
@@ -170,24 +169,10 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
     wanted["shapes"] = shapes_record(shapes)
     directory = Path(artifacts) if artifacts is not None else None
     if directory is not None:
-        manifest = Manifest.read(directory)
+        manifest = open_artifact_dir(directory, wanted, rebuild=rebuild, compile_missing=compile_missing,
+                                     build_hint=f"python -m tools.compile --model MODEL --out {directory}")
         if manifest is not None:
-            try:
-                manifest.check(wanted, directory)
-                return _load_inductor(model, specs, manifest, directory)
-            except ArtifactMismatch:
-                if not rebuild:
-                    raise
-            shutil.rmtree(directory)
-        elif not compile_missing:
-            raise ArtifactMismatch(f"no compiled graphs in {directory} (no manifest.json): build them first with "
-                                   f"`python -m tools.compile --model MODEL --out {directory}`")
-        elif directory.exists() and any(directory.iterdir()):
-            if not rebuild:
-                raise ArtifactMismatch(f"{directory} is not empty and has no {directory / 'manifest.json'}: "
-                                       "refusing to write artifacts into it")
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+            return _load_inductor(model, specs, manifest, directory)
 
     with _inductor_cache(directory), torch.no_grad():
         fns, seconds = _compile_inductor(specs, model, keys, values, directory, progress)

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .artifacts import ArtifactMismatch, Manifest, artifact_key
+from .artifacts import Manifest, artifact_key, open_artifact_dir
 from .compiler import Graphs, GraphSpec, _example_inputs, _progress, graph_specs
 from .entry import decode_entry, prefill_entry
 
@@ -190,23 +189,9 @@ def build_torchair_graphs(model, shapes, keys, values, *, artifacts: str | Path 
     if artifacts is not None:
         directory = rank_directory(artifacts, model.parallel)
         wanted = torchair_key(model, specs, mode, torch_npu, torchair)
-        manifest = Manifest.read(directory)
-        if manifest is not None:
-            try:
-                manifest.check(wanted, directory)
-                loading = True
-            except ArtifactMismatch:
-                if not rebuild:
-                    raise
-                shutil.rmtree(directory)
-        elif not compile_missing:
-            raise ArtifactMismatch(f"no compiled graphs in {directory} (no manifest.json): build them first")
-        elif directory.exists() and any(directory.iterdir()):
-            if not rebuild:
-                raise ArtifactMismatch(f"{directory} is not empty and has no manifest.json: refusing to write "
-                                       "torchair caches into it (torchair would load whatever it finds there)")
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        # torchair would load whatever cache it finds: only a directory whose manifest matches is loaded
+        loading = open_artifact_dir(directory, wanted, rebuild=rebuild, compile_missing=compile_missing,
+                                    build_hint="python -m tools.compile --backend torchair ...") is not None
 
     capture = mode != "max-autotune"  # aclgraph takes FIA lengths as host ints: let dynamo capture .tolist()
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=capture):

@@ -12,7 +12,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from graph import ArtifactMismatch
-from model.loader import load_model
 from runtime import Runtime
 from runtime.shapes import ShapePlan
 from tools.make_checkpoint import make_checkpoint

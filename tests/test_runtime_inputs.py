@@ -1,6 +1,5 @@
 """Bad input gets an error that names the problem, before anything runs, and the runtime stays usable."""
 import pytest
-import torch
 
 from model.loader import load_model
 from runtime import Runtime
