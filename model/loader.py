@@ -10,7 +10,11 @@ Checkpoint names map onto the model as follows (TP slices in brackets, `r` = thi
     mlp.experts.*_blocks/_scales (MXFP4)  -> dequantised at load; stored [E, out, in/32, 16], i.e. transposed
     embed_tokens, lm_head                 -> [vocab rows of r], zero-padded on the last rank
 
-Tensors stream one at a time (see safetensors_reader), so peak memory is the model plus one tensor.
+Tensors stream one at a time (see safetensors_reader), so peak memory is this rank's shard plus one tensor (one
+expert, for expert tensors). A rank maps only its own bytes wherever its slice is contiguous on disk: vocab rows,
+q/k/v head rows, sinks, each expert's gate_up rows (MXFP4) or down rows (unquantised). Where the split is an
+inner dimension (o_proj's input columns; MXFP4 down_proj's packed input dim; unquantised gate_up's columns) the
+layer's matrix, or one expert's, is mapped and the slice copied out.
 """
 from __future__ import annotations
 
@@ -28,30 +32,47 @@ MXFP4_BLOCK = 32
 
 def _copy(reader: SafetensorsReader, name: str, expected: tuple, dst: torch.Tensor, dim: int | None = None,
           start: int = 0, length: int | None = None) -> None:
-    with reader.open(name, expected) as src:
-        if dim is not None:
+    """dst <- the checkpoint tensor, or its slice [start, start + length) along `dim`. A slice along dim 0 maps
+    only those rows; a slice along an inner dim maps the whole tensor (used only for o_proj's input columns,
+    one layer's attention output matrix) and copies the slice out."""
+    rows = (start, start + length) if dim == 0 else None
+    with reader.open(name, expected, rows=rows) as src:
+        if dim is not None and dim != 0:
             src = src.narrow(dim, start, length)
         dst.copy_(src)
 
 
+def _copy_experts(reader: SafetensorsReader, name: str, expected: tuple, dst: torch.Tensor, dim: int,
+                  start: int, length: int) -> None:
+    """dst [E, ...] <- the slice [start, start + length) along `dim` (1 or 2) of an [E, ...] expert tensor, one
+    expert at a time. Along dim 1 only this rank's rows of each expert are mapped; along dim 2 (the columns of
+    an unquantised gate_up_proj) one expert's matrix is mapped and the slice copied out."""
+    for e in range(expected[0]):
+        rows = (start, start + length) if dim == 1 else None
+        with reader.open(name, expected, index=(e,), rows=rows) as src:
+            dst[e].copy_(src if dim == 1 else src.narrow(dim - 1, start, length))
+
+
 def _copy_mxfp4(reader: SafetensorsReader, prefix: str, out_features: int, in_features: int, dst: torch.Tensor,
                 out_start: int, out_len: int, in_start: int, in_len: int) -> None:
-    """dst [E, in_len, out_len] <- dequantised, transposed slice of an MXFP4 [E, out, in] weight. A slice of the
-    input dim that does not fall on 32-wide block boundaries reads the covering blocks and trims them."""
+    """dst [E, in_len, out_len] <- dequantised, transposed slice of an MXFP4 [E, out, in] weight, one expert at a
+    time. A slice of the output dim (gate_up's columns) maps only this rank's rows of blocks and scales. A slice of
+    the input dim (down's rows, the packed 32-wide block dim) maps the expert's blocks, decodes only the blocks
+    covering [in_start, in_start + in_len) and trims them, so a split inside a block (2880 / 8 = 360 = 11.25
+    blocks) is exact."""
     experts = dst.shape[0]
     if in_features % MXFP4_BLOCK:
         raise CheckpointError(f"'{prefix}_blocks': input width {in_features} is not a multiple of {MXFP4_BLOCK}")
     groups = in_features // MXFP4_BLOCK
     first, last = in_start // MXFP4_BLOCK, -(-(in_start + in_len) // MXFP4_BLOCK)
     trim = in_start - first * MXFP4_BLOCK
-    with reader.open(prefix + "_blocks", (experts, out_features, groups, 16)) as blocks, \
-            reader.open(prefix + "_scales", (experts, out_features, groups)) as scales:
-        for e in range(experts):  # one expert at a time bounds the dequantisation temporaries
-            b = blocks[e, out_start:out_start + out_len, first:last]
-            s = scales[e, out_start:out_start + out_len, first:last]
-            w = dequantize_mxfp4(b, s, dtype=torch.float32)[:, trim:trim + in_len]  # [out_len, in_len]
-            dst[e].copy_(w.t())
-        del blocks, scales, b, s
+    rows = (out_start, out_start + out_len)
+    for e in range(experts):  # one expert at a time bounds the mapping and the dequantisation temporaries
+        with reader.open(prefix + "_blocks", (experts, out_features, groups, 16), index=(e,), rows=rows) as b, \
+                reader.open(prefix + "_scales", (experts, out_features, groups), index=(e,), rows=rows) as s:
+            w = dequantize_mxfp4(b[:, first:last], s[:, first:last], dtype=torch.float32)
+            dst[e].copy_(w[:, trim:trim + in_len].t())  # [out_len, in_len] -> [in_len, out_len]
+            del b, s
 
 
 def _expected_names(config: GptOssConfig, mxfp4: bool) -> set[str]:
@@ -119,17 +140,17 @@ def load_weights(model: GptOss, model_dir) -> None:
             _copy(reader, p + "mlp.router.bias", (experts,), moe.router.bias)
 
             e = p + "mlp.experts."
-            _copy(reader, e + "gate_up_proj_bias", (experts, 2 * inter), moe.gate_up_proj_bias, 1,
-                  2 * i_start, 2 * i_len)
+            _copy_experts(reader, e + "gate_up_proj_bias", (experts, 2 * inter), moe.gate_up_proj_bias, 1,
+                          2 * i_start, 2 * i_len)
             _copy_or_zero(reader, e + "down_proj_bias", (experts, hidden), moe.down_proj_bias, rank == 0)
             if mxfp4:
                 _copy_mxfp4(reader, e + "gate_up_proj", 2 * inter, hidden, moe.gate_up_proj,
                             2 * i_start, 2 * i_len, 0, hidden)
                 _copy_mxfp4(reader, e + "down_proj", hidden, inter, moe.down_proj, 0, hidden, i_start, i_len)
             else:
-                _copy(reader, e + "gate_up_proj", (experts, hidden, 2 * inter), moe.gate_up_proj, 2,
-                      2 * i_start, 2 * i_len)
-                _copy(reader, e + "down_proj", (experts, inter, hidden), moe.down_proj, 1, i_start, i_len)
+                _copy_experts(reader, e + "gate_up_proj", (experts, hidden, 2 * inter), moe.gate_up_proj, 2,
+                              2 * i_start, 2 * i_len)
+                _copy_experts(reader, e + "down_proj", (experts, inter, hidden), moe.down_proj, 1, i_start, i_len)
 
 
 def _copy_or_zero(reader, name, expected, dst, owner: bool) -> None:

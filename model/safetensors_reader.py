@@ -1,5 +1,7 @@
 """Read tensors from (possibly sharded) safetensors files one at a time, mapping only the bytes of the tensor
-being read and unmapping them right after, so that loading costs the model's own memory plus one tensor.
+being read and unmapping them right after, so that loading costs the model's own memory plus one tensor. A
+tensor-parallel rank maps only its own rows of an outer-dimension split, and expert tensors one expert at a time
+(see `SafetensorsReader.open`).
 
 (The `safetensors` library keeps the whole file mapped while a handle is open, and every page it touches counts
 toward the process's resident memory until the handle closes: loading a 1 GB file would then peak near 2x.)
@@ -85,20 +87,46 @@ class SafetensorsReader:
         return entry
 
     @contextmanager
-    def open(self, name: str, expected: tuple[int, ...]):
+    def open(self, name: str, expected: tuple[int, ...], index: tuple[int, ...] = (),
+             rows: tuple[int, int] | None = None):
         """A read-only CPU view of the tensor, valid inside the `with` block only (its pages are unmapped
-        on exit). Only the pages covering this tensor are mapped."""
+        on exit). Only the pages covering the bytes returned are mapped.
+
+        `index` fixes leading dimensions and `rows = (start, stop)` narrows the next one: the view is
+        `tensor[index][start:stop]`, which is one contiguous byte range of the file, so a tensor-parallel rank
+        maps (and reads) only its own rows of a tensor split along its outer dimension, or one expert at a time.
+        """
         entry = self.check(name, expected)
+        shape = entry.shape
+        if len(index) > len(shape) or any(not 0 <= i < n for i, n in zip(index, shape)):
+            raise IndexError(f"index {index} out of range for '{name}' of shape {list(shape)}")
+        shape = shape[len(index):]
+        if rows is not None:
+            if not shape or not 0 <= rows[0] <= rows[1] <= shape[0]:
+                raise IndexError(f"rows {rows} out of range for '{name}'{list(index)} of shape {list(shape)}")
+        row = entry.dtype.itemsize
+        for n in shape[1:]:
+            row *= n
+        inner = row * (shape[0] if shape else 1)  # bytes of one tensor[index]
+        first = 0
+        for i, n in zip(index, entry.shape):
+            first = first * n + i
+        begin = entry.begin + first * inner
+        end = begin + inner
+        if rows is not None:
+            begin, end = begin + rows[0] * row, begin + rows[1] * row
+            shape = (rows[1] - rows[0], *shape[1:])
+        count = (end - begin) // entry.dtype.itemsize
+        if count == 0:
+            yield torch.empty(shape, dtype=entry.dtype)
+            return
         page = mmap.ALLOCATIONGRANULARITY
-        offset = entry.begin - entry.begin % page
-        length = entry.end - offset
+        offset = begin - begin % page
         with open(entry.file, "rb") as f:
-            mm = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=offset)
+            mm = mmap.mmap(f.fileno(), end - offset, access=mmap.ACCESS_COPY, offset=offset)
         try:
-            count = (entry.end - entry.begin) // entry.dtype.itemsize
-            t = torch.frombuffer(mm, dtype=entry.dtype, count=count, offset=entry.begin - offset) if count else \
-                torch.empty(0, dtype=entry.dtype)
-            yield t.view(entry.shape)
+            t = torch.frombuffer(mm, dtype=entry.dtype, count=count, offset=begin - offset)
+            yield t.view(shape)
             del t
         finally:
             try:

@@ -15,12 +15,20 @@ from typing import Iterator, Sequence
 import torch
 
 from graph import build_graphs
+from model.config import GptOssConfig
 from model.kv_cache import KVCache
 from model.loader import load_model
+from model.parallel import Parallel, ShardPlan
 
+from .distributed import env_world, rank_artifact_dir, setup as setup_distributed
 from .sampling import sample, validate_sampling
 from .shapes import ShapePlan
 from .tokenizer import IncrementalDetokenizer, TextTokenizer, stop_token_ids
+
+# Op tables whose attention reads the cache as fixed-size pages need the slot count to be a multiple of a page.
+PAGE_SLOTS = {"npu": 128}
+# The op table each graph backend runs: torchair's GE graphs need the fused torch_npu ops.
+BACKEND_OPS = {"torchair": "npu"}
 
 
 @dataclass
@@ -82,7 +90,8 @@ class Runtime:
                              f"{self.config.max_position_embeddings}")
         chunk = min(prefill_chunk, 1 << (max_seq_len - 1).bit_length())
         self.shapes = ShapePlan(max_batch_size, max_seq_len, chunk, min_chunk=min(min_prefill_chunk, chunk),
-                                batch_buckets=tuple(batch_sizes) if batch_sizes else None)
+                                batch_buckets=tuple(batch_sizes) if batch_sizes else None,
+                                slot_multiple=PAGE_SLOTS.get(model.ops_name, 1))
         self.cache = KVCache.allocate(self.config, model.plan, max_batch_size, self.shapes.slots, self.dtype,
                                       self.device)
         self.backend = backend
@@ -100,16 +109,31 @@ class Runtime:
                         device: str | torch.device | None = None, batch_sizes: Sequence[int] | None = None,
                         artifacts: str | Path | None = None, rebuild: bool = False,
                         compile_missing: bool = True, progress: bool = True,
-                        min_prefill_chunk: int = 16) -> "Runtime":
+                        min_prefill_chunk: int = 16, tp_size: int | None = None,
+                        dist_timeout_s: float | None = None) -> "Runtime":
         """Load a checkpoint directory and build (or load from `artifacts`) the graphs for `backend`:
-        "eager", "inductor" (CPU/CUDA) or "torchair" (Ascend)."""
-        device = torch.device(device or "cpu")
+        "eager", "inductor" (CPU/CUDA) or "torchair" (Ascend).
+
+        Tensor parallelism: run one process per rank under `torchrun --nproc-per-node N`; `tp_size` defaults to
+        WORLD_SIZE (1 outside torchrun) and must equal it. Each rank joins the process group (gloo on CPU, nccl on
+        CUDA, hccl on NPU; collectives time out after `dist_timeout_s`, default 300 s), loads only its shard,
+        and builds its own graphs (artifacts under `<artifacts>/tp<N>-rank<r>`). Every rank must then call
+        `generate` with the same arguments: the ranks replay the same graphs in lockstep, rank 0's sampled tokens
+        are broadcast after every step, and every rank returns the same results (use rank 0's)."""
+        config = GptOssConfig.from_pretrained(model_dir)
+        ShardPlan.build(config, Parallel(tp_size or env_world()[0], 0))  # a tp that cannot split the model: fail
+        ctx = setup_distributed(tp_size, device, dist_timeout_s)  # before any process group is made
+        device = ctx.device
         if dtype is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        model = load_model(model_dir, dtype=dtype, device=device)
+        model = load_model(model_dir, tp_size=ctx.world_size, rank=ctx.rank, dtype=dtype, device=device,
+                           ops=BACKEND_OPS.get(backend, "torch"))
+        model.parallel.check_group()
+        if artifacts is not None:
+            artifacts = rank_artifact_dir(artifacts, ctx.world_size, ctx.rank)
         return cls(model, model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                    prefill_chunk=prefill_chunk, backend=backend, batch_sizes=batch_sizes, artifacts=artifacts,
-                   rebuild=rebuild, compile_missing=compile_missing, progress=progress,
+                   rebuild=rebuild, compile_missing=compile_missing, progress=progress and ctx.is_main,
                    min_prefill_chunk=min_prefill_chunk)
 
     @property
@@ -229,7 +253,7 @@ class Runtime:
 
         t0 = time.perf_counter()
         logits = self._prefill_batch([s.prompt for s in batch] + [[0]] * (rows - n), lengths)
-        next_tokens = sample(logits, temperature, top_k, top_p, generator)
+        next_tokens = self.model.parallel.broadcast(sample(logits, temperature, top_k, top_p, generator))
         stats.prefill_s += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -250,7 +274,7 @@ class Runtime:
             kv_len = self.shapes.kv_len(int(pos[active].max()) + 1)
             logits = self._decode(next_tokens, pos, kv_len)
             stats.decode_steps += 1
-            next_tokens = sample(logits, temperature, top_k, top_p, generator)
+            next_tokens = self.model.parallel.broadcast(sample(logits, temperature, top_k, top_p, generator))
             pos = pos + active.to(pos.dtype)  # finished rows stay put: their writes land in their own slot
         stats.decode_s += time.perf_counter() - t0
 

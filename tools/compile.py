@@ -1,6 +1,7 @@
 """Compile every prefill/decode graph a runtime configuration needs, ahead of time, into an artifact directory.
 
     python -m tools.compile --model checkpoints/bench --out artifacts/bench --max-seq-len 1024 --batch-sizes 1,8
+    torchrun --nproc-per-node 2 -m tools.compile --tp 2 --model checkpoints/bench --out artifacts/bench-tp2
 
 A later process runs from it without tracing or compiling (`python -m tools.generate --artifacts ...` or
 `Runtime.from_pretrained(..., artifacts=DIR)`). The directory's manifest.json records what the graphs were built
@@ -29,7 +30,10 @@ def main(argv=None) -> int:
     rt = Runtime.from_pretrained(args.model, rebuild=args.force, **runtime_kwargs(args, None) | {"artifacts": args.out})
     n = len(rt.graphs.fns)
     how = f"compiled in {rt.graphs.compile_seconds:.1f}s" if rt.graphs.loaded_from is None else "already up to date"
-    print(f"{n} graphs for {args.model} in {args.out}: {how} (total {time.perf_counter() - t0:.1f}s)")
+    if rt.is_main_process:  # under torchrun every rank builds its own graphs, in <out>/tp<N>-rank<r>
+        where = args.out if rt.model.parallel.tp_size == 1 else \
+            f"{args.out}/tp{rt.model.parallel.tp_size}-rank*/ ({n} per rank)"
+        print(f"{n} graphs for {args.model} in {where}: {how} (total {time.perf_counter() - t0:.1f}s)")
     return 0
 
 

@@ -2,6 +2,9 @@
 
     python -m tools.generate --model checkpoints/bench --artifacts artifacts/bench --prompt "Hello" --max-new-tokens 64
     python -m tools.generate --model DIR --backend eager --prompt "a" --prompt "b" --stream
+    torchrun --nproc-per-node 2 -m tools.generate --tp 2 --model DIR --artifacts artifacts/tp2 --prompt "Hello"
+
+Under torchrun every rank runs the same generation in lockstep; only rank 0 prints.
 
 Shape settings (max batch, max sequence length, chunk, batch sizes) default to the ones the artifacts were built
 with. Without --artifacts the inductor backend compiles in-process first.
@@ -13,6 +16,7 @@ import sys
 import time
 
 from runtime import Runtime
+from runtime.distributed import rank_artifact_dir
 
 from .cli import add_runtime_args, apply_threads, run_cli, runtime_kwargs
 
@@ -34,8 +38,10 @@ def main(argv=None) -> int:
     apply_threads(args)
 
     t0 = time.perf_counter()
-    rt = Runtime.from_pretrained(args.model, compile_missing=args.artifacts is None,
-                                 **runtime_kwargs(args, args.artifacts))
+    # Under torchrun each rank's graphs (and the manifest with their shape settings) are in <artifacts>/tp<N>-rank<r>.
+    kwargs = runtime_kwargs(args, str(rank_artifact_dir(args.artifacts)) if args.artifacts else None)
+    kwargs["artifacts"] = args.artifacts  # from_pretrained picks this rank's subdirectory itself
+    rt = Runtime.from_pretrained(args.model, compile_missing=args.artifacts is None, **kwargs)
     ready = time.perf_counter() - t0
     prompts = args.prompt or ["The harbour at dawn was quiet, and the boats"]
     if args.chat:
