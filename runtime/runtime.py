@@ -122,6 +122,9 @@ class Runtime:
         are broadcast after every step, and every rank returns the same results (use rank 0's)."""
         config = GptOssConfig.from_pretrained(model_dir)
         ShardPlan.build(config, Parallel(tp_size or env_world()[0], 0))  # a tp that cannot split the model: fail
+        if backend == "torchair":  # HCCL reads its environment when the communicator is made: set it first
+            from graph.torchair import configure_launch_env
+            configure_launch_env()
         ctx = setup_distributed(tp_size, device, dist_timeout_s)  # before any process group is made
         device = ctx.device
         if dtype is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16

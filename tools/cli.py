@@ -56,5 +56,7 @@ def run_cli(main) -> None:
     try:
         raise SystemExit(main())
     except (ArtifactMismatch, CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from runtime.distributed import is_main_process
+        if is_main_process():  # under torchrun every rank meets the same refusal: say it once
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
