@@ -27,6 +27,15 @@ CONFIGS = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: one thread is fastest, and far faster than two when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_hf_checkpoint(out: Path, seed: int = 0, **overrides) -> Path:
     """A random GPT-OSS checkpoint written by transformers' own save_pretrained (fp32), with every bias, sink
     and norm weight non-trivial so that a mis-wired one shows up in the logits."""

@@ -9,13 +9,7 @@ import torch
 from npu_emulator import MASK_SIZE, EmulatorError, TorchairEmulator, make_torch_npu
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is fastest, and far faster than two when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
