@@ -98,7 +98,7 @@ class Runtime:
         self.graphs = build_graphs(model, self.shapes, backend, self.cache.keys, self.cache.values,
                                    artifacts=artifacts, rebuild=rebuild, compile_missing=compile_missing,
                                    progress=progress)
-        self.tokenizer = TextTokenizer(model_dir) if model_dir is not None else TextTokenizer("/nonexistent")
+        self.tokenizer = TextTokenizer(model_dir)  # without a model_dir: token-id prompts only
         self.eos_ids = stop_token_ids(model_dir, self.config.eos_token_ids) if model_dir else set(
             self.config.eos_token_ids)
         self.last_stats = GenerationStats()

@@ -8,10 +8,10 @@ from tokenizers import Tokenizer
 
 
 class TextTokenizer:
-    def __init__(self, model_dir: str | Path):
-        self.model_dir, self._chat = Path(model_dir), None
-        path = self.model_dir / "tokenizer.json"
-        self.tokenizer = Tokenizer.from_file(str(path)) if path.is_file() else None
+    def __init__(self, model_dir: str | Path | None):
+        self.model_dir, self._chat = (Path(model_dir) if model_dir is not None else None), None
+        path = self.model_dir / "tokenizer.json" if self.model_dir is not None else None
+        self.tokenizer = Tokenizer.from_file(str(path)) if path is not None and path.is_file() else None
 
     @property
     def available(self) -> bool:
@@ -35,6 +35,8 @@ class TextTokenizer:
         speaks. Uses transformers' renderer, which supplies the helpers the published template calls."""
         from transformers import AutoTokenizer
 
+        if self.model_dir is None:
+            raise ValueError("no checkpoint directory, so no chat template")
         if self._chat is None:
             self._chat = AutoTokenizer.from_pretrained(self.model_dir)
             if not self._chat.chat_template:
