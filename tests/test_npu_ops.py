@@ -117,7 +117,7 @@ def test_route_and_moe(clipped):
         assert npu.calls["npu_grouped_matmul"] == 2
 
 
-def test_choosing_npu_without_torch_npu_is_a_clear_error(monkeypatch):
+def test_choosing_npu_without_torch_npu_is_a_clear_error(monkeypatch, tiny):
     monkeypatch.setitem(sys.modules, "torch_npu", None)  # `import torch_npu` now fails, as without CANN
     monkeypatch.delitem(sys.modules, "model.ops.npu_ops", raising=False)
     with pytest.raises(ImportError, match=r"torch_npu.*CANN.*\.\[npu\]"):
@@ -125,7 +125,7 @@ def test_choosing_npu_without_torch_npu_is_a_clear_error(monkeypatch):
     from model.config import GptOssConfig
     with pytest.raises(ImportError, match="CANN"):
         from model.gpt_oss import GptOss
-        GptOss(GptOssConfig.from_pretrained(ROOT / "checkpoints" / "tiny"), ops="npu")
+        GptOss(GptOssConfig.from_pretrained(tiny), ops="npu")
 
 
 # -- the whole model ------------------------------------------------------------------------------------------------
