@@ -170,7 +170,8 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
     directory = Path(artifacts) if artifacts is not None else None
     if directory is not None:
         manifest = open_artifact_dir(directory, wanted, rebuild=rebuild, compile_missing=compile_missing,
-                                     build_hint=f"python -m tools.compile --model MODEL --out {directory}")
+                                     build_hint="python -m tools.compile --model MODEL --out "
+                                                f"{_top_artifact_dir(directory, model.parallel)}")
         if manifest is not None:
             return _load_inductor(model, specs, manifest, directory)
 
@@ -181,6 +182,12 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
     if directory is not None:
         Manifest(wanted, {s.name: f"{s.name}.bin" for s in specs}, seconds).write(directory)
     return graphs
+
+
+def _top_artifact_dir(directory: Path, parallel) -> Path:
+    """The directory a user passes to the tools: under TP, graphs live in its `tp<N>-rank<r>` subdirectory."""
+    return directory.parent if parallel.tp_size > 1 and directory.name.startswith(f"tp{parallel.tp_size}-") \
+        else directory
 
 
 def _load_inductor(model, specs, manifest: Manifest, directory: Path) -> Graphs:
