@@ -17,21 +17,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TINY)/config.json: | $(STAMP)
-	$(PY) -m tools.make_checkpoint --preset tiny --out $(TINY)
+	$(PY) -m gptoss.tools.make_checkpoint --preset tiny --out $(TINY)
 
 checkpoint-tiny: $(TINY)/config.json
 
 checkpoints/bench/config.json: | $(STAMP)
-	$(PY) -m tools.make_checkpoint --preset bench --out checkpoints/bench
+	$(PY) -m gptoss.tools.make_checkpoint --preset bench --out checkpoints/bench
 
 checkpoint-bench: checkpoints/bench/config.json
 
 # A tool, not a test: several minutes (it compiles the bench graphs cold, then measures). See BENCHMARKS.md.
 bench: checkpoints/bench/config.json
-	$(PY) -m tools.bench --model checkpoints/bench --threads 2 --json build/bench.json
+	$(PY) -m gptoss.tools.bench --model checkpoints/bench --threads 2 --json build/bench.json
 
 demo: $(TINY)/config.json
-	$(PY) -m tools.demo --model $(TINY)
+	$(PY) -m gptoss.tools.demo --model $(TINY)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

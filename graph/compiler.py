@@ -170,7 +170,7 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
     directory = Path(artifacts) if artifacts is not None else None
     if directory is not None:
         manifest = open_artifact_dir(directory, wanted, rebuild=rebuild, compile_missing=compile_missing,
-                                     build_hint="python -m tools.compile --model MODEL --out "
+                                     build_hint="python -m gptoss.tools.compile --model MODEL --out "
                                                 f"{_top_artifact_dir(directory, model.parallel)}")
         if manifest is not None:
             return _load_inductor(model, specs, manifest, directory)

@@ -171,7 +171,7 @@ def build_torchair_graphs(model, shapes, keys, values, *, artifacts: str | Path 
                           mode: str | None = None) -> Graphs:
     """Graphs for every shape of `shapes` on an Ascend device, compiled by torchair now, or loaded from the per-rank
     torchair caches under `artifacts` after the project's manifest has matched (see the module docstring)."""
-    from model.ops import npu_ops  # imports torch_npu, or says what to install
+    from gptoss.model.ops import npu_ops  # imports torch_npu, or says what to install
 
     if model.ops_name != "npu":
         raise ValueError(f"the torchair backend needs the model built with ops='npu' (the fused torch_npu ops have "
@@ -191,7 +191,7 @@ def build_torchair_graphs(model, shapes, keys, values, *, artifacts: str | Path 
         wanted = torchair_key(model, specs, mode, torch_npu, torchair)
         # torchair would load whatever cache it finds: only a directory whose manifest matches is loaded
         loading = open_artifact_dir(directory, wanted, rebuild=rebuild, compile_missing=compile_missing,
-                                    build_hint="python -m tools.compile --backend torchair ...") is not None
+                                    build_hint="python -m gptoss.tools.compile --backend torchair ...") is not None
 
     capture = mode != "max-autotune"  # aclgraph takes FIA lengths as host ints: let dynamo capture .tolist()
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=capture):

@@ -1,6 +1,6 @@
 """Tensor parallelism across processes: one process per rank, launched by torchrun.
 
-    torchrun --nproc-per-node 8 -m tools.generate --model /models/gpt-oss-120b --tp 8 ...
+    torchrun --nproc-per-node 8 -m gptoss.tools.generate --model /models/gpt-oss-120b --tp 8 ...
 
 `setup()` reads torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK; MASTER_ADDR/MASTER_PORT for the
 rendezvous), picks the backend from the device type (gloo on CPU, nccl on CUDA, hccl on Ascend NPU), binds the

@@ -14,11 +14,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from graph import build_graphs
-from model.config import GptOssConfig
-from model.kv_cache import KVCache
-from model.loader import load_model
-from model.parallel import Parallel, ShardPlan
+from gptoss.graph import build_graphs
+from gptoss.model.config import GptOssConfig
+from gptoss.model.kv_cache import KVCache
+from gptoss.model.loader import load_model
+from gptoss.model.parallel import Parallel, ShardPlan
 
 from .distributed import env_world, rank_artifact_dir, setup as setup_distributed
 from .sampling import sample, validate_sampling
@@ -123,7 +123,7 @@ class Runtime:
         config = GptOssConfig.from_pretrained(model_dir)
         ShardPlan.build(config, Parallel(tp_size or env_world()[0], 0))  # a tp that cannot split the model: fail
         if backend == "torchair":  # HCCL reads its environment when the communicator is made: set it first
-            from graph.torchair import configure_launch_env
+            from gptoss.graph.torchair import configure_launch_env
             configure_launch_env()
         ctx = setup_distributed(tp_size, device, dist_timeout_s)  # before any process group is made
         device = ctx.device

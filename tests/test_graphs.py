@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from graph import ArtifactMismatch
-from runtime import Runtime
-from runtime.shapes import ShapePlan
-from tools.make_checkpoint import make_checkpoint
+from gptoss.graph import ArtifactMismatch
+from gptoss.runtime import Runtime
+from gptoss.runtime.shapes import ShapePlan
+from gptoss.tools.make_checkpoint import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(max_batch_size=4, max_seq_len=128, prefill_chunk=16, batch_sizes=[1, 4])
@@ -102,7 +102,7 @@ def test_second_process_loads_without_compiling(artifacts, checkpoint):
             return original(self)
         original = cpp_builder.CppBuilder.build
         cpp_builder.CppBuilder.build = refuse
-        from runtime import Runtime
+        from gptoss.runtime import Runtime
         rt = Runtime.from_pretrained({str(checkpoint)!r}, backend="inductor", artifacts={str(out)!r},
                                      compile_missing=False, progress=False, **{SETTINGS!r})
         tokens = [r.token_ids for r in rt.generate({PROMPTS!r}, max_new_tokens=12)]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import ConfigError
-from model.loader import load_model
-from model.safetensors_reader import CheckpointError
+from gptoss.model.config import ConfigError
+from gptoss.model.loader import load_model
+from gptoss.model.safetensors_reader import CheckpointError
 
 
 @pytest.fixture()

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model.mxfp4 import dequantize_mxfp4
-from tools.make_checkpoint import LAYOUTS, PRESETS, SPECIAL_TOKENS, fp32_size_bytes, main, make_checkpoint
+from gptoss.model.mxfp4 import dequantize_mxfp4
+from gptoss.tools.make_checkpoint import LAYOUTS, PRESETS, SPECIAL_TOKENS, fp32_size_bytes, main, make_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -164,7 +164,7 @@ def test_cli_in_subprocess_matches_api_bit_for_bit(tmp_path, ckpts):
     # ATEN_CPU_CAPABILITY=default: torch's scalar kernels instead of the SIMD ones must not change any bit.
     env = dict(os.environ, PYTHONHASHSEED="12345", ATEN_CPU_CAPABILITY="default")
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "tools.make_checkpoint", "--preset", "tiny", "--out", str(out), "--layout", "bf16"]
+    cmd = [sys.executable, "-m", "gptoss.tools.make_checkpoint", "--preset", "tiny", "--out", str(out), "--layout", "bf16"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "fp32 size" in res.stdout

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from model import mxfp4
-from model.mxfp4 import FP4_E2M1_VALUES, dequantize_mxfp4, quantize_mxfp4
+from gptoss.model import mxfp4
+from gptoss.model.mxfp4 import FP4_E2M1_VALUES, dequantize_mxfp4, quantize_mxfp4
 
 tf_mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
 

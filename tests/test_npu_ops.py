@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.ops import get_ops, torch_ops
+from gptoss.model.ops import get_ops, torch_ops
 from npu_emulator import installed
 
 TOL = 1e-4
@@ -30,7 +30,7 @@ def npu():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny preset (4 layers alternating sliding(window 8)/full, GQA 4:2, 8 experts top-2), fp32."""
-    from tools.make_checkpoint import make_checkpoint
+    from gptoss.tools.make_checkpoint import make_checkpoint
     return make_checkpoint(tmp_path_factory.mktemp("tiny_npu"), {}, layout="fp32")
 
 
@@ -119,12 +119,12 @@ def test_route_and_moe(clipped):
 
 def test_choosing_npu_without_torch_npu_is_a_clear_error(monkeypatch, tiny):
     monkeypatch.setitem(sys.modules, "torch_npu", None)  # `import torch_npu` now fails, as without CANN
-    monkeypatch.delitem(sys.modules, "model.ops.npu_ops", raising=False)
+    monkeypatch.delitem(sys.modules, "gptoss.model.ops.npu_ops", raising=False)
     with pytest.raises(ImportError, match=r"torch_npu.*CANN.*\.\[npu\]"):
         get_ops("npu")
-    from model.config import GptOssConfig
+    from gptoss.model.config import GptOssConfig
     with pytest.raises(ImportError, match="CANN"):
-        from model.gpt_oss import GptOss
+        from gptoss.model.gpt_oss import GptOss
         GptOss(GptOssConfig.from_pretrained(tiny), ops="npu")
 
 
@@ -164,7 +164,7 @@ def max_diff(a: dict, b: dict) -> dict:
 
 
 def test_model_tp1_matches_torch_ops(npu, tiny):
-    from model.loader import load_model
+    from gptoss.model.loader import load_model
     ref = run_scenario(load_model(tiny, ops="torch"))
     got = run_scenario(load_model(tiny, ops="npu"))
     diffs = max_diff(got, ref)
@@ -184,7 +184,7 @@ def _tp_worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> Non
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from model.loader import load_model
+        from gptoss.model.loader import load_model
         with installed():
             results = {ops: run_scenario(load_model(ckpt, tp_size=world, rank=rank, ops=ops))
                        for ops in ("torch", "npu")}
@@ -197,7 +197,7 @@ def test_model_tp2_matches_torch_ops(tiny, tmp_path):
     """Two gloo ranks (standing in for HCCL) each run both op tables; rank outputs are full logits (all-gathered)."""
     mp.start_processes(_tp_worker, args=(2, _free_port(), str(tiny), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    from model.loader import load_model
+    from gptoss.model.loader import load_model
     tp1 = run_scenario(load_model(tiny, ops="torch"))
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
@@ -211,7 +211,7 @@ def test_model_tp2_matches_torch_ops(tiny, tmp_path):
 def test_model_bf16_with_documented_dtypes(tiny):
     """With the emulator enforcing the documented dtypes (bf16 queries and learnable_sink, fp32 GMM biases, scales in
     the rows' dtype), a bf16 model runs, and its logits stay near the fp32 torch op table (relative L2 error)."""
-    from model.loader import load_model
+    from gptoss.model.loader import load_model
     with installed(strict_dtypes=True) as (npu, _):
         got = run_scenario(load_model(tiny, ops="npu", dtype=torch.bfloat16))
     assert npu.calls["npu_fused_infer_attention_score_v2"] > 0
@@ -224,8 +224,8 @@ def test_model_bf16_with_documented_dtypes(tiny):
 
 def test_npu_check_tool_runs(tiny, capsys):
     """tools/npu_check.py's op checks and the GE-graph attention check, at the tiny model's shapes on CPU (the
-    generation part is exercised by hand: `python -m tools.npu_check` on a device)."""
-    from tools import npu_check
+    generation part is exercised by hand: `python -m gptoss.tools.npu_check` on a device)."""
+    from gptoss.tools import npu_check
     with installed():
         rc = npu_check.main(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--slots", "256",
                              "--chunk", "32", "--iters", "1", "--floor", "1e-4", "--skip-generate"])

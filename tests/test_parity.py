@@ -3,9 +3,9 @@ import pytest
 import torch
 import transformers
 
-from model.kv_cache import KVCache
-from model.loader import load_model
-from runtime import Runtime
+from gptoss.model.kv_cache import KVCache
+from gptoss.model.loader import load_model
+from gptoss.runtime import Runtime
 
 PREFILL = 45  # crosses every sliding window in the configs
 DECODE = 30

@@ -1,8 +1,8 @@
 """Bad input gets an error that names the problem, before anything runs, and the runtime stays usable."""
 import pytest
 
-from model.loader import load_model
-from runtime import Runtime
+from gptoss.model.loader import load_model
+from gptoss.runtime import Runtime
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import os
 import pytest
 import torch
 
-import graph.artifacts
-from graph import ArtifactMismatch
-from graph.torchair import (GraphEntry, build_torchair_graphs, compiler_config, configure_launch_env,
+import gptoss.graph.artifacts
+from gptoss.graph import ArtifactMismatch
+from gptoss.graph.torchair import (GraphEntry, build_torchair_graphs, compiler_config, configure_launch_env,
                             rank_directory, torchair_options)
-from model.kv_cache import KVCache
-from model.parallel import Parallel
+from gptoss.model.kv_cache import KVCache
+from gptoss.model.parallel import Parallel
 from npu_emulator import installed
-from runtime.shapes import ShapePlan
+from gptoss.runtime.shapes import ShapePlan
 
 TOL = 1e-4
 SHAPES = ShapePlan(2, 128, 16, min_chunk=16, batch_buckets=(2,))  # one prefill and one decode graph
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    from tools.make_checkpoint import make_checkpoint
+    from gptoss.tools.make_checkpoint import make_checkpoint
     return make_checkpoint(tmp_path_factory.mktemp("tiny_air"), {"num_hidden_layers": 2}, layout="fp32")
 
 
@@ -40,7 +40,7 @@ def emu(monkeypatch):
 
 
 def _build(ckpt, shapes=SHAPES, **kw):
-    from model.loader import load_model
+    from gptoss.model.loader import load_model
     model = load_model(ckpt, ops="npu")
     cache = KVCache.allocate(model.config, model.plan, shapes.max_batch_size, shapes.slots, torch.float32)
     graphs = build_torchair_graphs(model, shapes, cache.keys, cache.values, progress=False, **kw)
@@ -74,7 +74,7 @@ def test_rank_directories(tmp_path):
 
 
 def test_requires_npu_op_table(emu, small):
-    from model.loader import load_model
+    from gptoss.model.loader import load_model
     model = load_model(small, ops="torch")
     cache = KVCache.allocate(model.config, model.plan, 2, SHAPES.slots, torch.float32)
     with pytest.raises(ValueError, match="ops='npu'"):
@@ -126,10 +126,10 @@ def test_build_load_and_refuse(emu, small, tmp_path, monkeypatch):
     assert all((art / "rank0" / f).is_file() for f in manifest["files"].values())
 
     # the compiled graphs compute what the torch op table computes
-    from model.loader import load_model
+    from gptoss.model.loader import load_model
     ref_model = load_model(small, ops="torch")
     ref_cache = KVCache.allocate(ref_model.config, ref_model.plan, 2, SHAPES.slots, torch.float32)
-    from graph.compiler import Graphs
+    from gptoss.graph.compiler import Graphs
     with torch.no_grad():
         got = _run(graphs, cache)
         ref = _run(Graphs(ref_model, "eager"), ref_cache)

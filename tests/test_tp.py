@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import ConfigError
-from model.loader import load_model
-from runtime import Runtime
-from runtime.distributed import DistributedSetupError
-from tools.make_checkpoint import make_checkpoint
+from gptoss.model.config import ConfigError
+from gptoss.model.loader import load_model
+from gptoss.runtime import Runtime
+from gptoss.runtime.distributed import DistributedSetupError
+from gptoss.tools.make_checkpoint import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "tp_worker.py")

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from runtime import Runtime  # noqa: E402
+from gptoss.runtime import Runtime  # noqa: E402
 
 PROMPT, DECODE, SLOTS, CHUNK = 32, 30, 64, 16
 LENGTHS = (PROMPT, PROMPT - 5)  # two rows of different lengths
@@ -77,7 +77,7 @@ def _status_bytes(field: str) -> int:
 def memory(ckpt) -> dict:
     """Peak RSS of this rank: baseline after imports and process-group setup, peak while loading, peak after
     a short generation."""
-    from runtime.distributed import setup
+    from gptoss.runtime.distributed import setup
     setup()  # the process group first, so its own memory is part of the baseline
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     baseline = _status_bytes("VmRSS")

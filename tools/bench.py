@@ -1,6 +1,6 @@
 """Benchmark: this runtime eager and compiled vs transformers on the same weights, against the memory roofline.
 
-    python -m tools.bench --model checkpoints/bench [--threads 2] [--decode-tokens 32] [--json out.json]
+    python -m gptoss.tools.bench --model checkpoints/bench [--threads 2] [--decode-tokens 32] [--json out.json]
 
 Measures, at one thread count for everything:
 - prefill tokens/s of a 512-token prompt; decode tokens/s at batch 1 and 8 (greedy, EOS ignored);
@@ -113,7 +113,7 @@ t0 = time.perf_counter()
 sys.path.insert(0, {str(ROOT)!r})
 import torch
 torch.set_num_threads({threads})
-from runtime import Runtime
+from gptoss.runtime import Runtime
 rt = Runtime.from_pretrained({model_dir!r}, backend="inductor", artifacts={artifacts!r}, progress=False, **{settings!r})
 rt.generate([[11, 12, 13]], max_new_tokens=1)
 print(time.perf_counter() - t0)
@@ -126,8 +126,8 @@ print(time.perf_counter() - t0)
 
 def decode_step_vs_slots(model, threads: int) -> dict:
     """Compiled decode at batch 1, context 128, with caches of 256 and 8192 slots."""
-    from graph.entry import decode_entry
-    from model.kv_cache import KVCache
+    from gptoss.graph.entry import decode_entry
+    from gptoss.model.kv_cache import KVCache
 
     out = {}
     for slots in (256, 8192):
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from runtime import Runtime
+    from gptoss.runtime import Runtime
 
     settings = dict(max_batch_size=8, max_seq_len=PROMPT_LEN + 128, prefill_chunk=PROMPT_LEN,
                     min_prefill_chunk=PROMPT_LEN, batch_sizes=[1, 8])  # 12 graphs: keeps the cold compile short

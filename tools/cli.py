@@ -50,13 +50,13 @@ def run_cli(main) -> None:
     checkpoint) prints one line instead of a traceback."""
     import sys
 
-    from graph.artifacts import ArtifactMismatch
-    from model.safetensors_reader import CheckpointError
+    from gptoss.graph.artifacts import ArtifactMismatch
+    from gptoss.model.safetensors_reader import CheckpointError
 
     try:
         raise SystemExit(main())
     except (ArtifactMismatch, CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
-        from runtime.distributed import is_main_process
+        from gptoss.runtime.distributed import is_main_process
         if is_main_process():  # under torchrun every rank meets the same refusal: say it once
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -1,9 +1,9 @@
 """Compile every prefill/decode graph a runtime configuration needs, ahead of time, into an artifact directory.
 
-    python -m tools.compile --model checkpoints/bench --out artifacts/bench --max-seq-len 1024 --batch-sizes 1,8
-    torchrun --nproc-per-node 2 -m tools.compile --tp 2 --model checkpoints/bench --out artifacts/bench-tp2
+    python -m gptoss.tools.compile --model checkpoints/bench --out artifacts/bench --max-seq-len 1024 --batch-sizes 1,8
+    torchrun --nproc-per-node 2 -m gptoss.tools.compile --tp 2 --model checkpoints/bench --out artifacts/bench-tp2
 
-A later process runs from it without tracing or compiling (`python -m tools.generate --artifacts ...` or
+A later process runs from it without tracing or compiling (`python -m gptoss.tools.generate --artifacts ...` or
 `Runtime.from_pretrained(..., artifacts=DIR)`). The directory's manifest.json records what the graphs were built
 for; running with anything else is refused. `--force` rebuilds a directory built for something else.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from runtime import Runtime
+from gptoss.runtime import Runtime
 
 from .cli import add_runtime_args, apply_threads, run_cli, runtime_kwargs
 

@@ -1,6 +1,6 @@
 """The prepared CUDA check (run on a machine with an NVIDIA GPU; nothing here has run on one yet):
 
-    python -m tools.cuda_check [--out DIR]
+    python -m gptoss.tools.cuda_check [--out DIR]
 
 1. builds the tiny and bench checkpoints (random weights);
 2. bf16 on CUDA: eager vs inductor (+ CUDA-graph decode): greedy tokens of 32 steps, batch 1 and 4 mixed lengths,
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check needs a GPU")
-    from runtime import Runtime
-    from tools.make_checkpoint import make_checkpoint
+    from gptoss.runtime import Runtime
+    from gptoss.tools.make_checkpoint import make_checkpoint
 
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """`make demo`: load the small built-in checkpoint, stream a generation, report speed.
 
-    python -m tools.demo --model checkpoints/tiny [--backend eager|inductor] [--prompt TEXT]
+    python -m gptoss.tools.demo --model checkpoints/tiny [--backend eager|inductor] [--prompt TEXT]
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from runtime import Runtime
+from gptoss.runtime import Runtime
 
 
 def main(argv=None) -> int:

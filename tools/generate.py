@@ -1,8 +1,8 @@
 """Generate from a checkpoint, with graphs loaded from an artifact directory built by tools.compile.
 
-    python -m tools.generate --model checkpoints/bench --artifacts artifacts/bench --prompt "Hello" --max-new-tokens 64
-    python -m tools.generate --model DIR --backend eager --prompt "a" --prompt "b" --stream
-    torchrun --nproc-per-node 2 -m tools.generate --tp 2 --model DIR --artifacts artifacts/tp2 --prompt "Hello"
+    python -m gptoss.tools.generate --model checkpoints/bench --artifacts artifacts/bench --prompt "Hello" --max-new-tokens 64
+    python -m gptoss.tools.generate --model DIR --backend eager --prompt "a" --prompt "b" --stream
+    torchrun --nproc-per-node 2 -m gptoss.tools.generate --tp 2 --model DIR --artifacts artifacts/tp2 --prompt "Hello"
 
 Under torchrun every rank runs the same generation in lockstep; only rank 0 prints.
 
@@ -15,8 +15,8 @@ import argparse
 import sys
 import time
 
-from runtime import Runtime
-from runtime.distributed import rank_artifact_dir
+from gptoss.runtime import Runtime
+from gptoss.runtime.distributed import rank_artifact_dir
 
 from .cli import add_runtime_args, apply_threads, run_cli, runtime_kwargs
 

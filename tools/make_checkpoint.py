@@ -2,7 +2,7 @@
 
 CLI::
 
-    python -m tools.make_checkpoint --preset tiny|bench --out DIR [--layout mxfp4|bf16|fp32] [--seed N] [--shards N]
+    python -m gptoss.tools.make_checkpoint --preset tiny|bench --out DIR [--layout mxfp4|bf16|fp32] [--seed N] [--shards N]
 
 Python::
 
@@ -89,7 +89,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from model.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, quantize_mxfp4
+from gptoss.model.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, quantize_mxfp4
 
 __all__ = ["PRESETS", "LAYOUTS", "SPECIAL_TOKENS", "make_checkpoint", "build_config", "build_tokenizer", "main"]
 
@@ -637,7 +637,7 @@ def fp32_size_bytes(preset_or_config_overrides: str | dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.make_checkpoint", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gptoss.tools.make_checkpoint", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--out", required=True, help="output directory (created; old model*.safetensors removed)")
     ap.add_argument("--layout", choices=LAYOUTS, default="mxfp4")

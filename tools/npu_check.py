@@ -1,10 +1,10 @@
 """First thing to run on an Ascend machine: every op of the `npu` op table (the real torch_npu ops) against the torch
 reference op table on random inputs of the model's shapes, then a short generation eager vs torchair graphs.
 
-    python -m tools.npu_check                         # gpt-oss-20b shapes (1 device), then a generation on a
+    python -m gptoss.tools.npu_check                         # gpt-oss-20b shapes (1 device), then a generation on a
                                                       # random bench-size checkpoint
-    python -m tools.npu_check --model /path/gpt-oss-20b --max-new-tokens 32
-    python -m tools.npu_check --tp 8 --skip-generate  # per-rank shapes of gpt-oss-120b at TP 8 (one device)
+    python -m gptoss.tools.npu_check --model /path/gpt-oss-20b --max-new-tokens 32
+    python -m gptoss.tools.npu_check --tp 8 --skip-generate  # per-rank shapes of gpt-oss-120b at TP 8 (one device)
 
 Each op line prints the largest |error| of the npu op and of the torch op (same dtype, same device) against a float32
 torch reference, and both timings. An op passes when its error is within max(2 x the torch op's error, a floor);
@@ -66,7 +66,7 @@ def _err(a, b) -> float:
 
 class Checker:
     def __init__(self, device, dtype, iters: int, floor: float):
-        from model.ops import get_ops, torch_ops
+        from gptoss.model.ops import get_ops, torch_ops
         self.npu, self.ref = get_ops("npu"), torch_ops
         self.device, self.dtype, self.iters, self.floor = device, dtype, iters, floor
         self.results: list[Result] = []
@@ -127,8 +127,8 @@ class Checker:
 
     def attention_graph(self, q, kc, vc, sinks, q_pos, window, scale, kv_len):
         """The GE path: attention inside a torchair max-autotune graph, lengths as tensors."""
-        from graph.torchair import compiler_config
-        from model.ops import npu_ops
+        from gptoss.graph.torchair import compiler_config
+        from gptoss.model.ops import npu_ops
         torchair = npu_ops._torchair()
         npu_ops.set_graph_mode("max-autotune")
         backend = torchair.get_npu_backend(compiler_config=compiler_config(torchair, "max-autotune"))
@@ -171,7 +171,7 @@ class Checker:
 def run_op_checks(args, device, dtype) -> list[Result]:
     shapes = dict(SHAPES_120B if args.experts == 128 else SHAPES_20B)
     if args.model:
-        from model.config import GptOssConfig
+        from gptoss.model.config import GptOssConfig
         cfg = GptOssConfig.from_pretrained(args.model)
         shapes = {k: getattr(cfg, k) for k in shapes}
     tp = args.tp
@@ -207,11 +207,11 @@ def run_op_checks(args, device, dtype) -> list[Result]:
 
 def run_generation(args, device, dtype) -> bool:
     """Greedy tokens from the eager npu op table vs the torchair graphs of the same model."""
-    from model.loader import load_model
-    from runtime import Runtime
+    from gptoss.model.loader import load_model
+    from gptoss.runtime import Runtime
     model_dir = args.model
     if model_dir is None:
-        from tools.make_checkpoint import make_checkpoint
+        from gptoss.tools.make_checkpoint import make_checkpoint
         model_dir = make_checkpoint(tempfile.mkdtemp(prefix="npu_check_"), "bench", layout="bf16")
         print(f"random bench checkpoint (gpt-oss-20b proportions) in {model_dir}")
     model = load_model(model_dir, dtype=dtype, device=device, ops="npu")
@@ -251,8 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-seq-len", type=int, default=512)
     args = ap.parse_args(argv)
 
-    from graph.torchair import configure_launch_env
-    from model.ops import npu_ops  # imports torch_npu, or says what to install
+    from gptoss.graph.torchair import configure_launch_env
+    from gptoss.model.ops import npu_ops  # imports torch_npu, or says what to install
     configure_launch_env()
     torch_npu = npu_ops._npu()
     device = torch.device(args.device)

@@ -10,7 +10,7 @@ from types import ModuleType
 
 OP_NAMES = ("rms_norm", "add_rms_norm", "apply_rope", "cache_write", "attention", "route", "moe")
 
-_TABLES = {"torch": "model.ops.torch_ops", "npu": "model.ops.npu_ops"}
+_TABLES = {"torch": "gptoss.model.ops.torch_ops", "npu": "gptoss.model.ops.npu_ops"}
 
 
 def get_ops(name: str = "torch") -> ModuleType:
