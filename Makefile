@@ -28,7 +28,7 @@ checkpoint-bench: checkpoints/bench/config.json
 
 # A tool, not a test: several minutes (it compiles the bench graphs cold, then measures). See BENCHMARKS.md.
 bench: checkpoints/bench/config.json
-	$(PY) -m gptoss.tools.bench --model checkpoints/bench --threads 2 --json build/bench.json
+	$(PY) -m gptoss.tools.dev.bench --model checkpoints/bench --threads 2 --json build/bench.json
 
 demo: $(TINY)/config.json
 	$(PY) -m gptoss.tools.demo --model $(TINY)

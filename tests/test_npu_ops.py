@@ -224,8 +224,8 @@ def test_model_bf16_with_documented_dtypes(tiny):
 
 def test_npu_check_tool_runs(tiny, capsys):
     """tools/npu_check.py's op checks and the GE-graph attention check, at the tiny model's shapes on CPU (the
-    generation part is exercised by hand: `python -m gptoss.tools.npu_check` on a device)."""
-    from gptoss.tools import npu_check
+    generation part is exercised by hand: `python -m gptoss.tools.dev.npu_check` on a device)."""
+    from gptoss.tools.dev import npu_check
     with installed():
         rc = npu_check.main(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--slots", "256",
                              "--chunk", "32", "--iters", "1", "--floor", "1e-4", "--skip-generate"])

@@ -30,6 +30,8 @@ LENGTHS = (PROMPT, PROMPT - 5)  # two rows of different lengths
 
 
 def _runtime(ckpt, backend: str, **kw) -> Runtime:
+    if os.environ.get("TP_WORKER_DTYPE"):
+        kw["dtype"] = os.environ["TP_WORKER_DTYPE"]
     return Runtime.from_pretrained(ckpt, backend=backend, max_batch_size=2, max_seq_len=SLOTS,
                                    prefill_chunk=CHUNK, batch_sizes=[2], progress=False, **kw)
 

@@ -1,10 +1,10 @@
 """First thing to run on an Ascend machine: every op of the `npu` op table (the real torch_npu ops) against the torch
 reference op table on random inputs of the model's shapes, then a short generation eager vs torchair graphs.
 
-    python -m gptoss.tools.npu_check                         # gpt-oss-20b shapes (1 device), then a generation on a
+    python -m gptoss.tools.dev.npu_check                         # gpt-oss-20b shapes (1 device), then a generation on a
                                                       # random bench-size checkpoint
-    python -m gptoss.tools.npu_check --model /path/gpt-oss-20b --max-new-tokens 32
-    python -m gptoss.tools.npu_check --tp 8 --skip-generate  # per-rank shapes of gpt-oss-120b at TP 8 (one device)
+    python -m gptoss.tools.dev.npu_check --model /path/gpt-oss-20b --max-new-tokens 32
+    python -m gptoss.tools.dev.npu_check --tp 8 --skip-generate  # per-rank shapes of gpt-oss-120b at TP 8 (one device)
 
 Each op line prints the largest |error| of the npu op and of the torch op (same dtype, same device) against a float32
 torch reference, and both timings. An op passes when its error is within max(2 x the torch op's error, a floor);
