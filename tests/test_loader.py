@@ -3,8 +3,6 @@ import json
 import random
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -272,11 +270,14 @@ def test_chat_template_syntax_error_names_file_and_line(tiny_copy):
         TextTokenizer(tiny_copy).apply_chat_template([{"role": "user", "content": "hi"}])
 
 
-def test_cli_prints_one_line(tiny_copy):
+def test_cli_prints_one_line(tiny_copy, capsys):
+    from gptoss.tools.cli import run_cli
+    from gptoss.tools.generate import main
+
     path = tiny_copy / "model-00001-of-00002.safetensors"
     path.write_bytes(path.read_bytes()[:5000])
-    run = subprocess.run([sys.executable, "-m", "gptoss.tools.generate", "--model", str(tiny_copy), "--backend",
-                          "eager", "--max-new-tokens", "1"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2, run.stderr
-    lines = run.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: truncated: tensor '"), run.stderr
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: main(["--model", str(tiny_copy), "--backend", "eager", "--max-new-tokens", "1"]))
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: truncated: tensor '"), lines
