@@ -175,7 +175,7 @@ def _parse(raw: _Fields) -> GptOssConfig:
         raise raw.fail(f"hidden_act '{act}' is not supported (GPT-OSS uses its clamped SwiGLU)")
     if raw.raw.get("attention_bias", True) is not True:
         raise raw.fail("attention_bias=false is not supported (GPT-OSS has q/k/v/o biases)")
-    if raw.raw.get("tie_word_embeddings", False) is not False:
+    if raw.raw.get("tie_word_embeddings") not in (False, None):
         raise raw.fail("tie_word_embeddings=true is not supported (GPT-OSS has an untied lm_head)")
 
     heads = raw.int("num_attention_heads")
