@@ -103,11 +103,13 @@ def load_weights(model: GptOss, model_dir) -> None:
     missing = sorted(expected - reader.names())
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"checkpoint tensor '{missing[0]}' is missing{more}")
+        raise CheckpointError(f"checkpoint tensor '{missing[0]}' is missing{more} from {reader.source} "
+                              "(config.json describes it)")
     unknown = sorted(reader.names() - expected)
     if unknown:
-        raise CheckpointError(f"checkpoint tensor '{unknown[0]}' is not part of GPT-OSS as configured "
-                              f"({len(unknown)} unexpected tensor(s); unknown quantisation or wrong config?)")
+        raise CheckpointError(f"checkpoint tensor '{unknown[0]}' in {reader.source} is not part of GPT-OSS as "
+                              f"config.json describes it ({len(unknown)} unexpected tensor(s); unknown quantisation "
+                              "or wrong config?)")
 
     with torch.no_grad():
         vocab_rows = min(plan.vocab, config.vocab_size - plan.vocab_start)
@@ -161,6 +163,15 @@ def _copy_or_zero(reader, name, expected, dst, owner: bool) -> None:
         dst.zero_()
 
 
+def _check_size(model: GptOss, reader: SafetensorsReader) -> None:
+    """Before allocating: a config.json whose sizes the weights cannot fill (a damaged or mismatched file) is
+    refused here rather than by an allocation of its size. Every element takes at least half a byte on disk."""
+    needed, held = sum(p.numel() for p in model.parameters()), reader.nbytes()
+    if needed > 2 * held:
+        raise CheckpointError(f"config.json describes {needed:,} parameters but {reader.source} holds only "
+                              f"{held:,} bytes of tensors: config.json does not belong to these weights")
+
+
 def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", ops: str = "torch") -> GptOss:
     """Build this rank's model for `model_dir` and fill it. The model's memory is allocated once, uninitialised,
@@ -168,6 +179,7 @@ def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype
     config = GptOssConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = GptOss(config, Parallel(tp_size, rank), ops=ops).to(dtype)
+    _check_size(model, SafetensorsReader(model_dir))
     model = model.to_empty(device=device)
     # The rope table is not a checkpoint tensor, and the meta device dropped its values: compute it (fp32).
     model.inv_freq = yarn_inv_freq(config.head_dim, config.rope)[0].to(device)
