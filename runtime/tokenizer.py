@@ -30,9 +30,18 @@ class TextTokenizer:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], **template_kwargs) -> str:
         """The checkpoint's chat template (harmony for GPT-OSS) rendered as a prompt ending where the assistant
-        speaks. Uses transformers' renderer, which supplies the helpers the published template calls."""
+        speaks. Uses transformers' renderer, which supplies the helpers the published template calls.
+        `template_kwargs` (e.g. `tools`, `reasoning_effort`) are variables the template may read."""
+        return self._chat_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                          **template_kwargs)
+
+    def chat_template_source(self) -> str:
+        template = self._chat_tokenizer().chat_template
+        return template if isinstance(template, str) else str(template)
+
+    def _chat_tokenizer(self):
         from transformers import AutoTokenizer
 
         if self.model_dir is None:
@@ -41,7 +50,7 @@ class TextTokenizer:
             self._chat = AutoTokenizer.from_pretrained(self.model_dir)
             if not self._chat.chat_template:
                 raise ValueError(f"{self.model_dir} has no chat template (chat_template.jinja)")
-        return self._chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._chat
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token) if self.tokenizer else None
