@@ -192,12 +192,16 @@ class Scheduler:
                     self._finish(h, "error")
             raise
 
+    def step(self) -> None:
+        """One step in the caller's thread (single process): admit, cancel, run the model once."""
+        with torch.no_grad():
+            self._apply(self._collect_plan())
+            self._compute()
+
     def run_until_idle(self) -> None:
         """Step until every submitted request has ended (tests and offline use, single process)."""
-        with torch.no_grad():
-            while self.busy:
-                self._apply(self._collect_plan())
-                self._compute()
+        while self.busy:
+            self.step()
 
     # -- plans: what changes between steps ---------------------------------------------------------------------
     def _collect_plan(self) -> _Plan:
