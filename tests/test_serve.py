@@ -246,3 +246,54 @@ def test_scheduler_rejects_bad_requests(ref):
         with pytest.raises(ValueError, match=match):
             scheduler.submit(bad)
     assert not scheduler.busy
+
+
+class ScriptedScheduler:
+    """Stands in for the scheduler: every request 'generates' the same scripted tokens (the random checkpoint
+    never writes harmony), so the chat layer's tool-call output can be checked through HTTP and the client."""
+
+    def __init__(self, rt, tokens):
+        from gptoss.runtime.metrics import ServingMetrics
+        self.rt, self.tokens, self.metrics, self.error = rt, tokens, ServingMetrics(), None
+
+    def submit(self, request, on_event):
+        from gptoss.runtime.scheduler import Handle
+        handle = Handle(0, request, on_event)
+
+        def play():
+            for i, t in enumerate(self.tokens):
+                last = i == len(self.tokens) - 1
+                handle.finish_reason = "stop" if last else None
+                on_event(TokenEvent(0, t, "", "stop" if last else None))
+        threading.Thread(target=play, daemon=True).start()
+        return handle
+
+
+def test_chat_tool_call_through_client(ref):
+    tok = ref.tokenizer
+    special = lambda s: tok.token_id(s)  # noqa: E731
+    tokens = ([special("<|channel|>")] + tok.encode("analysis") + [special("<|message|>")] +
+              tok.encode("Need the weather.") + [special("<|end|>"), special("<|start|>")] + tok.encode("assistant") +
+              [special("<|channel|>")] + tok.encode("commentary to=functions.get_weather ") +
+              [special("<|constrain|>")] + tok.encode("json") + [special("<|message|>")] +
+              tok.encode('{"city": "Oslo"}') + [special("<|call|>")])
+    with LiveServer(create_app(ScriptedScheduler(ref, tokens), NAME)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+        whole = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=50)
+        choice = whole.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.reasoning_content == "Need the weather."
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+        names, args, reasoning, finish = [], "", "", None
+        for c in client.chat.completions.create(model=NAME, messages=msgs, max_tokens=50, stream=True):
+            d = c.choices[0].delta
+            reasoning += getattr(d, "reasoning_content", None) or ""
+            for tc in d.tool_calls or []:
+                if tc.function.name:
+                    names.append(tc.function.name)
+                args += tc.function.arguments or ""
+            finish = c.choices[0].finish_reason or finish
+        assert (names, args, reasoning, finish) == (["get_weather"], call.function.arguments, "Need the weather.",
+                                                    "tool_calls")
