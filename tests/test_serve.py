@@ -19,10 +19,10 @@ from gptoss.graph import graph_specs
 from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
+from gptoss.runtime.server.background import LiveServer
 from gptoss.runtime import TokenEvent
 from gptoss.tools.make_checkpoint import make_checkpoint
 
-from serve_util import LiveServer
 
 SETTINGS = dict(max_batch_size=8, max_seq_len=512, prefill_chunk=64)
 NAME = "tiny"

@@ -1,4 +1,4 @@
-"""A live server for tests and the load tool: uvicorn on a free loopback port, in a background thread."""
+"""A live server in this process: uvicorn on a free loopback port, in a background thread (tests, load tool)."""
 from __future__ import annotations
 
 import socket
