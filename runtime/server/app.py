@@ -137,6 +137,8 @@ def _submit(scheduler: Scheduler, parsed: Parsed):
     except QueueFull as exc:
         raise APIError(429, str(exc), code="queue_full",
                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None
+    except RuntimeError as exc:  # the scheduler stopped after a model failure
+        raise APIError(503, str(exc)) from None
     except (ValueError, TypeError) as exc:
         text = str(exc)
         code = "context_length_exceeded" if "context" in text else None
