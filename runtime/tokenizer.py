@@ -53,12 +53,27 @@ class TextTokenizer:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], **template_kwargs) -> str:
         """The checkpoint's chat template (harmony for GPT-OSS) rendered as a prompt ending where the assistant
-        speaks. Uses transformers' renderer, which supplies the helpers the published template calls."""
-        from transformers import AutoTokenizer
-
+        speaks. Uses transformers' renderer, which supplies the helpers the published template calls.
+        `template_kwargs` (e.g. `tools`, `reasoning_effort`) are variables the template may read."""
         from jinja2 import TemplateError
+
+        chat = self._chat_tokenizer()
+        try:
+            return chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+        except TemplateError as e:
+            present = [self.model_dir / n for n in CHAT_TEMPLATE_FILES if (self.model_dir / n).is_file()]
+            line = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+            raise CheckpointError(f"{present[0] if present else self.model_dir}: the chat template fails{line}: "
+                                  f"{type(e).__name__}: {e}") from e
+
+    def chat_template_source(self) -> str:
+        template = self._chat_tokenizer().chat_template
+        return template if isinstance(template, str) else str(template)
+
+    def _chat_tokenizer(self):
+        from transformers import AutoTokenizer
 
         if self.model_dir is None:
             raise ValueError("no checkpoint directory, so no chat template")
@@ -77,12 +92,7 @@ class TextTokenizer:
                                       f"{files}: {type(e).__name__}: {e}") from e
             if not self._chat.chat_template:
                 raise ValueError(f"{self.model_dir} has no chat template (chat_template.jinja)")
-        try:
-            return self._chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except TemplateError as e:
-            line = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
-            raise CheckpointError(f"{present[0] if present else self.model_dir}: the chat template fails{line}: "
-                                  f"{type(e).__name__}: {e}") from e
+        return self._chat
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token) if self.tokenizer else None
