@@ -34,7 +34,7 @@ def small(tmp_path_factory):
 @pytest.fixture
 def emu(monkeypatch):
     # other edits to model/ or graph/ while a test runs would change the real code hash between two builds
-    monkeypatch.setattr(graph.artifacts, "code_hash", lambda *a, **k: "a" * 64)
+    monkeypatch.setattr(gptoss.graph.artifacts, "code_hash", lambda *a, **k: "a" * 64)
     with installed() as pair:
         yield pair
 
@@ -147,7 +147,7 @@ def test_build_load_and_refuse(emu, small, tmp_path, monkeypatch):
     other = ShapePlan(2, 128, 16, min_chunk=16, batch_buckets=(1, 2))
     with pytest.raises(ArtifactMismatch, match="graphs"):
         _build(small, shapes=other, artifacts=art)
-    monkeypatch.setattr(graph.artifacts, "code_hash", lambda *a, **k: "0" * 64)
+    monkeypatch.setattr(gptoss.graph.artifacts, "code_hash", lambda *a, **k: "0" * 64)
     with pytest.raises(ArtifactMismatch, match="code_sha256"):
         _build(small, artifacts=art)
     n_compiled = sum(e == "compiled" for e, _ in air.cache_events)
