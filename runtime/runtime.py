@@ -29,6 +29,7 @@ from .tokenizer import IncrementalDetokenizer, TextTokenizer, stop_token_ids
 PAGE_SLOTS = {"npu": 128}
 # The op table each graph backend runs: torchair's GE graphs need the fused torch_npu ops.
 BACKEND_OPS = {"torchair": "npu"}
+BACKEND_OPS_MODE = {"torchair": "ge"}  # torchair's GE graphs take the npu table's attention lengths as tensors
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Runtime:
         if dtype is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         model = load_model(model_dir, tp_size=ctx.world_size, rank=ctx.rank, dtype=dtype, device=device,
-                           ops=BACKEND_OPS.get(backend, "torch"))
+                           ops=BACKEND_OPS.get(backend, "torch"), ops_mode=BACKEND_OPS_MODE.get(backend, "eager"))
         model.parallel.check_group()
         if artifacts is not None:
             artifacts = rank_artifact_dir(artifacts, ctx.world_size, ctx.rank)
