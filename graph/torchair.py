@@ -1,9 +1,14 @@
 """Ascend graphs with torchair: one GE graph (or aclgraph) per static shape of each entry point, cached per rank.
 
-- Mode: `max-autotune` (default) compiles each graph to a static GE graph, with `frozen_parameter` (weights are
-  constants, not per-call inputs) and `tiling_schedule_optimize` (static-shape tiling on device);
-  `npugraph_ex` (aclgraph capture/replay; `reduce-overhead` is its deprecated name) is the option. Choose with
-  `mode=` or `GPTOSS_TORCHAIR_MODE`.
+- Mode: `max-autotune` compiles each graph to a static GE graph with `frozen_parameter` (weights are constants, not
+  per-call inputs), from a model built with `ops_mode="ge"` (attention lengths as tensors). Not tiling sink
+  (`tiling_schedule_optimize`): FIA in TND layout (the only one with learnable_sink) refuses it ("When layout is
+  TND/NTD_TND, not support tiling_schedule_optimize = True or config mode is reduce-overhead!", hicann
+  ops-transformer prompt_flash_attention_tiling.cpp; vllm-ascend #5771). aclgraph (`npugraph_ex`, formerly
+  `reduce-overhead`) is withdrawn for the same kernel message and because torchair refreshes FIA's lengths at
+  replay only from SymInt graph inputs (see model/ops/npu_ops.py). The installed torchair is asked whether it
+  accepts the mode before anything is built (torchair 7.3.0's CompilerConfig knows only max-autotune and
+  reduce-overhead; newer ones select aclgraph through `backend="npugraph_ex"`).
 - Entry points: prefill and decode are separate graphs, one per (batch, chunk, kv_len) of the ShapePlan. Each is a
   bound method (`prefill` / `decode`) of a small nn.Module `GraphEntry` holding the model and the static `kv_len`,
   because `torchair.inference.cache_compile` only takes bound methods of an nn.Module (full graph, no RNG).
@@ -31,7 +36,9 @@ from .entry import decode_entry, prefill_entry
 from .graphs import Graphs, Progress, example_inputs
 from .shapes import GraphSpec, ShapePlan
 
-MODES = ("max-autotune", "npugraph_ex", "reduce-overhead")
+MODES = ("max-autotune",)
+WITHDRAWN = {"npugraph_ex": "aclgraph", "reduce-overhead": "aclgraph"}
+OPS_MODE = {"max-autotune": "ge"}  # the npu op table's mode each torchair mode traces
 
 
 def configure_launch_env(environ=None) -> dict:
@@ -41,12 +48,26 @@ def configure_launch_env(environ=None) -> dict:
 
 def torchair_options(mode: str = "max-autotune") -> dict:
     """The torchair options this project uses for `mode` (recorded in the manifest)."""
+    if mode in WITHDRAWN:
+        raise ValueError(f"torchair mode {mode!r} ({WITHDRAWN[mode]}) is withdrawn: FIA in TND layout refuses "
+                         f"it (\"not support ... config mode is reduce-overhead\", prompt_flash_attention_tiling.cpp) "
+                         f"and torchair's aclgraph updater refreshes FIA lengths only from SymInt graph inputs; "
+                         f"use 'max-autotune'")
     if mode not in MODES:
         raise ValueError(f"unknown torchair mode {mode!r}; choose one of {list(MODES)}")
-    if mode == "max-autotune":
-        return {"mode": mode, "experimental_config.frozen_parameter": True,
-                "experimental_config.tiling_schedule_optimize": True}
-    return {"mode": mode}  # tiling_schedule_optimize is GE-only; aclgraph keeps parameter addresses anyway
+    # no tiling_schedule_optimize: FIA in TND (learnable_sink) refuses tiling sink
+    return {"mode": mode, "experimental_config.frozen_parameter": True,
+            "experimental_config.tiling_schedule_optimize": False}
+
+
+def check_torchair_mode(torchair, torch_npu, mode: str) -> None:
+    """Ask the installed torchair whether its CompilerConfig takes `mode` (the accepted set changed between
+    versions) before anything is built; the error names the version."""
+    try:
+        torchair.CompilerConfig().mode = mode
+    except ValueError as e:
+        version = getattr(torchair, "__version__", None) or f"bundled with torch_npu {torch_npu.__version__}"
+        raise ValueError(f"torchair ({version}) does not accept mode {mode!r}: {e}") from e
 
 
 def compiler_config(torchair, mode: str = "max-autotune"):
@@ -135,9 +156,13 @@ def build(model, shapes: ShapePlan, cache, settings, mode: str | None = None) ->
                          f"GE converters); this model uses ops={model.ops_name!r}")
     mode = mode or os.environ.get("GPTOSS_TORCHAIR_MODE", "max-autotune")
     options = torchair_options(mode)
-    configure_launch_env()
     torch_npu, torchair = npu_ops._npu(), npu_ops._torchair()
-    npu_ops.set_graph_mode(mode)
+    check_torchair_mode(torchair, torch_npu, mode)
+    if model.ops_mode != OPS_MODE[mode]:
+        raise ValueError(f"torchair mode {mode!r} traces the npu op table in mode {OPS_MODE[mode]!r}; this model "
+                         f"was built with ops_mode={model.ops_mode!r} (load_model(..., ops='npu', "
+                         f"ops_mode={OPS_MODE[mode]!r}))")
+    configure_launch_env()
     config = compiler_config(torchair, mode)
     specs = shapes.specs()
     ge_cache = options["mode"] == "max-autotune"
@@ -150,12 +175,11 @@ def build(model, shapes: ShapePlan, cache, settings, mode: str | None = None) ->
         loading = directory.open(wanted, rebuild=settings.rebuild,
                                  compile_missing=settings.compile_missing) is not None
 
-    capture = mode != "max-autotune"  # aclgraph takes FIA lengths as host ints: let dynamo capture .tolist()
     # Every shape goes through the same entry code objects: dynamo counts each shape as a recompile of them, and
     # under fullgraph its default limit (8) is a hard failure. The shape set is bounded and known: allow it.
     limit = len(specs) + 8
     progress = Progress(len(specs), settings.progress)
-    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=capture, recompile_limit=limit,
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit,
                                                      accumulated_recompile_limit=max(limit, 256)):
         fns, files = _compile_all(model, specs, cache, config, torchair, directory, ge_cache, progress)
     graphs = Graphs("torchair", fns)

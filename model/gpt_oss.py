@@ -36,7 +36,7 @@ class Attention(nn.Module):
         self.window = config.sliding_window if config.is_sliding(layer) else 0
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, positions, start, k_cache, v_cache, kv_len: int):
+    def forward(self, x, cos, sin, positions, start, k_cache, v_cache, kv_len: int, lengths=None):
         batch, steps, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
@@ -44,7 +44,8 @@ class Attention(nn.Module):
         k = self.ops.apply_rope(k.view(batch, steps, self.kv_heads, self.head_dim), cos, sin)
         self.ops.cache_write(k_cache, start, k)
         self.ops.cache_write(v_cache, start, v.view(batch, steps, self.kv_heads, self.head_dim))
-        out = self.ops.attention(q, k_cache, v_cache, self.sinks, positions, self.window, self.scale, kv_len)
+        out = self.ops.attention(q, k_cache, v_cache, self.sinks, positions, self.window, self.scale, kv_len,
+                                 lengths)
         return self.o_proj(out.reshape(batch, steps, -1))
 
 
@@ -89,12 +90,13 @@ class Block(nn.Module):
 
 
 class GptOss(nn.Module):
-    def __init__(self, config: GptOssConfig, parallel: Parallel = Parallel(), ops: str = "torch"):
+    def __init__(self, config: GptOssConfig, parallel: Parallel = Parallel(), ops: str = "torch",
+                 ops_mode: str = "eager"):
         super().__init__()
         self.config, self.parallel = config, parallel
         self.plan = ShardPlan.build(config, parallel)
-        self.ops = get_ops(ops)
-        self.ops_name = ops
+        self.ops = get_ops(ops, ops_mode)
+        self.ops_name, self.ops_mode = ops, ops_mode
         self.embed_tokens = nn.Parameter(torch.zeros(self.plan.vocab, config.hidden_size))  # vocab-parallel
         self.layers = nn.ModuleList(Block(config, self.plan, i, self.ops) for i in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
@@ -122,8 +124,9 @@ class GptOss(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.embed_tokens.dtype)
         residual = self.embed(ids)
         h = ops.rms_norm(residual, self.layers[0].input_layernorm, eps)
+        lengths = ops.attention_lengths(positions, kv_len, k_caches[0].shape[1])  # once per step, not per layer
         for i, block in enumerate(self.layers):
-            a = block.self_attn(h, cos, sin, positions, start, k_caches[i], v_caches[i], kv_len)
+            a = block.self_attn(h, cos, sin, positions, start, k_caches[i], v_caches[i], kv_len, lengths)
             h, residual = ops.add_rms_norm(self.parallel.all_reduce(a), residual, block.post_attention_layernorm, eps)
             m = self.parallel.all_reduce(block.mlp(h))
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm

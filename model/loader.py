@@ -173,12 +173,12 @@ def _check_size(model: GptOss, reader: SafetensorsReader) -> None:
 
 
 def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", ops: str = "torch") -> GptOss:
+               device: str | torch.device = "cpu", ops: str = "torch", ops_mode: str = "eager") -> GptOss:
     """Build this rank's model for `model_dir` and fill it. The model's memory is allocated once, uninitialised,
     and every parameter is written from the checkpoint."""
     config = GptOssConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = GptOss(config, Parallel(tp_size, rank), ops=ops).to(dtype)
+        model = GptOss(config, Parallel(tp_size, rank), ops=ops, ops_mode=ops_mode).to(dtype)
     _check_size(model, SafetensorsReader(model_dir))
     model = model.to_empty(device=device)
     # The rope table is not a checkpoint tensor, and the meta device dropped its values: compute it (fp32).

@@ -36,6 +36,11 @@ def cache_write(cache: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> 
     cache.index_put_((rows, cols), new)
 
 
+def attention_lengths(q_pos: torch.Tensor, kv_len: int, slots: int) -> None:
+    """What attention needs per step beyond positions, computed once for all layers: nothing in this table."""
+    return None
+
+
 def attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -45,6 +50,7 @@ def attention(
     window: int,
     scale: float,
     kv_len: int,
+    lengths: None = None,
 ) -> torch.Tensor:
     """Causal (or sliding-band) GQA attention with a learned per-head sink logit.
 
