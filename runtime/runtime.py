@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,15 +338,17 @@ class _Turn:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._stream: _Stream | None = None  # the stream holding the turn, if one does
+        # the stream holding the turn, if one does: a weak reference, so that dropping the stream ends it
+        self._stream: weakref.ref | None = None
         self._thread: int | None = None  # the thread that took it
 
     def acquire(self, stream: "_Stream | None" = None) -> None:
-        holder = self._stream
+        holder = self._stream() if self._stream is not None else None
         if holder is not None and self._thread == threading.get_ident():
             holder.supersede()  # this thread left its own stream unfinished: waiting for it would never end
         self._lock.acquire()
-        self._stream, self._thread = stream, threading.get_ident()
+        self._stream = weakref.ref(stream) if stream is not None else None
+        self._thread = threading.get_ident()
 
     def release(self) -> None:
         self._stream = self._thread = None
