@@ -20,7 +20,7 @@ MANIFEST = "manifest.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a captured graph is made of: the model, the reference op table (other tables build on its helpers), and
 # how graph/ captures it. The active op table is added per key. Tools, tests and the runtime are not.
-CODE_FILES = ("model/*.py", "model/ops/__init__.py", "model/ops/grouped_mm.py", "model/ops/torch_ops.py",
+CODE_FILES = ("model/*.py", "model/kernels/__init__.py", "model/kernels/csrc/*", "model/ops/__init__.py", "model/ops/grouped_mm.py", "model/ops/torch_ops.py",
               "graph/entry.py", "graph/compiler.py", "graph/artifacts.py")
 
 
@@ -45,6 +45,7 @@ def artifact_key(model, backend: str, graphs: list[dict], dtype: torch.dtype, de
     return {
         "model_config": model.config.to_json(),
         "dtype": str(dtype).removeprefix("torch."),
+        "weights": getattr(model, "weights", "dense"),  # how weights are held: another format is another graph
         "device": device.type,
         "tp_size": model.parallel.tp_size,
         "rank": model.parallel.rank,

@@ -78,7 +78,7 @@ class Graphs:
 
 
 def _example_inputs(spec: GraphSpec, model, keys, values):
-    dev = model.embed_tokens.device
+    dev = model.device
     k = [t[:spec.batch] for t in keys]
     v = [t[:spec.batch] for t in values]
     row = lambda: torch.zeros(spec.batch, dtype=torch.long, device=dev)  # noqa: E731 (distinct: no aliasing guard)
@@ -163,7 +163,7 @@ def build_graphs(model, shapes, backend: str, keys, values, *, artifacts: str | 
                                      compile_missing=compile_missing, progress=progress)
 
     specs = graph_specs(shapes)
-    dtype, device = model.embed_tokens.dtype, model.embed_tokens.device
+    dtype, device = model.dtype, model.device
     wanted = artifact_key(model, backend, [s.to_json() for s in specs], dtype, device,
                           code_files=("graph/cuda_graphs.py",))
     wanted["shapes"] = shapes_record(shapes)
@@ -196,6 +196,6 @@ def _load_inductor(model, specs, manifest: Manifest, directory: Path) -> Graphs:
         for spec in specs:
             with open(directory / manifest.files[spec.name], "rb") as f:
                 fns[spec] = torch.compiler.load_compiled_function(f)
-    graphs = Graphs(model, "inductor", wrap_decode_graphs(fns, model.embed_tokens.device))
+    graphs = Graphs(model, "inductor", wrap_decode_graphs(fns, model.device))
     graphs.loaded_from = directory
     return graphs

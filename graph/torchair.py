@@ -120,7 +120,7 @@ def _versions(torch_npu, torchair) -> dict:
 
 
 def torchair_key(model, specs, mode: str, torch_npu, torchair) -> dict:
-    dtype, device = model.embed_tokens.dtype, model.embed_tokens.device
+    dtype, device = model.dtype, model.device
     graphs = [s.to_json() for s in specs]
     if "code_files" in inspect.signature(artifact_key).parameters:  # hash this file with the model code
         key = artifact_key(model, "torchair", graphs, dtype, device, code_files=("graph/torchair.py",))

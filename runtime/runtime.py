@@ -83,8 +83,8 @@ class Runtime:
                  min_prefill_chunk: int = 16):
         self.model = model
         self.config = model.config
-        self.device = model.embed_tokens.device
-        self.dtype = model.embed_tokens.dtype
+        self.device = model.device
+        self.dtype = model.dtype
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
@@ -110,7 +110,7 @@ class Runtime:
                         artifacts: str | Path | None = None, rebuild: bool = False,
                         compile_missing: bool = True, progress: bool = True,
                         min_prefill_chunk: int = 16, tp_size: int | None = None,
-                        dist_timeout_s: float | None = None) -> "Runtime":
+                        dist_timeout_s: float | None = None, weights: str | None = None) -> "Runtime":
         """Load a checkpoint directory and build (or load from `artifacts`) the graphs for `backend`:
         "eager", "inductor" (CPU/CUDA) or "torchair" (Ascend).
 
@@ -119,7 +119,10 @@ class Runtime:
         CUDA, hccl on NPU; collectives time out after `dist_timeout_s`, default 300 s), loads only its shard,
         and builds its own graphs (artifacts under `<artifacts>/tp<N>-rank<r>`). Every rank must then call
         `generate` with the same arguments: the ranks replay the same graphs in lockstep, rank 0's sampled tokens
-        are broadcast after every step, and every rank returns the same results (use rank 0's)."""
+        are broadcast after every step, and every rank returns the same results (use rank 0's).
+
+        `weights`: "dense" (every weight in `dtype`) or "published" (MXFP4 experts packed, matrices in their stored
+        dtype; CPU kernels); default gptoss.model.loader.DEFAULT_WEIGHTS."""
         config = GptOssConfig.from_pretrained(model_dir)
         ShardPlan.build(config, Parallel(tp_size or env_world()[0], 0))  # a tp that cannot split the model: fail
         if backend == "torchair":  # HCCL reads its environment when the communicator is made: set it first
@@ -130,7 +133,7 @@ class Runtime:
         if dtype is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         model = load_model(model_dir, tp_size=ctx.world_size, rank=ctx.rank, dtype=dtype, device=device,
-                           ops=BACKEND_OPS.get(backend, "torch"))
+                           ops=BACKEND_OPS.get(backend, "torch"), weights=weights)
         model.parallel.check_group()
         if artifacts is not None:
             artifacts = rank_artifact_dir(artifacts, ctx.world_size, ctx.rank)
