@@ -145,7 +145,7 @@ def _compare(out: Path, ckpts: dict, ref: dict, tp: int, backend: str) -> None:
         assert all(r["greedy"] == r0["greedy"] and r["sampled"] == r0["sampled"] for r in ranks)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_tp_published_matches_tp1_dense(tp, ckpts, dense_tp1, tmp_path):
     assert load_model(ckpts["kvrep"]).weights == "dense", "the reference must be the dense model"
     _torchrun(tp, tmp_path, "eager", ckpts, TP_WORKER_WEIGHTS="published")
@@ -164,6 +164,7 @@ def small_ckpt(tmp_path_factory):
                                 layer_types=["sliding_attention", "full_attention"]), layout="mxfp4")
 
 
+@pytest.mark.slow
 def test_inductor_graphs_with_published_weights(small_ckpt, tmp_path):
     """Compiled == eager with published weights; the manifest records the format; a second process loads the
     graphs (with the kernel ops) without compiling and generates the same tokens."""
