@@ -52,8 +52,8 @@ def artifact_key(model, backend: str, shapes: ShapePlan, **extra) -> dict:
     """Everything a set of graphs depends on; `extra`: backend-specific entries (versions, options)."""
     key = {
         "model_config": model.config.to_json(),
-        "dtype": str(model.embed_tokens.dtype).removeprefix("torch."),
-        "device": model.embed_tokens.device.type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": model.device.type,
         "tp_size": model.parallel.tp_size,
         "rank": model.parallel.rank,
         "ops": model.ops_name,

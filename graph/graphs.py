@@ -66,7 +66,7 @@ class _Bound:
 
 def example_inputs(spec: GraphSpec, model, cache) -> tuple:
     """Inputs of the spec's shape, on the model's device, over the runtime's own cache rows."""
-    dev = model.embed_tokens.device
+    dev = model.device
     keys, values = cache.rows(spec.batch)
     row = lambda: torch.zeros(spec.batch, dtype=torch.long, device=dev)  # noqa: E731 (distinct: no aliasing guard)
     if spec.kind == "prefill":

@@ -50,7 +50,7 @@ def _inductor_cache(directory: Path | None):
 def build(model, shapes: ShapePlan, cache, settings) -> Graphs:
     """Graphs for every shape of `shapes`, compiled now or loaded from `settings.artifacts` (see ArtifactDir)."""
     specs = shapes.specs()
-    device = model.embed_tokens.device
+    device = model.device
     directory = None
     if settings.artifacts is not None:
         directory = ArtifactDir(settings.artifacts, model.parallel.tp_size, model.parallel.rank)

@@ -82,10 +82,10 @@ class Runtime:
 
     def __init__(self, model, model_dir: str | Path | None = None, settings: Settings | None = None, **overrides):
         self.model, self.config = model, model.config
-        self.device = model.embed_tokens.device
-        self.dtype = model.embed_tokens.dtype
-        # the model, already built, decides the device and dtype
-        settings = (settings or Settings()).replace(**overrides, device=str(self.device), dtype=self.dtype)
+        self.device, self.dtype = model.device, model.dtype
+        # the model, already built, decides the device, dtype and weight format
+        settings = (settings or Settings()).replace(**overrides, device=str(self.device), dtype=self.dtype,
+                                                    weights=model.weights)
         self.settings = settings = settings.resolve(model.parallel.tp_size, model.parallel.rank)
         if settings.threads is not None and self.device.type == "cpu":
             torch.set_num_threads(settings.threads)
@@ -128,7 +128,8 @@ class Runtime:
         backend.apply_launch_env()  # e.g. HCCL reads its environment when the communicator is made: set it first
         ctx = setup_distributed(settings.tp_size, settings.device, settings.dist_timeout_s)
         model = load_model(model_dir, tp_size=ctx.world_size, rank=ctx.rank, dtype=settings.torch_dtype,
-                           device=ctx.device, ops=backend.ops, ops_mode=backend.ops_mode)
+                           device=ctx.device, ops=backend.ops, ops_mode=backend.ops_mode,
+                           weights=settings.weights)
         model.parallel.check_group()
         return cls(model, model_dir, settings.replace(progress=settings.progress and ctx.is_main))
 

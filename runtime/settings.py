@@ -25,7 +25,8 @@ class Settings:
     backend: str | None = None  # a name in graph.BACKENDS; default: the artifacts' backend, else "eager"
     device: str | None = None  # default: the backend's first device (cpu for eager/inductor, npu for torchair)
     dtype: str | None = None  # default: the artifacts' dtype, else float32 on CPU, bfloat16 on accelerators
-    weights: str | None = None  # "published" (as in the checkpoint) or "dense"; default: the artifacts', else dense
+    weights: str | None = None  # "published" (as in the checkpoint) or "dense"; default: the artifacts', else
+    #                             published on CPU, dense elsewhere
     max_batch_size: int | None = None
     max_seq_len: int | None = None
     prefill_chunk: int | None = None  # tokens per prefill step (a power of two)
@@ -97,6 +98,7 @@ class Settings:
         backend.check_device(device_type)
         if values["dtype"] is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16
             values["dtype"] = "float32" if device_type == "cpu" else "bfloat16"
-        values["weights"] = values["weights"] or "dense"
+        # CPU: weights as published (MXFP4 experts, bf16 matrices) through the CPU kernels; accelerators: dense
+        values["weights"] = values["weights"] or ("published" if device_type == "cpu" else "dense")
         values["tp_size"] = values["tp_size"] or tp_size
         return Settings(**values)

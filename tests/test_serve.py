@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from gptoss.graph import graph_specs
+
 from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
@@ -194,7 +194,7 @@ def test_client_disconnect_frees_row(served, ref):
 
 
 def test_only_planned_shapes_ran(served):
-    planned = {(s.kind, s.batch, s.steps, s.kv_len) for s in graph_specs(served.scheduler.rt.shapes)}
+    planned = {(s.kind, s.batch, s.steps, s.kv_len) for s in served.scheduler.rt.shapes.specs()}
     calls = set(served.scheduler.graph_calls)
     assert calls and calls <= planned, calls - planned
     assert {c[1] for c in calls if c[0] == "prefill"} == {1}  # newcomers' prompts: one row at a time

@@ -76,7 +76,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .torch_ops import apply_rope, clamped_swiglu  # noqa: F401  (apply_rope is this table's rope)
+from .torch_ops import apply_rope, clamped_swiglu, linear  # noqa: F401  (apply_rope, linear: this table's too)
 
 BLOCK_SIZE = 128
 INT32_MAX = 2**31 - 1
