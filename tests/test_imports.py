@@ -26,7 +26,9 @@ def module_graph() -> dict[str, set[str]]:
                 if node.level:
                     up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
-                deps |= {base} | {f"{base}.{a.name}" for a in node.names}
+                # `from pkg import mod` depends on the module; `from pkg import name` on pkg itself
+                subs = {f"{base}.{a.name}" for a in node.names} & files.keys()
+                deps |= subs if len(subs) == len(node.names) else subs | {base}
         graph[name] = {d for d in deps if d in files and d != name}
     return graph
 

@@ -15,8 +15,8 @@ import importlib
 import inspect
 from types import SimpleNamespace
 
-OP_NAMES = ("rms_norm", "add_rms_norm", "apply_rope", "cache_write", "attention_lengths", "attention", "route",
-            "moe")
+OP_NAMES = ("rms_norm", "add_rms_norm", "apply_rope", "cache_write", "attention_lengths", "attention", "linear",
+            "route", "moe")
 
 _TABLES = {"torch": "gptoss.model.ops.torch_ops", "npu": "gptoss.model.ops.npu_ops"}
 
