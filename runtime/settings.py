@@ -98,7 +98,12 @@ class Settings:
         backend.check_device(device_type)
         if values["dtype"] is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16
             values["dtype"] = "float32" if device_type == "cpu" else "bfloat16"
-        # CPU: weights as published (MXFP4 experts, bf16 matrices) through the CPU kernels; accelerators: dense
-        values["weights"] = values["weights"] or ("published" if device_type == "cpu" else "dense")
+        # CPU: weights as published (MXFP4 experts, bf16 matrices) through the CPU kernels of the torch op table;
+        # accelerators and other op tables: dense
+        published_runs = device_type == "cpu" and backend.ops == "torch"
+        values["weights"] = values["weights"] or ("published" if published_runs else "dense")
+        if values["weights"] == "published" and not published_runs:
+            raise ValueError(f"weights='published' runs on CPU with the torch op table (its kernels are CPU "
+                             f"kernels); backend '{backend.name}' on '{device_type}' needs weights='dense'")
         values["tp_size"] = values["tp_size"] or tp_size
         return Settings(**values)

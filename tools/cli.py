@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from gptoss.graph import BACKENDS
-from gptoss.runtime.settings import DTYPES, Settings
+from gptoss.runtime.settings import DTYPES, WEIGHT_FORMATS, Settings
 
 
 def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None = None) -> None:
@@ -14,6 +14,9 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
                     help=f"default: the artifacts' backend, else {backend_default or 'eager'}")
     ap.add_argument("--device", default=None, help="cpu, cuda, npu (default: the backend's first device)")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on CPU, else bfloat16")
+    ap.add_argument("--weights", default=None, choices=list(WEIGHT_FORMATS),
+                    help="published: MXFP4 experts and bf16 matrices as in the checkpoint (CPU kernels; default on "
+                         "CPU); dense: every weight in --dtype (default elsewhere)")
     ap.add_argument("--max-batch-size", type=int, default=None, help="default 8 (or the artifacts' setting)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="default 4096 (or the artifacts' setting)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="default 256 (or the artifacts' setting)")
@@ -35,7 +38,8 @@ def settings_from_args(args, **fixed) -> Settings:
             batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
         except ValueError:
             raise ValueError(f"--batch-sizes takes comma-separated ints, got {args.batch_sizes!r}") from None
-    return Settings(backend=backend, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+    return Settings(backend=backend, device=args.device, dtype=args.dtype, weights=args.weights,
+                    max_batch_size=args.max_batch_size,
                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, batch_sizes=batch_sizes,
                     tp_size=args.tp, threads=args.threads, **fixed)
 
