@@ -118,7 +118,7 @@ def test_tp_eager_matches_tp1(tp, eager_ckpts, eager_ref, tmp_path):
 # per rank at TP 4, 54 -> 27 at TP 2. Unquantised checkpoints (MXFP4 needs widths in whole 32-value blocks).
 ODD = {"width72": dict(intermediate_size=72, num_attention_heads=4, num_key_value_heads=2),
        "width54": dict(intermediate_size=54, num_attention_heads=4, num_key_value_heads=2)}
-ODD_CASES = [(2, "float32", ["width72", "width54"]), (4, "float32", ["width72"]), (4, "bfloat16", ["width72"])]
+ODD_CASES = [(2, "float32", ["width54"]), (4, "float32", ["width72"]), (4, "bfloat16", ["width72"])]
 
 
 @pytest.fixture(scope="module")
@@ -133,15 +133,23 @@ def test_tp_odd_expert_widths(tp, dtype, names, odd_ckpts, tmp_path, monkeypatch
     monkeypatch.setenv("TP_WORKER_DTYPE", dtype)
     ref = _reference(ckpts)
     torchrun(tp, "parity", str(tmp_path), "eager", *map(str, ckpts.values()), TP_WORKER_DTYPE=dtype)
-    tol = TOL if dtype == "float32" else 0.1  # bf16: a TP split reorders sums of bf16-rounded partials
+    if dtype == "bfloat16":  # bf16 rounding flips router choices on random weights: compare against fp32
+        monkeypatch.setenv("TP_WORKER_DTYPE", "float32")
+        exact = _reference(ckpts)
     for name in ckpts:
         r0 = torch.load(tmp_path / f"{name}_eager_rank0.pt")
-        d = max((r0[k] - ref[name][k]).abs().max().item() for k in ("prefill", "decode"))
-        scale = ref[name]["decode"].abs().max().item()
-        print(f"\n{name} TP{tp} {dtype}: max|dlogits| {d:.2e} (logits up to {scale:.1f}); "
-              f"greedy equal: {r0['greedy'] == ref[name]['greedy']}; intermediate per rank {r0['plan']['intermediate']}")
         assert r0["plan"]["intermediate"] * torch.finfo(getattr(torch, dtype)).bits // 8 % 16  # the odd case
-        assert d <= tol and r0["greedy"] == ref[name]["greedy"]
+        if dtype == "float32":
+            d = max((r0[k] - ref[name][k]).abs().max().item() for k in ("prefill", "decode"))
+            print(f"\n{name} TP{tp} fp32: max|dlogits| vs TP1 {d:.2e}; greedy equal: "
+                  f"{r0['greedy'] == ref[name]['greedy']}; intermediate per rank {r0['plan']['intermediate']}")
+            assert d <= TOL and r0["greedy"] == ref[name]["greedy"]
+        else:  # TP must not make bf16 worse than bf16 already is: both measured against the fp32 model
+            rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+            for k in ("prefill", "decode"):
+                tp_err, tp1_err = rel(r0[k], exact[name][k]), rel(ref[name][k], exact[name][k])
+                print(f"\n{name} TP{tp} bf16 {k}: relative L2 vs fp32 {tp_err:.3f} (TP1 bf16: {tp1_err:.3f})")
+                assert tp_err <= 2 * tp1_err + 0.02
 
 
 @pytest.fixture(scope="module")
