@@ -84,7 +84,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -409,18 +409,28 @@ def _write_tokenizer(out: Path, vocab_size: int, model_max_length: int) -> dict[
 # is symmetric in [-131070, 131070] with standard deviation sqrt(4 * (65536**2 - 1) / 12).
 _IH4_STD = math.sqrt(4 * (65536**2 - 1) / 12)
 _RNG_CHUNK = 1 << 20
+# Values made at a time when writing a tensor (16 MB in fp32): the writer's memory does not grow with the model.
+_PIECE_VALUES = 1 << 22
 
 
-def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> torch.Tensor:
+def _normal(
+    seed: int, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Approximately N(mean, std^2) float32 values (Irwin-Hall of 4 uniforms: bounded at 3.46 std), from a PCG64
-    stream seeded by ``(seed, name)``.
+    stream seeded by ``(seed, name)``; ``rows=(r0, r1)`` makes only ``tensor[r0:r1]`` (same values as the whole).
 
+    Value ``i`` (in row-major order) comes from raw draw ``i`` of the stream, so a slice starts by jumping the
+    generator ahead (``PCG64.advance``, O(log n)): a tensor is made a piece at a time with the bytes unchanged.
     Only integer operations and single IEEE-rounded float ops are used, so the values are the same on every CPU.
     (``torch.randn`` is not: its result changes in the last bit with the SIMD capability of the CPU.)
     """
+    r0, r1 = rows if rows is not None else (0, shape[0])
+    row_numel = math.prod(shape[1:])
     digest = hashlib.sha256(f"gpt-oss-random-checkpoint/{seed}/{name}".encode()).digest()
     bits = np.random.PCG64(int.from_bytes(digest[:16], "little"))
-    out = torch.empty(shape, dtype=torch.float32)
+    if r0:
+        bits.advance(r0 * row_numel)
+    out = torch.empty((r1 - r0, *shape[1:]), dtype=torch.float32)
     flat = out.numpy().reshape(-1)
     scale = np.float32(std / _IH4_STD)
     for i in range(0, flat.size, _RNG_CHUNK):
@@ -437,12 +447,18 @@ def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, mean: floa
     return out
 
 
+def _row_ranges(n_rows: int, row_numel: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of at most ~_PIECE_VALUES values each (at least one row)."""
+    step = max(1, _PIECE_VALUES // max(row_numel, 1))
+    return [(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
 @dataclass
 class _Spec:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    make: Callable[[], torch.Tensor]
+    pieces: Callable[[], Iterator[torch.Tensor]]  # consecutive slices (row-major) whose bytes make the tensor
 
     @property
     def nbytes(self) -> int:
@@ -459,46 +475,54 @@ def _plan(cfg: dict[str, Any], layout: str, seed: int) -> list[_Spec]:
 
     def add(name, shape, std, mean=0.0):
         # Non-expert tensors and expert biases: bf16-rounded values, stored in the layout's dense dtype.
-        def make():
-            return _normal(seed, name, shape, std, mean).to(torch.bfloat16).to(dense)
+        shape = tuple(shape)
 
-        specs.append(_Spec(name, tuple(shape), dense, make))
+        def pieces():
+            for rows in _row_ranges(shape[0], math.prod(shape[1:])):
+                yield _normal(seed, name, shape, std, mean, rows).to(torch.bfloat16).to(dense)
 
-    cache: dict[str, torch.Tensor] = {}
+        specs.append(_Spec(name, shape, dense, pieces))
 
     def add_experts(prefix, proj, out_f, in_f, std):
-        # The master weight is drawn in the published orientation [E, out, in] and quantised along `in`.
+        # The master weight is drawn in the published orientation [E, out, in] and quantised along `in`, so any
+        # range of its E * out rows quantises on its own.
         name = f"{prefix}.{proj}"
+        master = (E * out_f, in_f)
+        g = in_f // BLOCK_SIZE
 
-        def quantized():
-            w = _normal(seed, name, (E, out_f, in_f), std)
-            blocks, scales = quantize_mxfp4(w)
-            return blocks, scales
+        def quantized_pieces():
+            for rows in _row_ranges(*master):
+                yield quantize_mxfp4(_normal(seed, name, master, std, 0.0, rows))
 
         if layout == "mxfp4":
+            scales_of: list[torch.Tensor] = []  # kept from the blocks pass (1/16 of their size)
 
-            def make_blocks():
-                blocks, scales = quantized()
-                cache[name + "_scales"] = scales
-                return blocks
+            def blocks_pieces():
+                scales_of.clear()
+                for blocks, scales in quantized_pieces():
+                    scales_of.append(scales)
+                    yield blocks
 
-            def make_scales():
-                scales = cache.pop(name + "_scales", None)
-                return scales if scales is not None else quantized()[1]
+            def scales_pieces():
+                if sum(s.shape[0] for s in scales_of) == master[0]:
+                    yield from scales_of
+                else:  # written without its blocks first: quantise again
+                    yield from (scales for _, scales in quantized_pieces())
+                scales_of.clear()
 
-            g = in_f // BLOCK_SIZE
-            specs.append(_Spec(name + "_blocks", (E, out_f, g, BLOCK_SIZE // 2), torch.uint8, make_blocks))
-            specs.append(_Spec(name + "_scales", (E, out_f, g), torch.uint8, make_scales))
+            specs.append(_Spec(name + "_blocks", (E, out_f, g, BLOCK_SIZE // 2), torch.uint8, blocks_pieces))
+            specs.append(_Spec(name + "_scales", (E, out_f, g), torch.uint8, scales_pieces))
         else:
 
-            def make():
-                if quantizable:
-                    w = dequantize_mxfp4(*quantized(), dtype=torch.float32)
-                else:
-                    w = _normal(seed, name, (E, out_f, in_f), std).to(torch.bfloat16)
-                return w.transpose(1, 2).to(dense).contiguous()  # transformers' [E, in, out]
+            def pieces():
+                # transformers' [E, in, out]: one expert at a time (the transpose needs the whole expert).
+                for e in range(E):
+                    rows = (e * out_f, (e + 1) * out_f)
+                    w = _normal(seed, name, master, std, 0.0, rows)
+                    w = dequantize_mxfp4(*quantize_mxfp4(w)) if quantizable else w.to(torch.bfloat16)
+                    yield w.t().to(dense).contiguous().unsqueeze(0)
 
-            specs.append(_Spec(name, (E, in_f, out_f), dense, make))
+            specs.append(_Spec(name, (E, in_f, out_f), dense, pieces))
 
     add("model.embed_tokens.weight", (V, H), 1.0)
     for i in range(cfg["num_hidden_layers"]):
@@ -539,14 +563,18 @@ def _write_safetensors(path: Path, specs: list[_Spec]) -> int:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
+        assert sys.byteorder == "little"
         for s in specs:
-            t = s.make()
-            if tuple(t.shape) != s.shape or t.dtype != s.dtype:
-                raise RuntimeError(f"{s.name}: made {tuple(t.shape)} {t.dtype}, planned {s.shape} {s.dtype}")
-            data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
-            assert sys.byteorder == "little"
-            f.write(memoryview(data))
-            del t, data
+            written = 0
+            for t in s.pieces():
+                if t.dtype != s.dtype:
+                    raise RuntimeError(f"{s.name}: made {t.dtype}, planned {s.dtype}")
+                data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
+                f.write(memoryview(data))
+                written += data.size
+                del t, data
+            if written != s.nbytes:
+                raise RuntimeError(f"{s.name}: made {written} bytes, planned {s.nbytes} ({s.shape} {s.dtype})")
     return offset
 
 
