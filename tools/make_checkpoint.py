@@ -149,7 +149,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rope_parameters": {**_YARN, "original_max_position_embeddings": 4096},
         **_FIXED,
     },
+    # openai/gpt-oss-20b as published (config.json of the release); written in the published style, see below.
+    "20b": {
+        "vocab_size": 201088,
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "num_local_experts": 32,
+        "num_experts_per_tok": 4,
+        "sliding_window": 128,
+        "max_position_embeddings": 131072,
+        "rope_parameters": {**_YARN, "original_max_position_embeddings": 4096},
+        **_FIXED,
+    },
 }
+
+# Presets (and overrides based on them) written like the published files: config.json in the release's style
+# (`rope_theta` + `rope_scaling`, `experts_per_token`, `initial_context_length`; no bos id, dtype or swiglu_alpha),
+# the harmony block at the same distance from the vocabulary's end as in o200k_harmony (<|startoftext|> = 199998 of
+# 201088), and 3 shards by default.
+_PUBLISHED_STYLE = {"20b"}
+_O200K_TAIL = 201088 - 199998  # ids from <|startoftext|> to the end of o200k_harmony (harmony block + reserved)
+_DEFAULT_SHARDS = {"20b": 3}
 
 _CONFIG_KEYS = set(PRESETS["tiny"]) | {"layer_types"}
 
@@ -188,6 +212,17 @@ CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------------------------------- config
 
 
+def _base_preset(preset_or_overrides: str | dict[str, Any]) -> str:
+    if isinstance(preset_or_overrides, str):
+        return preset_or_overrides
+    return preset_or_overrides.get("preset", "tiny")
+
+
+def _tokenizer_tail(preset_or_overrides: str | dict[str, Any]) -> int:
+    """Ids from <|startoftext|> to the end of the vocabulary."""
+    return _O200K_TAIL if _base_preset(preset_or_overrides) in _PUBLISHED_STYLE else _SPECIAL_BLOCK
+
+
 def _resolve(preset_or_overrides: str | dict[str, Any]) -> dict[str, Any]:
     if isinstance(preset_or_overrides, str):
         if preset_or_overrides not in PRESETS:
@@ -209,9 +244,10 @@ def _resolve(preset_or_overrides: str | dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _validate(cfg: dict[str, Any], layout: str) -> None:
-    if cfg["vocab_size"] < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be >= {_MIN_VOCAB} (256 bytes + harmony block), got {cfg['vocab_size']}")
+def _validate(cfg: dict[str, Any], layout: str, tail: int) -> None:
+    min_vocab = _MIN_VOCAB - _SPECIAL_BLOCK + tail
+    if cfg["vocab_size"] < min_vocab:
+        raise ValueError(f"vocab_size must be >= {min_vocab} (256 bytes + harmony block), got {cfg['vocab_size']}")
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
     if not 1 <= cfg["num_experts_per_tok"] <= cfg["num_local_experts"]:
@@ -236,7 +272,7 @@ def build_config(
         cfg["layer_types"] = [
             "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])
         ]
-    _validate(cfg, layout)
+    _validate(cfg, layout, _tokenizer_tail(preset_or_overrides))
     out: dict[str, Any] = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}
     out.update(cfg)
     out["dtype"] = "float32" if layout == "fp32" else "bfloat16"
@@ -253,7 +289,20 @@ def build_config(
                 "lm_head",
             ],
         }
+    if _base_preset(preset_or_overrides) in _PUBLISHED_STYLE:
+        _to_published_style(out)
     return dict(sorted(out.items()))
+
+
+def _to_published_style(out: dict[str, Any]) -> None:
+    """Rewrite config.json contents in place with the keys of openai/gpt-oss-20b's config.json (transformers 4.55)."""
+    rope = out.pop("rope_parameters")
+    out["rope_theta"] = rope.pop("rope_theta")
+    out["rope_scaling"] = rope
+    out["experts_per_token"] = out["num_experts_per_tok"]
+    out["initial_context_length"] = rope["original_max_position_embeddings"]
+    for key in ("bos_token_id", "dtype", "swiglu_alpha"):
+        out.pop(key)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -337,28 +386,33 @@ def _corpus(vocab_size: int) -> list[str]:
     return [text[i : i + 4096] for i in range(0, len(text), 4096)]
 
 
-def build_tokenizer(vocab_size: int):
-    """A ``tokenizers.Tokenizer`` of exactly ``vocab_size`` tokens (byte-level BPE + harmony block + reserved)."""
+def build_tokenizer(vocab_size: int, tail: int = _SPECIAL_BLOCK):
+    """A ``tokenizers.Tokenizer`` of exactly ``vocab_size`` tokens: byte-level BPE, then the harmony block and
+    reserved tokens; ``<|startoftext|>`` is id ``vocab_size - tail`` (reserved tokens fill any gap the BPE leaves)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be >= {_MIN_VOCAB}, got {vocab_size}")
+    min_vocab = _MIN_VOCAB - _SPECIAL_BLOCK + tail
+    if tail < _SPECIAL_BLOCK:
+        raise ValueError(f"tail must be >= {_SPECIAL_BLOCK} (the harmony block), got {tail}")
+    if vocab_size < min_vocab:
+        raise ValueError(f"vocab_size must be >= {min_vocab}, got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - _SPECIAL_BLOCK,
+        vocab_size=vocab_size - tail,
         min_frequency=2,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(_corpus(vocab_size - _SPECIAL_BLOCK), trainer=trainer)
+    tok.train_from_iterator(_corpus(vocab_size - tail), trainer=trainer)
     n_bpe = tok.get_vocab_size()
-    by_offset = {off: name for name, off in SPECIAL_TOKENS.items()}
+    start = vocab_size - tail
+    by_id = {start + off: name for name, off in SPECIAL_TOKENS.items()}
     extra = []
-    for i in range(vocab_size - n_bpe):
-        name = by_offset.get(i, f"<|reserved_{n_bpe + i}|>")
+    for i in range(n_bpe, vocab_size):
+        name = by_id.get(i, f"<|reserved_{i}|>")
         extra.append(AddedToken(name, special=True, normalized=False, single_word=False, lstrip=False, rstrip=False))
     tok.add_special_tokens(extra)
     if tok.get_vocab_size() != vocab_size:
@@ -366,9 +420,9 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def _write_tokenizer(out: Path, vocab_size: int, model_max_length: int) -> dict[str, int]:
+def _write_tokenizer(out: Path, vocab_size: int, model_max_length: int, tail: int) -> dict[str, int]:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja; returns special ids."""
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size, tail)
     tok.save(str(out / "tokenizer.json"))
     ids = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
     added = {}
@@ -609,9 +663,14 @@ def make_checkpoint(
     preset_or_config_overrides: str | dict[str, Any] = "tiny",
     layout: str = "mxfp4",
     seed: int = 0,
-    num_shards: int = 1,
+    num_shards: int | None = None,
 ) -> Path:
-    """Write a random GPT-OSS checkpoint directory and return its path (see the module docstring)."""
+    """Write a random GPT-OSS checkpoint directory and return its path (see the module docstring).
+
+    ``num_shards`` defaults to the preset's (3 for ``20b`` as published, else 1).
+    """
+    if num_shards is None:
+        num_shards = _DEFAULT_SHARDS.get(_base_preset(preset_or_config_overrides), 1)
     # Small elementwise ops on chunks: one torch thread is as fast uncontended and many times faster when other
     # processes share the cores (OpenMP threads then wait on each other).
     threads = torch.get_num_threads()
@@ -622,18 +681,45 @@ def make_checkpoint(
         torch.set_num_threads(threads)
 
 
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+#: Peak RSS (MiB) of this process after the weights and after the tokenizer of the last make_checkpoint call:
+#: the weights are written first so that the first figure is the streaming writer's own.
+LAST_PEAK_RSS_MIB: dict[str, float] = {}
+
+
 def _make_checkpoint(
     out: Path, preset_or_config_overrides: str | dict[str, Any], layout: str, seed: int, num_shards: int
 ) -> Path:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    # Validate the configuration before training a tokenizer (token ids are placeholders here).
+    # Validate the configuration before writing anything (token ids are placeholders: weights do not use them).
     draft = build_config(preset_or_config_overrides, layout, {name: 0 for name in SPECIAL_TOKENS})
+    specs = _plan(draft, layout, seed)
+    groups = _split(specs, num_shards)
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
 
-    ids = _write_tokenizer(out, draft["vocab_size"], draft["max_position_embeddings"])
+    if num_shards == 1:
+        _write_safetensors(out / "model.safetensors", specs)
+    else:
+        weight_map = {}
+        total = 0
+        for k, group in enumerate(groups):
+            fname = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
+            total += _write_safetensors(out / fname, group)
+            weight_map.update({s.name: fname for s in group})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    LAST_PEAK_RSS_MIB["weights"] = _peak_rss_mib()
+
+    tail = _tokenizer_tail(preset_or_config_overrides)
+    ids = _write_tokenizer(out, draft["vocab_size"], draft["max_position_embeddings"], tail)
     cfg = build_config(preset_or_config_overrides, layout, ids)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen_cfg = {
@@ -642,19 +728,7 @@ def _make_checkpoint(
         "pad_token_id": ids["<|endoftext|>"],
     }
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
-
-    specs = _plan(cfg, layout, seed)
-    if num_shards == 1:
-        _write_safetensors(out / "model.safetensors", specs)
-    else:
-        weight_map = {}
-        total = 0
-        for k, group in enumerate(_split(specs, num_shards)):
-            fname = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
-            total += _write_safetensors(out / fname, group)
-            weight_map.update({s.name: fname for s in group})
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    LAST_PEAK_RSS_MIB["total"] = _peak_rss_mib()
     return out
 
 
@@ -670,17 +744,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output directory (created; old model*.safetensors removed)")
     ap.add_argument("--layout", choices=LAYOUTS, default="mxfp4")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--shards", type=int, default=None, help="safetensors files (default: 3 for 20b, else 1)")
+    ap.add_argument(
+        "--yarn-truncate",
+        action="store_true",
+        help="write rope 'truncate: true' (YaRN correction range rounded, as llama.cpp always does) instead of the "
+        "published false: for token-for-token comparisons with llama.cpp",
+    )
     args = ap.parse_args(argv)
+    spec: str | dict[str, Any] = args.preset
+    if args.yarn_truncate:
+        spec = {"preset": args.preset, "rope_parameters": {"truncate": True}}
     t0 = time.perf_counter()
-    out = make_checkpoint(args.out, args.preset, layout=args.layout, seed=args.seed, num_shards=args.shards)
+    out = make_checkpoint(args.out, spec, layout=args.layout, seed=args.seed, num_shards=args.shards)
     dt = time.perf_counter() - t0
     on_disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    fp32 = fp32_size_bytes(args.preset)
+    fp32 = fp32_size_bytes(spec)
+    shards = len(list(out.glob("model*.safetensors")))
     print(
-        f"wrote {out} (preset {args.preset}, layout {args.layout}, seed {args.seed}, shards {args.shards}) in "
-        f"{dt:.1f}s: {on_disk / 2**20:.1f} MiB on disk; fp32 size {fp32 / 2**20:.1f} MiB "
-        f"({fp32 // 4 / 1e6:.1f}M parameters)"
+        f"wrote {out} (preset {args.preset}, layout {args.layout}, seed {args.seed}, shards {shards}"
+        f"{', yarn truncate' if args.yarn_truncate else ''}) in {dt:.1f}s: {on_disk / 2**20:.1f} MiB on disk; "
+        f"fp32 size {fp32 / 2**20:.1f} MiB ({fp32 // 4 / 1e6:.1f}M parameters); peak RSS "
+        f"{LAST_PEAK_RSS_MIB['weights']:.0f} MiB writing weights, {LAST_PEAK_RSS_MIB['total']:.0f} MiB with the "
+        f"tokenizer"
     )
     return 0
 
