@@ -65,6 +65,8 @@ def test_measure_on_tiny(tmp_path):
 @needs_llama
 def test_logits_match_llama_cpp_f32_with_truncated_yarn(tmp_path):
     ckpt = make_checkpoint(tmp_path / "tiny", {"preset": "tiny", "rope_parameters": {"truncate": True}}, seed=0)
-    res = llama_peer.compare_logits(ckpt, threads=1, length=40)
+    # 200 positions: past the window (8) and the YaRN original context (128). Measured: 6.9e-6 (logits up to 4.7);
+    # with the published truncate=false the same comparison differs by 4.4 (llama.cpp rounds the range anyway).
+    res = llama_peer.compare_logits(ckpt, threads=1, length=200)
     assert res["yarn_truncate"] is True
-    assert res["max_abs_diff"] < 1e-3, res
+    assert res["max_abs_diff"] < 1e-4 and res["argmax_agree"] == 1.0, res

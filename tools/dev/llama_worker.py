@@ -11,7 +11,8 @@ Jobs (``"job"`` key):
   a checkpoint whose ``tokenizer.json`` is a plain byte-level BPE (ByteLevel pre-tokenizer with the GPT-2 regex) is
   mapped to ``"gpt-2"``, the llama.cpp pre-tokenizer with those rules (``llama_peer`` then checks the ids agree).
 * ``tokenize``: ids of ``texts`` with the GGUF's vocabulary (no BOS, no special-token parsing).
-* ``logits``: fp32 logits of every position of ``ids`` (one sequence), saved to ``out`` (``.npy``).
+* ``logits``: fp32 logits of every position of ``ids`` (one sequence), saved to ``out`` (``.npy``); fp32 KV cache
+  and no flash attention, so an F32 GGUF computes in fp32 throughout.
 * ``bench``: prefill of ``prefill_ids`` (tok/s, best of ``rounds``) and greedy decode at each batch of
   ``decode_prompts`` (tok/s over ``decode_tokens - 1`` steps after the prompt's first token), ``threads`` threads.
 """
@@ -68,10 +69,14 @@ def _convert(job: dict) -> dict:
     return {"outfile": job["outfile"], "pre_tokenizer_mapped": mapped.get("pre_tokenizer")}
 
 
+_GGML_TYPE_F32 = 0  # enum ggml_type
+_FLASH_ATTN_DISABLED = 0  # enum llama_flash_attn_type (-1 auto, the default)
+
+
 class _Llama:
     """A model and one context, through llama_cpp's low-level (C API) bindings."""
 
-    def __init__(self, gguf: str, threads: int, n_ctx: int, n_seq: int, n_batch: int) -> None:
+    def __init__(self, gguf: str, threads: int, n_ctx: int, n_seq: int, n_batch: int, exact: bool = False) -> None:
         import llama_cpp as L
 
         self.L = L
@@ -90,6 +95,9 @@ class _Llama:
         cp.n_seq_max = n_seq
         cp.n_threads = threads
         cp.n_threads_batch = threads
+        if exact:  # fp32 KV cache (default f16) and no flash attention (its CPU path rounds K*Q inputs to f16)
+            cp.type_k = cp.type_v = _GGML_TYPE_F32
+            cp.flash_attn_type = _FLASH_ATTN_DISABLED
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context")
@@ -199,7 +207,7 @@ def _logits(job: dict) -> dict:
     import numpy as np
 
     ids = job["ids"]
-    llm = _Llama(job["gguf"], job["threads"], n_ctx=len(ids) + 16, n_seq=1, n_batch=len(ids))
+    llm = _Llama(job["gguf"], job["threads"], n_ctx=len(ids) + 16, n_seq=1, n_batch=len(ids), exact=True)
     llm.decode([(t, j, 0, True) for j, t in enumerate(ids)])
     rows = np.stack([llm.logits(i).copy() for i in range(len(ids))])
     np.save(job["out"], rows.astype(np.float32))
