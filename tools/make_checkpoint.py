@@ -2,13 +2,15 @@
 
 CLI::
 
-    python -m gptoss.tools.make_checkpoint --preset tiny|bench --out DIR [--layout mxfp4|bf16|fp32] [--seed N] [--shards N]
+    python -m gptoss.tools.make_checkpoint --preset tiny|bench|20b --out DIR [--layout mxfp4|bf16|fp32] [--seed N]
+        [--shards N] [--yarn-truncate]
 
 Python::
 
-    make_checkpoint(out_dir, "tiny" | "bench" | {config overrides}, layout="mxfp4", seed=0, num_shards=1) -> Path
+    make_checkpoint(out_dir, "tiny" | "bench" | "20b" | {config overrides}, layout="mxfp4", seed=0,
+                    num_shards=None) -> Path
 
-A dict of overrides is merged over the ``tiny`` preset (over ``bench`` if it has ``"preset": "bench"``);
+A dict of overrides is merged over the ``tiny`` preset (over another with ``"preset": "bench"`` or ``"20b"``);
 ``rope_parameters`` overrides are merged key by key.  ``layer_types`` follows ``num_hidden_layers`` (alternating
 ``sliding_attention``/``full_attention``, sliding first) unless given.  Token ids (bos/eos/pad) come from the
 tokenizer and cannot be overridden.
@@ -33,7 +35,18 @@ rope_parameters            yarn, theta 150000, factor 32, beta_fast 32, beta_slo
                            original_max_position_embeddings 128 (tiny) / 4096 (bench)
 ========================== ================= ==================
 
-Fixed for both: rms_norm_eps 1e-5, swiglu_alpha 1.702, swiglu_limit 7.0, attention_bias True,
+``20b`` is openai/gpt-oss-20b's config.json as published: 24 layers, hidden 2880, 64 q / 8 kv heads of 64, 32
+experts top-4, intermediate 2880, vocab 201088, window 128 (layer types alternating, sliding first), YaRN as
+``bench`` with original context 4096, 131072 positions; 20.9B parameters, ~12.8 GiB on disk in the mxfp4 layout.
+It (and overrides based on it) is written in the *published style*: config.json has exactly the keys of the
+release (``rope_theta`` + ``rope_scaling`` instead of ``rope_parameters``; ``experts_per_token``,
+``initial_context_length``; no ``bos_token_id``, ``dtype`` or ``swiglu_alpha``), the harmony block sits at
+o200k_harmony's ids (``<|startoftext|>`` 199998, eos ``<|return|>`` 200002, pad 199999), and weights go to 3 shards
+plus ``model.safetensors.index.json`` (names ``model-0000k-of-00003``, not the release's file names).
+``--yarn-truncate`` writes ``truncate: true`` (llama.cpp always rounds YaRN's correction range: token-for-token
+comparisons with it need this; the published value is false).
+
+Fixed for all: rms_norm_eps 1e-5, swiglu_alpha 1.702, swiglu_limit 7.0, attention_bias True,
 tie_word_embeddings False, hidden_act "silu", initializer_range 0.02, attention_dropout 0.0,
 router_aux_loss_coef 0.9, output_router_logits False, use_cache True.  ``bench`` has gpt-oss-20b's proportions
 (32 experts top-4, GQA 8:1, head_dim 64, window 128, the same YaRN) at ~1.04 GB in fp32 (259M parameters).
@@ -60,15 +73,17 @@ within ~1-2.5 over the layers and greedy text is varied.  Generation runs single
 afterwards): it is as fast as two threads on an idle machine and several times faster on a busy one.
 
 Tokenizer: a byte-level BPE (``tokenizers``) trained on a built-in deterministic English-like corpus, followed by the
-harmony special tokens at the offsets the real o200k_harmony vocabulary uses relative to ``<|startoftext|>``
+(published style: reserved fillers up to ``vocab_size - 1090``, then the) harmony special tokens at the offsets the real o200k_harmony vocabulary uses relative to ``<|startoftext|>``
 (``<|startoftext|>`` +0, ``<|endoftext|>`` +1, ``<|return|>`` +4, ``<|constrain|>`` +5, ``<|channel|>`` +7,
 ``<|start|>`` +8, ``<|end|>`` +9, ``<|message|>`` +10, ``<|call|>`` +14) and ``<|reserved_N|>`` fillers up to
 ``vocab_size``.  The tokenizer depends only on ``vocab_size`` (not on the seed).  bos = ``<|startoftext|>``,
 eos = ``<|return|>`` (generation_config: ``[<|return|>, <|endoftext|>, <|call|>]``), pad = ``<|endoftext|>``.
 
-Safetensors files are written tensor by tensor (a streaming writer of the safetensors format), so memory holds
-one tensor (plus its quantised form) at a time.  Existing ``model*.safetensors`` and the index in ``out_dir`` are
-removed first.
+Safetensors files are streamed (a writer of the safetensors format) in pieces of ~4M values: a piece is drawn by
+jumping its tensor's generator ahead (``PCG64.advance``), so the bytes do not depend on the piece size and memory
+does not grow with the model (the ``20b`` preset writes its 13 GB with a few hundred MB).  Weights are written
+before the tokenizer (whose BPE training dominates the peak for the 200k vocabulary); the CLI prints both peaks.
+Existing ``model*.safetensors`` and the index in ``out_dir`` are removed first.
 """
 
 from __future__ import annotations
