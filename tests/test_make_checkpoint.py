@@ -381,32 +381,40 @@ def test_small_20b_variant_is_published_style_and_loads(small_20b):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
-def test_small_20b_variant_generates_sanely(small_20b):
+@pytest.fixture
+def one_thread():
+    # Tiny matmuls: OpenMP threads only wait for each other (30x slower on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_small_20b_variant_generates_sanely(small_20b, one_thread):
     """24 layers of 20b's init: the residual stream stays O(1) and greedy text varies (no overflow, no collapse)."""
     model = _load(small_20b, "mxfp4")[0].eval()
-    x = torch.arange(1, 200).unsqueeze(0) * 7 % 1900  # crosses the 128 window
+    x = torch.arange(1, 141).unsqueeze(0) * 7 % 1900  # crosses the 128 window
     with torch.no_grad():
         out = model(x, output_hidden_states=True)
-        gen = model.generate(x[:, :16], max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+        gen = model.generate(x[:, :16], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.isfinite(out.logits).all()
     rms = [h.pow(2).mean().sqrt().item() for h in out.hidden_states]
     assert len(rms) == 25 and all(0.3 < r < 20 for r in rms), rms
     assert out.logits.abs().max() < 100
-    assert len(set(gen[0, 16:].tolist())) >= 8
+    assert len(set(gen[0, 16:].tolist())) >= 6
 
 
-def test_pieces_do_not_change_bytes(tmp_path, monkeypatch, small_20b):
+def test_pieces_do_not_change_bytes(tmp_path, monkeypatch):
     """Tensors made in many small pieces (jumping the generator ahead) are byte-identical to larger pieces."""
     import gptoss.tools.make_checkpoint as mc
 
-    monkeypatch.setattr(mc, "_PIECE_VALUES", 1000)  # not a multiple of any row length: ragged pieces
-    out = make_checkpoint(tmp_path / "pieces", SMALL_20B, seed=0)
-    assert _file_hashes(out) == _file_hashes(small_20b)
-    for layout in ("fp32",):
-        a = make_checkpoint(tmp_path / "a", {**SMALL, "num_hidden_layers": 1}, layout=layout)
+    for layout in ("mxfp4", "fp32"):
+        spec = {**SMALL_20B, "num_hidden_layers": 1, "layer_types": ["full_attention"]}
+        whole = make_checkpoint(tmp_path / f"whole-{layout}", spec, layout=layout, num_shards=1)
+        monkeypatch.setattr(mc, "_PIECE_VALUES", 3000)  # not a multiple of any row length: ragged pieces
+        pieces = make_checkpoint(tmp_path / f"pieces-{layout}", spec, layout=layout, num_shards=1)
         monkeypatch.setattr(mc, "_PIECE_VALUES", 1 << 22)
-        b = make_checkpoint(tmp_path / "b", {**SMALL, "num_hidden_layers": 1}, layout=layout)
-        assert _file_hashes(a) == _file_hashes(b)
+        assert _file_hashes(pieces) == _file_hashes(whole)
 
 
 _MEMORY_PROBE = """
@@ -428,8 +436,8 @@ print(json.dumps({"grew_mib": peak() - before, "largest_mib": max(s.nbytes for s
 
 
 def test_writer_memory_does_not_grow_with_tensor_size(tmp_path):
-    # A 256 MiB fp32 embedding table: written in pieces, the process grows by a small fraction of it.
-    big = {**SMALL, "num_hidden_layers": 1, "vocab_size": 65536, "hidden_size": 1024}
+    # 256 MiB fp32 embedding and lm_head tables: written in pieces, the process grows by a fraction of one.
+    big = {**SMALL, "num_hidden_layers": 0, "layer_types": [], "vocab_size": 65536, "hidden_size": 1024}
     res = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, str(tmp_path), json.dumps(big)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
