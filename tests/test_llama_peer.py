@@ -55,7 +55,7 @@ needs_llama = pytest.mark.skipif(not _VENV_READY, reason="llama.cpp virtualenv n
 @needs_llama
 def test_measure_on_tiny(tmp_path):
     ckpt = make_checkpoint(tmp_path / "tiny", "tiny", seed=0)
-    res = llama_peer.measure(ckpt, threads=1, decode_tokens=8, rounds=1, venv=llama_peer.DEFAULT_VENV)
+    res = llama_peer.measure(ckpt, threads=1, decode_tokens=8, rounds=1, cache_dir=tmp_path)
     assert res["kind"] == "mxfp4" and res["threads"] == 1
     for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"):
         assert res[key] > 0, key
@@ -67,6 +67,6 @@ def test_logits_match_llama_cpp_f32_with_truncated_yarn(tmp_path):
     ckpt = make_checkpoint(tmp_path / "tiny", {"preset": "tiny", "rope_parameters": {"truncate": True}}, seed=0)
     # 200 positions: past the window (8) and the YaRN original context (128). Measured: 6.9e-6 (logits up to 4.7);
     # with the published truncate=false the same comparison differs by 4.4 (llama.cpp rounds the range anyway).
-    res = llama_peer.compare_logits(ckpt, threads=1, length=200)
+    res = llama_peer.compare_logits(ckpt, threads=1, length=200, cache_dir=tmp_path)
     assert res["yarn_truncate"] is True
     assert res["max_abs_diff"] < 1e-4 and res["argmax_agree"] == 1.0, res

@@ -170,14 +170,16 @@ def _write_fp32_copy(model_dir: Path, out: Path) -> None:
             shutil.copy2(p, out / p.name)
 
 
-def gguf_path(model_dir: str | Path, kind: str = "mxfp4", venv: Path = DEFAULT_VENV, log=print) -> Path:
-    """The GGUF of ``model_dir`` (converting it the first time) with its tokenizer checked against ours."""
+def gguf_path(model_dir: str | Path, kind: str = "mxfp4", venv: Path = DEFAULT_VENV, log=print,
+              cache_dir: Path | None = None) -> Path:
+    """The GGUF of ``model_dir`` (converting it the first time) with its tokenizer checked against ours; cached in
+    ``cache_dir`` (default ``<venv>/gguf``)."""
     if kind not in KINDS:
         raise PeerError(f"unknown GGUF kind {kind!r}; choose from {sorted(KINDS)}")
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise PeerError(f"{model_dir} is not a checkpoint directory (no config.json)")
-    out = venv / "gguf" / f"{_checkpoint_key(model_dir)}-{kind}.gguf"
+    out = Path(cache_dir or venv / "gguf") / f"{_checkpoint_key(model_dir)}-{kind}.gguf"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,11 +243,12 @@ def cpu_isa() -> str:
 
 
 def measure(model_dir: str | Path, threads: int, kind: str = "mxfp4", decode_tokens: int = 32,
-            batches: tuple[int, ...] = (1, 8), rounds: int = 3, venv: Path = DEFAULT_VENV, log=print) -> dict:
+            batches: tuple[int, ...] = (1, 8), rounds: int = 3, venv: Path = DEFAULT_VENV, log=print,
+            cache_dir: Path | None = None) -> dict:
     """llama.cpp on ``model_dir`` (GGUF ``kind``) in a child process: prefill of a 512-token prompt and greedy
     decode at each batch, ``threads`` threads. Returns ``{"prefill_tok_s", "decode_b1_tok_s", ...}`` plus the
     engine's details."""
-    gguf = gguf_path(model_dir, kind, venv, log)
+    gguf = gguf_path(model_dir, kind, venv, log, cache_dir)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     job = {
         "job": "bench", "gguf": str(gguf), "threads": threads, "rounds": rounds, "decode_tokens": decode_tokens,
@@ -261,7 +264,7 @@ def measure(model_dir: str | Path, threads: int, kind: str = "mxfp4", decode_tok
 
 
 def compare_logits(model_dir: str | Path, threads: int = 2, length: int = 200, venv: Path = DEFAULT_VENV,
-                   log=print) -> dict:
+                   log=print, cache_dir: Path | None = None) -> dict:
     """Max |Δ| between this project's fp32 logits (eager model, every position of a ``length``-token prompt)
     and llama.cpp's F32 GGUF; meaningful on a checkpoint with YaRN ``truncate: true``."""
     import numpy as np
@@ -272,7 +275,7 @@ def compare_logits(model_dir: str | Path, threads: int = 2, length: int = 200, v
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    gguf = gguf_path(model_dir, "f32", venv, log)
+    gguf = gguf_path(model_dir, "f32", venv, log, cache_dir)
     ids = _prompts(config["vocab_size"], 1, length)[0]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "logits.npy"
