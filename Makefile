@@ -28,7 +28,7 @@ checkpoint-bench: checkpoints/bench/config.json
 
 # A tool, not a test: several minutes (it compiles the bench graphs cold, then measures). See BENCHMARKS.md.
 bench: checkpoints/bench/config.json
-	$(PY) -m gptoss.tools.bench --model checkpoints/bench --threads 2 --json build/bench.json
+	$(PY) -m gptoss.tools.dev.bench --model checkpoints/bench --threads 2 --json build/bench.json
 
 # llama.cpp on the same checkpoint (MXFP4 and F32 GGUFs), in its own virtualenv build/llama-venv: the first run
 # builds llama.cpp from source (minutes) and converts; later runs reuse both. See tools/dev/llama_peer.py.

@@ -1,12 +1,20 @@
-"""What identifies a set of compiled graphs, and the manifest that records it next to them.
+"""The artifact directory: where compiled graphs live on disk, and the manifest that guards their reuse.
+
+One class owns the layout, for every backend and every rank:
+
+    <root>/tp<N>-rank<r>/manifest.json      what the graphs were built for (key), and their files
+    <root>/tp<N>-rank<r>/inductor/...       inductor graphs and the kernel cache they need
+    <root>/tp<N>-rank<r>/torchair/<graph>/  torchair's cache, one directory per graph
 
 A graph is only valid for the exact model code, config, dtype, static shapes, tensor-parallel rank, backend and
 library versions it was built from; torch's own serialised graphs skip their guards on load, so the manifest is
-the guard: a directory whose key differs is refused (with the fields that differ) or rebuilt, never run.
+the guard: a directory whose key differs is refused (with the fields that differ) or rebuilt, never run. The
+manifest also records the shape settings, so a later process reads them back instead of being told them again.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import platform
 import shutil
@@ -16,47 +24,50 @@ from pathlib import Path
 
 import torch
 
+from .shapes import ShapePlan
+
 MANIFEST = "manifest.json"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# What a captured graph is made of: the model, the reference op table (other tables build on its helpers), and
-# how graph/ captures it. The active op table is added per key. Tools, tests and the runtime are not.
-CODE_FILES = ("model/*.py", "model/ops/__init__.py", "model/ops/grouped_mm.py", "model/ops/torch_ops.py",
-              "graph/entry.py", "graph/compiler.py", "graph/artifacts.py")
+# What a captured graph is made of: the model package (its op tables included) and graph/'s capture code. Hashed
+# by path inside the package, so an editable and a regular install of the same sources give the same hash.
+CODE_PACKAGES = ("gptoss.model", "gptoss.graph")
+CODE_SUFFIXES = (".py", ".cpp", ".h")
 
 
 class ArtifactMismatch(RuntimeError):
     """An artifact directory built for something else than what is being run."""
 
 
-def code_hash(ops: str = "torch", extra: tuple[str, ...] = ()) -> str:
+def code_hash(packages: tuple[str, ...] = CODE_PACKAGES) -> str:
     """sha256 over the sources a captured graph is made of: any edit to them invalidates artifacts."""
-    patterns = CODE_FILES + (f"model/ops/{ops}_ops.py",) + extra
-    paths = sorted({p for pattern in patterns for p in PROJECT_ROOT.glob(pattern)})
     h = hashlib.sha256()
-    for path in paths:
-        h.update(str(path.relative_to(PROJECT_ROOT)).encode())
-        h.update(path.read_bytes())
+    for package in packages:
+        root = Path(next(iter(importlib.import_module(package).__path__)))
+        for path in sorted(p for p in root.rglob("*") if p.suffix in CODE_SUFFIXES and "__pycache__" not in p.parts):
+            h.update(f"{package}/{path.relative_to(root).as_posix()}".encode())
+            h.update(path.read_bytes())
     return h.hexdigest()
 
 
-def artifact_key(model, backend: str, graphs: list[dict], dtype: torch.dtype, device: torch.device,
-                 code_files: tuple[str, ...] = ()) -> dict:
-    """Everything a set of graphs depends on. `code_files`: backend-specific sources (glob patterns) to hash too."""
-    return {
+def artifact_key(model, backend: str, shapes: ShapePlan, **extra) -> dict:
+    """Everything a set of graphs depends on; `extra`: backend-specific entries (versions, options)."""
+    key = {
         "model_config": model.config.to_json(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": device.type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": model.device.type,
         "tp_size": model.parallel.tp_size,
         "rank": model.parallel.rank,
         "ops": model.ops_name,
+        "weights": getattr(model, "weights", "dense"),
         "backend": backend,
-        "graphs": graphs,
+        "shapes": shapes.to_record(),
+        "graphs": [s.to_json() for s in shapes.specs()],
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "threads": torch.get_num_threads(),  # inductor's CPU kernels bake the OpenMP thread count in
-        "code_sha256": code_hash(model.ops_name, code_files),
+        "code_sha256": code_hash(),
     }
+    key.update(extra)
+    return key
 
 
 def _differences(found: dict, wanted: dict) -> list[str]:
@@ -68,6 +79,11 @@ def _differences(found: dict, wanted: dict) -> list[str]:
             elif k == "model_config":
                 diff = [f for f in wanted[k] if found.get(k, {}).get(f) != wanted[k][f]]
                 out.append(f"model_config ({', '.join(diff)})")
+            elif k == "shapes":
+                have = found.get(k) or {}
+                diff = [f"{f}: artifacts have {have.get(f)!r}, this run needs {wanted[k][f]!r}"
+                        for f in wanted[k] if have.get(f) != wanted[k][f]]
+                out.append(f"shapes ({'; '.join(diff)})")
             else:
                 out.append(f"{k}: artifacts have {found.get(k)!r}, this run needs {wanted.get(k)!r}")
     return out
@@ -76,57 +92,103 @@ def _differences(found: dict, wanted: dict) -> list[str]:
 @dataclass
 class Manifest:
     key: dict
-    files: dict[str, str]  # graph name -> file name
+    files: dict[str, str]  # graph name -> file, relative to the rank directory
     compile_seconds: float = 0.0
     created: str = ""
 
-    def write(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        body = {"key": self.key, "files": self.files, "compile_seconds": round(self.compile_seconds, 2),
+    def to_json(self) -> dict:
+        return {"key": self.key, "files": self.files, "compile_seconds": round(self.compile_seconds, 2),
                 "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (directory / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
 
-    @classmethod
-    def read(cls, directory: Path) -> "Manifest | None":
-        path = directory / MANIFEST
+
+class ArtifactDir:
+    """This rank's part of an artifact root. Nothing else builds these paths."""
+
+    def __init__(self, root: str | Path, tp_size: int = 1, rank: int = 0):
+        self.root = Path(root)
+        self.tp_size, self.rank = tp_size, rank
+        self.path = self.root / f"tp{tp_size}-rank{rank}"
+
+    def __repr__(self) -> str:
+        return f"ArtifactDir({str(self.path)!r})"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def inductor(self) -> Path:
+        return self.path / "inductor"
+
+    def inductor_graph(self, name: str) -> Path:
+        return self.inductor / f"{name}.bin"
+
+    def torchair_graph(self, name: str) -> Path:
+        return self.path / "torchair" / name
+
+    def build_hint(self, backend: str) -> str:
+        launch = f"torchrun --nproc-per-node {self.tp_size} " if self.tp_size > 1 else "python "
+        tp = f" --tp {self.tp_size}" if self.tp_size > 1 else ""
+        return f"{launch}-m gptoss.tools.compile --model MODEL --backend {backend}{tp} --out {self.root}"
+
+    # -- the manifest ----------------------------------------------------------------------------------------
+    def read(self) -> Manifest | None:
+        path = self.manifest_path
         if not path.is_file():
             return None
-        body = json.loads(path.read_text())
-        return cls(body["key"], body["files"], body.get("compile_seconds", 0.0), body.get("created", ""))
-
-    def check(self, wanted: dict, directory: Path) -> None:
-        diffs = _differences(self.key, wanted)
-        if diffs:
-            raise ArtifactMismatch(f"artifacts in {directory} were built for something else; differing: "
-                                   + "; ".join(diffs))
-        missing = [f for f in self.files.values() if not (directory / f).is_file()]
-        if missing:
-            raise ArtifactMismatch(f"artifacts in {directory} are incomplete: {missing[0]} is missing")
-
-
-def open_artifact_dir(directory: Path, wanted: dict, *, rebuild: bool, compile_missing: bool,
-                      build_hint: str = "") -> Manifest | None:
-    """The one policy for an artifact directory. Returns its manifest when it was built for `wanted` (load it);
-    otherwise leaves the directory empty and ready to be filled (compile), or refuses:
-    - a manifest for something else: ArtifactMismatch naming what differs, unless `rebuild` (then wiped);
-    - no manifest and `compile_missing` false: ArtifactMismatch saying how to build it;
-    - no manifest but other files: refused unless `rebuild` (never write into, or load from, unknown files)."""
-    manifest = Manifest.read(directory)
-    if manifest is not None:
         try:
-            manifest.check(wanted, directory)
-            return manifest
-        except ArtifactMismatch:
+            body = json.loads(path.read_text())
+            return Manifest(body["key"], body["files"], body.get("compile_seconds", 0.0), body.get("created", ""))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ArtifactMismatch(f"{path} is not a manifest this runtime wrote ({e}); rebuild with --force") from e
+
+    def write(self, manifest: Manifest) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.manifest_path)  # written last and atomically: a manifest means a complete directory
+
+    def shapes(self) -> ShapePlan | None:
+        """The shape settings these artifacts were built for (None without a manifest)."""
+        manifest = self.read()
+        if manifest is None or "shapes" not in manifest.key:
+            return None
+        return ShapePlan.from_record(manifest.key["shapes"])
+
+    # -- the one policy --------------------------------------------------------------------------------------
+    def open(self, wanted: dict, *, rebuild: bool, compile_missing: bool) -> Manifest | None:
+        """Returns the manifest when the directory was built for `wanted` (load it); otherwise leaves it empty
+        and ready to be filled (compile), or refuses:
+        - a manifest for something else: ArtifactMismatch naming what differs, unless `rebuild` (then wiped);
+        - no manifest and `compile_missing` false: ArtifactMismatch saying how to build it;
+        - no manifest but other files: refused unless `rebuild` (never write into, or load from, unknown files)."""
+        manifest = self.read() if not rebuild else _read_or_none(self)
+        if manifest is not None:
+            diffs = _differences(manifest.key, wanted)
+            missing = [f for f in manifest.files.values() if not (self.path / f).exists()]
+            if not diffs and not missing:
+                return manifest
             if not rebuild:
-                raise
-        shutil.rmtree(directory)
-    elif not compile_missing:
-        raise ArtifactMismatch(f"no compiled graphs in {directory} (no manifest.json): build them first"
-                               + (f" with `{build_hint}`" if build_hint else ""))
-    elif directory.exists() and any(directory.iterdir()):
-        if not rebuild:
-            raise ArtifactMismatch(f"{directory} is not empty and has no manifest.json: refusing to write "
-                                   "artifacts into it")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    return None
+                if diffs:
+                    raise ArtifactMismatch(f"artifacts in {self.path} were built for something else; differing: "
+                                           + "; ".join(diffs) + " (rebuild with --force)")
+                raise ArtifactMismatch(f"artifacts in {self.path} are incomplete: {missing[0]} is missing")
+            shutil.rmtree(self.path)
+        elif not compile_missing:
+            raise ArtifactMismatch(f"no compiled graphs in {self.path} (no {MANIFEST}): build them first with "
+                                   f"`{self.build_hint(wanted.get('backend', 'inductor'))}`")
+        elif self.path.exists() and any(self.path.iterdir()):
+            if not rebuild:
+                raise ArtifactMismatch(f"{self.path} is not empty and has no {MANIFEST}: refusing to write "
+                                       "artifacts into it")
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        return None
+
+
+def _read_or_none(directory: ArtifactDir) -> Manifest | None:
+    try:
+        return directory.read()
+    except ArtifactMismatch:  # rebuilding anyway
+        shutil.rmtree(directory.path)
+        return None

@@ -5,7 +5,7 @@ small batch. Each compiled decode graph is captured once into a `torch.cuda.CUDA
 token ids and positions (owned here, refilled before every replay), the KV cache (owned by the runtime, allocated
 once, so its addresses never change) and the logits (the captured output, overwritten by the next replay).
 
-UNVERIFIED: no GPU has been available to this project's sessions; `tools/cuda_check.py` is the prepared check.
+UNVERIFIED: no GPU has been available to this project's sessions; `tools/dev/cuda_check.py` is the prepared check.
 """
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import torch
 
 
 class CudaGraphDecode:
+    """A decode graph callable (ids, pos, keys, values) replayed as a CUDA graph."""
+
     def __init__(self, compiled):
         self.compiled = compiled
         self.graph = None
 
-    def __call__(self, model, ids, pos, keys, values, kv_len: int):
+    def __call__(self, ids, pos, keys, values):
         if self.graph is None:
-            self._capture(model, ids, pos, keys, values, kv_len)
+            self._capture(ids, pos, keys, values)
         elif keys[0].data_ptr() != self.cache_ptr:
             raise RuntimeError("CUDA-graph decode was captured on another KV cache; the runtime's cache must be "
                                "allocated once and reused")
@@ -28,17 +30,17 @@ class CudaGraphDecode:
         self.graph.replay()
         return self.logits
 
-    def _capture(self, model, ids, pos, keys, values, kv_len: int) -> None:
+    def _capture(self, ids, pos, keys, values) -> None:
         self.ids, self.pos, self.cache_ptr = ids.clone(), pos.clone(), keys[0].data_ptr()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: writes the same K/V the real step writes, so it is harmless
             for _ in range(2):
-                self.compiled(model, self.ids, self.pos, keys, values, kv_len)
+                self.compiled(self.ids, self.pos, keys, values)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.compiled(model, self.ids, self.pos, keys, values, kv_len)
+            self.logits = self.compiled(self.ids, self.pos, keys, values)
 
 
 def wrap_decode_graphs(fns: dict, device: torch.device) -> dict:

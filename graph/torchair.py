@@ -1,13 +1,18 @@
 """Ascend graphs with torchair: one GE graph (or aclgraph) per static shape of each entry point, cached per rank.
 
-- Mode: `max-autotune` (default) compiles each graph to a static GE graph, with `frozen_parameter` (weights are
-  constants, not per-call inputs) and `tiling_schedule_optimize` (static-shape tiling on device);
-  `npugraph_ex` (aclgraph capture/replay; `reduce-overhead` is its deprecated name) is the option. Choose with
-  `mode=` or `GPTOSS_TORCHAIR_MODE`.
+- Mode: `max-autotune` compiles each graph to a static GE graph with `frozen_parameter` (weights are constants, not
+  per-call inputs), from a model built with `ops_mode="ge"` (attention lengths as tensors). Not tiling sink
+  (`tiling_schedule_optimize`): FIA in TND layout (the only one with learnable_sink) refuses it ("When layout is
+  TND/NTD_TND, not support tiling_schedule_optimize = True or config mode is reduce-overhead!", hicann
+  ops-transformer prompt_flash_attention_tiling.cpp; vllm-ascend #5771). aclgraph (`npugraph_ex`, formerly
+  `reduce-overhead`) is withdrawn for the same kernel message and because torchair refreshes FIA's lengths at
+  replay only from SymInt graph inputs (see model/ops/npu_ops.py). The installed torchair is asked whether it
+  accepts the mode before anything is built (torchair 7.3.0's CompilerConfig knows only max-autotune and
+  reduce-overhead; newer ones select aclgraph through `backend="npugraph_ex"`).
 - Entry points: prefill and decode are separate graphs, one per (batch, chunk, kv_len) of the ShapePlan. Each is a
   bound method (`prefill` / `decode`) of a small nn.Module `GraphEntry` holding the model and the static `kv_len`,
   because `torchair.inference.cache_compile` only takes bound methods of an nn.Module (full graph, no RNG).
-- Artifacts: `cache_compile(..., dynamic=False, cache_dir=<artifacts>/rank<r>/torchair/<graph>, global_rank=r,
+- Artifacts: `cache_compile(..., dynamic=False, cache_dir=<artifacts>/tp<N>-rank<r>/torchair/<graph>, global_rank=r,
   tp_rank=r, pp_rank=0, ge_cache=True)` stores dynamo's output (and the GE .om) per rank and per graph. torchair's
   own cache key is an md5 of the module repr and the config only: not the model code, not the weights, not the
   input shapes, and its guards are skipped on load, so a stale cache would run silently. The project's manifest
@@ -20,41 +25,49 @@
 """
 from __future__ import annotations
 
-import inspect
 import os
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .artifacts import Manifest, artifact_key, open_artifact_dir
-from .compiler import Graphs, GraphSpec, _example_inputs, _progress, graph_specs
+from .artifacts import ArtifactDir, Manifest, artifact_key
+from .backends import get_backend
 from .entry import decode_entry, prefill_entry
+from .graphs import Graphs, Progress, example_inputs
+from .shapes import GraphSpec, ShapePlan
 
-MODES = ("max-autotune", "npugraph_ex", "reduce-overhead")
-HCCL_ENV = {"HCCL_OP_EXPANSION_MODE": "AIV"}
+MODES = ("max-autotune",)
+WITHDRAWN = {"npugraph_ex": "aclgraph", "reduce-overhead": "aclgraph"}
+OPS_MODE = {"max-autotune": "ge"}  # the npu op table's mode each torchair mode traces
 
 
 def configure_launch_env(environ=None) -> dict:
-    """Set the Ascend launch environment (values the user already set are kept). Returns what was set."""
-    environ = os.environ if environ is None else environ
-    changed = {}
-    for k, v in HCCL_ENV.items():
-        if k not in environ:
-            environ[k] = v
-            changed[k] = v
-    return changed
+    """Set the Ascend launch environment (the registry's entry for this backend). Returns what was set."""
+    return get_backend("torchair").apply_launch_env(environ)
 
 
 def torchair_options(mode: str = "max-autotune") -> dict:
     """The torchair options this project uses for `mode` (recorded in the manifest)."""
+    if mode in WITHDRAWN:
+        raise ValueError(f"torchair mode {mode!r} ({WITHDRAWN[mode]}) is withdrawn: FIA in TND layout refuses "
+                         f"it (\"not support ... config mode is reduce-overhead\", prompt_flash_attention_tiling.cpp) "
+                         f"and torchair's aclgraph updater refreshes FIA lengths only from SymInt graph inputs; "
+                         f"use 'max-autotune'")
     if mode not in MODES:
         raise ValueError(f"unknown torchair mode {mode!r}; choose one of {list(MODES)}")
-    if mode == "max-autotune":
-        return {"mode": mode, "experimental_config.frozen_parameter": True,
-                "experimental_config.tiling_schedule_optimize": True}
-    return {"mode": mode}  # tiling_schedule_optimize is GE-only; aclgraph keeps parameter addresses anyway
+    # no tiling_schedule_optimize: FIA in TND (learnable_sink) refuses tiling sink
+    return {"mode": mode, "experimental_config.frozen_parameter": True,
+            "experimental_config.tiling_schedule_optimize": False}
+
+
+def check_torchair_mode(torchair, torch_npu, mode: str) -> None:
+    """Ask the installed torchair whether its CompilerConfig takes `mode` (the accepted set changed between
+    versions) before anything is built; the error names the version."""
+    try:
+        torchair.CompilerConfig().mode = mode
+    except ValueError as e:
+        version = getattr(torchair, "__version__", None) or f"bundled with torch_npu {torch_npu.__version__}"
+        raise ValueError(f"torchair ({version}) does not accept mode {mode!r}: {e}") from e
 
 
 def compiler_config(torchair, mode: str = "max-autotune"):
@@ -91,24 +104,6 @@ class GraphEntry(nn.Module):
         return getattr(self, self.spec.kind)
 
 
-class _Bound:
-    """Adapts a compiled entry method to the Graphs calling convention (model, *inputs, kv_len)."""
-
-    def __init__(self, spec: GraphSpec, fn):
-        self.spec, self.fn = spec, fn
-
-    def __call__(self, model, *args):
-        *inputs, kv_len = args
-        if kv_len != self.spec.kv_len:
-            raise ValueError(f"graph {self.spec.name} was built for kv_len={self.spec.kv_len}, called with {kv_len}")
-        return self.fn(*inputs)
-
-
-def rank_directory(artifacts: str | Path, parallel) -> Path:
-    """Each tensor-parallel rank keeps its own manifest and torchair cache."""
-    return Path(artifacts) / f"rank{parallel.rank}"
-
-
 def _versions(torch_npu, torchair) -> dict:
     cann = "unknown"
     try:
@@ -119,58 +114,41 @@ def _versions(torch_npu, torchair) -> dict:
             "torchair": getattr(torchair, "__version__", "bundled")}
 
 
-def torchair_key(model, specs, mode: str, torch_npu, torchair) -> dict:
-    dtype, device = model.embed_tokens.dtype, model.embed_tokens.device
-    graphs = [s.to_json() for s in specs]
-    if "code_files" in inspect.signature(artifact_key).parameters:  # hash this file with the model code
-        key = artifact_key(model, "torchair", graphs, dtype, device, code_files=("graph/torchair.py",))
-    else:
-        key = artifact_key(model, "torchair", graphs, dtype, device)
-    key.pop("threads", None)  # host thread count: inductor CPU kernels only
-    key.update(_versions(torch_npu, torchair))
-    key["torchair_options"] = torchair_options(mode)
-    return key
+def torchair_key(model, shapes: ShapePlan, mode: str, torch_npu, torchair) -> dict:
+    return artifact_key(model, "torchair", shapes, torchair_options=torchair_options(mode),
+                        **_versions(torch_npu, torchair))
 
 
-def _cache_dir(directory: Path, spec: GraphSpec) -> Path:
-    return directory / "torchair" / spec.name
-
-
-def _compile_all(model, specs, keys, values, config, torchair, directory: Path | None, ge_cache: bool,
-                 progress: bool):
+def _compile_all(model, specs, cache, config, torchair, directory: ArtifactDir | None, ge_cache: bool,
+                 progress: Progress):
     """Wrap every entry, run it once on example inputs (this traces and compiles, or loads torchair's cache), and
-    return {spec: callable}, {spec.name: compiled file relative to directory}."""
-    fns, files, started = {}, {}, time.perf_counter()
+    return {spec: callable}, {spec.name: compiled file relative to the rank directory}."""
+    fns, files = {}, {}
     rank = model.parallel.rank
     backend = None if directory is not None else torchair.get_npu_backend(compiler_config=config)
     for i, spec in enumerate(specs):
-        if progress:
-            _progress(i, len(specs), spec.name, started)
+        progress(i, spec.name)
         entry = GraphEntry(model, spec)
         if directory is None:
             fn = torch.compile(entry.method(), backend=backend, fullgraph=True, dynamic=False)
         else:
             fn = torchair.inference.cache_compile(entry.method(), config=config, dynamic=False,
-                                                  cache_dir=str(_cache_dir(directory, spec)), global_rank=rank,
-                                                  tp_rank=rank, pp_rank=0, ge_cache=ge_cache)
-        _, example = _example_inputs(spec, model, keys, values)
-        fn(*example[1:-1])  # compile now (or load), never while serving
-        fns[spec] = _Bound(spec, fn)
+                                                  cache_dir=str(directory.torchair_graph(spec.name)),
+                                                  global_rank=rank, tp_rank=rank, pp_rank=0, ge_cache=ge_cache)
+        fn(*example_inputs(spec, model, cache))  # compile now (or load), never while serving
+        fns[spec] = fn
         if directory is not None:
-            found = sorted(_cache_dir(directory, spec).rglob("compiled_module"))
+            found = sorted(directory.torchair_graph(spec.name).rglob("compiled_module"))
             if not found:
-                raise RuntimeError(f"torchair wrote no compiled_module under {_cache_dir(directory, spec)}")
-            files[spec.name] = str(found[0].relative_to(directory))
-    if progress:
-        _progress(len(specs), len(specs), "done", started)
-    return fns, files, time.perf_counter() - started
+                raise RuntimeError(f"torchair wrote no compiled_module under {directory.torchair_graph(spec.name)}")
+            files[spec.name] = str(found[0].relative_to(directory.path))
+    progress(len(specs), "done")
+    return fns, files
 
 
-def build_torchair_graphs(model, shapes, keys, values, *, artifacts: str | Path | None = None,
-                          rebuild: bool = False, compile_missing: bool = True, progress: bool = True,
-                          mode: str | None = None) -> Graphs:
-    """Graphs for every shape of `shapes` on an Ascend device, compiled by torchair now, or loaded from the per-rank
-    torchair caches under `artifacts` after the project's manifest has matched (see the module docstring)."""
+def build(model, shapes: ShapePlan, cache, settings, mode: str | None = None) -> Graphs:
+    """Graphs for every shape of `shapes` on an Ascend device, compiled by torchair now, or loaded from this rank's
+    torchair caches under `settings.artifacts` after the project's manifest has matched (see the module docstring)."""
     from gptoss.model.ops import npu_ops  # imports torch_npu, or says what to install
 
     if model.ops_name != "npu":
@@ -178,30 +156,37 @@ def build_torchair_graphs(model, shapes, keys, values, *, artifacts: str | Path 
                          f"GE converters); this model uses ops={model.ops_name!r}")
     mode = mode or os.environ.get("GPTOSS_TORCHAIR_MODE", "max-autotune")
     options = torchair_options(mode)
-    configure_launch_env()
     torch_npu, torchair = npu_ops._npu(), npu_ops._torchair()
-    npu_ops.set_graph_mode(mode)
+    check_torchair_mode(torchair, torch_npu, mode)
+    if model.ops_mode != OPS_MODE[mode]:
+        raise ValueError(f"torchair mode {mode!r} traces the npu op table in mode {OPS_MODE[mode]!r}; this model "
+                         f"was built with ops_mode={model.ops_mode!r} (load_model(..., ops='npu', "
+                         f"ops_mode={OPS_MODE[mode]!r}))")
+    configure_launch_env()
     config = compiler_config(torchair, mode)
-    specs = graph_specs(shapes)
+    specs = shapes.specs()
     ge_cache = options["mode"] == "max-autotune"
 
     directory, wanted, loading = None, None, False
-    if artifacts is not None:
-        directory = rank_directory(artifacts, model.parallel)
-        wanted = torchair_key(model, specs, mode, torch_npu, torchair)
+    if settings.artifacts is not None:
+        directory = ArtifactDir(settings.artifacts, model.parallel.tp_size, model.parallel.rank)
+        wanted = torchair_key(model, shapes, mode, torch_npu, torchair)
         # torchair would load whatever cache it finds: only a directory whose manifest matches is loaded
-        loading = open_artifact_dir(directory, wanted, rebuild=rebuild, compile_missing=compile_missing,
-                                    build_hint="python -m gptoss.tools.compile --backend torchair ...") is not None
+        loading = directory.open(wanted, rebuild=settings.rebuild,
+                                 compile_missing=settings.compile_missing) is not None
 
-    capture = mode != "max-autotune"  # aclgraph takes FIA lengths as host ints: let dynamo capture .tolist()
-    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=capture):
-        fns, files, seconds = _compile_all(model, specs, keys, values, config, torchair, directory, ge_cache,
-                                           progress)
-    graphs = Graphs(model, "torchair", fns)
+    # Every shape goes through the same entry code objects: dynamo counts each shape as a recompile of them, and
+    # under fullgraph its default limit (8) is a hard failure. The shape set is bounded and known: allow it.
+    limit = len(specs) + 8
+    progress = Progress(len(specs), settings.progress)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit,
+                                                     accumulated_recompile_limit=max(limit, 256)):
+        fns, files = _compile_all(model, specs, cache, config, torchair, directory, ge_cache, progress)
+    graphs = Graphs("torchair", fns)
     if loading:
-        graphs.loaded_from = directory
+        graphs.loaded_from = directory.path
     else:
-        graphs.compile_seconds = seconds
+        graphs.compile_seconds = progress.seconds
         if directory is not None:
-            Manifest(wanted, files, seconds).write(directory)
+            directory.write(Manifest(wanted, files, progress.seconds))
     return graphs

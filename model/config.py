@@ -6,13 +6,13 @@ names the field, rather than silently ignored.
 """
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import CheckpointError, ConfigError, json_kind, read_json_object
 
-class ConfigError(ValueError):
-    """A config.json value this runtime does not support."""
+__all__ = ["ConfigError", "GptOssConfig", "RopeScaling"]
 
 
 @dataclass(frozen=True)
@@ -65,99 +65,159 @@ class GptOssConfig:
         return d
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "GptOssConfig":
-        return _parse(raw)
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "GptOssConfig":
+        """`source` names the file in errors."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object at the top level, found {json_kind(raw)}")
+        return _parse(_Fields(raw, source))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "GptOssConfig":
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a GPT-OSS checkpoint directory needs a config.json")
-        with open(path) as f:
-            return _parse(json.load(f))
+            raise CheckpointError(f"{path} not found: a GPT-OSS checkpoint directory needs a config.json")
+        return cls.from_dict(read_json_object(path), str(path))
 
 
-def _require(raw: dict, key: str):
-    if key not in raw or raw[key] is None:
-        raise ConfigError(f"config.json: required field '{key}' is missing")
-    return raw[key]
+_MISSING = object()
+# No GPT-OSS dimension comes near these; a larger value is a damaged file, and would otherwise reach an allocation.
+_MAX_DIM, _MAX_LAYERS = 2 ** 31 - 1, 4096
 
 
-def _parse_rope(raw: dict) -> RopeScaling:
+class _Fields:
+    """Typed reads of one JSON object of config.json; every refusal names the file and the field."""
+
+    def __init__(self, raw: dict, source: str, section: str = ""):
+        self.raw, self.source, self.section = raw, source, section
+
+    def fail(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {message}")
+
+    def get(self, key: str, default=_MISSING):
+        value = self.raw.get(key)
+        if value is None:
+            if default is _MISSING:
+                raise self.fail(f"required field '{self.section}{key}' is missing")
+            return default
+        return value
+
+    def int(self, key: str, default=_MISSING, minimum: int = 1, maximum: int = _MAX_DIM) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise self.fail(f"'{self.section}{key}' must be an integer in {minimum}..{maximum}, found "
+                            f"{json_kind(value)}")
+        return value
+
+    def number(self, key: str, default=_MISSING, above: float | None = 0.0) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                above is not None and not value > above):
+            bound = f" greater than {above:g}" if above is not None else ""
+            raise self.fail(f"'{self.section}{key}' must be a number{bound}, found {json_kind(value)}")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"'{self.section}{key}' must be true or false, found {json_kind(value)}")
+        return value
+
+    def section_of(self, key: str) -> "_Fields":
+        value = self.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(f"'{key}' must be an object, found {json_kind(value)}")
+        return _Fields(value, self.source, f"{key}.")
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        value = self.get(key, [])
+        ids = value if isinstance(value, list) else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise self.fail(f"'{key}' must be a token id or a list of them, found {json_kind(value)}")
+        return tuple(ids)
+
+
+def _parse_rope(raw: _Fields) -> RopeScaling:
     # transformers >= 5 writes `rope_parameters` (theta inside); older checkpoints (and the published ones)
     # write `rope_theta` + `rope_scaling`.
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 150000.0)))
-    kind = params.get("rope_type", params.get("type", "default" if not params else "yarn"))
+    key = "rope_parameters" if raw.raw.get("rope_parameters") else "rope_scaling"
+    params = raw.section_of(key)
+    theta = (params.number("rope_theta", above=1.0) if "rope_theta" in params.raw
+             else raw.number("rope_theta", 150000.0, above=1.0))  # the log of theta divides in YaRN's ramp
+    kind = params.get("rope_type", params.get("type", "default" if not params.raw else "yarn"))
     if kind == "default":
         return RopeScaling(theta=theta, kind="default", factor=1.0)
     if kind != "yarn":
-        raise ConfigError(f"config.json: rope type '{kind}' is not supported (GPT-OSS uses 'yarn' or 'default')")
+        raise raw.fail(f"rope type '{kind}' is not supported (GPT-OSS uses 'yarn' or 'default')")
     for k in ("mscale", "mscale_all_dim"):
-        if params.get(k):
-            raise ConfigError(f"config.json: rope parameter '{k}' is not supported for GPT-OSS")
-    if "partial_rotary_factor" in params and float(params["partial_rotary_factor"]) != 1.0:
-        raise ConfigError("config.json: partial_rotary_factor != 1 is not supported for GPT-OSS")
+        if params.raw.get(k):
+            raise raw.fail(f"rope parameter '{k}' is not supported for GPT-OSS")
+    if params.number("partial_rotary_factor", 1.0) != 1.0:
+        raise raw.fail("partial_rotary_factor != 1 is not supported for GPT-OSS")
+    attention_factor = params.raw.get("attention_factor")
     return RopeScaling(
         theta=theta,
         kind="yarn",
-        factor=float(_require(params, "factor")),
-        original_max_position_embeddings=int(_require(params, "original_max_position_embeddings")),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        truncate=bool(params.get("truncate", True)),
-        attention_factor=params.get("attention_factor"),
+        factor=params.number("factor"),
+        original_max_position_embeddings=params.int("original_max_position_embeddings"),
+        beta_fast=params.number("beta_fast", 32.0),
+        beta_slow=params.number("beta_slow", 1.0),
+        truncate=params.flag("truncate", True),
+        attention_factor=None if attention_factor is None else params.number("attention_factor"),
     )
 
 
-def _parse(raw: dict) -> GptOssConfig:
-    model_type = raw.get("model_type")
+def _parse(raw: _Fields) -> GptOssConfig:
+    model_type = raw.raw.get("model_type")
     if model_type != "gpt_oss":
-        raise ConfigError(f"config.json: model_type '{model_type}' is not supported (expected 'gpt_oss')")
+        raise raw.fail(f"model_type '{model_type}' is not supported (expected 'gpt_oss')")
     act = raw.get("hidden_act", "silu")
     if act != "silu":
-        raise ConfigError(f"config.json: hidden_act '{act}' is not supported (GPT-OSS uses its clamped SwiGLU)")
-    if raw.get("attention_bias", True) is not True:
-        raise ConfigError("config.json: attention_bias=false is not supported (GPT-OSS has q/k/v/o biases)")
-    if raw.get("tie_word_embeddings", False):
-        raise ConfigError("config.json: tie_word_embeddings=true is not supported (GPT-OSS has an untied lm_head)")
+        raise raw.fail(f"hidden_act '{act}' is not supported (GPT-OSS uses its clamped SwiGLU)")
+    if raw.raw.get("attention_bias", True) is not True:
+        raise raw.fail("attention_bias=false is not supported (GPT-OSS has q/k/v/o biases)")
+    if raw.raw.get("tie_word_embeddings") not in (False, None):
+        raise raw.fail("tie_word_embeddings=true is not supported (GPT-OSS has an untied lm_head)")
 
-    heads = int(_require(raw, "num_attention_heads"))
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    heads = raw.int("num_attention_heads")
+    kv_heads = raw.int("num_key_value_heads", heads)
     if heads % kv_heads:
-        raise ConfigError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    hidden = int(_require(raw, "hidden_size"))
-    head_dim = int(raw.get("head_dim") or hidden // heads)
+        raise raw.fail(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    hidden = raw.int("hidden_size")
+    head_dim = raw.int("head_dim", max(hidden // heads, 1))
     if head_dim % 2:
-        raise ConfigError(f"config.json: head_dim={head_dim} must be even for RoPE")
-    layers = int(_require(raw, "num_hidden_layers"))
-    window = int(raw.get("sliding_window") or 0)
-    layer_types = raw.get("layer_types") or [
+        raise raw.fail(f"head_dim={head_dim} must be even for RoPE")
+    layers = raw.int("num_hidden_layers", maximum=_MAX_LAYERS)
+    window = raw.int("sliding_window", 0, minimum=0)
+    layer_types = raw.get("layer_types", None) or [
         "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
     ]
+    if not isinstance(layer_types, list):
+        raise raw.fail(f"'layer_types' must be a list, found {json_kind(layer_types)}")
     if len(layer_types) != layers:
-        raise ConfigError(f"config.json: layer_types has {len(layer_types)} entries for {layers} layers")
+        raise raw.fail(f"layer_types has {len(layer_types)} entries for {layers} layers")
     for t in layer_types:
         if t not in ("sliding_attention", "full_attention"):
-            raise ConfigError(f"config.json: layer type '{t}' is not supported")
+            raise raw.fail(f"layer type '{t}' is not supported")
     if "sliding_attention" in layer_types and window <= 0:
-        raise ConfigError("config.json: sliding_attention layers need a positive sliding_window")
-    experts = int(_require(raw, "num_local_experts"))
-    top_k = int(_require(raw, "num_experts_per_tok"))
+        raise raw.fail("sliding_attention layers need a positive sliding_window")
+    experts = raw.int("num_local_experts")
+    top_k = raw.int("num_experts_per_tok")
     if not 0 < top_k <= experts:
-        raise ConfigError(f"config.json: num_experts_per_tok={top_k} must be in 1..num_local_experts={experts}")
+        raise raw.fail(f"num_experts_per_tok={top_k} must be in 1..num_local_experts={experts}")
+    inter = raw.int("intermediate_size")
 
-    quant = raw.get("quantization_config")
     quant_method = None
-    if quant:
-        quant_method = quant.get("quant_method")
+    quant = raw.section_of("quantization_config")
+    if quant.raw:
+        quant_method = quant.raw.get("quant_method")
         if quant_method != "mxfp4":
-            raise ConfigError(f"config.json: quantization '{quant_method}' is not supported (only 'mxfp4')")
+            raise raw.fail(f"quantization '{quant_method}' is not supported (only 'mxfp4')")
+        for name, width in (("hidden_size", hidden), ("intermediate_size", inter)):
+            if width % 32:  # MXFP4 packs 32-wide blocks along each expert matrix's input
+                raise raw.fail(f"{name}={width} is not a multiple of 32, as MXFP4 expert weights need")
 
-    eos = raw.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     return GptOssConfig(
-        vocab_size=int(_require(raw, "vocab_size")),
+        vocab_size=raw.int("vocab_size"),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -165,15 +225,15 @@ def _parse(raw: dict) -> GptOssConfig:
         head_dim=head_dim,
         num_local_experts=experts,
         num_experts_per_tok=top_k,
-        intermediate_size=int(_require(raw, "intermediate_size")),
+        intermediate_size=inter,
         sliding_window=window,
         layer_types=tuple(layer_types),
         rope=_parse_rope(raw),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-        swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
-        swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
+        rms_norm_eps=raw.number("rms_norm_eps", 1e-5),
+        swiglu_alpha=raw.number("swiglu_alpha", 1.702),
+        swiglu_limit=raw.number("swiglu_limit", 7.0),
+        max_position_embeddings=raw.int("max_position_embeddings", 131072),
         quant_method=quant_method,
-        eos_token_ids=eos_ids,
-        pad_token_id=raw.get("pad_token_id"),
+        eos_token_ids=raw.token_ids("eos_token_id"),
+        pad_token_id=raw.int("pad_token_id", None, minimum=0) if raw.raw.get("pad_token_id") is not None else None,
     )

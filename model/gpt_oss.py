@@ -10,7 +10,8 @@
 `last[b]`; `decode` runs one token per sequence at `pos[b]`. Both write K/V into the cache in place. Positions
 travel as tensor values, never as Python ints, so both functions can be captured as graphs with static shapes;
 the only Python int they take, `kv_len` (how many cache slots attention reads), is a per-graph constant.
-Everything backend-specific is behind `self.ops`; everything tensor-parallel is in `self.plan`/`self.parallel`.
+Everything backend-specific is behind `self.ops`; everything tensor-parallel is in `self.plan`/`self.parallel`;
+how weights are held (`self.weights`: "dense" or "published", see weights.py) only the op table sees.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from .config import GptOssConfig
 from .ops import get_ops
 from .parallel import Parallel, ShardPlan
 from .rope import rope_cos_sin, yarn_inv_freq
+from .mxfp4 import BLOCK_SIZE
+from .weights import WEIGHT_FORMATS, Linear, PackedMxfp4, block_span, frozen
 
 
 class Attention(nn.Module):
@@ -30,13 +33,13 @@ class Attention(nn.Module):
         self.ops = ops
         self.q_heads, self.kv_heads, self.head_dim = plan.q_heads, plan.kv_heads, config.head_dim
         width = (plan.q_heads + 2 * plan.kv_heads) * config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, width)  # merged q, k, v
-        self.o_proj = nn.Linear(plan.q_heads * config.head_dim, config.hidden_size)  # row-parallel
+        self.qkv_proj = Linear(config.hidden_size, width, ops)  # merged q, k, v
+        self.o_proj = Linear(plan.q_heads * config.head_dim, config.hidden_size, ops)  # row-parallel
         self.sinks = nn.Parameter(torch.zeros(plan.q_heads))
         self.window = config.sliding_window if config.is_sliding(layer) else 0
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, positions, start, k_cache, v_cache, kv_len: int):
+    def forward(self, x, cos, sin, positions, start, k_cache, v_cache, kv_len: int, lengths=None):
         batch, steps, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
@@ -44,86 +47,116 @@ class Attention(nn.Module):
         k = self.ops.apply_rope(k.view(batch, steps, self.kv_heads, self.head_dim), cos, sin)
         self.ops.cache_write(k_cache, start, k)
         self.ops.cache_write(v_cache, start, v.view(batch, steps, self.kv_heads, self.head_dim))
-        out = self.ops.attention(q, k_cache, v_cache, self.sinks, positions, self.window, self.scale, kv_len)
+        out = self.ops.attention(q, k_cache, v_cache, self.sinks, positions, self.window, self.scale, kv_len,
+                                 lengths)
         return self.o_proj(out.reshape(batch, steps, -1))
-
-
-class Router(nn.Module):
-    def __init__(self, config: GptOssConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size))
-        self.bias = nn.Parameter(torch.zeros(config.num_local_experts))
 
 
 class MoE(nn.Module):
     """Experts hold this rank's slice of the intermediate dimension: gate_up columns (gate/up pairs kept
-    together), down rows. The output is a partial sum under TP."""
+    together), down rows. The output is a partial sum under TP.
 
-    def __init__(self, config: GptOssConfig, plan: ShardPlan, ops):
+    Expert weights are dense, `gate_up_proj [E, H, 2I]` and `down_proj [E, I, H]`, or packed MXFP4 as published
+    (`packed=True`): `*_blocks`/`*_scales` of the transposed [E, out, in] matrices, down's input slice covered by
+    whole blocks (see PackedMxfp4)."""
+
+    def __init__(self, config: GptOssConfig, plan: ShardPlan, ops, packed: bool = False):
         super().__init__()
         self.ops, self.top_k = ops, config.num_experts_per_tok
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         experts, hidden, inter = config.num_local_experts, config.hidden_size, plan.intermediate
-        self.router = Router(config)
-        self.gate_up_proj = nn.Parameter(torch.zeros(experts, hidden, 2 * inter))
-        self.gate_up_proj_bias = nn.Parameter(torch.zeros(experts, 2 * inter))
-        self.down_proj = nn.Parameter(torch.zeros(experts, inter, hidden))
-        self.down_proj_bias = nn.Parameter(torch.zeros(experts, hidden))
+        self.router = Linear(hidden, experts, ops)
+        self.packed = packed
+        if packed:
+            first, end, before, after = block_span(plan.intermediate_start, inter)
+            self.down_pad = (before, after)
+            self.gate_up_blocks = frozen(experts, 2 * inter, hidden // BLOCK_SIZE, 16, dtype=torch.uint8)
+            self.gate_up_scales = frozen(experts, 2 * inter, hidden // BLOCK_SIZE, dtype=torch.uint8)
+            self.down_blocks = frozen(experts, hidden, end - first, 16, dtype=torch.uint8)
+            self.down_scales = frozen(experts, hidden, end - first, dtype=torch.uint8)
+        else:
+            self.gate_up_proj = frozen(experts, hidden, 2 * inter)
+            self.down_proj = frozen(experts, inter, hidden)
+        self.gate_up_proj_bias = frozen(experts, 2 * inter)
+        self.down_proj_bias = frozen(experts, hidden)
+
+    def gate_up(self):
+        return PackedMxfp4(self.gate_up_blocks, self.gate_up_scales, (0, 0)) if self.packed else self.gate_up_proj
+
+    def down(self):
+        return PackedMxfp4(self.down_blocks, self.down_scales, self.down_pad) if self.packed else self.down_proj
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.ops.route(x, self.router.weight, self.router.bias, self.top_k)
-        y = self.ops.moe(x, weights, experts, self.gate_up_proj, self.gate_up_proj_bias,
-                         self.down_proj, self.down_proj_bias, self.alpha, self.limit)
+        y = self.ops.moe(x, weights, experts, self.gate_up(), self.gate_up_proj_bias,
+                         self.down(), self.down_proj_bias, self.alpha, self.limit)
         return y.view(shape)
 
 
 class Block(nn.Module):
-    def __init__(self, config: GptOssConfig, plan: ShardPlan, layer: int, ops):
+    def __init__(self, config: GptOssConfig, plan: ShardPlan, layer: int, ops, packed: bool):
         super().__init__()
         self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
         self.self_attn = Attention(config, plan, layer, ops)
         self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
-        self.mlp = MoE(config, plan, ops)
+        self.mlp = MoE(config, plan, ops, packed)
 
 
 class GptOss(nn.Module):
-    def __init__(self, config: GptOssConfig, parallel: Parallel = Parallel(), ops: str = "torch"):
+    """`weights`: "dense" or "published" (weights.py); `packed_experts`: MXFP4 experts stay packed (published
+    weights of an MXFP4 checkpoint); `ops_mode`: how the op table runs (e.g. "ge": lengths as tensors)."""
+
+    def __init__(self, config: GptOssConfig, parallel: Parallel = Parallel(), ops: str = "torch",
+                 ops_mode: str = "eager", weights: str = "dense", packed_experts: bool = False):
         super().__init__()
-        self.config, self.parallel = config, parallel
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format '{weights}'; available: {list(WEIGHT_FORMATS)}")
+        self.config, self.parallel, self.weights = config, parallel, weights
         self.plan = ShardPlan.build(config, parallel)
-        self.ops = get_ops(ops)
-        self.ops_name = ops
+        self.ops = get_ops(ops, ops_mode)
+        self.ops_name, self.ops_mode = ops, ops_mode
         self.embed_tokens = nn.Parameter(torch.zeros(self.plan.vocab, config.hidden_size))  # vocab-parallel
-        self.layers = nn.ModuleList(Block(config, self.plan, i, self.ops) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, self.plan, i, self.ops, packed_experts)
+                                    for i in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = nn.Parameter(torch.zeros(self.plan.vocab, config.hidden_size))  # vocab-parallel
         inv_freq, self.rope_scale = yarn_inv_freq(config.head_dim, config.rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' (and KV cache's) dtype: norm weights are held in it in every weight format."""
+        return self.norm.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
+
     # -- pieces -------------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.parallel.tp_size == 1:
-            return F.embedding(ids, self.embed_tokens)
+            return F.embedding(ids, self.embed_tokens).to(self.dtype)
         local = ids - self.plan.vocab_start
         owned = (local >= 0) & (local < self.plan.vocab)
-        rows = F.embedding(torch.where(owned, local, torch.zeros_like(local)), self.embed_tokens)
+        rows = F.embedding(torch.where(owned, local, torch.zeros_like(local)), self.embed_tokens).to(self.dtype)
         return self.parallel.all_reduce(rows * owned[..., None].to(rows.dtype))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.lm_head)
+        logits = self.ops.linear(h, self.lm_head, None)
         return self.parallel.all_gather_last_dim(logits)[..., : self.config.vocab_size]
 
     def hidden(self, ids, positions, start, k_caches, v_caches, kv_len: int) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] for tokens `ids` [B, T] at `positions` [B, T]; writes the
         cache at `start[b] + t`."""
         ops, eps = self.ops, self.config.rms_norm_eps
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.embed_tokens.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype)
         residual = self.embed(ids)
         h = ops.rms_norm(residual, self.layers[0].input_layernorm, eps)
+        lengths = ops.attention_lengths(positions, kv_len, k_caches[0].shape[1])  # once per step, not per layer
         for i, block in enumerate(self.layers):
-            a = block.self_attn(h, cos, sin, positions, start, k_caches[i], v_caches[i], kv_len)
+            a = block.self_attn(h, cos, sin, positions, start, k_caches[i], v_caches[i], kv_len, lengths)
             h, residual = ops.add_rms_norm(self.parallel.all_reduce(a), residual, block.post_attention_layernorm, eps)
             m = self.parallel.all_reduce(block.mlp(h))
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm

@@ -23,6 +23,12 @@ class KVCache:
     def slots(self) -> int:
         return self.keys[0].shape[1]
 
+    def rows(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The first `n` rows of every layer's buffers (views: writes land in the cache)."""
+        if n == self.max_batch_size:
+            return self.keys, self.values
+        return [k[:n] for k in self.keys], [v[:n] for v in self.values]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -7,8 +7,14 @@ Checkpoint names map onto the model as follows (TP slices in brackets, `r` = thi
     self_attn.sinks                       -> [r's heads]
     mlp.experts.gate_up_proj [E, H, 2I]   -> [columns 2*i0 .. 2*(i0+I_r): interleaved gate/up pairs stay together]
     mlp.experts.down_proj    [E, I, H]    -> [rows i0 .. i0+I_r]
-    mlp.experts.*_blocks/_scales (MXFP4)  -> dequantised at load; stored [E, out, in/32, 16], i.e. transposed
+    mlp.experts.*_blocks/_scales (MXFP4)  -> stored [E, out, in/32, 16], i.e. transposed; dense weights: decoded
+                                             at load; published weights: kept packed (down's input slice as the
+                                             whole blocks covering it, codes outside the slice zeroed)
     embed_tokens, lm_head                 -> [vocab rows of r], zero-padded on the last rank
+
+Weight formats (model/weights.py): "dense" casts every weight to the runtime dtype; "published" keeps the matrices
+in their stored dtype (bf16 as published, fp32 stays fp32) and MXFP4 experts packed; norms, sinks and biases are
+held in the runtime dtype in both.
 
 Tensors stream one at a time (see safetensors_reader), so peak memory is this rank's shard plus one tensor (one
 expert, for expert tensors). A rank maps only its own bytes wherever its slice is contiguous on disk: vocab rows,
@@ -26,8 +32,11 @@ from .mxfp4 import dequantize_mxfp4
 from .parallel import Parallel
 from .rope import yarn_inv_freq
 from .safetensors_reader import CheckpointError, SafetensorsReader
+from .weights import WEIGHT_FORMATS, block_span
 
 MXFP4_BLOCK = 32
+#: The weight format `load_model` uses when none is given.
+DEFAULT_WEIGHTS = "dense"
 
 
 def _copy(reader: SafetensorsReader, name: str, expected: tuple, dst: torch.Tensor, dim: int | None = None,
@@ -75,6 +84,30 @@ def _copy_mxfp4(reader: SafetensorsReader, prefix: str, out_features: int, in_fe
             del b, s
 
 
+def _copy_mxfp4_packed(reader: SafetensorsReader, prefix: str, out_features: int, in_features: int,
+                       blocks: torch.Tensor, scales: torch.Tensor, out_start: int, out_len: int, in_start: int,
+                       in_len: int) -> None:
+    """blocks [E, out_len, G', 16] / scales [E, out_len, G'] <- this rank's slice of an MXFP4 [E, out, in] weight,
+    kept packed, one expert at a time. An input slice is held as the G' whole blocks covering it, with the codes
+    outside it set to zero (code 0 is +0), so a split inside a block stays exact: the kernel sees zero weights
+    there and the activation is zero-padded onto the same grid."""
+    experts = blocks.shape[0]
+    if in_features % MXFP4_BLOCK:
+        raise CheckpointError(f"'{prefix}_blocks': input width {in_features} is not a multiple of {MXFP4_BLOCK}")
+    groups = in_features // MXFP4_BLOCK
+    first, end, before, after = block_span(in_start, in_len)
+    keep = torch.zeros((end - first) * MXFP4_BLOCK, dtype=torch.uint8)
+    keep[before:before + in_len] = 1
+    mask = (keep[0::2] * 0x0F + keep[1::2] * 0xF0).view(end - first, 16)  # low nibble = even value
+    rows = (out_start, out_start + out_len)
+    for e in range(experts):
+        with reader.open(prefix + "_blocks", (experts, out_features, groups, 16), index=(e,), rows=rows) as b, \
+                reader.open(prefix + "_scales", (experts, out_features, groups), index=(e,), rows=rows) as s:
+            torch.bitwise_and(b[:, first:end], mask, out=blocks[e])
+            scales[e].copy_(s[:, first:end])
+            del b, s
+
+
 def _expected_names(config: GptOssConfig, mxfp4: bool) -> set[str]:
     names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     expert = (["gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"] if mxfp4
@@ -88,6 +121,37 @@ def _expected_names(config: GptOssConfig, mxfp4: bool) -> set[str]:
     return names
 
 
+def _is_mxfp4(reader: SafetensorsReader, config: GptOssConfig) -> bool:
+    mxfp4 = any(n.endswith("_blocks") for n in reader.names())
+    if mxfp4 and config.quant_method != "mxfp4":
+        raise CheckpointError("checkpoint has MXFP4 expert tensors (*_blocks/*_scales) but config.json declares no "
+                              "quantization_config with quant_method 'mxfp4'")
+    return mxfp4
+
+
+def _keep_stored_dtypes(model: GptOss, reader: SafetensorsReader) -> None:
+    """Published weights: re-allocate (on the meta device) each matrix in its checkpoint dtype."""
+    def stored(name):
+        return reader.check(name, reader.shape(name)).dtype if name in reader else None
+
+    def retype(module, attr, name):
+        dtype = stored(name)
+        old = getattr(module, attr)
+        if dtype is not None and dtype != old.dtype:
+            setattr(module, attr, torch.nn.Parameter(torch.empty_like(old, dtype=dtype), requires_grad=False))
+
+    retype(model, "embed_tokens", "model.embed_tokens.weight")
+    retype(model, "lm_head", "lm_head.weight")
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        retype(block.self_attn.qkv_proj, "weight", p + "self_attn.q_proj.weight")
+        retype(block.self_attn.o_proj, "weight", p + "self_attn.o_proj.weight")
+        retype(block.mlp.router, "weight", p + "mlp.router.weight")
+        if not block.mlp.packed:
+            retype(block.mlp, "gate_up_proj", p + "mlp.experts.gate_up_proj")
+            retype(block.mlp, "down_proj", p + "mlp.experts.down_proj")
+
+
 def load_weights(model: GptOss, model_dir) -> None:
     """Fill `model` (already allocated for its rank) from the checkpoint in `model_dir`."""
     config, plan, rank = model.config, model.plan, model.parallel.rank
@@ -95,19 +159,21 @@ def load_weights(model: GptOss, model_dir) -> None:
     hidden, dim, experts = config.hidden_size, config.head_dim, config.num_local_experts
     inter = config.intermediate_size
 
-    mxfp4 = any(n.endswith("_blocks") for n in reader.names())
-    if mxfp4 and config.quant_method != "mxfp4":
-        raise CheckpointError("checkpoint has MXFP4 expert tensors (*_blocks/*_scales) but config.json declares no "
-                              "quantization_config with quant_method 'mxfp4'")
+    mxfp4 = _is_mxfp4(reader, config)
+    packed = model.layers[0].mlp.packed if model.layers else False
+    if packed and not mxfp4:
+        raise CheckpointError("model allocated for packed MXFP4 experts, but the checkpoint has none")
     expected = _expected_names(config, mxfp4)
     missing = sorted(expected - reader.names())
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"checkpoint tensor '{missing[0]}' is missing{more}")
+        raise CheckpointError(f"checkpoint tensor '{missing[0]}' is missing{more} from {reader.source} "
+                              "(config.json describes it)")
     unknown = sorted(reader.names() - expected)
     if unknown:
-        raise CheckpointError(f"checkpoint tensor '{unknown[0]}' is not part of GPT-OSS as configured "
-                              f"({len(unknown)} unexpected tensor(s); unknown quantisation or wrong config?)")
+        raise CheckpointError(f"checkpoint tensor '{unknown[0]}' in {reader.source} is not part of GPT-OSS as "
+                              f"config.json describes it ({len(unknown)} unexpected tensor(s); unknown quantisation "
+                              "or wrong config?)")
 
     with torch.no_grad():
         vocab_rows = min(plan.vocab, config.vocab_size - plan.vocab_start)
@@ -143,7 +209,12 @@ def load_weights(model: GptOss, model_dir) -> None:
             _copy_experts(reader, e + "gate_up_proj_bias", (experts, 2 * inter), moe.gate_up_proj_bias, 1,
                           2 * i_start, 2 * i_len)
             _copy_or_zero(reader, e + "down_proj_bias", (experts, hidden), moe.down_proj_bias, rank == 0)
-            if mxfp4:
+            if packed:
+                _copy_mxfp4_packed(reader, e + "gate_up_proj", 2 * inter, hidden, moe.gate_up_blocks,
+                                   moe.gate_up_scales, 2 * i_start, 2 * i_len, 0, hidden)
+                _copy_mxfp4_packed(reader, e + "down_proj", hidden, inter, moe.down_blocks, moe.down_scales,
+                                   0, hidden, i_start, i_len)
+            elif mxfp4:
                 _copy_mxfp4(reader, e + "gate_up_proj", 2 * inter, hidden, moe.gate_up_proj,
                             2 * i_start, 2 * i_len, 0, hidden)
                 _copy_mxfp4(reader, e + "down_proj", hidden, inter, moe.down_proj, 0, hidden, i_start, i_len)
@@ -161,13 +232,37 @@ def _copy_or_zero(reader, name, expected, dst, owner: bool) -> None:
         dst.zero_()
 
 
+def _check_size(model: GptOss, reader: SafetensorsReader) -> None:
+    """Before allocating: a config.json whose sizes the weights cannot fill (a damaged or mismatched file) is
+    refused here rather than by an allocation of its size. Every element takes at least half a byte on disk."""
+    needed, held = sum(p.numel() for p in model.parameters()), reader.nbytes()
+    if needed > 2 * held:
+        raise CheckpointError(f"config.json describes {needed:,} parameters but {reader.source} holds only "
+                              f"{held:,} bytes of tensors: config.json does not belong to these weights")
+
+
 def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", ops: str = "torch") -> GptOss:
+               device: str | torch.device = "cpu", ops: str = "torch", ops_mode: str = "eager",
+               weights: str | None = None) -> GptOss:
     """Build this rank's model for `model_dir` and fill it. The model's memory is allocated once, uninitialised,
-    and every parameter is written from the checkpoint."""
+    and every parameter is written from the checkpoint. `dtype` is the activations' dtype; `weights` ("dense" or
+    "published", default DEFAULT_WEIGHTS) how the weights are held (see the module docstring); the model records
+    it as `model.weights`."""
+    weights = weights or DEFAULT_WEIGHTS
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weights='{weights}'; available: {list(WEIGHT_FORMATS)}")
+    if weights == "published" and torch.device(device).type != "cpu":
+        raise ValueError(f"weights='published' has kernels for CPU only; on '{torch.device(device).type}' load "
+                         f"weights='dense'")
     config = GptOssConfig.from_pretrained(model_dir)
+    reader = SafetensorsReader(model_dir)
+    packed = weights == "published" and _is_mxfp4(reader, config)
     with torch.device("meta"):
-        model = GptOss(config, Parallel(tp_size, rank), ops=ops).to(dtype)
+        model = GptOss(config, Parallel(tp_size, rank), ops=ops, ops_mode=ops_mode, weights=weights,
+                       packed_experts=packed).to(dtype)
+        if weights == "published":
+            _keep_stored_dtypes(model, reader)
+    _check_size(model, reader)
     model = model.to_empty(device=device)
     # The rope table is not a checkpoint tensor, and the meta device dropped its values: compute it (fp32).
     model.inv_freq = yarn_inv_freq(config.head_dim, config.rope)[0].to(device)

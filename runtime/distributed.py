@@ -25,13 +25,12 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
-BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+COLLECTIVES = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}  # collective library per device type
 
 
 class DistributedSetupError(RuntimeError):
@@ -68,10 +67,10 @@ def is_main_process() -> bool:
 
 
 def backend_for(device: torch.device) -> str:
-    if device.type not in BACKENDS:
+    if device.type not in COLLECTIVES:
         raise DistributedSetupError(f"no collective backend for device type '{device.type}'; "
-                                    f"supported: {sorted(BACKENDS)}")
-    return BACKENDS[device.type]
+                                    f"supported: {sorted(COLLECTIVES)}")
+    return COLLECTIVES[device.type]
 
 
 def default_timeout_s() -> float:
@@ -172,15 +171,5 @@ def install_fail_fast(rank: int, world: int, timeout_s: float) -> None:
     sys.excepthook = hook
 
 
-def rank_artifact_dir(artifacts: str | Path, world_size: int | None = None, rank: int | None = None) -> Path:
-    """Where this rank keeps its compiled graphs: `<artifacts>/tp<N>-rank<r>` (graphs and their manifests are per
-    rank), or `<artifacts>` itself at tp 1. World size and rank default to torchrun's environment."""
-    env = env_world()
-    world_size = env[0] if world_size is None else world_size
-    rank = env[1] if rank is None else rank
-    artifacts = Path(artifacts)
-    return artifacts if world_size == 1 else artifacts / f"tp{world_size}-rank{rank}"
-
-
 __all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "DistributedSetupError", "backend_for", "env_world",
-           "install_fail_fast", "is_main_process", "rank_artifact_dir", "setup"]
+           "install_fail_fast", "is_main_process", "setup"]

@@ -7,28 +7,26 @@ shape, samples, stops and streams.
 """
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from gptoss.graph import build_graphs
+from gptoss.graph import ShapePlan, get_backend
 from gptoss.model.config import GptOssConfig
 from gptoss.model.kv_cache import KVCache
 from gptoss.model.loader import load_model
 from gptoss.model.parallel import Parallel, ShardPlan
 
-from .distributed import env_world, rank_artifact_dir, setup as setup_distributed
+from .distributed import env_world, setup as setup_distributed
 from .sampling import sample, validate_sampling
-from .shapes import ShapePlan
+from .settings import Settings
 from .tokenizer import IncrementalDetokenizer, TextTokenizer, stop_token_ids
-
-# Op tables whose attention reads the cache as fixed-size pages need the slot count to be a multiple of a page.
-PAGE_SLOTS = {"npu": 128}
-# The op table each graph backend runs: torchair's GE graphs need the fused torch_npu ops.
-BACKEND_OPS = {"torchair": "npu"}
 
 
 @dataclass
@@ -76,43 +74,44 @@ class _Sequence:
 
 
 class Runtime:
-    def __init__(self, model, model_dir: str | Path | None = None, *, max_batch_size: int = 8,
-                 max_seq_len: int = 4096, prefill_chunk: int = 256, backend: str = "eager",
-                 batch_sizes: Sequence[int] | None = None, artifacts: str | Path | None = None,
-                 rebuild: bool = False, compile_missing: bool = True, progress: bool = True,
-                 min_prefill_chunk: int = 16):
-        self.model = model
-        self.config = model.config
-        self.device = model.embed_tokens.device
-        self.dtype = model.embed_tokens.dtype
-        if max_seq_len > self.config.max_position_embeddings:
-            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
+    """Owns the KV cache and the graphs of one model; `generate` runs prompts through them.
+
+    Safe to call from several threads: calls take turns (each gets exactly what it would get alone). A stream
+    holds the runtime until it is exhausted, closed, or dropped; a new call from the thread that holds an
+    unfinished stream ends that stream first (iterating it again raises)."""
+
+    def __init__(self, model, model_dir: str | Path | None = None, settings: Settings | None = None, **overrides):
+        self.model, self.config = model, model.config
+        self.device, self.dtype = model.device, model.dtype
+        # the model, already built, decides the device, dtype and weight format
+        settings = (settings or Settings()).replace(**overrides, device=str(self.device), dtype=self.dtype,
+                                                    weights=model.weights)
+        self.settings = settings = settings.resolve(model.parallel.tp_size, model.parallel.rank)
+        if settings.threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(settings.threads)
+        if settings.max_seq_len > self.config.max_position_embeddings:
+            raise ValueError(f"max_seq_len={settings.max_seq_len} exceeds the model's max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        chunk = min(prefill_chunk, 1 << (max_seq_len - 1).bit_length())
-        self.shapes = ShapePlan(max_batch_size, max_seq_len, chunk, min_chunk=min(min_prefill_chunk, chunk),
-                                batch_buckets=tuple(batch_sizes) if batch_sizes else None,
-                                slot_multiple=PAGE_SLOTS.get(model.ops_name, 1))
-        self.cache = KVCache.allocate(self.config, model.plan, max_batch_size, self.shapes.slots, self.dtype,
-                                      self.device)
-        self.backend = backend
-        self.graphs = build_graphs(model, self.shapes, backend, self.cache.keys, self.cache.values,
-                                   artifacts=artifacts, rebuild=rebuild, compile_missing=compile_missing,
-                                   progress=progress)
+        backend = get_backend(settings.backend)
+        chunk = min(settings.prefill_chunk, 1 << (settings.max_seq_len - 1).bit_length())
+        self.shapes = ShapePlan(settings.max_batch_size, settings.max_seq_len, chunk,
+                                min_chunk=min(settings.min_prefill_chunk, chunk), batch_buckets=settings.batch_sizes,
+                                slot_multiple=backend.page_slots)
+        self.cache = KVCache.allocate(self.config, model.plan, settings.max_batch_size, self.shapes.slots,
+                                      self.dtype, self.device)
+        # the checkpoint's text files before the graphs: a bad tokenizer is reported before a long compile
         self.tokenizer = TextTokenizer(model_dir)  # without a model_dir: token-id prompts only
         self.eos_ids = stop_token_ids(model_dir, self.config.eos_token_ids) if model_dir else set(
             self.config.eos_token_ids)
+        self.backend = settings.backend
+        self.graphs = backend.build(model, self.shapes, self.cache, settings)
         self.last_stats = GenerationStats()
+        self._turn = _Turn()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, *, backend: str = "eager", max_batch_size: int = 8,
-                        max_seq_len: int = 4096, prefill_chunk: int = 256, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, batch_sizes: Sequence[int] | None = None,
-                        artifacts: str | Path | None = None, rebuild: bool = False,
-                        compile_missing: bool = True, progress: bool = True,
-                        min_prefill_chunk: int = 16, tp_size: int | None = None,
-                        dist_timeout_s: float | None = None) -> "Runtime":
-        """Load a checkpoint directory and build (or load from `artifacts`) the graphs for `backend`:
-        "eager", "inductor" (CPU/CUDA) or "torchair" (Ascend).
+    def from_pretrained(cls, model_dir: str | Path, settings: Settings | None = None, **overrides) -> "Runtime":
+        """Load a checkpoint directory and build (or load from `settings.artifacts`) the graphs for the backend.
+        `settings` (a `Settings`) and keyword overrides of its fields, e.g. `backend="inductor", max_seq_len=4096`.
 
         Tensor parallelism: run one process per rank under `torchrun --nproc-per-node N`; `tp_size` defaults to
         WORLD_SIZE (1 outside torchrun) and must equal it. Each rank joins the process group (gloo on CPU, nccl on
@@ -120,24 +119,19 @@ class Runtime:
         and builds its own graphs (artifacts under `<artifacts>/tp<N>-rank<r>`). Every rank must then call
         `generate` with the same arguments: the ranks replay the same graphs in lockstep, rank 0's sampled tokens
         are broadcast after every step, and every rank returns the same results (use rank 0's)."""
+        settings = (settings or Settings()).replace(**overrides)
         config = GptOssConfig.from_pretrained(model_dir)
-        ShardPlan.build(config, Parallel(tp_size or env_world()[0], 0))  # a tp that cannot split the model: fail
-        if backend == "torchair":  # HCCL reads its environment when the communicator is made: set it first
-            from gptoss.graph.torchair import configure_launch_env
-            configure_launch_env()
-        ctx = setup_distributed(tp_size, device, dist_timeout_s)  # before any process group is made
-        device = ctx.device
-        if dtype is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16
-            dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        model = load_model(model_dir, tp_size=ctx.world_size, rank=ctx.rank, dtype=dtype, device=device,
-                           ops=BACKEND_OPS.get(backend, "torch"))
+        world, rank, _ = env_world()
+        ShardPlan.build(config, Parallel(settings.tp_size or world, 0))  # a tp that cannot split the model: fail
+        settings = settings.resolve(settings.tp_size or world, rank)
+        backend = get_backend(settings.backend)
+        backend.apply_launch_env()  # e.g. HCCL reads its environment when the communicator is made: set it first
+        ctx = setup_distributed(settings.tp_size, settings.device, settings.dist_timeout_s)
+        model = load_model(model_dir, tp_size=ctx.world_size, rank=ctx.rank, dtype=settings.torch_dtype,
+                           device=ctx.device, ops=backend.ops, ops_mode=backend.ops_mode,
+                           weights=settings.weights)
         model.parallel.check_group()
-        if artifacts is not None:
-            artifacts = rank_artifact_dir(artifacts, ctx.world_size, ctx.rank)
-        return cls(model, model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                   prefill_chunk=prefill_chunk, backend=backend, batch_sizes=batch_sizes, artifacts=artifacts,
-                   rebuild=rebuild, compile_missing=compile_missing, progress=progress and ctx.is_main,
-                   min_prefill_chunk=min_prefill_chunk)
+        return cls(model, model_dir, settings.replace(progress=settings.progress and ctx.is_main))
 
     @property
     def is_main_process(self) -> bool:
@@ -145,16 +139,11 @@ class Runtime:
         return self.model.parallel.rank == 0
 
     # -- the two entry points, on the runtime's cache --------------------------------------------------------
-    def _cache_rows(self, rows: int):
-        if rows == self.cache.max_batch_size:
-            return self.cache.keys, self.cache.values
-        return [k[:rows] for k in self.cache.keys], [v[:rows] for v in self.cache.values]
-
     def _prefill(self, ids, start, last, kv_len: int) -> torch.Tensor:
-        return self.graphs.prefill(ids, start, last, *self._cache_rows(ids.shape[0]), kv_len)
+        return self.graphs.prefill(ids, start, last, *self.cache.rows(ids.shape[0]), kv_len)
 
     def _decode(self, ids, pos, kv_len: int) -> torch.Tensor:
-        return self.graphs.decode(ids, pos, *self._cache_rows(ids.shape[0]), kv_len)
+        return self.graphs.decode(ids, pos, *self.cache.rows(ids.shape[0]), kv_len)
 
     # -- public API ------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, *, max_new_tokens: int,
@@ -178,11 +167,24 @@ class Runtime:
         stop_ids = stop_ids if ignore_eos else stop_ids | self.eos_ids
         events = self._run(seqs, temperature, top_k, top_p, generator, stop_ids, stop_strings)
         if stream:
-            return events
-        for _ in events:
-            pass
+            return _Stream(events, self._turn)
+        with self._turn.hold():
+            for _ in events:
+                pass
         return [GenerationResult(list(s.tokens), s.detok.text[:s.stop_at], s.finish_reason, len(s.prompt))
                 for s in seqs]
+
+    def logits(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> torch.Tensor:
+        """Next-token logits (fp32, [len(prompts), vocab]) after each prompt: prefill only, nothing sampled."""
+        encoded = self._encode_prompts(prompts)
+        out, limit = [], self.shapes.max_batch_size
+        with self._turn.hold(), torch.no_grad():
+            for first in range(0, len(encoded), limit):
+                batch = encoded[first:first + limit]
+                rows = self.shapes.batch(len(batch))
+                lengths = torch.tensor([len(p) for p in batch] + [1] * (rows - len(batch)), device=self.device)
+                out.append(self._prefill_batch(batch + [[0]] * (rows - len(batch)), lengths)[:len(batch)])
+        return torch.cat(out)
 
     # -- validation ------------------------------------------------------------------------------------------
     def _encode_prompts(self, prompts) -> list[list[int]]:
@@ -249,7 +251,7 @@ class Runtime:
     def _run_batch(self, batch: list[_Sequence], temperature, top_k, top_p, generator, stop_ids, stop_strings,
                    stats: GenerationStats) -> Iterator[TokenEvent]:
         n = len(batch)
-        rows = n if self.backend == "eager" else self.shapes.batch(n)  # graphs exist for bucketed sizes only
+        rows = self.shapes.batch(n)  # graphs exist for bucketed sizes only
         dev = self.device
         lengths = torch.tensor([len(s.prompt) for s in batch] + [1] * (rows - n), device=dev)
         stats.prompt_tokens += sum(len(s.prompt) for s in batch)
@@ -330,6 +332,79 @@ class Runtime:
         delta = text[seq.emitted:max(end, seq.emitted)]
         seq.emitted = max(end, seq.emitted)
         return TokenEvent(seq.index, token, delta, seq.finish_reason)
+
+
+class _Turn:
+    """Whose turn it is to use the runtime's cache and static buffers: one generation at a time."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # the stream holding the turn, if one does: a weak reference, so that dropping the stream ends it
+        self._stream: weakref.ref | None = None
+        self._thread: int | None = None  # the thread that took it
+
+    def acquire(self, stream: "_Stream | None" = None) -> None:
+        holder = self._stream() if self._stream is not None else None
+        if holder is not None and self._thread == threading.get_ident():
+            holder.supersede()  # this thread left its own stream unfinished: waiting for it would never end
+        self._lock.acquire()
+        self._stream = weakref.ref(stream) if stream is not None else None
+        self._thread = threading.get_ident()
+
+    def release(self) -> None:
+        self._stream = self._thread = None
+        self._lock.release()
+
+    @contextmanager
+    def hold(self):
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class _Stream:
+    """A streamed generation: takes the runtime's turn at its first event, gives it back when it ends, is closed,
+    raises, or is dropped."""
+
+    def __init__(self, events: Iterator[TokenEvent], turn: _Turn):
+        self._events, self._turn = events, turn
+        self._holding = self._superseded = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenEvent:
+        if self._superseded:
+            raise RuntimeError("this stream was left unfinished and a later generate call on the same thread took "
+                               "the runtime; its remaining tokens are gone")
+        if not self._holding:
+            self._turn.acquire(self)
+            self._holding = True
+        try:
+            return next(self._events)
+        except BaseException:  # StopIteration included: the generation is over either way
+            self._finish()
+            raise
+
+    def _finish(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._turn.release()
+
+    def close(self) -> None:
+        try:
+            self._events.close()
+        finally:
+            self._finish()
+
+    def supersede(self) -> None:
+        self._superseded = True
+        self.close()
+
+    def __del__(self):
+        self.close()
 
 
 def _stop_prefix_len(text: str, stop_strings: list[str]) -> int:

@@ -1,17 +1,40 @@
-"""The checkpoint's tokenizer (`tokenizer.json`, read with the `tokenizers` library, offline) and its stop ids."""
+"""The checkpoint's tokenizer (`tokenizer.json`, read with the `tokenizers` library, offline) and its stop ids.
+
+A file here that cannot be used (tokenizer.json, generation_config.json, the chat template and the files
+transformers reads with it) raises CheckpointError naming it, never the library's own exception."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
+
+from gptoss.model.errors import CheckpointError, json_kind, parse_json, read_file, read_json_object
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")  # where transformers looks
+
+
+def _rust_failure(e: BaseException) -> bool:
+    """`tokenizers` raises a bare Exception for a file it cannot parse, and pyo3's PanicException (a
+    BaseException) where its Rust code panics on one: both mean the file is unusable."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def read_tokenizer(path: Path) -> Tokenizer:
+    data = read_file(path)
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except BaseException as e:
+        if not _rust_failure(e):
+            raise
+        parse_json(data, path)  # a UTF-8 or JSON fault, named with its line and column
+        raise CheckpointError(f"{path}: not a tokenizer the `tokenizers` library can read: {e}") from e
 
 
 class TextTokenizer:
     def __init__(self, model_dir: str | Path | None):
         self.model_dir, self._chat = (Path(model_dir) if model_dir is not None else None), None
         path = self.model_dir / "tokenizer.json" if self.model_dir is not None else None
-        self.tokenizer = Tokenizer.from_file(str(path)) if path is not None and path.is_file() else None
+        self.tokenizer = read_tokenizer(path) if path is not None and path.is_file() else None
 
     @property
     def available(self) -> bool:
@@ -30,18 +53,46 @@ class TextTokenizer:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], **template_kwargs) -> str:
         """The checkpoint's chat template (harmony for GPT-OSS) rendered as a prompt ending where the assistant
-        speaks. Uses transformers' renderer, which supplies the helpers the published template calls."""
+        speaks. Uses transformers' renderer, which supplies the helpers the published template calls.
+        `template_kwargs` (e.g. `tools`, `reasoning_effort`) are variables the template may read."""
+        from jinja2 import TemplateError
+
+        chat = self._chat_tokenizer()
+        try:
+            return chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+        except TemplateError as e:
+            present = [self.model_dir / n for n in CHAT_TEMPLATE_FILES if (self.model_dir / n).is_file()]
+            line = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+            raise CheckpointError(f"{present[0] if present else self.model_dir}: the chat template fails{line}: "
+                                  f"{type(e).__name__}: {e}") from e
+
+    def chat_template_source(self) -> str:
+        template = self._chat_tokenizer().chat_template
+        return template if isinstance(template, str) else str(template)
+
+    def _chat_tokenizer(self):
         from transformers import AutoTokenizer
 
         if self.model_dir is None:
             raise ValueError("no checkpoint directory, so no chat template")
+        present = [self.model_dir / n for n in CHAT_TEMPLATE_FILES if (self.model_dir / n).is_file()]
         if self._chat is None:
-            self._chat = AutoTokenizer.from_pretrained(self.model_dir)
+            for path in present:  # name the file that is not text or JSON, before transformers trips on it
+                if path.suffix == ".json":
+                    parse_json(read_file(path), path)
+                else:
+                    _read_text(path)
+            try:
+                self._chat = AutoTokenizer.from_pretrained(self.model_dir)
+            except Exception as e:  # noqa: BLE001 - transformers raises many kinds for one bad file
+                files = ", ".join(p.name for p in [self.model_dir / "tokenizer.json", *present] if p.is_file())
+                raise CheckpointError(f"{self.model_dir}: transformers cannot build the chat tokenizer from "
+                                      f"{files}: {type(e).__name__}: {e}") from e
             if not self._chat.chat_template:
                 raise ValueError(f"{self.model_dir} has no chat template (chat_template.jinja)")
-        return self._chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._chat
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token) if self.tokenizer else None
@@ -52,11 +103,22 @@ def stop_token_ids(model_dir: str | Path, config_eos: tuple[int, ...]) -> set[in
     falling back to config.json's."""
     path = Path(model_dir) / "generation_config.json"
     if path.is_file():
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
+        eos = read_json_object(path).get("eos_token_id")
         if eos is not None:
-            return set(eos if isinstance(eos, list) else [eos])
+            ids = eos if isinstance(eos, list) else [eos]
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise CheckpointError(f"{path}: 'eos_token_id' must be a token id or a list of them, found "
+                                      f"{json_kind(eos)}")
+            return set(ids)
     return set(config_eos)
+
+
+def _read_text(path: Path) -> str:
+    data = read_file(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from e
 
 
 class IncrementalDetokenizer:

@@ -10,9 +10,15 @@ returned tuples. Calls outside what is documented (or outside what this emulator
 does no checking (out-of-range indices, unsorted input, block ids), the emulator checks, because on the device
 such a call corrupts memory or returns garbage.
 
-The one deliberate relaxation: FIA v2 is documented for float16/bfloat16 queries and a bfloat16 `learnable_sink`;
-with `strict_dtypes=False` (the default) the emulator also accepts float32, so the model can be held to the torch
-op table at fp32 precision. `strict_dtypes=True` enforces the documented dtypes (bf16 model runs).
+Limits the device enforces and a CPU cannot see by itself, modelled here (each from the sources named inline):
+- FIA v2 in TND (the only layout with `learnable_sink`) takes bfloat16 only, `learnable_sink` included.
+- Sparse mode 3 needs every row's query count <= its key count, band mode pre_tokens >= 0 and
+  next_tokens + kvlen - qlen >= 0; a fully masked query row with a learnable sink comes out NaN (the kernel's row
+  max excludes the sink, so it computes exp(sink - (-inf))).
+- Graphs (the emulated torchair backend inspects each FX graph it is given): a TND FIA in a graph compiled with
+  `tiling_schedule_optimize=True` or mode "reduce-overhead" is refused with the kernel's message; an aclgraph
+  (reduce-overhead) graph may not sync the host (`.item()`/`.tolist()`), and FIA's lengths in it must be graph
+  inputs or constants (torchair's replay updater refreshes only those).
 
 Each op is a `torch.library.custom_op` in the `npu_emu` namespace with a shape-only fake, as the real torch_npu ops
 are `torch.ops.npu.*` with meta functions: dynamo traces each as one opaque node, so the torchair compile path can
@@ -38,6 +44,7 @@ from torch.library import custom_op
 
 MASK_SIZE = 2048
 _ACTIVE: list = []  # the latest emulator instance, whose `calls` the ops count into
+_IN_GRAPH: list = []  # non-empty while a compiled (or cache-loaded) graph runs
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -134,6 +141,9 @@ def _attention_rows(query, key, value, qcum, kvlens, block_table, block_size, le
         if learnable_sink is not None:
             sink = learnable_sink.double().view(q_heads, 1, 1).expand(q_heads, qlen, 1)
             probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+            # the kernel's running row max covers the keys only: a row with no visible key divides by
+            # exp(sink - (-inf)) = inf and comes out NaN (hicann ops-transformer, FIA sink handling)
+            probs = probs.masked_fill(~visible.any(-1)[None, :, None], float("nan"))
         else:
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v)
@@ -158,6 +168,7 @@ def _fia_values(query, key, value, atten_mask, qcum, kvlens, block_table, learna
     _check(all(x >= 0 for x in qcum) and all(b >= a for a, b in zip(qcum, qcum[1:])),
            f"actual_seq_qlen must be cumulative (non-decreasing, >= 0) in TND, got {qcum}")
     _check(qcum[-1] == tokens, f"actual_seq_qlen must end at T={tokens} (cumulative), got {qcum}")
+    qlens = [b - a for a, b in zip([0] + qcum[:-1], qcum)]
     paged = block_table is not None
     if paged:
         _check(len(kvlens) == batch, f"with block_table, actual_seq_kvlen holds one length per batch row "
@@ -170,7 +181,6 @@ def _fia_values(query, key, value, atten_mask, qcum, kvlens, block_table, learna
             ids = block_table[b, :nblk]
             _check(bool(((ids >= 0) & (ids < key.shape[0])).all()),
                    f"block_table row {b} names blocks outside 0..{key.shape[0] - 1}")
-        qlens = [b - a for a, b in zip([0] + qcum[:-1], qcum)]
         if max(qlens) > 1:
             _check(block_size % 128 == 0 and 128 <= block_size <= 512,
                    "page attention with Q_S > 1 needs block_size a multiple of 128 in [128, 512]")
@@ -178,6 +188,19 @@ def _fia_values(query, key, value, atten_mask, qcum, kvlens, block_table, learna
         _check(len(kvlens) == batch and all(b >= a for a, b in zip(kvlens, kvlens[1:]))
                and kvlens[-1] == key.shape[0],
                f"TND without block_table takes cumulative actual_seq_kvlen ending at {key.shape[0]}, got {kvlens}")
+    row_kv = kvlens if paged else [b - a for a, b in zip([0] + kvlens[:-1], kvlens)]
+    # op-plugin FIA v2 docs: sparse_mode 3 needs each batch's actual_seq_qlen <= actual_seq_kvlen (the TND section
+    # words it as "<"; equal counts are a plain causal prefill), band mode pre_tokens >= 0 and
+    # next_tokens + kvlen - qlen >= 0; otherwise whole query rows take no part in the computation
+    if sparse_mode == 3:
+        bad = [b for b, (q, k) in enumerate(zip(qlens, row_kv)) if q > k]
+        _check(not bad, f"sparse_mode=3 needs actual_seq_qlen <= actual_seq_kvlen per batch; rows {bad} have "
+                        f"more queries than keys (qlen {[qlens[b] for b in bad]}, kvlen {[row_kv[b] for b in bad]})")
+    if sparse_mode == 4:
+        _check(pre_tokens >= 0, f"sparse_mode=4 needs pre_tokens >= 0, got {pre_tokens}")
+        bad = [b for b, (q, k) in enumerate(zip(qlens, row_kv)) if next_tokens + k - q < 0]
+        _check(not bad, f"sparse_mode=4 needs next_tokens + actual_seq_kvlen - actual_seq_qlen >= 0; rows {bad} "
+                        f"break it")
     if sparse_mode in (2, 3, 4):
         _check(atten_mask is not None, f"sparse_mode={sparse_mode} needs the 2048x2048 compressed atten_mask")
         _check(torch.equal(atten_mask.reshape(MASK_SIZE, MASK_SIZE).bool().cpu(), _compressed_mask()),
@@ -367,10 +390,9 @@ class TorchNpuEmulator(types.ModuleType):
 
     __version__ = "2.13.0+emulated"
 
-    def __init__(self, strict_dtypes: bool = False, clipped_swiglu: bool = True):
+    def __init__(self, clipped_swiglu: bool = True):
         super().__init__("torch_npu")
         _ACTIVE[:] = [self]
-        self.strict_dtypes = strict_dtypes
         self.calls: Counter = Counter()
         if clipped_swiglu:  # newer torch_npu only; the op table must work without it
             self.npu_clipped_swiglu = self._npu_clipped_swiglu
@@ -470,12 +492,12 @@ class TorchNpuEmulator(types.ModuleType):
         if learnable_sink is not None:
             _check(tuple(learnable_sink.shape) == (num_query_heads,), "learnable_sink has shape (Q_N,)")
             _check(dims <= 128, "learnable_sink needs value D <= 128")
-        if self.strict_dtypes:
-            _check(query.dtype in (torch.float16, torch.bfloat16), f"FIA v2 query dtype {query.dtype}")
-            _check(learnable_sink is None or learnable_sink.dtype == torch.bfloat16,
-                   f"learnable_sink must be bfloat16, got {learnable_sink.dtype}")
-        else:
-            _check(query.dtype in FLOATS, f"FIA v2 query dtype {query.dtype}")
+        # TND with D != 512: "数据类型仅支持BFLOAT16" (op-plugin FIA v2 docs); PFA tiling: "When layout is TND,
+        # inputDataType should be bf16"; the kernel reads learnable_sink as raw bf16
+        _check(query.dtype == torch.bfloat16, f"FIA v2 with input_layout TND takes bfloat16 query only, got "
+                                              f"{query.dtype}")
+        _check(learnable_sink is None or learnable_sink.dtype == torch.bfloat16,
+               f"learnable_sink must be bfloat16, got {getattr(learnable_sink, 'dtype', None)}")
         _check(key.dtype == query.dtype, "key/value dtype must match the query here (no quantisation)")
         return kv_heads
 
@@ -642,7 +664,8 @@ def make_compiler_config_class():
     class CompilerConfig(_Options):
         def __init__(self):
             super().__init__(
-                mode=("max-autotune", ["max-autotune", "reduce-overhead", "npugraph_ex"]),
+                # torchair 7.3.0: only these two; aclgraph's newer name npugraph_ex is a torch.compile backend
+                mode=("max-autotune", ["max-autotune", "reduce-overhead"]),
                 experimental_config=_Options(
                     frozen_parameter=(False, [True, False]),
                     tiling_schedule_optimize=(False, [True, False]),
@@ -654,6 +677,62 @@ def make_compiler_config_class():
                 ge_config=_Options(),
             )
     return CompilerConfig
+
+
+@contextmanager
+def in_graph():
+    _IN_GRAPH.append(True)
+    try:
+        yield
+    finally:
+        _IN_GRAPH.pop()
+
+
+_FIA_OPS = ("npu_emu::fia_v2", "npu_emu::fia_v2_tensor_lengths")
+_HOST_SYNCS = ("item", "tolist", "_local_scalar_dense")
+TILING_SINK_TND = ("When layout is TND/NTD_TND, not support tiling_schedule_optimize = True or config mode is "
+                   "reduce-overhead!")
+
+
+def _target_name(node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    return getattr(target, "name", lambda: "")() if callable(getattr(target, "name", None)) else str(target)
+
+
+def _fia_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and any(op in _target_name(n) for op in _FIA_OPS)]
+
+
+def check_graph(gm, config) -> None:
+    """What the device refuses about a whole graph, before it runs.
+
+    - Every emulated FIA call is TND (other layouts raise NotImplementedError), and the PFA tiling refuses TND
+      under tiling sink or reduce-overhead: hicann ops-transformer `prompt_flash_attention_tiling.cpp`
+      (RunBigKernelTilingWithParams), the message vllm-ascend #5771 hit on a 910B3.
+    - aclgraph capture cannot sync the host; torchair's replay updater (Ascend/torchair
+      `python/torchair/_acl_concrete_graph/acl_graph.py`, get_update_ruler) takes FIA's actual_seq_qlen/kvlen
+      only from graph inputs (SymInt placeholders) or constants."""
+    fias = _fia_nodes(gm)
+    aclgraph = config.mode == "reduce-overhead"
+    if aclgraph:
+        for n in gm.graph.nodes:
+            if n.op in ("call_method", "call_function") and any(_target_name(n).endswith(s) for s in _HOST_SYNCS):
+                raise EmulatorError(f"aclgraph capture: {n.format_node()} syncs the host inside the captured graph "
+                                    f"(stream synchronize is not allowed while capturing)")
+        placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+        for n in fias:
+            for i, name in ((4, "actual_seq_qlen"), (5, "actual_seq_kvlen")):  # the custom ops' schema positions
+                value = n.kwargs.get(name, n.args[i] if len(n.args) > i else None)
+                items = value if isinstance(value, (list, tuple)) else [value]
+                for item in items:
+                    if isinstance(item, torch.fx.Node) and item not in placeholders:
+                        raise EmulatorError(f"For updated param value only sym and constant is supported, but get "
+                                            f"[{item}] ({name} of {n.name})")
+    if fias and (config.experimental_config.tiling_schedule_optimize or aclgraph):
+        raise EmulatorError(TILING_SINK_TND + "[FUNC:RunBigKernelTilingWithParams][FILE:prompt_flash_attention_"
+                            "tiling.cpp] (emulated)")
 
 
 class TorchairEmulator(types.ModuleType):
@@ -680,7 +759,12 @@ class TorchairEmulator(types.ModuleType):
 
         def backend(gm, example_inputs):
             self.traces += 1
-            return gm.forward  # runs the traced graph; the emulated ops run eagerly inside it
+            check_graph(gm, config)
+
+            def run(*args):  # runs the traced graph; the emulated ops run eagerly inside it
+                with in_graph():
+                    return gm.forward(*args)
+            return run
 
         backend.compiler_config = config
         return backend
@@ -690,7 +774,7 @@ class TorchairEmulator(types.ModuleType):
                     softmax_scale=1.0, pre_tokens=2147483647, next_tokens=2147483647, input_layout="BSH",
                     sparse_mode=0, block_size=0, return_softmax_lse=False, **extra):
         """torchair.ops.npu_fused_infer_attention_score_v2: lengths as tensors, GE graph mode only."""
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or _IN_GRAPH):
             raise NotImplementedError("torchair.ops.npu_fused_infer_attention_score_v2 does not support in this "
                                       "mode, only support in max-autotune mode")
         extra["return_softmax_lse"] = return_softmax_lse
@@ -740,21 +824,22 @@ class TorchairEmulator(types.ModuleType):
                 self.cache_events.append((state["event"], str(path)))
                 state["done"] = True
             if state["event"] == "loaded":  # torchair runs the cached graph without tracing (guards skipped)
-                return func(*args, **kw)
+                with in_graph():
+                    return func(*args, **kw)
             return compiled(*args, **kw)
 
         run.cache_path = path
         return run
 
 
-def make_torch_npu(strict_dtypes: bool = False, clipped_swiglu: bool = True) -> TorchNpuEmulator:
-    return TorchNpuEmulator(strict_dtypes=strict_dtypes, clipped_swiglu=clipped_swiglu)
+def make_torch_npu(clipped_swiglu: bool = True) -> TorchNpuEmulator:
+    return TorchNpuEmulator(clipped_swiglu=clipped_swiglu)
 
 
 @contextmanager
-def installed(strict_dtypes: bool = False, clipped_swiglu: bool = True):
+def installed(clipped_swiglu: bool = True):
     """Put an emulated torch_npu (and torchair) into sys.modules for the duration; restore what was there."""
-    npu = make_torch_npu(strict_dtypes=strict_dtypes, clipped_swiglu=clipped_swiglu)
+    npu = make_torch_npu(clipped_swiglu=clipped_swiglu)
     air = TorchairEmulator(npu)
     names = {"torch_npu": npu, "torchair": air, "torchair.ops": air.ops, "torchair.inference": air.inference}
     saved = {n: sys.modules.get(n, _MISSING) for n in names}

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from gptoss.graph import ArtifactMismatch
 from gptoss.runtime import Runtime
-from gptoss.runtime.shapes import ShapePlan
+from gptoss.graph import ShapePlan
 from gptoss.tools.make_checkpoint import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def eager(checkpoint):
 def _step_logits(rt, prompts, steps):
     """Prefill then `steps` greedy decode steps through the runtime's own graphs; all logits."""
     n = len(prompts)
-    rows = n if rt.backend == "eager" else rt.shapes.batch(n)
+    rows = rt.shapes.batch(n)
     lengths = torch.tensor([len(p) for p in prompts] + [1] * (rows - n))
     with torch.no_grad():
         logits = rt._prefill_batch(prompts + [[0]] * (rows - n), lengths)
@@ -91,7 +91,6 @@ def test_second_process_loads_without_compiling(artifacts, checkpoint):
     expected = [r.token_ids for r in rt.generate(PROMPTS, max_new_tokens=12)]
     script = textwrap.dedent(f"""
         import json, sys
-        sys.path.insert(0, {ROOT!r})
         import torch
         torch.set_num_threads({torch.get_num_threads()})
         from torch._inductor import cpp_builder
@@ -113,12 +112,12 @@ def test_second_process_loads_without_compiling(artifacts, checkpoint):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["tokens"] == expected
-    assert report["loaded"] == str(out)
+    assert report["loaded"] == str(out / "tp1-rank0")
     assert report["frames"] == {} and report["graphs"] == {}  # dynamo traced no frame
 
 
 def test_manifest_is_human_readable(artifacts):
-    manifest = json.loads((artifacts[0] / "manifest.json").read_text())
+    manifest = json.loads((artifacts[0] / "tp1-rank0" / "manifest.json").read_text())
     assert manifest["key"]["backend"] == "inductor"
     assert manifest["key"]["shapes"]["batch_sizes"] == [1, 4]
     assert sorted(manifest["files"]) == ["decode_b1_t1_kv128", "decode_b4_t1_kv128",
@@ -141,9 +140,10 @@ def test_refused_for_other_model_code(artifacts, checkpoint, tmp_path):
     import shutil
     copy = tmp_path / "art"
     shutil.copytree(artifacts[0], copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
+    path = copy / "tp1-rank0" / "manifest.json"
+    manifest = json.loads(path.read_text())
     manifest["key"]["code_sha256"] = "0" * 64  # as if built by another version of model/ or graph/
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactMismatch, match="code_sha256"):
         Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=copy, progress=False, **SETTINGS)
 
@@ -152,7 +152,7 @@ def test_missing_graph_file_is_refused(artifacts, checkpoint, tmp_path):
     import shutil
     copy = tmp_path / "art"
     shutil.copytree(artifacts[0], copy)
-    (copy / "decode_b1_t1_kv128.bin").unlink()
+    (copy / "tp1-rank0" / "inductor" / "decode_b1_t1_kv128.bin").unlink()
     with pytest.raises(ArtifactMismatch, match="incomplete"):
         Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=copy, progress=False, **SETTINGS)
 

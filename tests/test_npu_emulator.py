@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from npu_emulator import MASK_SIZE, EmulatorError, TorchairEmulator, make_torch_npu
+from npu_emulator import MASK_SIZE, EmulatorError, TorchairEmulator, _attention_rows, make_torch_npu
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,6 +95,13 @@ def _fia_reference(q, keys, values, sinks, qlens, kvlens, scale, window):
     return out
 
 
+BF16 = dict(rtol=8e-3, atol=8e-3)  # FIA in TND is bf16-only: outputs are rounded to bf16 (2**-8 relative)
+
+
+def _bf(*tensors):
+    return [t.bfloat16() for t in tensors]
+
+
 def _paged(batch, slots, kv_heads, dim, kvlens, order):
     """Per-row key/value [slots, Hkv, D] and their pages (blocknum, 128, Hkv*D) under a permuted block table;
     slots past each row's length hold NaN: nothing past actual_seq_kvlen may be read (partially filled block)."""
@@ -111,7 +118,7 @@ def _paged(batch, slots, kv_heads, dim, kvlens, order):
         for j in range(per_row):
             key[table[b, j]] = rows_k[b][j * 128:(j + 1) * 128].reshape(128, -1)
             value[table[b, j]] = rows_v[b][j * 128:(j + 1) * 128].reshape(128, -1)
-    return rows_k, rows_v, key, value, table
+    return rows_k, rows_v, key.bfloat16(), value.bfloat16(), table
 
 
 MASK = ~torch.tril(torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool))
@@ -123,8 +130,8 @@ def test_fia_v2_paged_tnd(npu, window, qlens):
     hq, hkv, dim, slots = 4, 2, 16, 256
     kvlens = [13, 200] if qlens[0] > 1 else [1, 129]  # 129: one slot into the second (partially filled) block
     rows_k, rows_v, key, value, table = _paged(2, slots, hkv, dim, kvlens, order=[3, 0, 1, 2])
-    q = torch.randn(sum(qlens), hq, dim)
-    sinks = torch.randn(hq)
+    rows_k, rows_v = [r.bfloat16() for r in rows_k], [r.bfloat16() for r in rows_v]
+    q, sinks = _bf(torch.randn(sum(qlens), hq, dim), torch.randn(hq))
     out, _ = npu.npu_fused_infer_attention_score_v2(
         q, key, value, atten_mask=MASK, actual_seq_qlen=np.cumsum(qlens).tolist(), actual_seq_kvlen=kvlens,
         block_table=table, learnable_sink=sinks, num_query_heads=hq, num_key_value_heads=hkv, softmax_scale=0.25,
@@ -132,7 +139,7 @@ def test_fia_v2_paged_tnd(npu, window, qlens):
         sparse_mode=4 if window else 3, block_size=128)
     assert out.shape == q.shape and torch.isfinite(out).all()
     np.testing.assert_allclose(_np(out), _fia_reference(q, rows_k, rows_v, sinks, qlens, kvlens, 0.25, window),
-                               rtol=1e-5, atol=1e-6)
+                               **BF16)
 
 
 def test_fia_v2_band_boundary(npu):
@@ -144,32 +151,30 @@ def test_fia_v2_band_boundary(npu):
     v = torch.zeros(kvlen, hkv, dim)
     v[19 - 3, 0, 0] = 1.0  # inside the band of the last query
     v[19 - 4, 0, 1] = 1.0  # just outside
-    q = torch.zeros(1, hq, dim)
+    q, k, v = _bf(torch.zeros(1, hq, dim), k, v)
     out, _ = npu.npu_fused_infer_attention_score_v2(
         q, k, v, atten_mask=MASK, actual_seq_qlen=[1], actual_seq_kvlen=[kvlen], num_query_heads=1,
         pre_tokens=3, next_tokens=0, input_layout="TND", sparse_mode=4)
-    assert out[0, 0, 0] == pytest.approx(1 / 4) and out[0, 0, 1] == 0  # 4 equal keys: diag-3 .. diag
+    assert float(out[0, 0, 0]) == pytest.approx(1 / 4) and float(out[0, 0, 1]) == 0  # 4 equal keys: diag-3 .. diag
 
 
 def test_fia_v2_unpaged_tnd_cumulative(npu):
     torch.manual_seed(4)
     qlens, kvlens = [3, 5], [3, 5]
-    q = torch.randn(8, 2, 16)
-    k, v = torch.randn(8, 1, 16), torch.randn(8, 1, 16)
-    sinks = torch.randn(2)
+    q, k, v, sinks = _bf(torch.randn(8, 2, 16), torch.randn(8, 1, 16), torch.randn(8, 1, 16), torch.randn(2))
     out, _ = npu.npu_fused_infer_attention_score_v2(
         q, k, v, atten_mask=MASK, actual_seq_qlen=[3, 8], actual_seq_kvlen=[3, 8], learnable_sink=sinks,
         num_query_heads=2, num_key_value_heads=1, softmax_scale=0.3, next_tokens=0, input_layout="TND",
         sparse_mode=3)
     ref = _fia_reference(q, [k[:3], k[3:]], [v[:3], v[3:]], sinks, qlens, kvlens, 0.3, 0)
-    np.testing.assert_allclose(_np(out), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(out), ref, **BF16)
 
 
 def test_fia_v2_refuses_misuse(npu):
     _, _, key, value, table = _paged(2, 256, 2, 16, [100, 100], order=[0, 1, 2, 3])
-    q = torch.randn(16, 4, 16)
+    q = torch.randn(16, 4, 16).bfloat16()
     base = dict(atten_mask=MASK, actual_seq_qlen=[8, 16], actual_seq_kvlen=[200, 100], block_table=table,
-                learnable_sink=torch.randn(4), num_query_heads=4, num_key_value_heads=2, softmax_scale=0.25,
+                learnable_sink=torch.randn(4).bfloat16(), num_query_heads=4, num_key_value_heads=2, softmax_scale=0.25,
                 next_tokens=0, input_layout="TND", sparse_mode=3, block_size=128)
 
     def call(**kw):
@@ -191,8 +196,6 @@ def test_fia_v2_refuses_misuse(npu):
         call(actual_seq_kvlen=torch.tensor([200, 100]))
     with pytest.raises(NotImplementedError):  # learnable_sink is documented for TND / NTD_TND only
         call(input_layout="BSND")
-    with pytest.raises(EmulatorError, match="query dtype"):
-        make_torch_npu(strict_dtypes=True).npu_fused_infer_attention_score_v2(q, key, value, **base)
     air = TorchairEmulator(npu)
     with pytest.raises(NotImplementedError, match="max-autotune"):  # the tensor-length variant is GE-graph only
         air.ops.npu_fused_infer_attention_score_v2(q, key, value, **base)
@@ -297,3 +300,107 @@ def test_finalize_routing(npu):
         npu.npu_moe_finalize_routing(rows, None, skip, None, scales, src_to_dst, experts)
     with pytest.raises(EmulatorError, match="scales"):
         npu.npu_moe_finalize_routing(rows, None, None, None, scales.double(), src_to_dst, experts)
+
+
+# -- limits the device enforces (each of these was accepted by the emulator before) ---------------------------------
+def _fia_tnd_args(qlens=(8, 8), kvlens=(100, 100)):
+    _, _, key, value, table = _paged(2, 256, 2, 16, list(kvlens), order=[0, 1, 2, 3])
+    q = torch.randn(sum(qlens), 4, 16).bfloat16()
+    kw = dict(atten_mask=MASK, actual_seq_qlen=np.cumsum(qlens).tolist(), actual_seq_kvlen=list(kvlens),
+              block_table=table, learnable_sink=torch.randn(4).bfloat16(), num_query_heads=4, num_key_value_heads=2,
+              softmax_scale=0.25, next_tokens=0, input_layout="TND", sparse_mode=3, block_size=128)
+    return q, key, value, kw
+
+
+def test_fia_v2_tnd_is_bf16_only(npu):
+    """TND with D != 512 takes bfloat16 only (op-plugin FIA v2 docs; the PFA tiling: "When layout is TND,
+    inputDataType should be bf16"), learnable_sink included."""
+    q, key, value, kw = _fia_tnd_args()
+    npu.npu_fused_infer_attention_score_v2(q, key, value, **kw)
+    for dtype in (torch.float32, torch.float16):
+        with pytest.raises(EmulatorError, match="bfloat16 query only"):
+            npu.npu_fused_infer_attention_score_v2(q.to(dtype), key.to(dtype), value.to(dtype), **kw)
+    with pytest.raises(EmulatorError, match="learnable_sink must be bfloat16"):
+        npu.npu_fused_infer_attention_score_v2(q, key, value, **{**kw, "learnable_sink": torch.randn(4)})
+
+
+def test_fia_v2_sparse_mode_preconditions(npu):
+    """Mode 3: per batch qlen <= kvlen; band: pre_tokens >= 0 and next_tokens + kvlen - qlen >= 0."""
+    q, key, value, kw = _fia_tnd_args(qlens=(8, 8), kvlens=(8, 100))
+    npu.npu_fused_infer_attention_score_v2(q, key, value, **kw)  # equal counts: a plain causal prefill
+    q, key, value, kw = _fia_tnd_args(qlens=(8, 8), kvlens=(5, 100))
+    with pytest.raises(EmulatorError, match="sparse_mode=3 needs actual_seq_qlen <= actual_seq_kvlen"):
+        npu.npu_fused_infer_attention_score_v2(q, key, value, **kw)
+    with pytest.raises(EmulatorError, match="next_tokens \\+ actual_seq_kvlen"):
+        npu.npu_fused_infer_attention_score_v2(q, key, value, **{**kw, "sparse_mode": 4, "pre_tokens": 3})
+    q, key, value, kw = _fia_tnd_args()
+    with pytest.raises(EmulatorError, match="pre_tokens >= 0"):
+        npu.npu_fused_infer_attention_score_v2(q, key, value, **{**kw, "sparse_mode": 4, "pre_tokens": -1})
+
+
+def test_fully_masked_row_with_sink_is_nan():
+    """The kernel's row max excludes the sink, so a row with no visible key computes exp(sink - (-inf)): NaN, not
+    the 0 a softmax over [-inf..., sink] gives. The computation itself is modelled (the call checks above refuse
+    the inputs that produce such rows)."""
+    q, k, v = torch.randn(4, 1, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    out = _attention_rows(q, k, v, [4], [2], None, 0, torch.zeros(1), 1, 1.0, 2**31 - 1, 0, 3, paged=False)
+    assert torch.isnan(out[:2]).all() and torch.isfinite(out[2:]).all()  # rows 0, 1 sit before the first key
+
+
+def _attention_fn(npu, air, lengths_in_graph):
+    """A TND FIA call as a compiled graph would hold it: lengths as tensors (GE), or computed in the graph and
+    handed over as host ints (the old aclgraph path)."""
+    q, key, value, kw = _fia_tnd_args()
+
+    if lengths_in_graph:
+        def fn(q, key, value, kv_lens):
+            lens = kv_lens.tolist()
+            return npu.npu_fused_infer_attention_score_v2(q, key, value, **{**kw, "actual_seq_kvlen": lens})[0]
+    else:
+        def fn(q, key, value, kv_lens):
+            return air.ops.npu_fused_infer_attention_score_v2(
+                q, key, value, **{**kw, "actual_seq_qlen": torch.tensor(kw["actual_seq_qlen"]),
+                                  "actual_seq_kvlen": kv_lens})[0]
+    return fn, (q, key, value, torch.tensor(kw["actual_seq_kvlen"]))
+
+
+def test_tiling_sink_refuses_tnd_attention(npu):
+    """hicann ops-transformer prompt_flash_attention_tiling.cpp: "When layout is TND/NTD_TND, not support
+    tiling_schedule_optimize = True or config mode is reduce-overhead!" (vllm-ascend #5771 on a 910B3)."""
+    torch._dynamo.reset()
+    air = TorchairEmulator(npu)
+    fn, args = _attention_fn(npu, air, lengths_in_graph=False)
+    config = air.CompilerConfig()
+    config.experimental_config.tiling_schedule_optimize = True
+    with pytest.raises(Exception, match="not support tiling_schedule_optimize = True"):
+        torch.compile(fn, backend=air.get_npu_backend(compiler_config=config), fullgraph=True, dynamic=False)(*args)
+    torch._dynamo.reset()
+    config.experimental_config.tiling_schedule_optimize = False
+    out = torch.compile(fn, backend=air.get_npu_backend(compiler_config=config), fullgraph=True, dynamic=False)(*args)
+    assert torch.isfinite(out).all()
+
+
+def test_aclgraph_refuses_host_sync_and_tnd_attention(npu):
+    """aclgraph (reduce-overhead): no host sync inside the captured graph, FIA lengths only from graph inputs or
+    constants (torchair acl_graph.py get_update_ruler), and the PFA tiling refuses TND under reduce-overhead."""
+    air = TorchairEmulator(npu)
+    config = air.CompilerConfig()
+    config.mode = "reduce-overhead"
+    backend = air.get_npu_backend(compiler_config=config)
+    torch._dynamo.reset()
+    fn, args = _attention_fn(npu, air, lengths_in_graph=True)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), pytest.raises(Exception, match="syncs the host"):
+        torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
+    torch._dynamo.reset()
+    fn, args = _attention_fn(npu, air, lengths_in_graph=False)
+    with pytest.raises(Exception, match="only sym and constant"):  # lengths computed in the graph
+        torch.compile(lambda q, k, v, lens: fn(q, k, v, lens + 0), backend=backend, fullgraph=True,
+                      dynamic=False)(*args)
+    torch._dynamo.reset()
+    q, key, value, kw = _fia_tnd_args()  # host constants pass the updater; the tiling refuses TND in aclgraph
+    with pytest.raises(Exception, match="config mode is reduce-overhead"):
+        torch.compile(lambda q, k, v: npu.npu_fused_infer_attention_score_v2(q, k, v, **kw)[0], backend=backend,
+                      fullgraph=True, dynamic=False)(q, key, value)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="not in optional list"):  # torchair 7.3.0's CompilerConfig
+        air.CompilerConfig().mode = "npugraph_ex"

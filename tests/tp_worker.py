@@ -3,6 +3,7 @@ set by hand), or called in-process for the tp 1 reference.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py parity OUT eager CKPT...
         (TP_WORKER_ARTIFACTS=DIR: graphs compiled into / loaded from DIR/<checkpoint>; TP_WORKER_LOAD=1: load only)
+        (TP_WORKER_WEIGHTS=dense|published: how the weights are held; the loader's default otherwise)
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py memory OUT CKPT
     RANK=.. WORLD_SIZE=2 MASTER_ADDR=.. MASTER_PORT=.. python tests/tp_worker.py die OUT kill|stop TIMEOUT CKPT
 
@@ -30,6 +31,10 @@ LENGTHS = (PROMPT, PROMPT - 5)  # two rows of different lengths
 
 
 def _runtime(ckpt, backend: str, **kw) -> Runtime:
+    if os.environ.get("TP_WORKER_DTYPE"):
+        kw["dtype"] = os.environ["TP_WORKER_DTYPE"]
+    if os.environ.get("TP_WORKER_WEIGHTS"):
+        kw.setdefault("weights", os.environ["TP_WORKER_WEIGHTS"])
     return Runtime.from_pretrained(ckpt, backend=backend, max_batch_size=2, max_seq_len=SLOTS,
                                    prefill_chunk=CHUNK, batch_sizes=[2], progress=False, **kw)
 
@@ -63,7 +68,8 @@ def parity(ckpt, backend: str) -> dict:
     sampled = [r.token_ids for r in rt.generate(prompts, max_new_tokens=16, temperature=1.0)]
     return {"prefill": prefill, "decode": torch.stack(decode), "greedy": greedy, "sampled": sampled,
             "tp": rt.model.parallel.tp_size, "plan": rt.model.plan.__dict__, "backend": rt.backend,
-            "graphs": len(rt.graphs.fns), "loaded_from": str(rt.graphs.loaded_from or "")}
+            "graphs": len(rt.graphs.fns), "loaded_from": str(rt.graphs.loaded_from or ""),
+            "weights": rt.model.weights}
 
 
 def _status_bytes(field: str) -> int:

@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 2 -m gptoss.tools.compile --tp 2 --model checkpoints/bench --out artifacts/bench-tp2
 
 A later process runs from it without tracing or compiling (`python -m gptoss.tools.generate --artifacts ...` or
-`Runtime.from_pretrained(..., artifacts=DIR)`). The directory's manifest.json records what the graphs were built
-for; running with anything else is refused. `--force` rebuilds a directory built for something else.
+`Runtime.from_pretrained(..., artifacts=DIR)`), with the shape settings it was built with. Each rank's graphs and
+manifest.json are in `<out>/tp<N>-rank<r>`; running with anything else than they were built for is refused.
+`--force` rebuilds a directory built for something else.
 """
 from __future__ import annotations
 
@@ -14,26 +15,26 @@ import time
 
 from gptoss.runtime import Runtime
 
-from .cli import add_runtime_args, apply_threads, run_cli, runtime_kwargs
+from .cli import add_runtime_args, run_cli, settings_from_args
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_runtime_args(ap)
+    add_runtime_args(ap, backend_default="inductor")
     ap.add_argument("--out", required=True, help="artifact directory to create")
     ap.add_argument("--force", action="store_true", help="rebuild if the directory holds other artifacts")
     args = ap.parse_args(argv)
-    apply_threads(args)
+    if args.backend is None:
+        args.backend = "inductor"
     if args.backend == "eager":
         ap.error("--backend eager compiles nothing; choose inductor or torchair")
     t0 = time.perf_counter()
-    rt = Runtime.from_pretrained(args.model, rebuild=args.force, **runtime_kwargs(args, None) | {"artifacts": args.out})
-    n = len(rt.graphs.fns)
+    rt = Runtime.from_pretrained(args.model, settings_from_args(args, artifacts=args.out, rebuild=args.force))
     how = f"compiled in {rt.graphs.compile_seconds:.1f}s" if rt.graphs.loaded_from is None else "already up to date"
-    if rt.is_main_process:  # under torchrun every rank builds its own graphs, in <out>/tp<N>-rank<r>
-        where = args.out if rt.model.parallel.tp_size == 1 else \
-            f"{args.out}/tp{rt.model.parallel.tp_size}-rank*/ ({n} per rank)"
-        print(f"{n} graphs for {args.model} in {where}: {how} (total {time.perf_counter() - t0:.1f}s)")
+    if rt.is_main_process:  # under torchrun every rank builds its own graphs
+        per_rank = f" per rank, {rt.settings.tp_size} ranks" if rt.settings.tp_size > 1 else ""
+        print(f"{len(rt.graphs)} {rt.backend} graphs{per_rank} for {args.model} in {args.out}: {how} "
+              f"(total {time.perf_counter() - t0:.1f}s)")
     return 0
 
 

@@ -10,13 +10,14 @@ import time
 
 import torch
 
+from gptoss.graph import BACKENDS
 from gptoss.runtime import Runtime
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory")
-    ap.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+    ap.add_argument("--backend", default="eager", choices=[b for b in BACKENDS if "cpu" in BACKENDS[b].devices])
     ap.add_argument("--prompt", default="The harbour at dawn was quiet, and the boats")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args(argv)

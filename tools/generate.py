@@ -1,4 +1,4 @@
-"""Generate from a checkpoint, with graphs loaded from an artifact directory built by tools.compile.
+"""Generate from a checkpoint, with graphs loaded from an artifact directory built by gptoss.tools.compile.
 
     python -m gptoss.tools.generate --model checkpoints/bench --artifacts artifacts/bench --prompt "Hello" --max-new-tokens 64
     python -m gptoss.tools.generate --model DIR --backend eager --prompt "a" --prompt "b" --stream
@@ -16,15 +16,14 @@ import sys
 import time
 
 from gptoss.runtime import Runtime
-from gptoss.runtime.distributed import rank_artifact_dir
 
-from .cli import add_runtime_args, apply_threads, run_cli, runtime_kwargs
+from .cli import add_runtime_args, run_cli, settings_from_args
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_runtime_args(ap)
-    ap.add_argument("--artifacts", default=None, help="artifact directory from tools.compile")
+    add_runtime_args(ap, backend_default="inductor")
+    ap.add_argument("--artifacts", default=None, help="artifact directory from gptoss.tools.compile")
     ap.add_argument("--prompt", action="append", help="prompt text (repeatable); default: one built-in prompt")
     ap.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -35,13 +34,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     ap.add_argument("--stream", action="store_true")
     args = ap.parse_args(argv)
-    apply_threads(args)
 
     t0 = time.perf_counter()
-    # Under torchrun each rank's graphs (and the manifest with their shape settings) are in <artifacts>/tp<N>-rank<r>.
-    kwargs = runtime_kwargs(args, str(rank_artifact_dir(args.artifacts)) if args.artifacts else None)
-    kwargs["artifacts"] = args.artifacts  # from_pretrained picks this rank's subdirectory itself
-    rt = Runtime.from_pretrained(args.model, compile_missing=args.artifacts is None, **kwargs)
+    # With --artifacts, unset shape settings come from this rank's manifest; nothing is compiled here.
+    settings = settings_from_args(args, artifacts=args.artifacts, compile_missing=args.artifacts is None)
+    rt = Runtime.from_pretrained(args.model, settings)
     ready = time.perf_counter() - t0
     prompts = args.prompt or ["The harbour at dawn was quiet, and the boats"]
     if args.chat:

@@ -12,7 +12,7 @@ Op by op (docs: Ascend/op-plugin `docs/zh/custom_APIs/torch_npu/<name>.md`; sign
 - `cache_write`  -> `scatter_update_(cache, start, new, axis=1)`: row b of `new` [B, T, H, D] lands at
   `cache[b, start[b]:start[b]+T]`; indices int64 [B]. The op does no bounds check: callers keep start + T <= S.
 - `attention`    -> `npu_fused_infer_attention_score_v2` (FIA v2), see below.
-- `route`        -> logits, then `npu_moe_gating_top_k_softmax(logits, None, k) -> (w, expert_idx int32,
+- `route`        -> float32 logits, then `npu_moe_gating_top_k_softmax(logits, None, k) -> (w, expert_idx int32,
   row_idx int32)`. It takes softmax over ALL experts, then the top k; GPT-OSS takes the top k logits, then softmax
   over those k. Dividing the k weights by their sum gives exactly the latter (the common softmax denominator
   cancels), so `route` renormalises.
@@ -50,25 +50,40 @@ Attention (FIA v2), and why this argument combination:
   triu(next+1) | tril(-pre-1)) keeps keys diag-pre .. diag+next, i.e. pre+1 keys up to the query, while
   GPT-OSS keeps `window` keys (q - k < window). The seed and vllm-ascend pass pre_tokens=window, one key more
   than GPT-OSS; `tools/npu_check.py` measures exactly this boundary on hardware.
-- Valid lengths inside graphs are tensors: torch_npu's FIA takes `actual_seq_*` as int lists (SymInt[]: a host
-  sync in eager); torchair's `torchair.ops.npu_fused_infer_attention_score_v2` takes them as tensors but only in
-  GE graph mode (max-autotune). `set_graph_mode("max-autotune")` (done by graph/torchair.py) makes traced code
-  take the tensor form; eager calls (and aclgraph capture) pass lists.
+- Lengths are built once per step (`attention_lengths`, called by the model before its layers), not per layer:
+  in eager mode they are host lists (torch_npu's FIA takes `actual_seq_*` as SymInt[]), so an eager step syncs
+  the host once instead of once per layer; in "ge" mode they are tensors for torchair's
+  `torchair.ops.npu_fused_infer_attention_score_v2`, which works only inside a GE (max-autotune) graph.
+- Every query row sees at least one key: per-row kv lengths are at least the step's query count (with right-down
+  alignment a row of T queries and L < T keys would leave T - L rows fully masked, and the kernel computes
+  exp(sink - rowmax) with a row max that excludes the sink: inf/NaN), and `kv_len < T` is refused.
+- dtype: for TND with head_dim != 512, FIA takes bfloat16 only (op-plugin
+  `docs/zh/custom_APIs/torch_npu/torch_npu-npu_fused_infer_attention_score_v2.md`, TND constraints; the PFA tiling
+  says "When layout is TND, inputDataType should be bf16"), and `learnable_sink` is read as raw bf16: any other
+  dtype is refused here, naming the op, instead of failing (or reading garbage) on the device.
+
+Modes (`get_ops("npu", mode=...)`): "eager" and "ge" (GE graphs, torchair max-autotune). "aclgraph" is refused:
+torchair's aclgraph updater refreshes FIA's `actual_seq_qlen/kvlen` at replay only from SymInt graph inputs or
+constants (Ascend/torchair `python/torchair/_acl_concrete_graph/acl_graph.py`, get_update_ruler: "For updated param
+value only sym and constant is supported"), and capture forbids the host sync that eager lengths need; the model's
+entry points take positions as tensors, so lengths computed from them would be frozen at their capture values.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .torch_ops import apply_rope, clamped_swiglu  # noqa: F401  (apply_rope is this table's rope)
+from .torch_ops import apply_rope, clamped_swiglu, linear  # noqa: F401  (apply_rope, linear: this table's too)
 
 BLOCK_SIZE = 128
 INT32_MAX = 2**31 - 1
 _MASK_SIZE = 2048
 _masks: dict = {}
-_graph_mode: str | None = None
+MODES = ("eager", "ge")
+TND_DTYPE = torch.bfloat16
 
 
 class NpuUnavailableError(ImportError):
@@ -101,14 +116,14 @@ def _torchair():
 _npu()  # choosing this table without torch_npu fails here, at model construction
 
 
-def set_graph_mode(mode: str | None) -> None:
-    """Which torchair mode traces this table: "max-autotune" (GE graphs) passes attention lengths as tensors."""
-    global _graph_mode
-    _graph_mode = mode
-
-
-def _lengths_as_tensors() -> bool:
-    return _graph_mode == "max-autotune" and torch.compiler.is_compiling()
+def check_mode(mode: str) -> None:
+    if mode == "aclgraph":
+        raise ValueError(
+            "the npu op table has no 'aclgraph' mode: torchair's aclgraph (npugraph_ex) updater refreshes FIA's "
+            "actual_seq_qlen/actual_seq_kvlen at replay only from SymInt graph inputs or constants, and capture "
+            "forbids the host sync (.tolist()) eager lengths need; this model's lengths are computed from position "
+            "tensors inside the graph and would stay frozen at their capture values. Use mode 'ge' (torchair "
+            "max-autotune) or 'eager'")
 
 
 def _causal_mask(device) -> torch.Tensor:
@@ -141,50 +156,74 @@ def cache_write(cache: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> 
     _npu().scatter_update_(cache, start, new, 1)
 
 
-def attention(q, k_cache, v_cache, sinks, q_pos, window: int, scale: float, kv_len: int) -> torch.Tensor:
-    """See torch_ops.attention. q [B, T, Hq, D] at positions q_pos [B, T] (consecutive within a row); cache
-    [B, S, Hkv, D] with S a multiple of 128. Returns [B, T, Hq, D]."""
-    batch, steps, q_heads, dim = q.shape
-    slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
+@dataclass
+class AttentionLengths:
+    """What FIA needs per step beyond q/k/v, shared by every layer: cumulative query ends, per-row visible key
+    counts (host lists in eager mode, int64 tensors in GE graphs) and the block table."""
+    q_ends: list | torch.Tensor
+    kv_lens: list | torch.Tensor
+    block_table: torch.Tensor
+
+
+def attention_lengths(q_pos: torch.Tensor, kv_len: int, slots: int, *, mode: str = "eager") -> AttentionLengths:
+    """Built once per step from the positions q_pos [B, T]; see the module docstring."""
+    batch, steps = q_pos.shape
     if slots % BLOCK_SIZE:
         raise ValueError(f"the npu attention reads the KV cache as {BLOCK_SIZE}-slot pages: the cache has {slots} "
                          f"slots, not a multiple of {BLOCK_SIZE} (raise max_seq_len or the prefill chunk)")
-    per_row = slots // BLOCK_SIZE
-    blocks = -(-min(kv_len, slots) // BLOCK_SIZE)
-    dev = q.device
-    key = k_cache.view(batch * per_row, BLOCK_SIZE, kv_heads * dim)
-    value = v_cache.view(batch * per_row, BLOCK_SIZE, kv_heads * dim)
+    visible = min(kv_len, slots)
+    if visible < steps:
+        raise ValueError(f"npu attention: kv_len={kv_len} (cache {slots} slots) is less than the {steps} queries of "
+                         f"this step: the first rows would see no key at all (fully masked rows give inf/NaN in "
+                         f"npu_fused_infer_attention_score_v2 with a learnable_sink)")
+    dev = q_pos.device
+    per_row, blocks = slots // BLOCK_SIZE, -(-visible // BLOCK_SIZE)
     block_table = (torch.arange(batch, device=dev, dtype=torch.int32)[:, None] * per_row
                    + torch.arange(blocks, device=dev, dtype=torch.int32))
-    if q.dtype in (torch.float16, torch.bfloat16):
-        sinks = sinks.to(torch.bfloat16)  # learnable_sink is documented as bfloat16
+    # at least `steps` keys per row (no fully masked row), at most kv_len: the runtime sizes kv_len for the rows
+    # still generating; a finished row idling past it would otherwise read beyond its block table (its output is
+    # discarded; clamped, it stays finite)
+    kv_lens = (q_pos[:, -1].to(torch.int64) + 1).clamp(min=steps, max=visible)
+    if mode == "ge":
+        q_ends = torch.arange(1, batch + 1, device=dev, dtype=torch.int64) * steps
+        return AttentionLengths(q_ends, kv_lens, block_table)
+    return AttentionLengths([steps * (b + 1) for b in range(batch)], kv_lens.tolist(), block_table)  # 1 sync/step
+
+
+def attention(q, k_cache, v_cache, sinks, q_pos, window: int, scale: float, kv_len: int,
+              lengths: AttentionLengths | None = None, *, mode: str = "eager") -> torch.Tensor:
+    """See torch_ops.attention. q [B, T, Hq, D] at positions q_pos [B, T] (consecutive within a row); cache
+    [B, S, Hkv, D] with S a multiple of 128; `lengths` from attention_lengths (built here when not given).
+    Returns [B, T, Hq, D]."""
+    batch, steps, q_heads, dim = q.shape
+    slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if q.dtype != TND_DTYPE or k_cache.dtype != TND_DTYPE:
+        raise TypeError(f"npu attention: npu_fused_infer_attention_score_v2 with input_layout TND (the only layout "
+                        f"that takes learnable_sink) accepts bfloat16 only (op-plugin FIA v2 docs, TND "
+                        f"constraints; learnable_sink is read as raw bf16); got query {q.dtype}, cache "
+                        f"{k_cache.dtype}. Load the model with dtype=torch.bfloat16")
+    if lengths is None:
+        lengths = attention_lengths(q_pos, kv_len, slots, mode=mode)
+    key = k_cache.view(-1, BLOCK_SIZE, kv_heads * dim)
+    value = v_cache.view(-1, BLOCK_SIZE, kv_heads * dim)
     if window > 0:
         sparse_mode, pre_tokens = 4, window - 1
     else:
         sparse_mode, pre_tokens = 3, INT32_MAX
-    kwargs = dict(atten_mask=_causal_mask(dev), block_table=block_table, learnable_sink=sinks,
-                  num_query_heads=q_heads, num_key_value_heads=kv_heads, softmax_scale=scale,
-                  pre_tokens=pre_tokens, next_tokens=0, input_layout="TND", sparse_mode=sparse_mode,
-                  block_size=BLOCK_SIZE)
-    query = q.reshape(batch * steps, q_heads, dim)
-    # at most kv_len: the runtime sizes kv_len for the rows still generating; a finished row idling past it would
-    # otherwise make FIA read beyond its block table (its output is discarded; clamped, it stays finite)
-    kv_lens = (q_pos[:, -1].to(torch.int64) + 1).clamp(max=min(kv_len, slots))
-    if _lengths_as_tensors():
-        q_ends = torch.arange(1, batch + 1, device=dev, dtype=torch.int64) * steps
-        out, _ = _torchair().ops.npu_fused_infer_attention_score_v2(
-            query, key, value, actual_seq_qlen=q_ends, actual_seq_kvlen=kv_lens, **kwargs)
-    else:
-        q_ends = [steps * (b + 1) for b in range(batch)]
-        out, _ = _npu().npu_fused_infer_attention_score_v2(
-            query, key, value, actual_seq_qlen=q_ends, actual_seq_kvlen=kv_lens.tolist(), **kwargs)
+    fia = _torchair().ops if mode == "ge" else _npu()
+    out, _ = fia.npu_fused_infer_attention_score_v2(
+        q.reshape(batch * steps, q_heads, dim), key, value, atten_mask=_causal_mask(q.device),
+        actual_seq_qlen=lengths.q_ends, actual_seq_kvlen=lengths.kv_lens, block_table=lengths.block_table,
+        learnable_sink=sinks.to(TND_DTYPE), num_query_heads=q_heads, num_key_value_heads=kv_heads,
+        softmax_scale=scale, pre_tokens=pre_tokens, next_tokens=0, input_layout="TND", sparse_mode=sparse_mode,
+        block_size=BLOCK_SIZE)
     return out.view(batch, steps, q_heads, dim)
 
 
 # -- MoE ------------------------------------------------------------------------------------------------------------
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int):
-    """Top-k of the logits, softmax over those k. Returns (weights [N, k], expert ids [N, k] int32)."""
-    logits = F.linear(x, weight, bias)
+    """Top-k of the logits, softmax over those k. Returns (weights [N, k] float32, expert ids [N, k] int32)."""
+    logits = F.linear(x.float(), weight.float(), bias.float())  # fp32 into the gating op: one rounding, not two
     probs, experts, _ = _npu().npu_moe_gating_top_k_softmax(logits, None, k=top_k)
     return probs / probs.sum(dim=-1, keepdim=True), experts
 

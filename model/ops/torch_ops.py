@@ -1,11 +1,28 @@
 """The portable op table: plain torch, runs on CPU and CUDA, and is the specification the fused NPU ops are
-held to. Every function takes static shapes and carries lengths and positions as tensor values."""
+held to. Every function takes static shapes and carries lengths and positions as tensor values.
+
+Weights come in the form the model holds them (model/weights.py): a dense tensor in the activations' dtype, a
+bf16 tensor next to fp32 activations, or packed MXFP4 experts. `linear` and the expert matmuls pick the kernel
+from that form: the CPU kernels of model/kernels for the published forms, torch's own ops otherwise."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels import bf16_linear, mxfp4_grouped_mm
+from ..weights import PackedMxfp4
 from .grouped_mm import grouped_mm
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b for W [out, in] in its stored dtype. bf16 W with fp32 x on CPU: the bf16 kernel (W is read as
+    stored, products and sums in fp32); same dtypes: torch's linear."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
+        y = bf16_linear(x.reshape(-1, x.shape[-1]), weight, None if bias is None else bias.float())
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight.to(x.dtype), bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,6 +53,11 @@ def cache_write(cache: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> 
     cache.index_put_((rows, cols), new)
 
 
+def attention_lengths(q_pos: torch.Tensor, kv_len: int, slots: int) -> None:
+    """What attention needs per step beyond positions, computed once for all layers: nothing in this table."""
+    return None
+
+
 def attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -45,6 +67,7 @@ def attention(
     window: int,
     scale: float,
     kv_len: int,
+    lengths: None = None,
 ) -> torch.Tensor:
     """Causal (or sliding-band) GQA attention with a learned per-head sink logit.
 
@@ -74,7 +97,7 @@ def attention(
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int):
     """Router: top-k of the logits, softmax over those k. Returns (weights [N, k], expert ids [N, k])."""
-    logits = F.linear(x, weight, bias)
+    logits = linear(x, weight, bias)
     top_logits, experts = torch.topk(logits, top_k, dim=-1)
     return torch.softmax(top_logits, dim=-1), experts
 
@@ -87,13 +110,26 @@ def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.T
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def expert_matmul(x: torch.Tensor, w, offs: torch.Tensor, bias: torch.Tensor,
+                  row_experts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert (`offs`: cumulative row ends; `row_experts`: each row's expert) times their
+    expert's weight, plus its bias. `w`: dense [E, in, out], or PackedMxfp4 (the kernel adds the bias)."""
+    if isinstance(w, PackedMxfp4):
+        if any(w.pad):
+            x = F.pad(x, w.pad)  # onto the block grid; the codes outside this rank's slice are zero
+        return mxfp4_grouped_mm(x, w.blocks, w.scales, offs, bias.float())
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    return grouped_mm(x, w, offs) + bias[row_experts]
+
+
 def moe(
     x: torch.Tensor,
     weights: torch.Tensor,
     experts: torch.Tensor,
-    gate_up: torch.Tensor,
+    gate_up,
     gate_up_bias: torch.Tensor,
-    down: torch.Tensor,
+    down,
     down_bias: torch.Tensor,
     alpha: float,
     limit: float,
@@ -101,10 +137,10 @@ def moe(
     """Routed experts only: the N*k (token, expert) rows are sorted by expert, each expert multiplies its
     contiguous rows (grouped matmul), then rows are weighted and summed back per token.
 
-    x [N, H]; weights/experts [N, k]; gate_up [E, H, 2I]; down [E, I, H]. Returns [N, H] (partial sum
-    under tensor parallelism: the caller all-reduces)."""
+    x [N, H]; weights/experts [N, k]; gate_up [E, H, 2I]; down [E, I, H] (or packed, see expert_matmul).
+    Returns [N, H] (partial sum under tensor parallelism: the caller all-reduces)."""
     tokens, top_k = experts.shape
-    num_experts = gate_up.shape[0]
+    num_experts = gate_up_bias.shape[0]
     flat_experts = experts.reshape(-1)
     order = torch.argsort(flat_experts, stable=True)  # row r of the sorted list is pair order[r]
     sorted_experts = flat_experts[order]
@@ -114,8 +150,8 @@ def moe(
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
 
     rows = x[token_of_row]
-    h = grouped_mm(rows, gate_up, offs) + gate_up_bias[sorted_experts]
+    h = expert_matmul(rows, gate_up, offs, gate_up_bias, sorted_experts)
     h = clamped_swiglu(h, alpha, limit)
-    y = grouped_mm(h, down, offs) + down_bias[sorted_experts]
+    y = expert_matmul(h, down, offs, down_bias, sorted_experts)
     y = y * weights.reshape(-1)[order, None].to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token_of_row, y)

@@ -1,13 +1,14 @@
 """Benchmark: this runtime eager and compiled vs transformers on the same weights, against the memory roofline.
 
-    python -m gptoss.tools.bench --model checkpoints/bench [--threads 2] [--decode-tokens 32] [--json out.json]
+    python -m gptoss.tools.dev.bench --model checkpoints/bench [--threads 2] [--decode-tokens 32] [--json out.json]
 
 Measures, at one thread count for everything:
 - prefill tokens/s of a 512-token prompt; decode tokens/s at batch 1 and 8 (greedy, EOS ignored);
 - the decode roofline: bytes of weights one decoded token must read (attention, norms, router, top-k experts,
   lm_head) over the copy bandwidth measured in this run (STREAM-style: bytes read + written per second);
-- cold compile (new process, empty artifact dir, to first token) vs warm start from those artifacts;
-- decode step time at context 128 with max_seq_len 8192 vs 256 (does decode work follow the context?).
+- cold start (`gptoss.tools.compile` into an empty directory, then the first token from a new process) vs warm
+  start (a new process loading those artifacts, to first token), both through the public commands;
+- eager decode step time around context 128 with max_seq_len 8192 vs 256 (does decode work follow the context?).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from gptoss.runtime import Runtime, Settings
+
 PROMPT_LEN, SHORT_PROMPT = 512, 32
 
 
@@ -105,45 +107,43 @@ def bench_transformers(model_dir: str, decode_tokens: int) -> dict:
     return out
 
 
-def time_to_first_token(model_dir: str, artifacts: str, threads: int, settings: dict) -> float:
-    """A new process: import, load weights, build or load graphs, generate one token. Seconds, wall clock."""
-    script = f"""
-import sys, time
-t0 = time.perf_counter()
-sys.path.insert(0, {str(ROOT)!r})
-import torch
-torch.set_num_threads({threads})
-from gptoss.runtime import Runtime
-rt = Runtime.from_pretrained({model_dir!r}, backend="inductor", artifacts={artifacts!r}, progress=False, **{settings!r})
-rt.generate([[11, 12, 13]], max_new_tokens=1)
-print(time.perf_counter() - t0)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+def time_to_first_token(model_dir: str, artifacts: str, threads: int, settings: Settings) -> float:
+    """A new process through the public command: import, load weights, build or load graphs (compiling into an
+    empty `artifacts`), generate one token. Seconds, wall clock."""
+    cmd = [sys.executable, "-m", "gptoss.tools.generate", "--model", model_dir, "--backend", "inductor",
+           "--threads", str(threads), "--max-new-tokens", "1", "--prompt", "a b c",
+           "--max-batch-size", str(settings.max_batch_size), "--max-seq-len", str(settings.max_seq_len),
+           "--prefill-chunk", str(settings.prefill_chunk),
+           "--batch-sizes", ",".join(map(str, settings.batch_sizes))]
+    if not Path(artifacts).exists():  # cold: compile into the directory first, as a user would
+        cmd_compile = [c if c != "gptoss.tools.generate" else "gptoss.tools.compile" for c in cmd[:-4]]
+        t0 = time.perf_counter()
+        _run(cmd_compile + ["--out", artifacts])
+        _run(cmd + ["--artifacts", artifacts])
+        return time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _run(cmd + ["--artifacts", artifacts])
+    return time.perf_counter() - t0
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(proc.stderr[-2000:])
-    return float(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
 
 
-def decode_step_vs_slots(model, threads: int) -> dict:
-    """Compiled decode at batch 1, context 128, with caches of 256 and 8192 slots."""
-    from gptoss.graph.entry import decode_entry
-    from gptoss.model.kv_cache import KVCache
-
+def decode_step_vs_slots(model_dir: str) -> dict:
+    """Eager decode at batch 1 around context 128, with max_seq_len 256 vs 8192 (does the work follow the
+    context, or the cache size?)."""
     out = {}
     for slots in (256, 8192):
-        cache = KVCache.allocate(model.config, model.plan, 1, slots, torch.float32)
-        fn = torch.compile(decode_entry, fullgraph=True, dynamic=False)
-        ids, pos = torch.tensor([5]), torch.tensor([127])
-        with torch.no_grad():
-            for _ in range(3):
-                fn(model, ids, pos, cache.keys, cache.values, 128)
-            times = []
-            for _ in range(30):
-                t0 = time.perf_counter()
-                fn(model, ids, pos, cache.keys, cache.values, 128)
-                times.append(time.perf_counter() - t0)
-        times.sort()
-        out[f"decode_ms_ctx128_slots{slots}"] = 1e3 * times[len(times) // 2]
+        rt = Runtime.from_pretrained(model_dir, Settings(backend="eager", max_batch_size=1, max_seq_len=slots,
+                                                         prefill_chunk=128, progress=False))
+        prompt = _prompts(rt.config.vocab_size, 1, 100)
+        rt.generate(prompt, max_new_tokens=4, ignore_eos=True)
+        rt.generate(prompt, max_new_tokens=24, ignore_eos=True)
+        s = rt.last_stats
+        out[f"decode_ms_ctx128_slots{slots}"] = 1e3 * s.decode_s / s.decode_steps
     return out
 
 
@@ -156,28 +156,26 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from gptoss.runtime import Runtime
-
-    settings = dict(max_batch_size=8, max_seq_len=PROMPT_LEN + 128, prefill_chunk=PROMPT_LEN,
-                    min_prefill_chunk=PROMPT_LEN, batch_sizes=[1, 8])  # 12 graphs: keeps the cold compile short
+    # 12 graphs: keeps the cold compile short
+    settings = Settings(backend="inductor", max_batch_size=8, max_seq_len=PROMPT_LEN + 128, prefill_chunk=PROMPT_LEN,
+                        min_prefill_chunk=PROMPT_LEN, batch_sizes=(1, 8), threads=args.threads, progress=False)
     report = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
-              "threads": args.threads, "settings": settings}
+              "threads": args.threads, "settings": settings.to_dict()}
     report["copy_GBps"] = copy_bandwidth() / 1e9
 
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = str(Path(tmp) / "artifacts")
         report["cold_start_s"] = time_to_first_token(args.model, artifacts, args.threads, settings)
         report["warm_start_s"] = time_to_first_token(args.model, artifacts, args.threads, settings)
-        compiled = Runtime.from_pretrained(args.model, backend="inductor", artifacts=artifacts, progress=False,
-                                           **settings)
+        compiled = Runtime.from_pretrained(args.model, settings.replace(artifacts=artifacts))
         report["compiled"] = bench_runtime(compiled, args.decode_tokens)
-    model = compiled.model
-    report["active_bytes_per_token"] = active_weight_bytes(model)
+    report["active_bytes_per_token"] = active_weight_bytes(compiled.model)
     report["roofline_decode_b1_tok_s"] = report["copy_GBps"] * 1e9 / report["active_bytes_per_token"]
-    eager = Runtime(model, args.model, backend="eager", **{k: v for k, v in settings.items()})
+    del compiled
+    eager = Runtime.from_pretrained(args.model, settings.replace(backend="eager"))
     report["eager"] = bench_runtime(eager, args.decode_tokens)
-    del eager, compiled
-    report.update(decode_step_vs_slots(model, args.threads))
+    del eager
+    report.update(decode_step_vs_slots(args.model))
     if not args.skip_transformers:
         report["transformers"] = bench_transformers(args.model, args.decode_tokens)
     print_table(report)

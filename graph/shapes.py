@@ -82,3 +82,40 @@ class ShapePlan:
         pairs |= {(self.prefill_chunk, self.kv_len(s + self.prefill_chunk))
                   for s in range(self.prefill_chunk, self.slots, self.prefill_chunk)}
         return sorted(pairs)
+
+    # -- as recorded in an artifact manifest (the settings a graph set was built for) ------------------------
+    def to_record(self) -> dict:
+        return {"max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
+                "prefill_chunk": self.prefill_chunk, "min_chunk": self.min_chunk, "min_kv": self.min_kv,
+                "batch_sizes": self.batch_sizes(), "slot_multiple": self.slot_multiple}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "ShapePlan":
+        return cls(record["max_batch_size"], record["max_seq_len"], record["prefill_chunk"],
+                   min_chunk=record.get("min_chunk", 16), min_kv=record.get("min_kv", 128),
+                   batch_buckets=tuple(record["batch_sizes"]), slot_multiple=record.get("slot_multiple", 1))
+
+    def specs(self) -> list["GraphSpec"]:
+        """Every graph a runtime with this plan can call."""
+        specs = []
+        for b in self.batch_sizes():
+            specs += [GraphSpec("prefill", b, c, kv) for c, kv in self.prefill_shapes()]
+            specs += [GraphSpec("decode", b, 1, kv) for kv in self.kv_lens()]
+        return specs
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One static shape of one entry point."""
+
+    kind: str  # "prefill" or "decode"
+    batch: int
+    steps: int  # tokens per row: the prefill chunk, 1 for decode
+    kv_len: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_b{self.batch}_t{self.steps}_kv{self.kv_len}"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "batch": self.batch, "steps": self.steps, "kv_len": self.kv_len}

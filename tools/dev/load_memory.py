@@ -1,6 +1,6 @@
 """Peak resident memory of loading a checkpoint, against the size of the loaded model.
 
-    python -m gptoss.tools.load_memory --model checkpoints/bench [--tp 1 --rank 0] [--dtype float32]
+    python -m gptoss.tools.dev.load_memory --model checkpoints/bench [--tp 1 --rank 0] [--dtype float32]
 
 Runs in its own process; prints JSON: baseline RSS (after imports), peak RSS, their difference, and the model's
 bytes. The loader streams tensor by tensor, so the difference should stay close to the model's size.

@@ -1,0 +1,99 @@
+"""A set of graphs: one callable per static shape of each entry point, and the calling convention they share.
+
+Every backend's builder returns `Graphs` whose callables take the entry point's tensor inputs only:
+
+    prefill graph: (ids [B, T], start [B], last [B], keys, values) -> logits [B, vocab]
+    decode graph:  (ids [B], pos [B], keys, values)                  -> logits [B, vocab]
+
+The model and the static `kv_len` are bound when the graph is built (a GraphSpec names both shapes).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .entry import decode_entry, prefill_entry
+from .shapes import GraphSpec, ShapePlan
+
+ENTRIES = {"prefill": prefill_entry, "decode": decode_entry}
+
+
+class Graphs:
+    """`prefill`/`decode` pick the graph built for the inputs' shape and the requested kv_len."""
+
+    def __init__(self, backend: str, fns: dict[GraphSpec, Callable]):
+        self.backend, self.fns = backend, fns
+        self.compile_seconds = 0.0
+        self.loaded_from: Path | None = None  # the artifact directory the graphs were loaded from, if any
+
+    def __len__(self) -> int:
+        return len(self.fns)
+
+    def _fn(self, spec: GraphSpec) -> Callable:
+        fn = self.fns.get(spec)
+        if fn is None:
+            raise KeyError(f"no {self.backend} graph for {spec.name}: the shape set was built for "
+                           f"{sorted(s.name for s in self.fns)[:6]}...")
+        return fn
+
+    def prefill(self, ids, start, last, keys, values, kv_len: int):
+        return self._fn(GraphSpec("prefill", ids.shape[0], ids.shape[1], kv_len))(ids, start, last, keys, values)
+
+    def decode(self, ids, pos, keys, values, kv_len: int):
+        return self._fn(GraphSpec("decode", ids.shape[0], 1, kv_len))(ids, pos, keys, values)
+
+
+def bind(entry_fn: Callable, model, kv_len: int) -> Callable:
+    """An entry point (or its compiled form, same signature) as a graph callable of the shared convention."""
+    return partial(entry_fn, model, kv_len=kv_len) if entry_fn in ENTRIES.values() else _Bound(entry_fn, model, kv_len)
+
+
+class _Bound:
+    """A compiled entry point with the model and kv_len bound (compiled functions take them positionally)."""
+
+    def __init__(self, fn: Callable, model, kv_len: int):
+        self.fn, self.model, self.kv_len = fn, model, kv_len
+
+    def __call__(self, *inputs):
+        return self.fn(self.model, *inputs, self.kv_len)
+
+
+def example_inputs(spec: GraphSpec, model, cache) -> tuple:
+    """Inputs of the spec's shape, on the model's device, over the runtime's own cache rows."""
+    dev = model.device
+    keys, values = cache.rows(spec.batch)
+    row = lambda: torch.zeros(spec.batch, dtype=torch.long, device=dev)  # noqa: E731 (distinct: no aliasing guard)
+    if spec.kind == "prefill":
+        return torch.zeros(spec.batch, spec.steps, dtype=torch.long, device=dev), row(), row(), keys, values
+    return row(), row(), keys, values
+
+
+def build_eager(model, shapes: ShapePlan, cache, settings) -> Graphs:
+    """No capture: each shape runs the entry point as Python (the reference, and for debugging)."""
+    return Graphs("eager", {s: bind(ENTRIES[s.kind], model, s.kv_len) for s in shapes.specs()})
+
+
+class Progress:
+    """A one-line progress bar on stderr while graphs compile (only on a terminal, or with GPTOSS_PROGRESS)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.started = total, time.perf_counter()
+        self.enabled = enabled and (sys.stderr.isatty() or bool(os.environ.get("GPTOSS_PROGRESS")))
+
+    def __call__(self, i: int, name: str) -> None:
+        if not self.enabled:
+            return
+        done = int(30 * i / self.total)
+        sys.stderr.write(f"\rcompiling graphs [{'#' * done}{'.' * (30 - done)}] {i}/{self.total} {name:<28} "
+                         f"{time.perf_counter() - self.started:6.1f}s" + ("\n" if i == self.total else ""))
+        sys.stderr.flush()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started

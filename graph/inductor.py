@@ -1,0 +1,86 @@
+"""Inductor graphs (CPU, CUDA): each (entry point, static shape) compiled ahead of time.
+
+`torch.compile(fullgraph=True, dynamic=False)` through dynamo's `aot_compile`, so nothing is traced or compiled
+while serving. With an artifact directory, each graph is serialised (`save_compiled_function`) next to the
+inductor kernel cache it needs; a later process loads them without tracing or compiling, after the manifest's key
+has been checked. On CUDA, decode graphs are replayed as CUDA graphs (graph/cuda_graphs.py).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .artifacts import ArtifactDir, Manifest, artifact_key
+from .cuda_graphs import wrap_decode_graphs
+from .graphs import ENTRIES, Graphs, Progress, bind, example_inputs
+from .shapes import ShapePlan
+
+
+@contextmanager
+def _inductor_cache(directory: Path | None):
+    """Point inductor's kernel cache into the artifact directory, so the directory is self-contained.
+
+    The kernels' cache keys depend on the precompiled header they were built with, and inductor keeps those
+    headers in a machine-global directory: they are redirected into the artifacts too, so that a new machine
+    (or a cleaned /tmp) can load the kernels without compiling a header first."""
+    if directory is None:
+        yield
+        return
+    from torch._inductor import codecache
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    headers = str(directory / "precompiled_headers")
+    saved = getattr(codecache, "_HEADER_DIR", None), getattr(codecache, "_HEADER_LOCK_DIR", None)
+    redirect = saved[0] is not None and hasattr(codecache._precompile_header, "cache_clear")
+    if redirect:
+        codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = headers, os.path.join(headers, "locks")
+        codecache._precompile_header.cache_clear()
+    try:
+        with temporary_cache_dir(str(directory)):
+            yield
+    finally:
+        if redirect:
+            codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = saved
+            codecache._precompile_header.cache_clear()
+
+
+def build(model, shapes: ShapePlan, cache, settings) -> Graphs:
+    """Graphs for every shape of `shapes`, compiled now or loaded from `settings.artifacts` (see ArtifactDir)."""
+    specs = shapes.specs()
+    device = model.device
+    directory = None
+    if settings.artifacts is not None:
+        directory = ArtifactDir(settings.artifacts, model.parallel.tp_size, model.parallel.rank)
+        # inductor's CPU kernels bake the OpenMP thread count in
+        wanted = artifact_key(model, "inductor", shapes, threads=torch.get_num_threads())
+        manifest = directory.open(wanted, rebuild=settings.rebuild, compile_missing=settings.compile_missing)
+        if manifest is not None:
+            fns = {}
+            with _inductor_cache(directory.inductor):
+                for spec in specs:
+                    with open(directory.path / manifest.files[spec.name], "rb") as f:
+                        fns[spec] = bind(torch.compiler.load_compiled_function(f), model, spec.kv_len)
+            graphs = Graphs("inductor", wrap_decode_graphs(fns, device))
+            graphs.loaded_from = directory.path
+            return graphs
+
+    fns, progress = {}, Progress(len(specs), settings.progress)
+    with _inductor_cache(directory.inductor if directory else None), torch.no_grad():
+        for i, spec in enumerate(specs):
+            progress(i, spec.name)
+            entry = ENTRIES[spec.kind]
+            example = (model, *example_inputs(spec, model, cache), spec.kv_len)
+            compiled = torch.compile(entry, fullgraph=True, dynamic=False).aot_compile((example, {}))
+            if directory is not None:
+                compiled.save_compiled_function(str(directory.inductor_graph(spec.name)))
+            fns[spec] = bind(compiled, model, spec.kv_len)
+        progress(len(specs), "done")
+    graphs = Graphs("inductor", wrap_decode_graphs(fns, device))
+    graphs.compile_seconds = progress.seconds
+    if directory is not None:
+        files = {s.name: str(directory.inductor_graph(s.name).relative_to(directory.path)) for s in specs}
+        directory.write(Manifest(wanted, files, progress.seconds))
+    return graphs

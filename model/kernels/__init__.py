@@ -1,0 +1,103 @@
+"""CPU kernels for weights kept as published, as torch custom ops (`torch.ops.gptoss.*`):
+
+    mxfp4_grouped_mm(x [N, K] f32, blocks [E, M, K/32, 16] u8, scales [E, M, K/32] u8, offs [E] i32, bias [E, M]?)
+    bf16_grouped_mm(x [N, K] f32, weight [E, M, K] bf16, offs [E] i32, bias [E, M]?)
+    bf16_linear(x [N, K] f32, weight [M, K] bf16, bias [M]?)                       -> [N, M] f32, = x W^T + b
+
+Rows of x are sorted by expert; `offs[e]` is the cumulative end of expert e's rows. The ops (schemas and shape-only
+fake implementations) are registered when this module is imported, which importing `gptoss.model` does, so graphs
+capture them as opaque nodes and saved graphs find them in a new process. The C++ (csrc/) is compiled on first
+use through torch's extension builder and cached under a name keyed by the sources' hash, so an edit rebuilds it
+and an unchanged source loads the cached library. The instruction set (AVX-512, AVX2, portable) is chosen at run
+time; `GPTOSS_CPU_ISA=avx2|scalar` or `set_isa` forces a lower one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["extension", "isa", "available_isas", "set_isa", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear"]
+
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
+_lock = threading.Lock()
+_module = None
+
+
+def source_hash() -> str:
+    h = hashlib.sha256(torch.__version__.encode())
+    for path in SOURCES:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def extension():
+    """The compiled kernels (built on first call, then loaded from torch's extension cache)."""
+    global _module
+    if _module is None:
+        with _lock:
+            if _module is None:
+                from torch.utils import cpp_extension
+                _ninja_on_path()
+                # -fopenmp: at::parallel_for runs on torch's OpenMP pool (the same libgomp, already loaded).
+                _module = cpp_extension.load(name=f"gptoss_cpu_kernels_{source_hash()}",
+                                             sources=[str(p) for p in SOURCES],
+                                             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    return _module
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` package (a dependency) installs it next to the venv's
+    Python, which is not on PATH when that Python is run by its full path."""
+    if shutil.which("ninja") is None:
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def isa() -> str:
+    """The instruction set the kernels use now: 'avx512', 'avx2' or 'scalar'."""
+    return extension().isa()
+
+
+def available_isas() -> list[str]:
+    """The instruction sets this CPU runs, best first."""
+    return list(extension().available_isas())
+
+
+def set_isa(name: str) -> None:
+    """Use `name` (one of available_isas(), or 'best') from now on in this process."""
+    extension().set_isa(name)
+
+
+_lib = torch.library.Library("gptoss", "FRAGMENT")
+_lib.define("mxfp4_grouped_mm(Tensor x, Tensor blocks, Tensor scales, Tensor offs, Tensor? bias=None) -> Tensor")
+_lib.define("bf16_grouped_mm(Tensor x, Tensor weight, Tensor offs, Tensor? bias=None) -> Tensor")
+_lib.define("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
+_lib.impl("mxfp4_grouped_mm", lambda x, b, s, o, bias=None: extension().mxfp4_grouped_mm(x, b, s, o, bias), "CPU")
+_lib.impl("bf16_grouped_mm", lambda x, w, o, bias=None: extension().bf16_grouped_mm(x, w, o, bias), "CPU")
+_lib.impl("bf16_linear", lambda x, w, bias=None: extension().bf16_linear(x, w, bias), "CPU")
+
+
+@torch.library.register_fake("gptoss::mxfp4_grouped_mm", lib=_lib)
+def _(x, blocks, scales, offs, bias=None):
+    return x.new_empty(x.shape[0], blocks.shape[1])
+
+
+@torch.library.register_fake("gptoss::bf16_grouped_mm", lib=_lib)
+def _(x, weight, offs, bias=None):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.register_fake("gptoss::bf16_linear", lib=_lib)
+def _(x, weight, bias=None):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+mxfp4_grouped_mm = torch.ops.gptoss.mxfp4_grouped_mm
+bf16_grouped_mm = torch.ops.gptoss.bf16_grouped_mm
+bf16_linear = torch.ops.gptoss.bf16_linear

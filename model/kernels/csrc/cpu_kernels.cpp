@@ -1,0 +1,617 @@
+// CPU kernels for weights kept as published: MXFP4 experts and bf16 dense matrices, fp32 activations.
+//
+//   grouped_mm(x [N, K] fp32, W [E, M, K] (mxfp4 or bf16), ends [E] int32, bias [E, M] fp32?) -> [N, M] fp32
+//       rows ends[e-1] .. ends[e] of x (sorted by expert) multiply expert e's W^T; a linear layer is E = 1.
+//
+// Two paths per expert, by how many rows it received:
+//   few rows (decode): each weight row is decoded in registers and shared by all of the expert's rows;
+//                      threads split the (expert, output row) pairs of every expert that has rows;
+//   many rows (prefill): a tile of output rows is decoded to fp32 and multiplied by torch's sgemm.
+// The weights are exact in fp32, so every path gives the dense fp32 result up to summation order.
+//
+// Instruction sets: each kernel exists for AVX-512 (F+BW+VL), AVX2+FMA and portable C++, compiled into this one
+// file with per-function target attributes and chosen at run time from what the CPU supports; GPTOSS_CPU_ISA
+// (avx512 | avx2 | scalar) or set_isa() forces a lower path.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define GPTOSS_X86 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;       // MXFP4 values per block (one shared scale)
+constexpr int64_t kBlockBytes = 16;  // two 4-bit codes per byte
+constexpr int64_t kDecodeRows = 8;   // an expert with at most this many rows takes the register-decode path
+constexpr int64_t kTileRows = 128;   // output rows decoded to fp32 per sgemm on the many-rows path
+
+// fp4 e2m1 code -> 2 * value (an integer, so the table fits int8 for pshufb); scales carry the factor 1/2.
+constexpr int8_t kTwiceFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// e8m0 scale byte s -> 2^(s - 127) / 2 (the 1/2 undoes kTwiceFp4's doubling). Every entry is exact in fp32.
+struct HalfScales {
+  float v[256];
+  HalfScales() {
+    for (int s = 0; s < 256; ++s) v[s] = std::ldexp(1.0f, s - 128);
+  }
+};
+const HalfScales kHalfScale;
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// -- the per-ISA kernels -------------------------------------------------------------------------------------------
+// dot:    out[r * ldo + m] = sum_k x[r * ldx + k] * W[m, k]  for r < n, m in [m0, m1)
+// decode: dst[(m - m0) * K + k] = W[m, k]                    for m in [m0, m1)
+struct Mxfp4 {
+  const uint8_t* blocks;  // [M, G, 16]
+  const uint8_t* scales;  // [M, G]
+  int64_t groups;         // G = K / 32
+};
+struct Bf16 {
+  const uint16_t* w;  // [M, K]
+  int64_t k;
+};
+
+using Mxfp4Dot = void (*)(const Mxfp4&, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n, float* out,
+                          int64_t ldo);
+using Mxfp4Decode = void (*)(const Mxfp4&, int64_t m0, int64_t m1, float* dst);
+using Bf16Dot = void (*)(const Bf16&, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n, float* out,
+                         int64_t ldo);
+using Bf16Decode = void (*)(const Bf16&, int64_t m0, int64_t m1, float* dst);
+
+struct Kernels {
+  const char* name;
+  Mxfp4Dot mxfp4_dot;
+  Mxfp4Decode mxfp4_decode;
+  Bf16Dot bf16_dot;
+  Bf16Decode bf16_decode;
+};
+
+// ---- portable ----
+namespace scalar {
+
+void mxfp4_decode(const Mxfp4& w, int64_t m0, int64_t m1, float* dst) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* b = w.blocks + m * w.groups * kBlockBytes;
+    const uint8_t* s = w.scales + m * w.groups;
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const float scale = kHalfScale.v[s[g]];
+      for (int j = 0; j < kBlockBytes; ++j) {
+        const uint8_t byte = b[g * kBlockBytes + j];
+        dst[g * kBlock + 2 * j] = kTwiceFp4[byte & 0x0F] * scale;
+        dst[g * kBlock + 2 * j + 1] = kTwiceFp4[byte >> 4] * scale;
+      }
+    }
+    dst += w.groups * kBlock;
+  }
+}
+
+void mxfp4_dot(const Mxfp4& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n, float* out,
+               int64_t ldo) {
+  std::vector<float> row(w.groups * kBlock);
+  for (int64_t m = m0; m < m1; ++m) {
+    mxfp4_decode(w, m, m + 1, row.data());
+    for (int64_t r = 0; r < n; ++r) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < w.groups * kBlock; ++k) acc += x[r * ldx + k] * row[k];
+      out[r * ldo + m] = acc;
+    }
+  }
+}
+
+void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst) {
+  for (int64_t i = m0 * w.k; i < m1 * w.k; ++i) *dst++ = bf16_to_float(w.w[i]);
+}
+
+void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n, float* out,
+              int64_t ldo) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint16_t* row = w.w + m * w.k;
+    for (int64_t r = 0; r < n; ++r) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < w.k; ++k) acc += x[r * ldx + k] * bf16_to_float(row[k]);
+      out[r * ldo + m] = acc;
+    }
+  }
+}
+
+}  // namespace scalar
+
+#ifdef GPTOSS_X86
+// ---- AVX2 + FMA ----
+#define GPTOSS_AVX2 __attribute__((target("avx2,fma")))
+namespace avx2 {
+
+GPTOSS_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 bytes -> the block's 32 values (times 2, as integers in fp32), in order: a 16-entry table lookup per nibble.
+GPTOSS_AVX2 inline void decode_block(const uint8_t* b, __m256 w[4]) {
+  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes, nibble));
+  const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+  const __m128i first = _mm_unpacklo_epi8(lo, hi);  // values 0..15 (low nibble = even index)
+  const __m128i second = _mm_unpackhi_epi8(lo, hi);  // values 16..31
+  w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(first));
+  w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(first, 8)));
+  w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(second));
+  w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(second, 8)));
+}
+
+// R activation rows against one weight row: the row is decoded once per block and shared by the R rows.
+template <int R>
+GPTOSS_AVX2 void mxfp4_rows(const uint8_t* b, const uint8_t* s, int64_t groups, const float* x, int64_t ldx,
+                            float* out, int64_t ldo) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 w[4];
+    decode_block(b + g * kBlockBytes, w);
+    const __m256 scale = _mm256_set1_ps(kHalfScale.v[s[g]]);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + g * kBlock;
+      __m256 p = _mm256_mul_ps(w[0], _mm256_loadu_ps(xr));
+      __m256 q = _mm256_mul_ps(w[1], _mm256_loadu_ps(xr + 8));
+      p = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), p);
+      q = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), q);
+      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(acc[r]);
+}
+
+GPTOSS_AVX2 void mxfp4_dot(const Mxfp4& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
+                           float* out, int64_t ldo) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* b = w.blocks + m * w.groups * kBlockBytes;
+    const uint8_t* s = w.scales + m * w.groups;
+    for (int64_t r = 0; r < n; r += 4) {
+      const float* xr = x + r * ldx;
+      float* o = out + r * ldo + m;
+      switch (std::min<int64_t>(4, n - r)) {
+        case 4: mxfp4_rows<4>(b, s, w.groups, xr, ldx, o, ldo); break;
+        case 3: mxfp4_rows<3>(b, s, w.groups, xr, ldx, o, ldo); break;
+        case 2: mxfp4_rows<2>(b, s, w.groups, xr, ldx, o, ldo); break;
+        default: mxfp4_rows<1>(b, s, w.groups, xr, ldx, o, ldo); break;
+      }
+    }
+  }
+}
+
+GPTOSS_AVX2 void mxfp4_decode(const Mxfp4& w, int64_t m0, int64_t m1, float* dst) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* b = w.blocks + m * w.groups * kBlockBytes;
+    const uint8_t* s = w.scales + m * w.groups;
+    for (int64_t g = 0; g < w.groups; ++g, dst += kBlock) {
+      __m256 v[4];
+      decode_block(b + g * kBlockBytes, v);
+      const __m256 scale = _mm256_set1_ps(kHalfScale.v[s[g]]);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + 8 * i, _mm256_mul_ps(v[i], scale));
+    }
+  }
+}
+
+GPTOSS_AVX2 inline __m256 load_bf16(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// R rows against one bf16 weight row, 32 values a step; one row keeps four accumulators so the FMA latency hides.
+template <int R>
+GPTOSS_AVX2 void bf16_rows(const uint16_t* row, int64_t k, const float* x, int64_t ldx, float* out, int64_t ldo) {
+  constexpr int A = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    __m256 w[4];
+    for (int j = 0; j < 4; ++j) w[j] = load_bf16(row + i + 8 * j);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j)
+        acc[r][j % A] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + r * ldx + i + 8 * j), acc[r][j % A]);
+  }
+  for (; i + 8 <= k; i += 8) {
+    const __m256 w = load_bf16(row + i);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * ldx + i), acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int a = 1; a < A; ++a) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][a]);
+    float sum = hsum(acc[r][0]);
+    for (int64_t t = i; t < k; ++t) sum += x[r * ldx + t] * bf16_to_float(row[t]);
+    out[r * ldo] = sum;
+  }
+}
+
+GPTOSS_AVX2 void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n, float* out,
+                          int64_t ldo) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint16_t* row = w.w + m * w.k;
+    for (int64_t r = 0; r < n; r += 4) {
+      const float* xr = x + r * ldx;
+      float* o = out + r * ldo + m;
+      switch (std::min<int64_t>(4, n - r)) {
+        case 4: bf16_rows<4>(row, w.k, xr, ldx, o, ldo); break;
+        case 3: bf16_rows<3>(row, w.k, xr, ldx, o, ldo); break;
+        case 2: bf16_rows<2>(row, w.k, xr, ldx, o, ldo); break;
+        default: bf16_rows<1>(row, w.k, xr, ldx, o, ldo); break;
+      }
+    }
+  }
+}
+
+GPTOSS_AVX2 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst) {
+  const uint16_t* src = w.w + m0 * w.k;
+  const int64_t total = (m1 - m0) * w.k;
+  int64_t i = 0;
+  for (; i + 8 <= total; i += 8) _mm256_storeu_ps(dst + i, load_bf16(src + i));
+  for (; i < total; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+}  // namespace avx2
+
+// ---- AVX-512 (F, BW, VL) ----
+#define GPTOSS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+namespace avx512 {
+
+// 16 bytes -> the block's 32 values (times 2) in two zmm registers.
+GPTOSS_AVX512 inline void decode_block(const uint8_t* b, __m512 w[2]) {
+  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes, nibble));
+  const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+  w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(lo, hi)));
+  w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(lo, hi)));
+}
+
+template <int R>
+GPTOSS_AVX512 void mxfp4_rows(const uint8_t* b, const uint8_t* s, int64_t groups, const float* x, int64_t ldx,
+                              float* out, int64_t ldo) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 w[2];
+    decode_block(b + g * kBlockBytes, w);
+    const __m512 scale = _mm512_set1_ps(kHalfScale.v[s[g]]);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + g * kBlock;
+      const __m512 p = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), _mm512_mul_ps(w[0], _mm512_loadu_ps(xr)));
+      acc[r][g & 1] = _mm512_fmadd_ps(p, scale, acc[r][g & 1]);  // two chains: consecutive blocks overlap
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+GPTOSS_AVX512 void mxfp4_dot(const Mxfp4& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
+                             float* out, int64_t ldo) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* b = w.blocks + m * w.groups * kBlockBytes;
+    const uint8_t* s = w.scales + m * w.groups;
+    for (int64_t r = 0; r < n; r += 4) {
+      const float* xr = x + r * ldx;
+      float* o = out + r * ldo + m;
+      switch (std::min<int64_t>(4, n - r)) {
+        case 4: mxfp4_rows<4>(b, s, w.groups, xr, ldx, o, ldo); break;
+        case 3: mxfp4_rows<3>(b, s, w.groups, xr, ldx, o, ldo); break;
+        case 2: mxfp4_rows<2>(b, s, w.groups, xr, ldx, o, ldo); break;
+        default: mxfp4_rows<1>(b, s, w.groups, xr, ldx, o, ldo); break;
+      }
+    }
+  }
+}
+
+GPTOSS_AVX512 void mxfp4_decode(const Mxfp4& w, int64_t m0, int64_t m1, float* dst) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* b = w.blocks + m * w.groups * kBlockBytes;
+    const uint8_t* s = w.scales + m * w.groups;
+    for (int64_t g = 0; g < w.groups; ++g, dst += kBlock) {
+      __m512 v[2];
+      decode_block(b + g * kBlockBytes, v);
+      const __m512 scale = _mm512_set1_ps(kHalfScale.v[s[g]]);
+      _mm512_storeu_ps(dst, _mm512_mul_ps(v[0], scale));
+      _mm512_storeu_ps(dst + 16, _mm512_mul_ps(v[1], scale));
+    }
+  }
+}
+
+GPTOSS_AVX512 inline __m512 load_bf16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int R>
+GPTOSS_AVX512 void bf16_rows(const uint16_t* row, int64_t k, const float* x, int64_t ldx, float* out, int64_t ldo) {
+  constexpr int A = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  __m512 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    __m512 w[4];
+    for (int j = 0; j < 4; ++j) w[j] = load_bf16(row + i + 16 * j);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j)
+        acc[r][j % A] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + r * ldx + i + 16 * j), acc[r][j % A]);
+  }
+  for (; i + 16 <= k; i += 16) {
+    const __m512 w = load_bf16(row + i);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * ldx + i), acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int a = 1; a < A; ++a) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][a]);
+    float sum = _mm512_reduce_add_ps(acc[r][0]);
+    for (int64_t t = i; t < k; ++t) sum += x[r * ldx + t] * bf16_to_float(row[t]);
+    out[r * ldo] = sum;
+  }
+}
+
+GPTOSS_AVX512 void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
+                            float* out, int64_t ldo) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint16_t* row = w.w + m * w.k;
+    for (int64_t r = 0; r < n; r += 4) {
+      const float* xr = x + r * ldx;
+      float* o = out + r * ldo + m;
+      switch (std::min<int64_t>(4, n - r)) {
+        case 4: bf16_rows<4>(row, w.k, xr, ldx, o, ldo); break;
+        case 3: bf16_rows<3>(row, w.k, xr, ldx, o, ldo); break;
+        case 2: bf16_rows<2>(row, w.k, xr, ldx, o, ldo); break;
+        default: bf16_rows<1>(row, w.k, xr, ldx, o, ldo); break;
+      }
+    }
+  }
+}
+
+GPTOSS_AVX512 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst) {
+  const uint16_t* src = w.w + m0 * w.k;
+  const int64_t total = (m1 - m0) * w.k;
+  int64_t i = 0;
+  for (; i + 16 <= total; i += 16) _mm512_storeu_ps(dst + i, load_bf16(src + i));
+  for (; i < total; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+}  // namespace avx512
+#endif  // GPTOSS_X86
+
+// -- instruction-set selection -------------------------------------------------------------------------------------
+const Kernels kScalar{"scalar", scalar::mxfp4_dot, scalar::mxfp4_decode, scalar::bf16_dot, scalar::bf16_decode};
+#ifdef GPTOSS_X86
+const Kernels kAvx2{"avx2", avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot, avx2::bf16_decode};
+const Kernels kAvx512{"avx512", avx512::mxfp4_dot, avx512::mxfp4_decode, avx512::bf16_dot, avx512::bf16_decode};
+#endif
+
+// The instruction sets this CPU runs, best first.
+std::vector<const Kernels*> supported() {
+  std::vector<const Kernels*> out;
+#ifdef GPTOSS_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    out.push_back(&kAvx512);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(&kAvx2);
+#endif
+  out.push_back(&kScalar);
+  return out;
+}
+
+const Kernels* choose(const std::string& name) {
+  const auto available = supported();
+  if (name.empty() || name == "best") return available.front();
+  for (const Kernels* k : available)
+    if (name == k->name) return k;
+  std::string names;
+  for (const Kernels* k : available) names += std::string(names.empty() ? "" : ", ") + k->name;
+  TORCH_CHECK(false, "GPTOSS_CPU_ISA='", name, "' is not available on this CPU (available: ", names, ")");
+}
+
+const Kernels* g_kernels = nullptr;
+
+const Kernels& kernels() {
+  if (!g_kernels) {
+    const char* env = std::getenv("GPTOSS_CPU_ISA");
+    g_kernels = choose(env ? env : "");
+  }
+  return *g_kernels;
+}
+
+// -- drivers -----------------------------------------------------------------------------------------------------
+struct Mxfp4Experts {
+  const uint8_t* blocks;
+  const uint8_t* scales;
+  int64_t m, groups;
+  int64_t k() const { return groups * kBlock; }
+  Mxfp4 expert(int64_t e) const {
+    return {blocks + e * m * groups * kBlockBytes, scales + e * m * groups, groups};
+  }
+  static void dot(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, const float* x, int64_t ldx,
+                  int64_t n, float* out, int64_t ldo) {
+    ks.mxfp4_dot(w, m0, m1, x, ldx, n, out, ldo);
+  }
+  static void decode(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, float* dst) {
+    ks.mxfp4_decode(w, m0, m1, dst);
+  }
+};
+
+struct Bf16Experts {
+  const uint16_t* w;
+  int64_t m, kk;
+  int64_t k() const { return kk; }
+  Bf16 expert(int64_t e) const { return {w + e * m * kk, kk}; }
+  static void dot(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
+                  float* out, int64_t ldo) {
+    ks.bf16_dot(w, m0, m1, x, ldx, n, out, ldo);
+  }
+  static void decode(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, float* dst) {
+    ks.bf16_decode(w, m0, m1, dst);
+  }
+};
+
+struct Group {
+  int64_t expert, start, rows;
+};
+
+// x [N, K] fp32 contiguous, rows sorted by expert with cumulative row ends `ends`; bias [E, M] fp32 or undefined.
+template <class W>
+at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& ends,
+                   const c10::optional<at::Tensor>& bias) {
+  const int64_t n = x.size(0), k = w.k(), m = w.m;
+  at::Tensor out = at::empty({n, m}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const Kernels& ks = kernels();
+
+  std::vector<Group> few, many;
+  int64_t start = 0;
+  for (int64_t e = 0; e < static_cast<int64_t>(ends.size()); ++e) {
+    const int64_t rows = ends[e] - start;
+    if (rows > 0) (rows <= kDecodeRows ? few : many).push_back({e, start, rows});
+    start = ends[e];
+  }
+
+  if (!few.empty()) {
+    // Work items are (group, output row): threads split the rows of every expert that has rows.
+    const int64_t items = static_cast<int64_t>(few.size()) * m;
+    at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end;) {
+        const Group& g = few[i / m];
+        const int64_t m0 = i % m, m1 = std::min(m, m0 + (end - i));
+        W::dot(ks, w.expert(g.expert), m0, m1, xp + g.start * k, k, g.rows, op + g.start * m, m);
+        if (bp)
+          for (int64_t r = 0; r < g.rows; ++r)
+            for (int64_t j = m0; j < m1; ++j) op[(g.start + r) * m + j] += bp[g.expert * m + j];
+        i += m1 - m0;
+      }
+    });
+  }
+
+  if (!many.empty()) {
+    const int64_t tile_rows = std::min(kTileRows, m);
+    at::Tensor tile = at::empty({tile_rows, k}, x.options());
+    float* tp = tile.data_ptr<float>();
+    for (const Group& g : many) {
+      const auto ex = w.expert(g.expert);
+      const at::Tensor xs = x.narrow(0, g.start, g.rows);
+      for (int64_t m0 = 0; m0 < m; m0 += tile_rows) {
+        const int64_t mt = std::min(tile_rows, m - m0);
+        at::parallel_for(0, mt, 8, [&](int64_t b, int64_t e) { W::decode(ks, ex, m0 + b, m0 + e, tp + b * k); });
+        at::Tensor dst = out.narrow(0, g.start, g.rows).narrow(1, m0, mt);
+        const at::Tensor wt = tile.narrow(0, 0, mt).t();
+        if (bp)
+          at::addmm_out(dst, bias->view({-1, m}).select(0, g.expert).narrow(0, m0, mt), xs, wt);
+        else
+          at::mm_out(dst, xs, wt);
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<int64_t> row_ends(const at::Tensor& offs, int64_t experts, int64_t rows) {
+  TORCH_CHECK(offs.dim() == 1 && offs.size(0) == experts, "offs must be [", experts, "] (one row end per expert), got ",
+              offs.sizes());
+  const at::Tensor o = offs.to(at::kLong).contiguous();
+  std::vector<int64_t> ends(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + experts);
+  int64_t prev = 0;
+  for (int64_t e : ends) {
+    TORCH_CHECK(e >= prev && e <= rows, "offs must be non-decreasing row ends within [0, ", rows, "]");
+    prev = e;
+  }
+  return ends;
+}
+
+void check_x(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "x must be a 2-d float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weights take ", k);
+}
+
+void check_bias(const c10::optional<at::Tensor>& bias, int64_t experts, int64_t m) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == experts * m,
+              "bias must be contiguous float32 with ", experts * m, " values, got ", bias->scalar_type(), " ",
+              bias->sizes());
+}
+
+at::Tensor mxfp4_grouped_mm(const at::Tensor& x_, const at::Tensor& blocks, const at::Tensor& scales,
+                            const at::Tensor& offs, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 4 && blocks.size(3) == kBlockBytes &&
+                  blocks.is_contiguous(),
+              "blocks must be contiguous uint8 [E, M, K/32, 16], got ", blocks.scalar_type(), " ", blocks.sizes());
+  const int64_t experts = blocks.size(0), m = blocks.size(1), groups = blocks.size(2);
+  TORCH_CHECK(scales.scalar_type() == at::kByte && scales.is_contiguous() &&
+                  scales.sizes() == at::IntArrayRef({experts, m, groups}),
+              "scales must be contiguous uint8 [E, M, K/32] = ", at::IntArrayRef({experts, m, groups}), ", got ",
+              scales.sizes());
+  check_x(x_, groups * kBlock);
+  check_bias(bias, experts, m);
+  const at::Tensor x = x_.contiguous();
+  const Mxfp4Experts w{blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), m, groups};
+  return grouped(x, w, row_ends(offs, experts, x.size(0)), bias);
+}
+
+at::Tensor bf16_grouped_mm(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& offs,
+                           const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 3 && weight.is_contiguous(),
+              "weight must be contiguous bfloat16 [E, M, K], got ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t experts = weight.size(0), m = weight.size(1);
+  check_x(x_, weight.size(2));
+  check_bias(bias, experts, m);
+  const at::Tensor x = x_.contiguous();
+  const Bf16Experts w{reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), m, weight.size(2)};
+  return grouped(x, w, row_ends(offs, experts, x.size(0)), bias);
+}
+
+at::Tensor bf16_linear(const at::Tensor& x_, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous(),
+              "weight must be contiguous bfloat16 [M, K], got ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t m = weight.size(0);
+  check_x(x_, weight.size(1));
+  check_bias(bias, 1, m);
+  const at::Tensor x = x_.contiguous();
+  const Bf16Experts w{reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), m, weight.size(1)};
+  return grouped(x, w, {x.size(0)}, bias);
+}
+
+std::string isa() { return kernels().name; }
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (const Kernels* k : supported()) out.push_back(k->name);
+  return out;
+}
+
+void set_isa(const std::string& name) { g_kernels = choose(name); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mxfp4_grouped_mm", &mxfp4_grouped_mm, "grouped x @ W^T with MXFP4 W [E, M, K/32, 16] (+ bias [E, M])");
+  m.def("bf16_grouped_mm", &bf16_grouped_mm, "grouped x @ W^T with bfloat16 W [E, M, K] (+ bias [E, M])");
+  m.def("bf16_linear", &bf16_linear, "x @ W^T + bias with bfloat16 W [M, K], fp32 x");
+  m.def("isa", &isa, "the instruction set the kernels use now");
+  m.def("available_isas", &available_isas, "instruction sets this CPU runs, best first");
+  m.def("set_isa", &set_isa, "use this instruction set from now on (one of available_isas(), or 'best')");
+}

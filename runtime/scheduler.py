@@ -1,0 +1,384 @@
+"""Continuous batching over the Runtime's static cache and graphs.
+
+Every cache row holds at most one request. Each step:
+1. waiting requests take free rows (the lowest free row first, so the rows in use stay packed at the front and
+   the decode batch stays in a small bucket); cancelled requests give theirs back;
+2. one request that is still reading its prompt runs one prefill chunk, as a batch-1 graph on its own row of
+   the cache (a view of that row);
+3. every row that is generating runs one decode step together, as a graph of the smallest batch bucket that
+   covers the highest such row; a row that ends frees itself in the same step.
+
+So a long prompt enters one chunk per step while the running streams keep getting a token every step, and only
+the shapes of the Runtime's ShapePlan ever run: nothing new is traced or compiled while serving.
+
+Rows in the decode bucket that are not generating (free, or still prefilling) are fed a dummy token whose cache
+write lands where it cannot be read: at position 0 of a free row, or at the next position a prefilling row's
+next chunk overwrites before attending to it.
+
+Tensor parallelism: rank 0 owns the queue. At every step it broadcasts that step's admissions and
+cancellations (a small pickled plan, gloo/nccl/hccl object broadcast); every rank applies the same plan to the
+same state, so all ranks run the same graphs on the same rows, and the sampled tokens are broadcast from rank 0
+as in `Runtime.generate`. While idle, rank 0 sends an empty plan every `idle_heartbeat_s` so the other ranks'
+collectives never time out.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .metrics import ServingMetrics
+from .runtime import Runtime, TokenEvent, _Sequence
+from .sampling import sample, validate_sampling
+from .tokenizer import IncrementalDetokenizer
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, capacity: int, retry_after_s: float):
+        super().__init__(f"the server is busy: {capacity} requests are already waiting; retry later")
+        self.capacity, self.retry_after_s = capacity, retry_after_s
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple = ()  # strings and/or token ids, as `Runtime.generate` takes them
+    ignore_eos: bool = False
+
+
+class Handle:
+    """One submitted request. `on_event(TokenEvent)` is called from the scheduler's thread for every token; the
+    last event has `finish_reason` set ("stop", "length", or "cancelled")."""
+
+    def __init__(self, rid: int, request: Request, on_event: Callable[[TokenEvent], None] | None):
+        self.id, self.request, self.on_event = rid, request, on_event
+        self.cancelled = False
+        self.arrived = time.perf_counter()
+        self.last_token_at: float | None = None
+        self.finish_reason: str | None = None
+        self.done = threading.Event()
+
+    def cancel(self) -> None:
+        """Thread-safe; the row is freed at the next step."""
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    handle: Handle
+    seq: _Sequence
+    stop_ids: set[int]
+    stop_strings: list[str]
+    generator: torch.Generator | None
+    padded: torch.Tensor  # the prompt, zero-padded to the cache's slot count
+    done: int = 0  # prompt tokens prefilled
+    pos: int = 0  # next cache position to write while decoding
+    next_token: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.done < len(self.seq.prompt)
+
+
+@dataclass
+class _Plan:
+    admit: list[tuple[int, Request]] = field(default_factory=list)
+    cancel: list[int] = field(default_factory=list)
+    stop: bool = False
+
+
+class Scheduler:
+    def __init__(self, runtime: Runtime, *, max_queue: int | None = None, idle_heartbeat_s: float = 1.0):
+        self.rt = runtime
+        self.rows: list[_Row | None] = [None] * runtime.shapes.max_batch_size
+        self.max_queue = 4 * runtime.shapes.max_batch_size if max_queue is None else max_queue
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        self.idle_heartbeat_s = idle_heartbeat_s
+        self.metrics = ServingMetrics()
+        self._waiting: deque[Handle] = deque()
+        self._handles: dict[int, Handle] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.parallel = runtime.model.parallel
+        self.graph_calls: list[tuple] = []  # (kind, batch, steps, kv_len) of every graph call, when recording
+        self.record_graph_calls = False
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """Raise ValueError/TypeError naming the problem, before a request is queued."""
+        rt = self.rt
+        if not request.prompt:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        bad = [t for t in request.prompt if not 0 <= t < rt.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {rt.config.vocab_size})")
+        limit = rt.shapes.max_seq_len
+        if len(request.prompt) >= limit:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens, but this server's context is {limit} "
+                             f"tokens (max_seq_len) and must leave room for at least one generated token")
+        if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) \
+                or request.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
+        validate_sampling(request.temperature, request.top_k, request.top_p)
+        rt._parse_stop(list(request.stop))
+
+    def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> Handle:
+        self.check(request)
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError(f"the scheduler stopped after an error: {self.error!r}")
+            if len(self._waiting) >= self.max_queue:
+                self.metrics.requests_rejected += 1
+                raise QueueFull(self.max_queue, self._retry_after())
+            handle = Handle(next(self._ids), request, on_event)
+            self._waiting.append(handle)
+            self._handles[handle.id] = handle
+            self.metrics.queue_depth = len(self._waiting)
+            self._wake.notify()
+        return handle
+
+    def _retry_after(self) -> float:
+        """A guess at when a row frees: the mean request time so far, at least a second."""
+        ttft = self.metrics.ttft
+        return max(1.0, ttft.sum / ttft.count if ttft.count else 1.0)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or any(r is not None for r in self.rows)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        """Run the loop in a background thread (rank 0 of a server)."""
+        self._thread = threading.Thread(target=self.run, name="gptoss-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        """Steps until `stop` (rank 0) or until rank 0's plan says stop (other ranks)."""
+        try:
+            with torch.no_grad():
+                while True:
+                    plan = self._next_plan()
+                    if plan.stop:
+                        break
+                    self._apply(plan)
+                    self._compute()
+        except BaseException as exc:  # the model failed: fail every request rather than leave clients waiting
+            self.error = exc
+            with self._lock:
+                for h in list(self._handles.values()):
+                    self._finish(h, "error")
+            raise
+
+    def step(self) -> None:
+        """One step in the caller's thread (single process): admit, cancel, run the model once."""
+        with torch.no_grad():
+            self._apply(self._collect_plan())
+            self._compute()
+
+    def run_until_idle(self) -> None:
+        """Step until every submitted request has ended (tests and offline use, single process)."""
+        while self.busy:
+            self.step()
+
+    # -- plans: what changes between steps ---------------------------------------------------------------------
+    def _collect_plan(self) -> _Plan:
+        plan = _Plan()
+        with self._lock:
+            free = sum(r is None for r in self.rows)
+            for row in self.rows:
+                if row is not None and row.handle.cancelled:
+                    plan.cancel.append(row.handle.id)
+                    free += 1
+            while self._waiting and free:
+                h = self._waiting.popleft()
+                if h.cancelled:
+                    self._finish(h, "cancelled")
+                    continue
+                plan.admit.append((h.id, h.request))
+                free -= 1
+            self._waiting = deque(h for h in self._waiting if not (h.cancelled and self._finish(h, "cancelled")))
+            self.metrics.queue_depth = len(self._waiting)
+            plan.stop = self._stopping
+        return plan
+
+    def _next_plan(self) -> _Plan:
+        if self.parallel.rank == 0:
+            with self._lock:
+                if not self.busy and not self._stopping:
+                    self._wake.wait(self.idle_heartbeat_s)
+            plan = self._collect_plan()
+        else:
+            plan = None
+        if self.parallel.tp_size > 1:
+            box = [plan]
+            torch.distributed.broadcast_object_list(box, src=0)
+            plan = box[0]
+        return plan
+
+    def _apply(self, plan: _Plan) -> None:
+        for rid in plan.cancel:
+            for i, row in enumerate(self.rows):
+                if row is not None and row.handle.id == rid:
+                    self._release(i, "cancelled")
+        for rid, request in plan.admit:
+            handle = self._handles.get(rid) or Handle(rid, request, None)  # other ranks: no client to tell
+            free = self.rows.index(None)
+            self.rows[free] = self._new_row(handle)
+            with self.metrics.lock:
+                self.metrics.running_rows = sum(r is not None for r in self.rows)
+
+    def _new_row(self, handle: Handle) -> _Row:
+        req, rt = handle.request, self.rt
+        stop_ids, stop_strings = rt._parse_stop(list(req.stop))
+        if not req.ignore_eos:
+            stop_ids |= rt.eos_ids
+        generator = None
+        if req.seed is not None:
+            generator = torch.Generator(device=rt.device).manual_seed(req.seed)
+        prompt = list(req.prompt)
+        budget = min(req.max_tokens, rt.shapes.max_seq_len - len(prompt))
+        padded = torch.zeros(rt.shapes.slots, dtype=torch.long)
+        padded[:len(prompt)] = torch.tensor(prompt)
+        seq = _Sequence(handle.id, prompt, budget, IncrementalDetokenizer(rt.tokenizer))
+        return _Row(handle, seq, stop_ids, stop_strings, generator, padded.to(rt.device))
+
+    # -- one step of model work --------------------------------------------------------------------------------
+    def _compute(self) -> None:
+        prefilling = [i for i, r in enumerate(self.rows) if r is not None and r.prefilling]
+        ran = False
+        if prefilling:  # the oldest admitted first: lowest id
+            self._prefill_chunk(min(prefilling, key=lambda i: self.rows[i].handle.id))
+            ran = True
+        if any(r is not None and not r.prefilling for r in self.rows):
+            self._decode_step()
+            ran = True
+        if ran:
+            with self.metrics.lock:
+                self.metrics.steps += 1
+
+    def _graph(self, kind: str, fn, ids, *args):
+        if self.record_graph_calls:
+            self.graph_calls.append((kind, ids.shape[0], ids.shape[1] if ids.dim() == 2 else 1, args[-1]))
+        return fn(ids, *args)
+
+    def _prefill_chunk(self, i: int) -> None:
+        row, rt = self.rows[i], self.rt
+        shapes, length = rt.shapes, len(row.seq.prompt)
+        chunk = shapes.chunk(row.done, length - row.done)
+        ids = row.padded[row.done:row.done + chunk].clone()[None]
+        start = torch.tensor([row.done], device=rt.device)
+        last = torch.tensor([min(max(length - 1 - row.done, 0), chunk - 1)], device=rt.device)
+        keys = [k[i:i + 1] for k in rt.cache.keys]  # this row of the cache, written in place
+        values = [v[i:i + 1] for v in rt.cache.values]
+        logits = self._graph("prefill", rt.graphs.prefill, ids, start, last, keys, values,
+                             shapes.kv_len(row.done + chunk))
+        row.done += chunk
+        if row.prefilling:
+            return
+        with self.metrics.lock:
+            self.metrics.prompt_tokens += length
+        token = self._sample(logits.float(), [row])[0]
+        row.pos = length
+        self._take(i, token)
+
+    def _decode_step(self) -> None:
+        rt = self.rt
+        top = max(i for i, r in enumerate(self.rows) if r is not None and not r.prefilling)
+        batch = rt.shapes.batch(top + 1)
+        ids = torch.zeros(batch, dtype=torch.long)
+        pos = torch.zeros(batch, dtype=torch.long)
+        live = []
+        for i in range(batch):
+            row = self.rows[i]
+            if row is None:
+                continue
+            if row.prefilling:
+                pos[i] = row.done  # overwritten by this row's next prefill chunk before it is read
+            else:
+                ids[i], pos[i] = row.next_token, row.pos
+                live.append(i)
+        kv_len = rt.shapes.kv_len(max(self.rows[i].pos for i in live) + 1)
+        logits = self._graph("decode", rt.graphs.decode, ids.to(rt.device), pos.to(rt.device),
+                             *rt.cache.rows(batch), kv_len)
+        for i in live:
+            self.rows[i].pos += 1
+        tokens = self._sample(logits[live].float(), [self.rows[i] for i in live])
+        for i, token in zip(live, tokens):
+            self._take(i, token)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Each row with its own settings and generator; greedy rows in one argmax."""
+        out = logits.argmax(dim=-1)
+        for j, row in enumerate(rows):
+            req = row.handle.request
+            if req.temperature > 0:
+                out[j] = sample(logits[j:j + 1], req.temperature, req.top_k, req.top_p, row.generator)[0]
+        return self.parallel.broadcast(out).tolist()
+
+    def _take(self, i: int, token: int) -> None:
+        row = self.rows[i]
+        event = self.rt._accept(row.seq, token, row.stop_ids, row.stop_strings)
+        row.next_token = token
+        now = time.perf_counter()
+        h = row.handle
+        with self.metrics.lock:
+            self.metrics.tokens_generated += 1
+            if h.last_token_at is None:
+                self.metrics.ttft.observe(now - h.arrived)
+            else:
+                self.metrics.inter_token.observe(now - h.last_token_at)
+        h.last_token_at = now
+        if h.on_event is not None:
+            h.on_event(event)
+        if event.finish_reason is not None:
+            self.rows[i] = None
+            self._done(h, event.finish_reason)
+
+    def _release(self, i: int, reason: str) -> None:
+        h = self.rows[i].handle
+        self.rows[i] = None
+        if h.on_event is not None:
+            h.on_event(TokenEvent(h.id, -1, "", reason))
+        self._done(h, reason)
+
+    def _done(self, h: Handle, reason: str) -> None:
+        with self.metrics.lock:
+            self.metrics.requests_finished += 1
+            self.metrics.running_rows = sum(r is not None for r in self.rows)
+        h.finish_reason = reason
+        self._handles.pop(h.id, None)
+        h.done.set()
+
+    def _finish(self, h: Handle, reason: str) -> bool:
+        """End a request that never got a row (caller holds the lock)."""
+        if h.on_event is not None:
+            h.on_event(TokenEvent(h.id, -1, "", reason))
+        h.finish_reason = reason
+        self._handles.pop(h.id, None)
+        with self.metrics.lock:
+            self.metrics.requests_finished += 1
+        h.done.set()
+        return True

@@ -1,0 +1,259 @@
+"""The FastAPI app: OpenAI's /v1/models, /v1/completions, /v1/chat/completions (JSON or server-sent events), plus
+/health and /metrics (Prometheus text). Requests go to a running `Scheduler`; its thread hands each token to the
+request's asyncio queue."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..harmony import HarmonyStreamParser, HarmonyTokens, render_chat
+from ..scheduler import QueueFull, Scheduler
+from .errors import APIError, error_body, error_response
+from .protocol import Parsed, check_model, parse_chat, parse_completion
+
+DEFAULT_MAX_BODY = 4 << 20  # bytes: a 128k-token prompt as JSON token ids fits
+DISCONNECT_POLL_S = 0.5
+
+
+def create_app(scheduler: Scheduler, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+    rt = scheduler.rt
+    context = rt.shapes.max_seq_len
+    harmony = HarmonyTokens.from_tokenizer(rt.tokenizer) if rt.tokenizer.available else None
+    created = int(time.time())
+    app = FastAPI(title="gptoss", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):
+        return JSONResponse(error_body(400, str(exc)), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        if scheduler.error is not None:
+            return JSONResponse({"status": "error", "error": repr(scheduler.error)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(scheduler.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "gptoss", "max_model_len": context}]}
+
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest):
+        body = await _json_body(http, max_body_bytes)
+        check_model(body, model_name)
+        parsed = parse_completion(body, rt.tokenizer, context)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        events, handle = _submit(scheduler, parsed)
+        if parsed.stream:
+            return _sse(_completion_chunks(rid, model_name, parsed, events), handle)
+        text, tokens, finish = [], 0, None
+        async for event in _drain(events, handle, http):
+            tokens += event.token_id >= 0
+            text.append(event.text)
+            finish = event.finish_reason or finish
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish, "logprobs": None}],
+                "usage": _usage(len(parsed.request.prompt), tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(http: HTTPRequest):
+        body = await _json_body(http, max_body_bytes)
+        check_model(body, model_name)
+        if harmony is None:
+            raise APIError(400, "this checkpoint has no tokenizer.json, so no chat: use /v1/completions with "
+                                "token ids")
+        render = lambda m, t, e: render_chat(rt.tokenizer, m, tools=t, reasoning_effort=e)  # noqa: E731
+        parsed = parse_chat(body, rt.tokenizer, context, render)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        parser = HarmonyStreamParser(harmony, rt.tokenizer.decode)
+        events, handle = _submit(scheduler, parsed)
+        if parsed.stream:
+            return _sse(_chat_chunks(rid, model_name, parsed, events, parser), handle)
+        tokens, finish = 0, None
+        async for event in _drain(events, handle, http):
+            if event.token_id >= 0:
+                tokens += 1
+                parser.push(event.token_id)
+            finish = event.finish_reason or finish
+        parser.finish()
+        message = {"role": "assistant", "content": parser.content or (None if parser.tool_calls else ""),
+                   "reasoning_content": parser.reasoning or None}
+        if parser.tool_calls:
+            message["tool_calls"] = [{"id": _call_id(rid, i), "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for i, c in enumerate(parser.tool_calls)]
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+                "choices": [{"index": 0, "message": message, "finish_reason": _chat_finish(finish, parser),
+                             "logprobs": None}],
+                "usage": _usage(len(parsed.request.prompt), tokens)}
+
+    return app
+
+
+# -- plumbing --------------------------------------------------------------------------------------------------
+async def _json_body(http: HTTPRequest, limit: int) -> dict:
+    declared = http.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body has {declared} bytes; the limit is {limit}")
+    raw = bytearray()
+    async for part in http.stream():
+        raw += part
+        if len(raw) > limit:
+            raise APIError(413, f"the request body exceeds the limit of {limit} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def _submit(scheduler: Scheduler, parsed: Parsed):
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    try:
+        handle = scheduler.submit(parsed.request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+    except QueueFull as exc:
+        raise APIError(429, str(exc), code="queue_full",
+                       headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None
+    except RuntimeError as exc:  # the scheduler stopped after a model failure
+        raise APIError(503, str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        code = "context_length_exceeded" if "context" in text else None
+        param = "max_tokens" if "max_tokens" in text else ("stop" if "stop" in text else (
+            "messages" if parsed.messages is not None else "prompt"))
+        if any(k in text for k in ("temperature", "top_k", "top_p")):
+            param = next(k for k in ("temperature", "top_k", "top_p") if k in text)
+        raise APIError(400, text, param=param, code=code) from None
+    return events, handle
+
+
+async def _drain(events: asyncio.Queue, handle, http: HTTPRequest):
+    """The request's events until its last one; a client gone meanwhile cancels it (its row is freed)."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    handle.cancel()
+                    return
+                continue
+            if event.finish_reason == "error":
+                raise APIError(500, f"generation failed: {handle.finish_reason}")
+            yield event
+            if event.finish_reason is not None:
+                return
+    finally:
+        if handle.finish_reason is None:
+            handle.cancel()
+
+
+def _sse(chunks, handle) -> StreamingResponse:
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (the generator is closed) or the stream ended: free the row either way
+            if handle.finish_reason is None:
+                handle.cancel()
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _events(events: asyncio.Queue):
+    while True:
+        event = await events.get()
+        if event.finish_reason == "error":
+            yield {"error": error_body(500, "generation failed")["error"]}
+            return
+        yield event
+        if event.finish_reason is not None:
+            return
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _call_id(rid: str, index: int) -> str:
+    return f"call_{rid[-12:]}_{index}"
+
+
+def _chat_finish(finish: str | None, parser: HarmonyStreamParser) -> str | None:
+    if parser.ended_with == "call" and parser.tool_calls:
+        return "tool_calls"
+    return finish
+
+
+async def _completion_chunks(rid, model, parsed: Parsed, events):
+    tokens = 0
+    base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
+    async for event in _events(events):
+        if isinstance(event, dict):
+            yield event
+            return
+        tokens += event.token_id >= 0
+        if event.text or event.finish_reason:
+            yield {**base, "choices": [{"index": 0, "text": event.text, "finish_reason": event.finish_reason,
+                                        "logprobs": None}]}
+    if parsed.include_usage:
+        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens)}
+
+
+async def _chat_chunks(rid, model, parsed: Parsed, events, parser: HarmonyStreamParser):
+    tokens = 0
+    base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+
+    def chunk(delta, finish=None):
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    finish = None
+    async for event in _events(events):
+        if isinstance(event, dict):
+            yield event
+            return
+        deltas = []
+        if event.token_id >= 0:
+            tokens += 1
+            deltas = parser.push(event.token_id)
+        if event.finish_reason is not None:
+            deltas += parser.finish()
+            finish = event.finish_reason
+        for d in deltas:
+            if d.kind == "reasoning":
+                yield chunk({"reasoning_content": d.text})
+            elif d.kind == "content":
+                yield chunk({"content": d.text})
+            elif d.kind == "tool_call":
+                yield chunk({"tool_calls": [{"index": d.index, "id": _call_id(rid, d.index), "type": "function",
+                                             "function": {"name": d.name, "arguments": ""}}]})
+            else:
+                yield chunk({"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]})
+    yield chunk({}, _chat_finish(finish, parser))
+    if parsed.include_usage:
+        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens)}

@@ -1,0 +1,144 @@
+"""Request bodies of /v1/completions and /v1/chat/completions checked field by field, turned into scheduler
+Requests; every problem becomes an APIError naming the field."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..scheduler import Request
+from .errors import APIError
+
+MAX_STOP = 4  # as the OpenAI API allows
+
+
+@dataclass
+class Parsed:
+    request: Request
+    stream: bool
+    include_usage: bool
+    # chat only
+    messages: list | None = None
+    tools: list | None = None
+    reasoning_effort: str | None = None
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(body: dict, name: str, default, *, lo=None, hi=None, lo_open=False, integer=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = _is_int(value) if integer else (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok:
+        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise _bad(f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {value!r}", name)
+    if hi is not None and value > hi:
+        raise _bad(f"'{name}' must be <= {hi}, got {value!r}", name)
+    return value
+
+
+def check_model(body: dict, served: str) -> None:
+    model = body.get("model")
+    if model is None:
+        raise _bad("'model' is required", "model")
+    if not isinstance(model, str):
+        raise _bad(f"'model' must be a string, got {model!r}", "model")
+    if model != served:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves '{served}'", param="model",
+                       code="model_not_found")
+
+
+def _stop(body: dict) -> tuple:
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise _bad(f"'stop' must be a non-empty string or a list of up to {MAX_STOP} non-empty strings", "stop")
+    ids = body.get("stop_token_ids") or []
+    if not isinstance(ids, list) or not all(_is_int(i) for i in ids):
+        raise _bad("'stop_token_ids' must be a list of token ids", "stop_token_ids")
+    return tuple(stop) + tuple(ids)
+
+
+def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_names: tuple[str, ...]) -> Request:
+    max_tokens = None
+    for name in max_tokens_names:
+        if body.get(name) is not None:
+            max_tokens = _number(body, name, None, lo=1, integer=True)
+    if body.get("n", 1) not in (1, None):
+        raise _bad("only n=1 is supported", "n")
+    for name, allowed in (("logprobs", (None, False)), ("top_logprobs", (None, 0)), ("echo", (None, False)),
+                          ("best_of", (None, 1)), ("suffix", (None,))):
+        if body.get(name) not in allowed:
+            raise _bad(f"'{name}' is not supported by this server", name)
+    return Request(
+        prompt=tuple(prompt),
+        max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+        temperature=float(_number(body, "temperature", 1.0, lo=0, hi=2)),
+        top_p=_number(body, "top_p", None, lo=0, hi=1, lo_open=True),
+        top_k=_number(body, "top_k", None, lo=1, integer=True) if body.get("top_k") not in (-1, 0) else None,
+        seed=_number(body, "seed", None, integer=True),
+        stop=_stop(body),
+        ignore_eos=bool(body.get("ignore_eos", False)),
+    )
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise _bad(f"'stream' must be a boolean, got {stream!r}", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    return bool(stream), bool(options.get("include_usage", False))
+
+
+def parse_completion(body: dict, tokenizer, context: int) -> Parsed:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _bad("'prompt' is required", "prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not tokenizer.available:
+            raise _bad("this checkpoint has no tokenizer: send 'prompt' as a list of token ids", "prompt")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        ids = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise _bad("one prompt per request is supported; send the prompts as separate requests", "prompt")
+    else:
+        raise _bad("'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
+    stream, include_usage = _stream(body)
+    return Parsed(_common(body, ids, 16, ("max_tokens",)), stream, include_usage)
+
+
+def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
+    """`render(messages, tools, reasoning_effort) -> prompt text` (raises ValueError on bad messages)."""
+    if body.get("messages") is None:
+        raise _bad("'messages' is required", "messages")
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise _bad("'tool_choice' supports 'auto' and 'none' only", "tool_choice")
+    if choice == "none":
+        tools = None
+    try:
+        text = render(body["messages"], tools, body.get("reasoning_effort"))
+    except ValueError as exc:
+        param = "tools" if "tool" in str(exc) else (
+            "reasoning_effort" if "reasoning_effort" in str(exc) else "messages")
+        raise _bad(str(exc), param) from None
+    ids = tokenizer.encode(text)
+    stream, include_usage = _stream(body)
+    default = max(context - len(ids), 1)  # the rest of the context, as OpenAI does without max_tokens
+    request = _common(body, ids, default, ("max_tokens", "max_completion_tokens"))
+    return Parsed(request, stream, include_usage, body["messages"], tools, body.get("reasoning_effort"))

@@ -1,0 +1,104 @@
+"""`Settings`: how a runtime runs, in one object built once (from Python, from the command line, or from an
+artifact directory's manifest) and passed to every component that needs it.
+
+    Settings(backend="inductor", max_seq_len=4096, batch_sizes=(1, 8), artifacts="artifacts/20b")
+
+Fields left as None take, in order: the value recorded in the artifacts' manifest (when `artifacts` holds one
+for this rank), then the default below. `resolve` does that once; everything downstream sees concrete values.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from gptoss.graph import ArtifactDir, get_backend
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_FORMATS = ("published", "dense")
+DEFAULTS = {"backend": "eager", "max_batch_size": 8, "max_seq_len": 4096, "prefill_chunk": 256,
+            "min_prefill_chunk": 16}
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str | None = None  # a name in graph.BACKENDS; default: the artifacts' backend, else "eager"
+    device: str | None = None  # default: the backend's first device (cpu for eager/inductor, npu for torchair)
+    dtype: str | None = None  # default: the artifacts' dtype, else float32 on CPU, bfloat16 on accelerators
+    weights: str | None = None  # "published" (as in the checkpoint) or "dense"; default: the artifacts', else
+    #                             published on CPU, dense elsewhere
+    max_batch_size: int | None = None
+    max_seq_len: int | None = None
+    prefill_chunk: int | None = None  # tokens per prefill step (a power of two)
+    min_prefill_chunk: int | None = None  # the smallest first-chunk graph (a power of two)
+    batch_sizes: tuple[int, ...] | None = None  # batch buckets to build graphs for; default powers of two
+    tp_size: int | None = None  # tensor-parallel size; default WORLD_SIZE (1 outside torchrun)
+    artifacts: str | None = None  # artifact root directory (graphs built once, loaded by later processes)
+    rebuild: bool = False  # wipe and rebuild artifacts built for something else
+    compile_missing: bool = True  # compile when the artifact directory is empty (False: refuse)
+    progress: bool = True  # progress bar while compiling
+    threads: int | None = None  # CPU threads; default: the artifacts' count (inductor bakes it in), else torch's
+    dist_timeout_s: float | None = None  # collective timeout under tensor parallelism
+
+    def __post_init__(self):
+        if isinstance(self.dtype, torch.dtype):
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights {self.weights!r}: choose 'published' or 'dense'")
+        if self.backend is not None:
+            get_backend(self.backend)  # an unknown name fails here, listing the known ones
+        if self.device is not None:
+            object.__setattr__(self, "device", str(self.device))
+        if self.batch_sizes is not None:
+            object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
+        if self.artifacts is not None:
+            object.__setattr__(self, "artifacts", str(self.artifacts))
+        for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "min_prefill_chunk", "tp_size", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    def replace(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def resolve(self, tp_size: int = 1, rank: int = 0) -> "Settings":
+        """Concrete values for every field: what was set, else the artifacts' manifest, else the defaults."""
+        recorded = {}
+        if self.artifacts is not None:
+            manifest = ArtifactDir(self.artifacts, tp_size, rank).read()
+            if manifest is not None:
+                key = manifest.key
+                shapes = key.get("shapes", {})
+                recorded = {"backend": key.get("backend"), "dtype": key.get("dtype"), "weights": key.get("weights"),
+                            "max_batch_size": shapes.get("max_batch_size"), "max_seq_len": shapes.get("max_seq_len"),
+                            "prefill_chunk": shapes.get("prefill_chunk"), "min_prefill_chunk": shapes.get("min_chunk"),
+                            "batch_sizes": tuple(shapes["batch_sizes"]) if "batch_sizes" in shapes else None,
+                            "threads": key.get("threads")}
+        values = {}
+        if self.max_batch_size is None and self.batch_sizes is not None:
+            recorded["max_batch_size"] = max(self.batch_sizes)  # the buckets asked for set the largest batch
+        for name, value in self.to_dict().items():
+            if value is None:
+                value = recorded.get(name)
+            if value is None:
+                value = DEFAULTS.get(name)
+            values[name] = value
+        backend = get_backend(values["backend"])
+        values["device"] = values["device"] or backend.devices[0]
+        device_type = torch.device(values["device"]).type
+        backend.check_device(device_type)
+        if values["dtype"] is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16
+            values["dtype"] = "float32" if device_type == "cpu" else "bfloat16"
+        # CPU: weights as published (MXFP4 experts, bf16 matrices) through the CPU kernels; accelerators: dense
+        values["weights"] = values["weights"] or ("published" if device_type == "cpu" else "dense")
+        values["tp_size"] = values["tp_size"] or tp_size
+        return Settings(**values)

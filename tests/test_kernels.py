@@ -1,0 +1,141 @@
+"""The CPU kernels (model/kernels) against dequantise-then-matmul, on every instruction-set path this CPU runs.
+
+Each result is checked against a float64 reference within the fp32 summation bound |error| <= K * 2^-23 * |x| |W|^T
+(any summation order meets it; a wrong weight, scale, row or bias does not). Sizes are odd on purpose: rows not a
+multiple of 8, odd output widths, K = 32 * odd, experts with 0, 1, a few and many rows (both the register-decode
+path, <= 8 rows, and the tiled sgemm path, whose 128-row tiles the 130-wide outputs cross).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptoss.model import kernels
+from gptoss.model.mxfp4 import dequantize_mxfp4
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_ISAS = ("avx512", "avx2", "scalar")
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request):
+    if request.param not in kernels.available_isas():
+        pytest.skip(f"this CPU does not run the {request.param} path (it runs {kernels.available_isas()})")
+    before = kernels.isa()
+    kernels.set_isa(request.param)
+    assert kernels.isa() == request.param
+    yield request.param
+    kernels.set_isa(before)
+
+
+def _check(got, x, w, ends, bias=None):
+    """got [N, M] vs float64 x[rows of e] @ w[e]^T (+ bias[e]) within the fp32 summation bound."""
+    ref = torch.empty(got.shape, dtype=torch.float64)
+    bound = torch.empty_like(ref)
+    start = 0
+    for e, end in enumerate(ends):
+        xs, we = x[start:end].double(), w[e].double()
+        ref[start:end] = xs @ we.t() + (bias[e].double() if bias is not None else 0)
+        bound[start:end] = x.shape[1] * 2.0 ** -23 * (xs.abs() @ we.abs().t()) + 1e-30
+        start = end
+    err = (got.double() - ref).abs()
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, bound there {bound[err > bound].min()}"
+
+
+def _mxfp4(experts, m, groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (experts, m, groups, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(120, 131, (experts, m, groups), dtype=torch.uint8, generator=g)
+    scales[0, 0, 0] = 0  # the smallest scale, 2^-127: subnormal weights
+    return blocks, scales
+
+
+GROUPS = [  # (rows per expert, output width M, blocks per row G)
+    ([0, 1, 3, 0, 20], 7, 3),
+    ([5, 0, 9, 1], 33, 5),
+    ([1], 1, 1),
+    ([2, 130], 130, 3),
+    ([0, 0], 9, 1),  # no rows at all
+]
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("counts, m, groups", GROUPS)
+def test_mxfp4_grouped_mm(isa, counts, m, groups, with_bias):
+    blocks, scales = _mxfp4(len(counts), m, groups, seed=m)
+    x = torch.randn(sum(counts), groups * 32, generator=torch.Generator().manual_seed(1))
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    bias = torch.randn(len(counts), m) if with_bias else None
+    got = kernels.mxfp4_grouped_mm(x, blocks, scales, torch.tensor(ends, dtype=torch.int32), bias)
+    _check(got, x, dequantize_mxfp4(blocks, scales), ends, bias)
+
+
+@pytest.mark.parametrize("counts, m, k", [([0, 1, 4, 17], 13, 37), ([3], 130, 96), ([1, 0, 9], 5, 8)])
+def test_bf16_grouped_mm(isa, counts, m, k):
+    w = torch.randn(len(counts), m, k).bfloat16()
+    x = torch.randn(sum(counts), k)
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    bias = torch.randn(len(counts), m)
+    got = kernels.bf16_grouped_mm(x, w, torch.tensor(ends, dtype=torch.int32), bias)
+    _check(got, x, w.float(), ends, bias)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 13, 64])
+@pytest.mark.parametrize("m, k", [(33, 100), (130, 64), (1, 7)])
+def test_bf16_linear_matches_upcast_weights(isa, n, m, k):
+    w = torch.randn(m, k).bfloat16()
+    x = torch.randn(n, k)
+    bias = torch.randn(m)
+    _check(kernels.bf16_linear(x, w, bias), x, w.float()[None], [n], bias[None])
+    _check(kernels.bf16_linear(x, w), x, w.float()[None], [n])
+
+
+def test_strided_activation_is_accepted():
+    w = torch.randn(9, 64).bfloat16()
+    x = torch.randn(64, 5).t()  # not contiguous
+    _check(kernels.bf16_linear(x, w), x.contiguous(), w.float()[None], [5])
+
+
+def test_bad_inputs_are_refused_with_the_problem_named():
+    blocks, scales = _mxfp4(2, 4, 2, seed=0)
+    offs = torch.tensor([1, 2], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="x has 32 columns, the weights take 64"):
+        kernels.mxfp4_grouped_mm(torch.randn(2, 32), blocks, scales, offs)
+    with pytest.raises(RuntimeError, match=r"scales must be contiguous uint8 \[E, M, K/32\]"):
+        kernels.mxfp4_grouped_mm(torch.randn(2, 64), blocks, scales[:, :, :1], offs)
+    with pytest.raises(RuntimeError, match="offs must be non-decreasing row ends"):
+        kernels.mxfp4_grouped_mm(torch.randn(2, 64), blocks, scales, torch.tensor([2, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="x must be a 2-d float32"):
+        kernels.bf16_linear(torch.randn(2, 8).double(), torch.randn(3, 8).bfloat16())
+    with pytest.raises(RuntimeError, match="is not available on this CPU"):
+        kernels.set_isa("avx9000")
+
+
+def test_fake_implementations_give_shapes_without_running():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(5, 64)
+        out = torch.ops.gptoss.mxfp4_grouped_mm(x, torch.empty(3, 7, 2, 16, dtype=torch.uint8),
+                                                torch.empty(3, 7, 2, dtype=torch.uint8),
+                                                torch.empty(3, dtype=torch.int32), None)
+        assert out.shape == (5, 7)
+        assert torch.ops.gptoss.bf16_linear(x, torch.empty(11, 64, dtype=torch.bfloat16)).shape == (5, 11)
+
+
+def _isa_in_subprocess(value: str) -> subprocess.CompletedProcess:
+    code = "from gptoss.model import kernels; print(kernels.isa())"
+    env = dict(os.environ, GPTOSS_CPU_ISA=value, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_env_var_forces_a_lower_path():
+    lower = kernels.available_isas()[-1]  # 'scalar' always exists
+    proc = _isa_in_subprocess(lower)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == lower
+    proc = _isa_in_subprocess("avx9000")
+    assert proc.returncode != 0 and "GPTOSS_CPU_ISA='avx9000' is not available on this CPU" in proc.stderr

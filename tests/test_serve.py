@@ -1,0 +1,299 @@
+"""The server end to end through the real `openai` client on 127.0.0.1, and the continuous-batching scheduler
+under it: greedy outputs equal `Runtime.generate` one request at a time whatever else runs, a short request joins
+and leaves while long ones decode, bad requests get OpenAI error objects while good ones complete, only the
+ShapePlan's graph shapes run, a client that disconnects frees its row."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+
+from gptoss.runtime import Runtime
+from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
+from gptoss.runtime.server import create_app
+from gptoss.runtime.server.background import LiveServer
+from gptoss.runtime import TokenEvent
+from gptoss.tools.make_checkpoint import make_checkpoint
+
+
+SETTINGS = dict(max_batch_size=8, max_seq_len=512, prefill_chunk=64)
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / NAME, "tiny")
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    """The reference: a Runtime of its own (own cache) on the same settings, one request at a time."""
+    return Runtime.from_pretrained(ckpt, progress=False, **SETTINGS)
+
+
+def reference(ref: Runtime, prompt, max_tokens: int, **kw):
+    return ref.generate([prompt], max_new_tokens=max_tokens, **kw)[0]
+
+
+@pytest.fixture(scope="module")
+def served(ckpt):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rt = Runtime.from_pretrained(ckpt, progress=False, **SETTINGS)
+    scheduler = Scheduler(rt).start()
+    scheduler.record_graph_calls = True
+    with LiveServer(create_app(scheduler, NAME)) as server:
+        server.scheduler = scheduler
+        server.client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        yield server
+    scheduler.stop()
+    torch.set_num_threads(threads)
+
+
+def test_models_health_metrics(served):
+    assert [m.id for m in served.client.models.list().data] == [NAME]
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+    text = httpx.get(served.url + "/metrics").text
+    for name in ("gptoss_queue_depth", "gptoss_running_rows", "gptoss_generated_tokens_total",
+                 "gptoss_time_to_first_token_seconds_bucket", "gptoss_inter_token_seconds_count"):
+        assert name in text
+    assert served.scheduler.max_queue >= 4 * SETTINGS["max_batch_size"]
+
+
+def test_completions_equal_generate(served, ref):
+    want = reference(ref, "The small model reads", 12)
+    r = served.client.completions.create(model=NAME, prompt="The small model reads", max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == want.prompt_tokens and r.usage.completion_tokens == len(want.token_ids)
+    # token ids as the prompt, streamed, with usage
+    ids = ref.tokenizer.encode("Hello, world!")
+    want = reference(ref, ids, 9)
+    chunks = list(served.client.completions.create(model=NAME, prompt=ids, max_tokens=9, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_stream_equals_whole(served, ref):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    whole = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=70, temperature=0)
+    parts = list(served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=70, temperature=0,
+                                                       stream=True, stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in parts if c.choices)
+    assert content == (whole.choices[0].message.content or "")
+    assert reasoning == (getattr(whole.choices[0].message, "reasoning_content", None) or "")
+    assert parts[-1].usage == whole.usage
+    # the prompt is the checkpoint's template: the same count as rendering it here
+    prompt = ref.tokenizer.apply_chat_template(msgs)
+    assert whole.usage.prompt_tokens == len(ref.tokenizer.encode(prompt))
+    # the random model's 70 tokens are not harmony: after the header limit they are shown as content
+    assert whole.choices[0].finish_reason in ("stop", "length")
+
+
+def test_joining_request_finishes_first(served, ref):
+    prompts = [f"Stream number {i} tells a story" for i in range(4)]
+    longs = [reference(ref, p, 48, ignore_eos=True) for p in prompts]
+    short = reference(ref, "Two tokens please", 2, ignore_eos=True)
+    done, outputs = {}, {}
+
+    def run(key, prompt, n, started=None):
+        text = []
+        for c in served.client.completions.create(model=NAME, prompt=prompt, max_tokens=n, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True}):
+            text.append(c.choices[0].text)
+            if started is not None:
+                started.set()
+        done[key], outputs[key] = time.perf_counter(), "".join(text)
+
+    started = [threading.Event() for _ in prompts]
+    threads = [threading.Thread(target=run, args=(i, p, 48, started[i])) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for e in started:
+        assert e.wait(60)
+    run("short", "Two tokens please", 2)
+    for t in threads:
+        t.join(120)
+    assert outputs["short"] == short.text
+    assert all(done["short"] < done[i] for i in range(4))
+    assert [outputs[i] for i in range(4)] == [r.text for r in longs]
+
+
+def test_bad_requests_interleaved_with_good(served, ref):
+    url = served.url + "/v1/completions"
+    good = [(f"Prompt {i} about the cache", 6 + i) for i in range(6)]
+    want = [reference(ref, p, n) for p, n in good]
+    bad = [
+        (b"{not json", 400, None),
+        (json.dumps({"prompt": "x"}), 400, "model"),
+        (json.dumps({"model": "nope", "prompt": "x"}), 404, "model"),
+        (json.dumps({"model": NAME}), 400, "prompt"),
+        (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 0}), 400, "max_tokens"),
+        (json.dumps({"model": NAME, "prompt": "x", "temperature": -1}), 400, "temperature"),
+        (json.dumps({"model": NAME, "prompt": "x", "top_p": 1.5}), 400, "top_p"),
+        (json.dumps({"model": NAME, "prompt": [5] * 600}), 400, "prompt"),
+        (json.dumps({"model": NAME, "prompt": [99999]}), 400, "prompt"),
+        (b"x" * (5 << 20), 413, None),
+    ]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def ok(p, n):
+                r = await client.post(url, json={"model": NAME, "prompt": p, "max_tokens": n, "temperature": 0})
+                return r.status_code, r.json()
+
+            async def no(body, status, param):
+                r = await client.post(url, content=body, headers={"content-type": "application/json"})
+                return r.status_code, r.json(), status, param
+
+            tasks = []
+            for i in range(max(len(good), len(bad))):
+                if i < len(good):
+                    tasks.append(ok(*good[i]))
+                if i < len(bad):
+                    tasks.append(no(*bad[i]))
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    goods = [r for r in results if len(r) == 2]
+    bads = [r for r in results if len(r) == 4]
+    for (status, body), w in zip(goods, want):
+        assert status == 200 and body["choices"][0]["text"] == w.text
+    for status, body, want_status, param in bads:
+        assert status == want_status, body
+        assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+        if param is not None:
+            assert body["error"]["param"] == param
+    long = next(b for s, b, ws, p in bads if "600 tokens" in b["error"]["message"])
+    assert "512" in long["error"]["message"] and long["error"]["code"] == "context_length_exceeded"
+
+
+def test_client_disconnect_frees_row(served, ref):
+    finished = served.scheduler.metrics.requests_finished
+    with httpx.stream("POST", served.url + "/v1/completions",
+                      json={"model": NAME, "prompt": "Go on", "max_tokens": 400, "temperature": 0,
+                            "stream": True, "ignore_eos": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(l for l in lines if l.startswith("data:"))
+    deadline = time.monotonic() + 20
+    while served.scheduler.metrics.requests_finished == finished or served.scheduler.busy:
+        assert time.monotonic() < deadline, "the disconnected request kept its row"
+        time.sleep(0.05)
+    r = served.client.completions.create(model=NAME, prompt="Still serving", max_tokens=3, temperature=0)
+    assert r.choices[0].text == reference(ref, "Still serving", 3).text
+
+
+def test_only_planned_shapes_ran(served):
+    planned = {(s.kind, s.batch, s.steps, s.kv_len) for s in served.scheduler.rt.shapes.specs()}
+    calls = set(served.scheduler.graph_calls)
+    assert calls and calls <= planned, calls - planned
+    assert {c[1] for c in calls if c[0] == "prefill"} == {1}  # newcomers' prompts: one row at a time
+
+
+def test_queue_full_gives_429(ckpt, ref):
+    scheduler = Scheduler(ref, max_queue=2)  # never started: requests stay queued
+    for _ in range(2):
+        scheduler.submit(Request((1, 2, 3), 4))
+    with pytest.raises(QueueFull):
+        scheduler.submit(Request((1, 2, 3), 4))
+    with LiveServer(create_app(scheduler, NAME)) as server:
+        r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [1, 2], "max_tokens": 2})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+# -- the scheduler alone ---------------------------------------------------------------------------------------
+def test_scheduler_mixed_requests_equal_generate(ckpt, ref, one_thread):
+    rt = Runtime.from_pretrained(ckpt, progress=False, **dict(SETTINGS, max_batch_size=4))
+    rng = random.Random(1)
+    reqs = [Request(tuple(rng.randrange(1000) for _ in range(rng.randint(1, 150))), rng.randint(1, 30),
+                    temperature=0.0 if i % 3 else 0.8, top_p=0.9 if i % 3 == 0 else None,
+                    top_k=50 if i % 3 == 0 else None, seed=i) for i in range(9)]
+    want = [reference(ref, list(r.prompt), r.max_tokens, temperature=r.temperature, top_p=r.top_p,
+                      top_k=r.top_k, seed=r.seed) for r in reqs]
+    scheduler = Scheduler(rt)
+    got: dict[int, list[TokenEvent]] = {}
+    handles = [scheduler.submit(r, lambda e, i=i: got.setdefault(i, []).append(e)) for i, r in enumerate(reqs)]
+    victim = scheduler.submit(Request((5,) * 10, 300, ignore_eos=True))
+    while not any(r is not None and r.handle is victim and not r.prefilling for r in scheduler.rows):
+        scheduler.step()
+    victim.cancel()
+    scheduler.step()  # cancelled within a step: its row is free again
+    assert all(r is None or r.handle is not victim for r in scheduler.rows)
+    scheduler.run_until_idle()
+    assert victim.finish_reason == "cancelled"
+    for i, w in enumerate(want):
+        assert [e.token_id for e in got[i]] == w.token_ids, i
+        assert "".join(e.text for e in got[i]) == w.text and got[i][-1].finish_reason == w.finish_reason
+    assert all(h.done.is_set() for h in handles)
+
+
+def test_scheduler_rejects_bad_requests(ref):
+    scheduler = Scheduler(ref)
+    for bad, match in ((Request((), 4), "empty"), (Request((1,) * 512, 4), "context is 512"),
+                       (Request((1,), 0), "max_tokens"), (Request((1,), 4, temperature=-1), "temperature"),
+                       (Request((4096,), 4), "vocabulary"), (Request((1,), 4, stop=("",)), "non-empty")):
+        with pytest.raises(ValueError, match=match):
+            scheduler.submit(bad)
+    assert not scheduler.busy
+
+
+class ScriptedScheduler:
+    """Stands in for the scheduler: every request 'generates' the same scripted tokens (the random checkpoint
+    never writes harmony), so the chat layer's tool-call output can be checked through HTTP and the client."""
+
+    def __init__(self, rt, tokens):
+        from gptoss.runtime.metrics import ServingMetrics
+        self.rt, self.tokens, self.metrics, self.error = rt, tokens, ServingMetrics(), None
+
+    def submit(self, request, on_event):
+        from gptoss.runtime.scheduler import Handle
+        handle = Handle(0, request, on_event)
+
+        def play():
+            for i, t in enumerate(self.tokens):
+                last = i == len(self.tokens) - 1
+                handle.finish_reason = "stop" if last else None
+                on_event(TokenEvent(0, t, "", "stop" if last else None))
+        threading.Thread(target=play, daemon=True).start()
+        return handle
+
+
+def test_chat_tool_call_through_client(ref):
+    tok = ref.tokenizer
+    special = lambda s: tok.token_id(s)  # noqa: E731
+    tokens = ([special("<|channel|>")] + tok.encode("analysis") + [special("<|message|>")] +
+              tok.encode("Need the weather.") + [special("<|end|>"), special("<|start|>")] + tok.encode("assistant") +
+              [special("<|channel|>")] + tok.encode("commentary to=functions.get_weather ") +
+              [special("<|constrain|>")] + tok.encode("json") + [special("<|message|>")] +
+              tok.encode('{"city": "Oslo"}') + [special("<|call|>")])
+    with LiveServer(create_app(ScriptedScheduler(ref, tokens), NAME)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+        whole = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=50)
+        choice = whole.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.reasoning_content == "Need the weather."
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+        names, args, reasoning, finish = [], "", "", None
+        for c in client.chat.completions.create(model=NAME, messages=msgs, max_tokens=50, stream=True):
+            d = c.choices[0].delta
+            reasoning += getattr(d, "reasoning_content", None) or ""
+            for tc in d.tool_calls or []:
+                if tc.function.name:
+                    names.append(tc.function.name)
+                args += tc.function.arguments or ""
+            finish = c.choices[0].finish_reason or finish
+        assert (names, args, reasoning, finish) == (["get_weather"], call.function.arguments, "Need the weather.",
+                                                    "tool_calls")

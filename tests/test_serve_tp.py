@@ -1,0 +1,60 @@
+"""The server under tensor parallelism 2 (gloo on CPU, torchrun): rank 0 serves HTTP, rank 1 replays the schedule;
+greedy output through the openai client equals a one-process Runtime.generate. Slow: two processes start."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gptoss.runtime import Runtime
+from gptoss.runtime.server.background import free_port
+from gptoss.tools.make_checkpoint import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = dict(max_batch_size=4, max_seq_len=256, prefill_chunk=64)
+
+
+@pytest.mark.slow
+def test_tp2_server_equals_generate(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "tiny", "tiny")
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "gptoss.tools.serve", "--model", str(ckpt), "--tp", "2", "--port", str(port), "--max-batch-size", "4",
+           "--max-seq-len", "256", "--prefill-chunk", "64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.environ.get("PYTHONPATH", str(ROOT)))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "the TP server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        ref = Runtime.from_pretrained(ckpt, progress=False, **SETTINGS)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        prompts = ["The small model reads", "Hello, world!", "Numbers such as"]
+        for p in prompts:
+            want = ref.generate([p], max_new_tokens=10)[0].text
+            got = client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0)
+            assert got.choices[0].text == want
+            streamed = "".join(c.choices[0].text for c in client.completions.create(
+                model="tiny", prompt=p, max_tokens=10, temperature=0, stream=True))
+            assert streamed == want
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=5, temperature=0)
+        assert chat.usage.completion_tokens == 5
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,114 @@
+"""Published vs dense weights on one checkpoint, same process, same threads, interleaved rounds.
+
+    python tools/dev/bench_weights.py --model /work/ckpt-bench [--threads 2] [--rounds 3] [--backends eager,inductor]
+                                      [--profile]
+
+Per (weights, backend): decode tokens/s at batch 1 and 8, prefill tokens/s of a 512-token prompt (best of the
+rounds; rounds alternate between the configurations so machine noise hits all alike); the bytes of weights one
+decoded token reads (batch 1: attention, router, the top-k experts, lm_head, one embedding row) and the bandwidth
+efficiency = bytes x tok/s / copy bandwidth, the copy bandwidth measured in the same run. --profile: where a
+batch-1 decode step's time goes (torch.profiler, eager), published weights. The CPU's instruction set (the
+kernels' path) is printed with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from gptoss.model import kernels  # noqa: E402
+from gptoss.runtime import Runtime  # noqa: E402
+from gptoss.tools.bench import active_weight_bytes, copy_bandwidth  # noqa: E402
+
+PROMPT, SHORT, DECODE = 512, 32, 32
+
+
+def prompts(vocab: int, n: int, length: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n * 1000 + length)
+    return [torch.randint(10, vocab - 10, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def one_round(rt) -> dict:
+    vocab, out = rt.config.vocab_size, {}
+    rt.generate(prompts(vocab, 1, PROMPT), max_new_tokens=1, ignore_eos=True)
+    out["prefill512"] = PROMPT / rt.last_stats.prefill_s
+    for batch in (1, 8):
+        rt.generate(prompts(vocab, batch, SHORT), max_new_tokens=DECODE, ignore_eos=True)
+        s = rt.last_stats
+        out[f"decode_b{batch}"] = s.decode_steps * batch / s.decode_s
+    return out
+
+
+def profile_decode(model: str, weights: str, steps: int = 20) -> str:
+    """A one-token prompt (its prefill is one 16-token chunk), then `steps` decode steps: the table is the steps."""
+    from torch.profiler import ProfilerActivity, profile
+    rt = Runtime.from_pretrained(model, weights=weights, max_batch_size=1, max_seq_len=128, progress=False)
+    p = prompts(rt.config.vocab_size, 1, 1)
+    rt.generate(p, max_new_tokens=4, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        rt.generate(p, max_new_tokens=steps, ignore_eos=True)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backends", default="eager,inductor")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    isa = kernels.isa()
+    settings = dict(max_batch_size=8, max_seq_len=1024, prefill_chunk=512, min_prefill_chunk=512,
+                    batch_sizes=[1, 8], progress=False)
+
+    runtimes = {}
+    for backend in args.backends.split(","):
+        for weights in ("published", "dense"):
+            t0 = time.perf_counter()
+            runtimes[(weights, backend)] = Runtime.from_pretrained(args.model, backend=backend, weights=weights,
+                                                                   **settings)
+            print(f"built {weights}/{backend} in {time.perf_counter() - t0:.1f}s", flush=True)
+    for rt in runtimes.values():  # warm-up
+        rt.generate(prompts(rt.config.vocab_size, 1, SHORT), max_new_tokens=4, ignore_eos=True)
+
+    best: dict = {k: {} for k in runtimes}
+    bandwidth = 0.0
+    for r in range(args.rounds):
+        bandwidth = max(bandwidth, copy_bandwidth(256, 3))
+        for key, rt in runtimes.items():
+            for name, value in one_round(rt).items():
+                best[key][name] = max(best[key].get(name, 0.0), value)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+    report = {"isa": isa, "threads": args.threads, "copy_GBps": bandwidth / 1e9, "results": []}
+    print(f"\nCPU kernels: {isa} (this CPU runs {kernels.available_isas()}); {args.threads} threads; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'weights':<10} {'backend':<9} {'MB/token':>9} {'decode b1':>10} {'decode b8':>10} {'prefill512':>11} "
+          f"{'bw eff b1':>10}")
+    for (weights, backend), res in best.items():
+        nbytes = active_weight_bytes(runtimes[(weights, backend)].model)
+        eff = nbytes * res["decode_b1"] / bandwidth
+        report["results"].append(dict(weights=weights, backend=backend, bytes_per_token=nbytes,
+                                      bandwidth_efficiency_b1=eff, **res))
+        print(f"{weights:<10} {backend:<9} {nbytes / 1e6:9.1f} {res['decode_b1']:10.1f} {res['decode_b8']:10.1f} "
+              f"{res['prefill512']:11.1f} {eff:10.1%}   [{isa}]")
+    if args.profile:
+        print(f"\nprofile of 20 decode steps, batch 1, published/eager [{isa}]:\n"
+              f"{profile_decode(args.model, 'published')}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""A bounded load test of the server, in one process (server on 127.0.0.1 in a thread, clients on asyncio):
+
+1. `--requests` requests (prompt lengths 1..`--max-prompt`, max_tokens 1..`--max-tokens`, greedy, token-id
+   prompts) from `--clients` concurrent streaming clients: every request must complete with the text that
+   `Runtime.generate` gives for it alone; p50/p99 time to first token and inter-token latency; throughput;
+2. the same requests through `Runtime.generate` in static batches of max-batch-size (each batch runs until its
+   longest request ends): throughput ratio;
+3. the first `--serial` requests one at a time through the server: throughput ratio;
+4. the longest stall of four running streams while a `--long-prompt`-token prompt is admitted (vs their median
+   inter-token gap);
+5. resident memory before and after `--memory-requests` more short requests.
+
+    python tools/dev/load_test.py [--model DIR] [--clients 32] [--requests 64] [--max-batch-size 8]
+
+Without --model it builds the tiny checkpoint in a temporary directory. Prints one JSON object of figures.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import httpx
+import torch
+
+from gptoss.runtime import Runtime
+from gptoss.runtime.scheduler import Scheduler
+from gptoss.runtime.server import create_app
+from gptoss.runtime.server.background import LiveServer
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+async def stream_one(client, url, model, prompt, max_tokens, ignore_eos=False):
+    """(text, completion tokens, ttft, [inter-token gaps], arrival times of chunks)"""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    t0 = time.perf_counter()
+    text, times, usage = [], [], None
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk["choices"]:
+                times.append(time.perf_counter())
+                text.append(chunk["choices"][0]["text"])
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return "".join(text), usage["completion_tokens"], times[0] - t0, gaps, times
+
+
+async def run_clients(url, model, requests, clients):
+    queue = list(enumerate(requests))
+    results = {}
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def worker():
+            while queue:
+                i, (prompt, n) = queue.pop(0)
+                results[i] = await stream_one(client, url, model, prompt, n)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return results, time.perf_counter() - t0
+
+
+async def stall_probe(url, model, vocab, long_prompt, rng):
+    """Four 128-token streams; once each has a few tokens, a long prompt arrives. Longest gap of the streams
+    while it is admitted, and their median gap."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        streams = [asyncio.create_task(stream_one(client, url, model, [rng.randrange(vocab) for _ in range(8)],
+                                                  128, ignore_eos=True)) for _ in range(4)]
+        await asyncio.sleep(0.5)
+        t_long = time.perf_counter()
+        _, _, ttft_long, _, _ = await stream_one(client, url, model,
+                                                 [rng.randrange(vocab) for _ in range(long_prompt)], 1)
+        t_admitted = t_long + ttft_long
+        outs = await asyncio.gather(*streams)
+    window, all_gaps = [], []
+    for _, _, _, gaps, times in outs:
+        all_gaps += gaps
+        window += [b - a for a, b in zip(times, times[1:]) if b >= t_long and a <= t_admitted]
+    return {"long_prompt_tokens": long_prompt, "long_prompt_ttft_s": round(ttft_long, 4),
+            "max_stall_s": round(max(window), 4) if window else None,
+            "median_gap_s": round(statistics.median(all_gaps), 4)}
+
+
+def rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-prompt", type=int, default=500)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-seq-len", type=int, default=2304)
+    ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--serial", type=int, default=16, help="requests sent one at a time for the ratio")
+    ap.add_argument("--long-prompt", type=int, default=2000)
+    ap.add_argument("--memory-requests", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model_dir = args.model
+    if model_dir is None:
+        from gptoss.tools.make_checkpoint import make_checkpoint
+        model_dir = make_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"), "tiny")
+    settings = dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                    prefill_chunk=args.prefill_chunk, progress=False)
+    rt = Runtime.from_pretrained(model_dir, **settings)
+    ref = Runtime(rt.model, model_dir, **settings)  # its own cache: the reference runs one request at a time
+    rng = random.Random(args.seed)
+    vocab = rt.config.vocab_size
+    requests = [([rng.randrange(vocab) for _ in range(rng.randint(1, args.max_prompt))],
+                  rng.randint(1, args.max_tokens)) for _ in range(args.requests)]
+    figures = {"clients": args.clients, "requests": args.requests, "max_batch_size": args.max_batch_size,
+               "torch_threads": args.threads, "model": str(model_dir)}
+
+    scheduler = Scheduler(rt).start()
+    with LiveServer(create_app(scheduler, "m")) as server:
+        results, wall = asyncio.run(run_clients(server.url, "m", requests, args.clients))
+        tokens = sum(r[1] for r in results.values())
+        ttfts = [r[2] for r in results.values()]
+        gaps = [g for r in results.values() for g in r[3]]
+        figures["served"] = {"completed": len(results), "tokens": tokens, "wall_s": round(wall, 3),
+                             "tokens_per_s": round(tokens / wall, 2),
+                             "ttft_p50_s": round(pct(ttfts, 0.5), 4), "ttft_p99_s": round(pct(ttfts, 0.99), 4),
+                             "itl_p50_s": round(pct(gaps, 0.5), 4), "itl_p99_s": round(pct(gaps, 0.99), 4)}
+
+        # one at a time through the server
+        t0 = time.perf_counter()
+        serial_tokens = 0
+        for prompt, n in requests[:args.serial]:
+            serial_tokens += asyncio.run(_single(server.url, prompt, n))
+        serial_wall = time.perf_counter() - t0
+        serial_rate = serial_tokens / serial_wall
+        figures["one_at_a_time"] = {"requests": args.serial, "tokens_per_s": round(serial_rate, 2),
+                                    "served_speedup": round(tokens / wall / serial_rate, 2)}
+
+        figures["stall"] = asyncio.run(stall_probe(server.url, "m", vocab, args.long_prompt, rng))
+
+        before = rss_mb()
+        small = [([rng.randrange(vocab) for _ in range(rng.randint(1, 64))], rng.randint(1, 8))
+                 for _ in range(args.memory_requests)]
+        asyncio.run(run_clients(server.url, "m", small, args.clients))
+        mid = rss_mb()
+        asyncio.run(run_clients(server.url, "m", small, args.clients))
+        figures["memory_mb"] = {"before": round(before, 1), f"after_{len(small)}": round(mid, 1),
+                                f"after_{2 * len(small)}": round(rss_mb(), 1)}
+    scheduler.stop()
+
+    # correctness and the static-batch baseline, after the server is idle (no competition for the cores)
+    mismatched = [i for i, (p, n) in enumerate(requests)
+                  if ref.generate([p], max_new_tokens=n)[0].text != results[i][0]]
+    figures["mismatched_vs_generate_alone"] = mismatched
+    t0 = time.perf_counter()
+    b = args.max_batch_size
+    for first in range(0, len(requests), b):
+        batch = requests[first:first + b]
+        ref.generate([p for p, _ in batch], max_new_tokens=max(n for _, n in batch))
+    static_wall = time.perf_counter() - t0
+    figures["static_batches"] = {"wall_s": round(static_wall, 3), "useful_tokens_per_s": round(tokens / static_wall, 2),
+                                 "served_speedup": round(static_wall / wall, 2)}
+    print(json.dumps(figures, indent=2))
+    return 1 if mismatched or len(results) != len(requests) else 0
+
+
+async def _single(url, prompt, n) -> int:
+    async with httpx.AsyncClient(timeout=600) as client:
+        return (await stream_one(client, url, "m", prompt, n))[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
