@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TINY   := checkpoints/tiny
 
-.PHONY: venv demo test test-all bench checkpoint-tiny checkpoint-bench clean
+.PHONY: venv demo test test-all bench peer checkpoint-tiny checkpoint-bench clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ checkpoint-bench: checkpoints/bench/config.json
 # A tool, not a test: several minutes (it compiles the bench graphs cold, then measures). See BENCHMARKS.md.
 bench: checkpoints/bench/config.json
 	$(PY) -m gptoss.tools.dev.bench --model checkpoints/bench --threads 2 --json build/bench.json
+
+# llama.cpp on the same checkpoint (MXFP4 and F32 GGUFs), in its own virtualenv build/llama-venv: the first run
+# builds llama.cpp from source (minutes) and converts; later runs reuse both. See tools/dev/llama_peer.py.
+peer: checkpoints/bench/config.json
+	$(PY) -m gptoss.tools.dev.llama_peer --model checkpoints/bench --threads 2 --kind mxfp4 --kind f32 --json build/peer.json
 
 demo: $(TINY)/config.json
 	$(PY) -m gptoss.tools.demo --model $(TINY)

@@ -12,7 +12,15 @@ import torch
 from safetensors import safe_open
 
 from gptoss.model.mxfp4 import dequantize_mxfp4
-from gptoss.tools.make_checkpoint import LAYOUTS, PRESETS, SPECIAL_TOKENS, fp32_size_bytes, main, make_checkpoint
+from gptoss.tools.make_checkpoint import (
+    LAYOUTS,
+    PRESETS,
+    SPECIAL_TOKENS,
+    build_config,
+    fp32_size_bytes,
+    main,
+    make_checkpoint,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -263,3 +271,200 @@ def test_bench_checkpoint(tmp_path):
     config = transformers.AutoConfig.from_pretrained(tmp_path / "bench")
     assert config.num_local_experts == 32 and config.num_experts_per_tok == 4
     assert len(transformers.AutoTokenizer.from_pretrained(tmp_path / "bench")) == config.vocab_size
+
+
+# ------------------------------------------------------------------------------------------------ preset 20b
+
+# openai/gpt-oss-20b's config.json as published (transformers 4.55 style), less "transformers_version".
+PUBLISHED_20B_CONFIG = {
+    "architectures": ["GptOssForCausalLM"],
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "eos_token_id": 200002,
+    "experts_per_token": 4,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2880,
+    "initial_context_length": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072,
+    "model_type": "gpt_oss",
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 8,
+    "num_local_experts": 32,
+    "output_router_logits": False,
+    "pad_token_id": 199999,
+    "quantization_config": {
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+        "quant_method": "mxfp4",
+    },
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        "rope_type": "yarn",
+        "truncate": False,
+    },
+    "rope_theta": 150000,
+    "router_aux_loss_coef": 0.9,
+    "sliding_window": 128,
+    "swiglu_limit": 7.0,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+    "vocab_size": 201088,
+}
+# o200k_harmony's ids, as in the published generation_config.json.
+PUBLISHED_20B_IDS = {"bos": 199998, "eos": [200002, 199999, 200012], "pad": 199999}
+
+# The 20b code path at a size CI can run: everything the preset sets except the sizes (24 layers kept, so the
+# init's depth behaviour is what the full model gets).
+SMALL_20B = {
+    "preset": "20b",
+    "vocab_size": 2048,
+    "hidden_size": 128,
+    "intermediate_size": 96,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_local_experts": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def small_20b(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "small20b", SMALL_20B, seed=0)
+
+
+def test_20b_preset_config_matches_published_without_tokenizer():
+    ids = {name: 199998 + off for name, off in SPECIAL_TOKENS.items()}
+    assert build_config("20b", "mxfp4", ids) == PUBLISHED_20B_CONFIG
+
+
+def test_20b_parameter_count():
+    # gpt-oss-20b has 20.9B parameters (model card: 21B total).
+    assert 20.8e9 < fp32_size_bytes("20b") / 4 < 21.0e9
+
+
+def test_small_20b_variant_is_published_style_and_loads(small_20b):
+    config = json.loads((small_20b / "config.json").read_text())
+    assert config.keys() == PUBLISHED_20B_CONFIG.keys()
+    v = SMALL_20B["vocab_size"]
+    # The harmony block sits as far from the end as in o200k_harmony: ids = published ids - 201088 + vocab.
+    shift = v - PUBLISHED_20B_CONFIG["vocab_size"]
+    assert (config["eos_token_id"], config["pad_token_id"]) == (200002 + shift, 199999 + shift)
+    gen = json.loads((small_20b / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [i + shift for i in PUBLISHED_20B_IDS["eos"]]
+    assert gen["bos_token_id"] == PUBLISHED_20B_IDS["bos"] + shift
+    tok = transformers.AutoTokenizer.from_pretrained(small_20b)
+    assert len(tok) == v and tok.convert_tokens_to_ids("<|call|>") == 200012 + shift
+    assert tok.convert_tokens_to_ids(f"<|reserved_{v - 1}|>") == v - 1
+    text = "Hello, world! The model reads 42 tokens."
+    assert tok.decode(tok(text)["input_ids"]) == text
+    # Sharded like the release: three files and an index.
+    assert len(list(small_20b.glob("model-*-of-00003.safetensors"))) == 3
+    assert (small_20b / "model.safetensors.index.json").exists()
+    cfg = transformers.AutoConfig.from_pretrained(small_20b)
+    assert cfg.rope_parameters["rope_type"] == "yarn" and cfg.rope_parameters["truncate"] is False
+    assert cfg.rope_parameters["rope_theta"] == 150000
+    model, info = _load(small_20b, "mxfp4")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny matmuls: OpenMP threads only wait for each other (30x slower on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_small_20b_variant_generates_sanely(small_20b, one_thread):
+    """24 layers of 20b's init: the residual stream stays O(1) and greedy text varies (no overflow, no collapse)."""
+    model = _load(small_20b, "mxfp4")[0].eval()
+    x = torch.arange(1, 141).unsqueeze(0) * 7 % 1900  # crosses the 128 window
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+        gen = model.generate(x[:, :16], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.isfinite(out.logits).all()
+    rms = [h.pow(2).mean().sqrt().item() for h in out.hidden_states]
+    assert len(rms) == 25 and all(0.3 < r < 20 for r in rms), rms
+    assert out.logits.abs().max() < 100
+    assert len(set(gen[0, 16:].tolist())) >= 6
+
+
+def test_pieces_do_not_change_bytes(tmp_path, monkeypatch):
+    """Tensors made in many small pieces (jumping the generator ahead) are byte-identical to larger pieces."""
+    import gptoss.tools.make_checkpoint as mc
+
+    for layout in ("mxfp4", "fp32"):
+        spec = {**SMALL_20B, "num_hidden_layers": 1, "layer_types": ["full_attention"]}
+        whole = make_checkpoint(tmp_path / f"whole-{layout}", spec, layout=layout, num_shards=1)
+        monkeypatch.setattr(mc, "_PIECE_VALUES", 3000)  # not a multiple of any row length: ragged pieces
+        pieces = make_checkpoint(tmp_path / f"pieces-{layout}", spec, layout=layout, num_shards=1)
+        monkeypatch.setattr(mc, "_PIECE_VALUES", 1 << 22)
+        assert _file_hashes(pieces) == _file_hashes(whole)
+
+
+_MEMORY_PROBE = """
+import json, resource, sys
+import torch
+import gptoss.tools.make_checkpoint as mc
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+cfg = mc.build_config(json.loads(sys.argv[2]), "fp32", {n: 0 for n in mc.SPECIAL_TOKENS})
+torch.set_num_threads(1)
+mc._write_safetensors(mc.Path(sys.argv[1]) / "warm.safetensors", mc._plan({**cfg, "num_hidden_layers": 0, "vocab_size": 300}, "fp32", 0))
+before = peak()
+specs = mc._plan(cfg, "fp32", 0)
+mc._write_safetensors(mc.Path(sys.argv[1]) / "big.safetensors", specs)
+print(json.dumps({"grew_mib": peak() - before, "largest_mib": max(s.nbytes for s in specs) / 2**20}))
+"""
+
+
+def test_writer_memory_does_not_grow_with_tensor_size(tmp_path):
+    # 256 MiB fp32 embedding and lm_head tables: written in pieces, the process grows by a fraction of one.
+    big = {**SMALL, "num_hidden_layers": 0, "layer_types": [], "vocab_size": 65536, "hidden_size": 1024}
+    res = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(tmp_path), json.dumps(big)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    probe = json.loads(res.stdout)
+    assert probe["largest_mib"] == 256
+    assert probe["grew_mib"] < 100, probe
+
+
+def test_cli_yarn_truncate(tmp_path):
+    assert main(["--preset", "tiny", "--out", str(tmp_path / "t"), "--yarn-truncate"]) == 0
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["rope_parameters"]["truncate"] is True
+    assert config["rope_parameters"]["factor"] == 32.0  # the rest of the preset kept
+
+
+@pytest.mark.slow
+def test_20b_config_and_token_ids_match_published(tmp_path):
+    """The real 20b tokenizer (200k BPE, minutes) puts the harmony block at o200k's ids, so config.json and
+    generation_config.json equal the published ones."""
+    from gptoss.tools.make_checkpoint import _O200K_TAIL, _write_tokenizer
+
+    ids = _write_tokenizer(tmp_path, 201088, 131072, _O200K_TAIL)
+    assert build_config("20b", "mxfp4", ids) == PUBLISHED_20B_CONFIG
+    assert ids["<|startoftext|>"] == PUBLISHED_20B_IDS["bos"]
+    assert [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]] == PUBLISHED_20B_IDS["eos"]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == 201088
+    assert tok.convert_tokens_to_ids("<|reserved_199997|>") != 199997  # id 199997 is a BPE token, not a filler

@@ -2,13 +2,15 @@
 
 CLI::
 
-    python -m gptoss.tools.make_checkpoint --preset tiny|bench --out DIR [--layout mxfp4|bf16|fp32] [--seed N] [--shards N]
+    python -m gptoss.tools.make_checkpoint --preset tiny|bench|20b --out DIR [--layout mxfp4|bf16|fp32] [--seed N]
+        [--shards N] [--yarn-truncate]
 
 Python::
 
-    make_checkpoint(out_dir, "tiny" | "bench" | {config overrides}, layout="mxfp4", seed=0, num_shards=1) -> Path
+    make_checkpoint(out_dir, "tiny" | "bench" | "20b" | {config overrides}, layout="mxfp4", seed=0,
+                    num_shards=None) -> Path
 
-A dict of overrides is merged over the ``tiny`` preset (over ``bench`` if it has ``"preset": "bench"``);
+A dict of overrides is merged over the ``tiny`` preset (over another with ``"preset": "bench"`` or ``"20b"``);
 ``rope_parameters`` overrides are merged key by key.  ``layer_types`` follows ``num_hidden_layers`` (alternating
 ``sliding_attention``/``full_attention``, sliding first) unless given.  Token ids (bos/eos/pad) come from the
 tokenizer and cannot be overridden.
@@ -33,7 +35,18 @@ rope_parameters            yarn, theta 150000, factor 32, beta_fast 32, beta_slo
                            original_max_position_embeddings 128 (tiny) / 4096 (bench)
 ========================== ================= ==================
 
-Fixed for both: rms_norm_eps 1e-5, swiglu_alpha 1.702, swiglu_limit 7.0, attention_bias True,
+``20b`` is openai/gpt-oss-20b's config.json as published: 24 layers, hidden 2880, 64 q / 8 kv heads of 64, 32
+experts top-4, intermediate 2880, vocab 201088, window 128 (layer types alternating, sliding first), YaRN as
+``bench`` with original context 4096, 131072 positions; 20.9B parameters, ~12.8 GiB on disk in the mxfp4 layout.
+It (and overrides based on it) is written in the *published style*: config.json has exactly the keys of the
+release (``rope_theta`` + ``rope_scaling`` instead of ``rope_parameters``; ``experts_per_token``,
+``initial_context_length``; no ``bos_token_id``, ``dtype`` or ``swiglu_alpha``), the harmony block sits at
+o200k_harmony's ids (``<|startoftext|>`` 199998, eos ``<|return|>`` 200002, pad 199999), and weights go to 3 shards
+plus ``model.safetensors.index.json`` (names ``model-0000k-of-00003``, not the release's file names).
+``--yarn-truncate`` writes ``truncate: true`` (llama.cpp always rounds YaRN's correction range: token-for-token
+comparisons with it need this; the published value is false).
+
+Fixed for all: rms_norm_eps 1e-5, swiglu_alpha 1.702, swiglu_limit 7.0, attention_bias True,
 tie_word_embeddings False, hidden_act "silu", initializer_range 0.02, attention_dropout 0.0,
 router_aux_loss_coef 0.9, output_router_logits False, use_cache True.  ``bench`` has gpt-oss-20b's proportions
 (32 experts top-4, GQA 8:1, head_dim 64, window 128, the same YaRN) at ~1.04 GB in fp32 (259M parameters).
@@ -60,15 +73,17 @@ within ~1-2.5 over the layers and greedy text is varied.  Generation runs single
 afterwards): it is as fast as two threads on an idle machine and several times faster on a busy one.
 
 Tokenizer: a byte-level BPE (``tokenizers``) trained on a built-in deterministic English-like corpus, followed by the
-harmony special tokens at the offsets the real o200k_harmony vocabulary uses relative to ``<|startoftext|>``
+(published style: reserved fillers up to ``vocab_size - 1090``, then the) harmony special tokens at the offsets the real o200k_harmony vocabulary uses relative to ``<|startoftext|>``
 (``<|startoftext|>`` +0, ``<|endoftext|>`` +1, ``<|return|>`` +4, ``<|constrain|>`` +5, ``<|channel|>`` +7,
 ``<|start|>`` +8, ``<|end|>`` +9, ``<|message|>`` +10, ``<|call|>`` +14) and ``<|reserved_N|>`` fillers up to
 ``vocab_size``.  The tokenizer depends only on ``vocab_size`` (not on the seed).  bos = ``<|startoftext|>``,
 eos = ``<|return|>`` (generation_config: ``[<|return|>, <|endoftext|>, <|call|>]``), pad = ``<|endoftext|>``.
 
-Safetensors files are written tensor by tensor (a streaming writer of the safetensors format), so memory holds
-one tensor (plus its quantised form) at a time.  Existing ``model*.safetensors`` and the index in ``out_dir`` are
-removed first.
+Safetensors files are streamed (a writer of the safetensors format) in pieces of ~4M values: a piece is drawn by
+jumping its tensor's generator ahead (``PCG64.advance``), so the bytes do not depend on the piece size and memory
+does not grow with the model (the ``20b`` preset writes its 13 GB with a few hundred MB).  Weights are written
+before the tokenizer (whose BPE training dominates the peak for the 200k vocabulary); the CLI prints both peaks.
+Existing ``model*.safetensors`` and the index in ``out_dir`` are removed first.
 """
 
 from __future__ import annotations
@@ -84,7 +99,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -149,7 +164,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rope_parameters": {**_YARN, "original_max_position_embeddings": 4096},
         **_FIXED,
     },
+    # openai/gpt-oss-20b as published (config.json of the release); written in the published style, see below.
+    "20b": {
+        "vocab_size": 201088,
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "num_local_experts": 32,
+        "num_experts_per_tok": 4,
+        "sliding_window": 128,
+        "max_position_embeddings": 131072,
+        "rope_parameters": {**_YARN, "original_max_position_embeddings": 4096},
+        **_FIXED,
+    },
 }
+
+# Presets (and overrides based on them) written like the published files: config.json in the release's style
+# (`rope_theta` + `rope_scaling`, `experts_per_token`, `initial_context_length`; no bos id, dtype or swiglu_alpha),
+# the harmony block at the same distance from the vocabulary's end as in o200k_harmony (<|startoftext|> = 199998 of
+# 201088), and 3 shards by default.
+_PUBLISHED_STYLE = {"20b"}
+_O200K_TAIL = 201088 - 199998  # ids from <|startoftext|> to the end of o200k_harmony (harmony block + reserved)
+_DEFAULT_SHARDS = {"20b": 3}
 
 _CONFIG_KEYS = set(PRESETS["tiny"]) | {"layer_types"}
 
@@ -188,6 +227,17 @@ CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------------------------------- config
 
 
+def _base_preset(preset_or_overrides: str | dict[str, Any]) -> str:
+    if isinstance(preset_or_overrides, str):
+        return preset_or_overrides
+    return preset_or_overrides.get("preset", "tiny")
+
+
+def _tokenizer_tail(preset_or_overrides: str | dict[str, Any]) -> int:
+    """Ids from <|startoftext|> to the end of the vocabulary."""
+    return _O200K_TAIL if _base_preset(preset_or_overrides) in _PUBLISHED_STYLE else _SPECIAL_BLOCK
+
+
 def _resolve(preset_or_overrides: str | dict[str, Any]) -> dict[str, Any]:
     if isinstance(preset_or_overrides, str):
         if preset_or_overrides not in PRESETS:
@@ -209,9 +259,10 @@ def _resolve(preset_or_overrides: str | dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _validate(cfg: dict[str, Any], layout: str) -> None:
-    if cfg["vocab_size"] < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be >= {_MIN_VOCAB} (256 bytes + harmony block), got {cfg['vocab_size']}")
+def _validate(cfg: dict[str, Any], layout: str, tail: int) -> None:
+    min_vocab = _MIN_VOCAB - _SPECIAL_BLOCK + tail
+    if cfg["vocab_size"] < min_vocab:
+        raise ValueError(f"vocab_size must be >= {min_vocab} (256 bytes + harmony block), got {cfg['vocab_size']}")
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
     if not 1 <= cfg["num_experts_per_tok"] <= cfg["num_local_experts"]:
@@ -236,7 +287,7 @@ def build_config(
         cfg["layer_types"] = [
             "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])
         ]
-    _validate(cfg, layout)
+    _validate(cfg, layout, _tokenizer_tail(preset_or_overrides))
     out: dict[str, Any] = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}
     out.update(cfg)
     out["dtype"] = "float32" if layout == "fp32" else "bfloat16"
@@ -253,7 +304,20 @@ def build_config(
                 "lm_head",
             ],
         }
+    if _base_preset(preset_or_overrides) in _PUBLISHED_STYLE:
+        _to_published_style(out)
     return dict(sorted(out.items()))
+
+
+def _to_published_style(out: dict[str, Any]) -> None:
+    """Rewrite config.json contents in place with the keys of openai/gpt-oss-20b's config.json (transformers 4.55)."""
+    rope = out.pop("rope_parameters")
+    out["rope_theta"] = rope.pop("rope_theta")
+    out["rope_scaling"] = rope
+    out["experts_per_token"] = out["num_experts_per_tok"]
+    out["initial_context_length"] = rope["original_max_position_embeddings"]
+    for key in ("bos_token_id", "dtype", "swiglu_alpha"):
+        out.pop(key)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -337,28 +401,33 @@ def _corpus(vocab_size: int) -> list[str]:
     return [text[i : i + 4096] for i in range(0, len(text), 4096)]
 
 
-def build_tokenizer(vocab_size: int):
-    """A ``tokenizers.Tokenizer`` of exactly ``vocab_size`` tokens (byte-level BPE + harmony block + reserved)."""
+def build_tokenizer(vocab_size: int, tail: int = _SPECIAL_BLOCK):
+    """A ``tokenizers.Tokenizer`` of exactly ``vocab_size`` tokens: byte-level BPE, then the harmony block and
+    reserved tokens; ``<|startoftext|>`` is id ``vocab_size - tail`` (reserved tokens fill any gap the BPE leaves)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be >= {_MIN_VOCAB}, got {vocab_size}")
+    min_vocab = _MIN_VOCAB - _SPECIAL_BLOCK + tail
+    if tail < _SPECIAL_BLOCK:
+        raise ValueError(f"tail must be >= {_SPECIAL_BLOCK} (the harmony block), got {tail}")
+    if vocab_size < min_vocab:
+        raise ValueError(f"vocab_size must be >= {min_vocab}, got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - _SPECIAL_BLOCK,
+        vocab_size=vocab_size - tail,
         min_frequency=2,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(_corpus(vocab_size - _SPECIAL_BLOCK), trainer=trainer)
+    tok.train_from_iterator(_corpus(vocab_size - tail), trainer=trainer)
     n_bpe = tok.get_vocab_size()
-    by_offset = {off: name for name, off in SPECIAL_TOKENS.items()}
+    start = vocab_size - tail
+    by_id = {start + off: name for name, off in SPECIAL_TOKENS.items()}
     extra = []
-    for i in range(vocab_size - n_bpe):
-        name = by_offset.get(i, f"<|reserved_{n_bpe + i}|>")
+    for i in range(n_bpe, vocab_size):
+        name = by_id.get(i, f"<|reserved_{i}|>")
         extra.append(AddedToken(name, special=True, normalized=False, single_word=False, lstrip=False, rstrip=False))
     tok.add_special_tokens(extra)
     if tok.get_vocab_size() != vocab_size:
@@ -366,9 +435,9 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def _write_tokenizer(out: Path, vocab_size: int, model_max_length: int) -> dict[str, int]:
+def _write_tokenizer(out: Path, vocab_size: int, model_max_length: int, tail: int) -> dict[str, int]:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja; returns special ids."""
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size, tail)
     tok.save(str(out / "tokenizer.json"))
     ids = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
     added = {}
@@ -409,18 +478,28 @@ def _write_tokenizer(out: Path, vocab_size: int, model_max_length: int) -> dict[
 # is symmetric in [-131070, 131070] with standard deviation sqrt(4 * (65536**2 - 1) / 12).
 _IH4_STD = math.sqrt(4 * (65536**2 - 1) / 12)
 _RNG_CHUNK = 1 << 20
+# Values made at a time when writing a tensor (16 MB in fp32): the writer's memory does not grow with the model.
+_PIECE_VALUES = 1 << 22
 
 
-def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> torch.Tensor:
+def _normal(
+    seed: int, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Approximately N(mean, std^2) float32 values (Irwin-Hall of 4 uniforms: bounded at 3.46 std), from a PCG64
-    stream seeded by ``(seed, name)``.
+    stream seeded by ``(seed, name)``; ``rows=(r0, r1)`` makes only ``tensor[r0:r1]`` (same values as the whole).
 
+    Value ``i`` (in row-major order) comes from raw draw ``i`` of the stream, so a slice starts by jumping the
+    generator ahead (``PCG64.advance``, O(log n)): a tensor is made a piece at a time with the bytes unchanged.
     Only integer operations and single IEEE-rounded float ops are used, so the values are the same on every CPU.
     (``torch.randn`` is not: its result changes in the last bit with the SIMD capability of the CPU.)
     """
+    r0, r1 = rows if rows is not None else (0, shape[0])
+    row_numel = math.prod(shape[1:])
     digest = hashlib.sha256(f"gpt-oss-random-checkpoint/{seed}/{name}".encode()).digest()
     bits = np.random.PCG64(int.from_bytes(digest[:16], "little"))
-    out = torch.empty(shape, dtype=torch.float32)
+    if r0:
+        bits.advance(r0 * row_numel)
+    out = torch.empty((r1 - r0, *shape[1:]), dtype=torch.float32)
     flat = out.numpy().reshape(-1)
     scale = np.float32(std / _IH4_STD)
     for i in range(0, flat.size, _RNG_CHUNK):
@@ -437,12 +516,18 @@ def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, mean: floa
     return out
 
 
+def _row_ranges(n_rows: int, row_numel: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of at most ~_PIECE_VALUES values each (at least one row)."""
+    step = max(1, _PIECE_VALUES // max(row_numel, 1))
+    return [(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
 @dataclass
 class _Spec:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    make: Callable[[], torch.Tensor]
+    pieces: Callable[[], Iterator[torch.Tensor]]  # consecutive slices (row-major) whose bytes make the tensor
 
     @property
     def nbytes(self) -> int:
@@ -459,46 +544,54 @@ def _plan(cfg: dict[str, Any], layout: str, seed: int) -> list[_Spec]:
 
     def add(name, shape, std, mean=0.0):
         # Non-expert tensors and expert biases: bf16-rounded values, stored in the layout's dense dtype.
-        def make():
-            return _normal(seed, name, shape, std, mean).to(torch.bfloat16).to(dense)
+        shape = tuple(shape)
 
-        specs.append(_Spec(name, tuple(shape), dense, make))
+        def pieces():
+            for rows in _row_ranges(shape[0], math.prod(shape[1:])):
+                yield _normal(seed, name, shape, std, mean, rows).to(torch.bfloat16).to(dense)
 
-    cache: dict[str, torch.Tensor] = {}
+        specs.append(_Spec(name, shape, dense, pieces))
 
     def add_experts(prefix, proj, out_f, in_f, std):
-        # The master weight is drawn in the published orientation [E, out, in] and quantised along `in`.
+        # The master weight is drawn in the published orientation [E, out, in] and quantised along `in`, so any
+        # range of its E * out rows quantises on its own.
         name = f"{prefix}.{proj}"
+        master = (E * out_f, in_f)
+        g = in_f // BLOCK_SIZE
 
-        def quantized():
-            w = _normal(seed, name, (E, out_f, in_f), std)
-            blocks, scales = quantize_mxfp4(w)
-            return blocks, scales
+        def quantized_pieces():
+            for rows in _row_ranges(*master):
+                yield quantize_mxfp4(_normal(seed, name, master, std, 0.0, rows))
 
         if layout == "mxfp4":
+            scales_of: list[torch.Tensor] = []  # kept from the blocks pass (1/16 of their size)
 
-            def make_blocks():
-                blocks, scales = quantized()
-                cache[name + "_scales"] = scales
-                return blocks
+            def blocks_pieces():
+                scales_of.clear()
+                for blocks, scales in quantized_pieces():
+                    scales_of.append(scales)
+                    yield blocks
 
-            def make_scales():
-                scales = cache.pop(name + "_scales", None)
-                return scales if scales is not None else quantized()[1]
+            def scales_pieces():
+                if sum(s.shape[0] for s in scales_of) == master[0]:
+                    yield from scales_of
+                else:  # written without its blocks first: quantise again
+                    yield from (scales for _, scales in quantized_pieces())
+                scales_of.clear()
 
-            g = in_f // BLOCK_SIZE
-            specs.append(_Spec(name + "_blocks", (E, out_f, g, BLOCK_SIZE // 2), torch.uint8, make_blocks))
-            specs.append(_Spec(name + "_scales", (E, out_f, g), torch.uint8, make_scales))
+            specs.append(_Spec(name + "_blocks", (E, out_f, g, BLOCK_SIZE // 2), torch.uint8, blocks_pieces))
+            specs.append(_Spec(name + "_scales", (E, out_f, g), torch.uint8, scales_pieces))
         else:
 
-            def make():
-                if quantizable:
-                    w = dequantize_mxfp4(*quantized(), dtype=torch.float32)
-                else:
-                    w = _normal(seed, name, (E, out_f, in_f), std).to(torch.bfloat16)
-                return w.transpose(1, 2).to(dense).contiguous()  # transformers' [E, in, out]
+            def pieces():
+                # transformers' [E, in, out]: one expert at a time (the transpose needs the whole expert).
+                for e in range(E):
+                    rows = (e * out_f, (e + 1) * out_f)
+                    w = _normal(seed, name, master, std, 0.0, rows)
+                    w = dequantize_mxfp4(*quantize_mxfp4(w)) if quantizable else w.to(torch.bfloat16)
+                    yield w.t().to(dense).contiguous().unsqueeze(0)
 
-            specs.append(_Spec(name, (E, in_f, out_f), dense, make))
+            specs.append(_Spec(name, (E, in_f, out_f), dense, pieces))
 
     add("model.embed_tokens.weight", (V, H), 1.0)
     for i in range(cfg["num_hidden_layers"]):
@@ -539,14 +632,18 @@ def _write_safetensors(path: Path, specs: list[_Spec]) -> int:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
+        assert sys.byteorder == "little"
         for s in specs:
-            t = s.make()
-            if tuple(t.shape) != s.shape or t.dtype != s.dtype:
-                raise RuntimeError(f"{s.name}: made {tuple(t.shape)} {t.dtype}, planned {s.shape} {s.dtype}")
-            data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
-            assert sys.byteorder == "little"
-            f.write(memoryview(data))
-            del t, data
+            written = 0
+            for t in s.pieces():
+                if t.dtype != s.dtype:
+                    raise RuntimeError(f"{s.name}: made {t.dtype}, planned {s.dtype}")
+                data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
+                f.write(memoryview(data))
+                written += data.size
+                del t, data
+            if written != s.nbytes:
+                raise RuntimeError(f"{s.name}: made {written} bytes, planned {s.nbytes} ({s.shape} {s.dtype})")
     return offset
 
 
@@ -581,9 +678,14 @@ def make_checkpoint(
     preset_or_config_overrides: str | dict[str, Any] = "tiny",
     layout: str = "mxfp4",
     seed: int = 0,
-    num_shards: int = 1,
+    num_shards: int | None = None,
 ) -> Path:
-    """Write a random GPT-OSS checkpoint directory and return its path (see the module docstring)."""
+    """Write a random GPT-OSS checkpoint directory and return its path (see the module docstring).
+
+    ``num_shards`` defaults to the preset's (3 for ``20b`` as published, else 1).
+    """
+    if num_shards is None:
+        num_shards = _DEFAULT_SHARDS.get(_base_preset(preset_or_config_overrides), 1)
     # Small elementwise ops on chunks: one torch thread is as fast uncontended and many times faster when other
     # processes share the cores (OpenMP threads then wait on each other).
     threads = torch.get_num_threads()
@@ -594,18 +696,45 @@ def make_checkpoint(
         torch.set_num_threads(threads)
 
 
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+#: Peak RSS (MiB) of this process after the weights and after the tokenizer of the last make_checkpoint call:
+#: the weights are written first so that the first figure is the streaming writer's own.
+LAST_PEAK_RSS_MIB: dict[str, float] = {}
+
+
 def _make_checkpoint(
     out: Path, preset_or_config_overrides: str | dict[str, Any], layout: str, seed: int, num_shards: int
 ) -> Path:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    # Validate the configuration before training a tokenizer (token ids are placeholders here).
+    # Validate the configuration before writing anything (token ids are placeholders: weights do not use them).
     draft = build_config(preset_or_config_overrides, layout, {name: 0 for name in SPECIAL_TOKENS})
+    specs = _plan(draft, layout, seed)
+    groups = _split(specs, num_shards)
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
 
-    ids = _write_tokenizer(out, draft["vocab_size"], draft["max_position_embeddings"])
+    if num_shards == 1:
+        _write_safetensors(out / "model.safetensors", specs)
+    else:
+        weight_map = {}
+        total = 0
+        for k, group in enumerate(groups):
+            fname = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
+            total += _write_safetensors(out / fname, group)
+            weight_map.update({s.name: fname for s in group})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    LAST_PEAK_RSS_MIB["weights"] = _peak_rss_mib()
+
+    tail = _tokenizer_tail(preset_or_config_overrides)
+    ids = _write_tokenizer(out, draft["vocab_size"], draft["max_position_embeddings"], tail)
     cfg = build_config(preset_or_config_overrides, layout, ids)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen_cfg = {
@@ -614,19 +743,7 @@ def _make_checkpoint(
         "pad_token_id": ids["<|endoftext|>"],
     }
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
-
-    specs = _plan(cfg, layout, seed)
-    if num_shards == 1:
-        _write_safetensors(out / "model.safetensors", specs)
-    else:
-        weight_map = {}
-        total = 0
-        for k, group in enumerate(_split(specs, num_shards)):
-            fname = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
-            total += _write_safetensors(out / fname, group)
-            weight_map.update({s.name: fname for s in group})
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    LAST_PEAK_RSS_MIB["total"] = _peak_rss_mib()
     return out
 
 
@@ -642,17 +759,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output directory (created; old model*.safetensors removed)")
     ap.add_argument("--layout", choices=LAYOUTS, default="mxfp4")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--shards", type=int, default=None, help="safetensors files (default: 3 for 20b, else 1)")
+    ap.add_argument(
+        "--yarn-truncate",
+        action="store_true",
+        help="write rope 'truncate: true' (YaRN correction range rounded, as llama.cpp always does) instead of the "
+        "published false: for token-for-token comparisons with llama.cpp",
+    )
     args = ap.parse_args(argv)
+    spec: str | dict[str, Any] = args.preset
+    if args.yarn_truncate:
+        spec = {"preset": args.preset, "rope_parameters": {"truncate": True}}
     t0 = time.perf_counter()
-    out = make_checkpoint(args.out, args.preset, layout=args.layout, seed=args.seed, num_shards=args.shards)
+    out = make_checkpoint(args.out, spec, layout=args.layout, seed=args.seed, num_shards=args.shards)
     dt = time.perf_counter() - t0
     on_disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    fp32 = fp32_size_bytes(args.preset)
+    fp32 = fp32_size_bytes(spec)
+    shards = len(list(out.glob("model*.safetensors")))
     print(
-        f"wrote {out} (preset {args.preset}, layout {args.layout}, seed {args.seed}, shards {args.shards}) in "
-        f"{dt:.1f}s: {on_disk / 2**20:.1f} MiB on disk; fp32 size {fp32 / 2**20:.1f} MiB "
-        f"({fp32 // 4 / 1e6:.1f}M parameters)"
+        f"wrote {out} (preset {args.preset}, layout {args.layout}, seed {args.seed}, shards {shards}"
+        f"{', yarn truncate' if args.yarn_truncate else ''}) in {dt:.1f}s: {on_disk / 2**20:.1f} MiB on disk; "
+        f"fp32 size {fp32 / 2**20:.1f} MiB ({fp32 // 4 / 1e6:.1f}M parameters); peak RSS "
+        f"{LAST_PEAK_RSS_MIB['weights']:.0f} MiB writing weights, {LAST_PEAK_RSS_MIB['total']:.0f} MiB with the "
+        f"tokenizer"
     )
     return 0
 
