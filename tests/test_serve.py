@@ -15,7 +15,6 @@ import openai
 import pytest
 import torch
 
-from gptoss.graph import graph_specs
 from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
@@ -194,7 +193,7 @@ def test_client_disconnect_frees_row(served, ref):
 
 
 def test_only_planned_shapes_ran(served):
-    planned = {(s.kind, s.batch, s.steps, s.kv_len) for s in graph_specs(served.scheduler.rt.shapes)}
+    planned = {(s.kind, s.batch, s.steps, s.kv_len) for s in served.scheduler.rt.shapes.specs()}
     calls = set(served.scheduler.graph_calls)
     assert calls and calls <= planned, calls - planned
     assert {c[1] for c in calls if c[0] == "prefill"} == {1}  # newcomers' prompts: one row at a time
@@ -255,9 +254,11 @@ class ScriptedScheduler:
     def __init__(self, rt, tokens):
         from gptoss.runtime.metrics import ServingMetrics
         self.rt, self.tokens, self.metrics, self.error = rt, tokens, ServingMetrics(), None
+        self.requests = []
 
     def submit(self, request, on_event):
         from gptoss.runtime.scheduler import Handle
+        self.requests.append(request)
         handle = Handle(0, request, on_event)
 
         def play():
@@ -297,3 +298,40 @@ def test_chat_tool_call_through_client(ref):
             finish = c.choices[0].finish_reason or finish
         assert (names, args, reasoning, finish) == (["get_weather"], call.function.arguments, "Need the weather.",
                                                     "tool_calls")
+
+
+def test_stop_text_every_split():
+    from gptoss.runtime.stop_text import StopText
+    text = "The answer is 42.\n\nAnd then some more."
+    for stops, want in ((["\n\n"], "The answer is 42."), (["42", "is"], "The answer "), (["nope"], text),
+                        (["more.!"], text)):
+        for cut in range(len(text) + 1):
+            for cut2 in range(cut, len(text) + 1):
+                m = StopText(stops)
+                shown = m.push(text[:cut]) + m.push(text[cut:cut2]) + m.push(text[cut2:]) + m.flush()
+                assert shown == want and m.hit == (want != text), (stops, cut, cut2)
+
+
+def test_chat_stop_matches_content_not_markup(ref):
+    """`stop` in chat ends the reply on the content the client sees: the words of the harmony markup
+    (channel names, roles) and the reasoning never stop it."""
+    tok = ref.tokenizer
+    special = lambda s: tok.token_id(s)  # noqa: E731
+    tokens = ([special("<|channel|>")] + tok.encode("analysis") + [special("<|message|>")] +
+              tok.encode("Think: the final answer is Paris.") + [special("<|end|>"), special("<|start|>")] +
+              tok.encode("assistant") + [special("<|channel|>")] + tok.encode("final") + [special("<|message|>")] +
+              tok.encode("It is Paris. Anything else?") + [special("<|return|>")])
+    scripted = ScriptedScheduler(ref, tokens)
+    with LiveServer(create_app(scripted, NAME)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": "Capital of France?"}]
+        for stop, content, finish in ((["final", "assistant", "message"], "It is Paris. Anything else?", "stop"),
+                                      ([" Anything"], "It is Paris.", "stop"), (["Paris"], "It is ", "stop")):
+            whole = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=50, stop=stop)
+            assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (content, finish), stop
+            assert whole.choices[0].message.reasoning_content == "Think: the final answer is Paris."
+            parts = list(client.chat.completions.create(model=NAME, messages=msgs, max_tokens=50, stop=stop,
+                                                        stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in parts) == content
+            assert parts[-1].choices[0].finish_reason == finish
+    assert all(r.stop == () for r in scripted.requests)  # the scheduler never sees them: it reads raw markup
