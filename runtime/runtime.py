@@ -96,7 +96,8 @@ class Runtime:
         chunk = min(settings.prefill_chunk, 1 << (settings.max_seq_len - 1).bit_length())
         self.shapes = ShapePlan(settings.max_batch_size, settings.max_seq_len, chunk,
                                 min_chunk=min(settings.min_prefill_chunk, chunk), batch_buckets=settings.batch_sizes,
-                                slot_multiple=backend.page_slots)
+                                slot_multiple=backend.page_slots,
+                                interleave_chunk=min(settings.interleave_chunk, chunk))
         self.cache = KVCache.allocate(self.config, model.plan, settings.max_batch_size, self.shapes.slots,
                                       self.dtype, self.device)
         # the checkpoint's text files before the graphs: a bad tokenizer is reported before a long compile

@@ -237,6 +237,35 @@ def test_scheduler_mixed_requests_equal_generate(ckpt, ref, one_thread):
     assert all(h.done.is_set() for h in handles)
 
 
+def test_prompt_interleaved_in_short_chunks(ckpt, ref, one_thread):
+    """While other rows decode, a newcomer's prompt is prefilled `interleave_chunk` tokens per step (the running
+    streams wait for a short chunk, not a full one); alone again, it goes on in full chunks once aligned to one.
+    Outputs are unchanged."""
+    rt = Runtime.from_pretrained(ckpt, progress=False, **dict(SETTINGS, max_batch_size=2, interleave_chunk=16))
+    scheduler = Scheduler(rt)
+    scheduler.record_graph_calls = True
+    running = Request(tuple(range(7, 27)), 7, ignore_eos=True)
+    newcomer = Request(tuple((i * 37) % 1000 for i in range(300)), 5, ignore_eos=True)
+    got = {}
+    scheduler.submit(running, lambda e: got.setdefault("running", []).append(e.token_id))
+    while not any(r is not None and not r.prefilling for r in scheduler.rows):
+        scheduler.step()
+    scheduler.submit(newcomer, lambda e: got.setdefault("newcomer", []).append(e.token_id))
+    scheduler.run_until_idle()
+    prefills = [c[2] for c in scheduler.graph_calls if c[0] == "prefill"][1:]  # the newcomer's chunks
+    # the running request has 2 of its 7 tokens (its first step prefilled and decoded): 5 steps of short
+    # chunks beside its decode steps (to 80); alone, short chunks until aligned to a full chunk (128), then full
+    # chunks to the end of 300 tokens
+    assert prefills == [16] * 5 + [16] * 3 + [64] * 3
+    for key, req in (("running", running), ("newcomer", newcomer)):
+        assert got[key] == reference(ref, list(req.prompt), req.max_tokens, ignore_eos=True).token_ids, key
+    plan = rt.shapes
+    assert plan.chunk(0, 300, interleaved=True) == 16 and plan.chunk(0, 5, interleaved=True) == 16
+    assert plan.chunk(16, 284) == 16 and plan.chunk(64, 236) == 64  # a full chunk only from a full-chunk start
+    assert {("prefill", 1, 16, kv) for kv in plan.kv_lens()} <= {(s.kind, s.batch, s.steps, s.kv_len)
+                                                                  for s in plan.specs()}
+
+
 def test_scheduler_rejects_bad_requests(ref):
     scheduler = Scheduler(ref)
     for bad, match in ((Request((), 4), "empty"), (Request((1,) * 512, 4), "context is 512"),

@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=2304)
     ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--interleave-chunk", type=int, default=64,
+                    help="prompt tokens prefilled per step while others decode (= --prefill-chunk: no limit)")
     ap.add_argument("--serial", type=int, default=16, help="requests sent one at a time for the ratio")
     ap.add_argument("--long-prompt", type=int, default=2000)
     ap.add_argument("--memory-requests", type=int, default=200)
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
         from gptoss.tools.make_checkpoint import make_checkpoint
         model_dir = make_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"), "tiny")
     settings = dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                    prefill_chunk=args.prefill_chunk, progress=False)
+                    prefill_chunk=args.prefill_chunk, interleave_chunk=args.interleave_chunk, progress=False)
     rt = Runtime.from_pretrained(model_dir, **settings)
     ref = Runtime(rt.model, model_dir, **settings)  # its own cache: the reference runs one request at a time
     rng = random.Random(args.seed)
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     requests = [([rng.randrange(vocab) for _ in range(rng.randint(1, args.max_prompt))],
                   rng.randint(1, args.max_tokens)) for _ in range(args.requests)]
     figures = {"clients": args.clients, "requests": args.requests, "max_batch_size": args.max_batch_size,
+               "prefill_chunk": args.prefill_chunk, "interleave_chunk": args.interleave_chunk,
                "torch_threads": args.threads, "model": str(model_dir)}
 
     scheduler = Scheduler(rt).start()
