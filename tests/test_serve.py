@@ -177,6 +177,43 @@ def test_bad_requests_interleaved_with_good(served, ref):
     assert "512" in long["error"]["message"] and long["error"]["code"] == "context_length_exceeded"
 
 
+def test_small_load_equals_generate(served, ref):
+    """The load test in small: 12 concurrent streaming clients, 24 requests of 1-60 prompt tokens and 1-16 new
+    tokens (prompts as token ids, so arbitrary ids can be sent): every request completes, none is lost or mixed
+    up, and each one's text equals `Runtime.generate` for it alone."""
+    rng = random.Random(7)
+    requests = [([rng.randrange(1000) for _ in range(rng.randint(1, 60))], rng.randint(1, 16)) for _ in range(24)]
+    url = served.url + "/v1/completions"
+
+    async def main():
+        todo, results = list(enumerate(requests)), {}
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def worker():
+                while todo:
+                    i, (prompt, n) = todo.pop(0)
+                    body = {"model": NAME, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}
+                    text, usage, done = [], None, False
+                    async with client.stream("POST", url, json=body) as r:
+                        assert r.status_code == 200
+                        async for line in r.aiter_lines():
+                            if line == "data: [DONE]":
+                                done = True
+                            elif line.startswith("data: "):
+                                chunk = json.loads(line[6:])
+                                usage = chunk.get("usage") or usage
+                                text += [c["text"] for c in chunk["choices"]]
+                    results[i] = ("".join(text), usage["completion_tokens"], done)
+            await asyncio.gather(*(worker() for _ in range(12)))
+        return results
+
+    results = asyncio.run(main())
+    assert sorted(results) == list(range(len(requests)))
+    for i, (prompt, n) in enumerate(requests):
+        want = reference(ref, prompt, n)
+        assert results[i] == (want.text, len(want.token_ids), True), i
+
+
 def test_client_disconnect_frees_row(served, ref):
     finished = served.scheduler.metrics.requests_finished
     with httpx.stream("POST", served.url + "/v1/completions",
