@@ -214,6 +214,47 @@ def test_small_load_equals_generate(served, ref):
         assert results[i] == (want.text, len(want.token_ids), True), i
 
 
+def test_no_per_request_leak(served):
+    """100 short requests through the server leave no object behind per request: no Python type (tensors,
+    handles, events, queues, ...) grows by as many objects as half the requests, and the scheduler keeps nothing."""
+    import collections
+    import gc
+
+    rng = random.Random(3)
+    url = served.url + "/v1/completions"
+
+    def run(n):
+        async def main():
+            todo = [([rng.randrange(1000) for _ in range(rng.randint(1, 8))], rng.randint(1, 2)) for _ in range(n)]
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def worker():
+                    while todo:
+                        prompt, k = todo.pop()
+                        r = await client.post(url, json={"model": NAME, "prompt": prompt, "max_tokens": k,
+                                                         "stream": k == 2})
+                        assert r.status_code == 200
+                await asyncio.gather(*(worker() for _ in range(12)))
+        asyncio.run(main())
+
+    def census():
+        gc.collect()
+        return collections.Counter(type(o).__name__ for o in gc.get_objects())
+
+    def settled_census():  # the server thread may still be closing connections: the smaller of two counts
+        time.sleep(0.3)
+        first = census()
+        time.sleep(0.3)
+        second = census()
+        return collections.Counter({k: min(first[k], second[k]) for k in first})
+
+    run(24)  # warm-up: caches, connection pools, lazily built tables
+    before = settled_census()
+    run(100)
+    grown = {k: v for k, v in (settled_census() - before).items() if v >= 50}
+    assert not grown, grown
+    assert not served.scheduler._handles and not served.scheduler._waiting and not served.scheduler.busy
+
+
 def test_client_disconnect_frees_row(served, ref):
     finished = served.scheduler.metrics.requests_finished
     with httpx.stream("POST", served.url + "/v1/completions",
