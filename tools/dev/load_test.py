@@ -124,7 +124,7 @@ def memory_probe(url, vocab, rng, scheduler, args) -> dict:
 
     def live_tensors() -> int:
         gc.collect()
-        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+        return sum(type(o) in (torch.Tensor, torch.nn.Parameter) for o in gc.get_objects())
 
     asyncio.run(run_clients(url, "m", requests(max(args.memory_requests // 10, 1)), args.clients))
     gc.collect()
