@@ -15,6 +15,7 @@ import openai
 import pytest
 import torch
 
+
 from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
