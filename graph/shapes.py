@@ -4,7 +4,9 @@ of time and steady-state serving never meets a new shape.
 - cache slots: max_seq_len rounded up to a whole prefill chunk (a chunk's padding tokens then always land
   inside the buffer) and to `slot_multiple` (the NPU attention reads the cache as 128-slot pages);
 - prefill chunk length: a prompt that fits in one chunk runs at the smallest power of two from `min_chunk` to
-  `prefill_chunk` that covers it; a longer one runs as full `prefill_chunk`s;
+  `prefill_chunk` that covers it; a longer one runs as full `prefill_chunk`s; while other requests decode, the
+  serving scheduler prefills at most `interleave_chunk` tokens per step (batch-1 graphs of that length at every
+  kv_len), so that one step of the running streams never waits for a whole `prefill_chunk`;
 - attention reads `kv_len` cache slots: a power of two from `min_kv` up to the slot count, the smallest that
   covers the furthest position in the step, so decode work follows the actual context, not max_seq_len;
 - batch: the smallest of `batch_sizes` (default: powers of two up to max_batch_size) that holds the prompts;
@@ -29,6 +31,7 @@ class ShapePlan:
     min_kv: int = 128
     batch_buckets: tuple[int, ...] | None = None
     slot_multiple: int = 1
+    interleave_chunk: int | None = None  # None: prefill_chunk (no graphs of their own)
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "min_chunk", "min_kv"):
@@ -37,6 +40,12 @@ class ShapePlan:
         for name in ("prefill_chunk", "min_chunk"):
             if _next_pow2(getattr(self, name)) != getattr(self, name):
                 raise ValueError(f"{name} must be a power of two, got {getattr(self, name)}")
+        if self.interleave_chunk is None:
+            object.__setattr__(self, "interleave_chunk", self.prefill_chunk)
+        if not 1 <= self.interleave_chunk <= self.prefill_chunk or \
+                _next_pow2(self.interleave_chunk) != self.interleave_chunk:
+            raise ValueError(f"interleave_chunk must be a power of two from 1 to prefill_chunk={self.prefill_chunk}, "
+                             f"got {self.interleave_chunk}")
 
         if self.batch_buckets is not None:
             if not self.batch_buckets or min(self.batch_buckets) < 1 or max(self.batch_buckets) > self.max_batch_size:
@@ -51,10 +60,17 @@ class ShapePlan:
     def batch(self, n: int) -> int:
         return min(b for b in self.batch_sizes() if b >= n)
 
-    def chunk(self, start: int, remaining: int) -> int:
-        if start > 0:
-            return self.prefill_chunk
-        return min(max(_next_pow2(remaining), self.min_chunk), self.prefill_chunk)
+    def chunk(self, start: int, remaining: int, *, interleaved: bool = False) -> int:
+        """The length of the prefill chunk that starts at `start` with `remaining` prompt tokens left.
+        `interleaved` (batch 1, while other rows decode): at most `interleave_chunk`. A prompt begun in small
+        chunks continues in them until its start is a whole number of full chunks again, so that every chunk
+        ends inside the cache's slots."""
+        if start == 0:
+            first = min(max(_next_pow2(remaining), self.min_chunk), self.prefill_chunk)
+            return min(first, self.interleave_chunk) if interleaved else first
+        if interleaved or start % self.prefill_chunk:
+            return self.interleave_chunk
+        return self.prefill_chunk
 
     def kv_len(self, needed: int) -> int:
         return min(max(_next_pow2(needed), self.min_kv), self.slots)
@@ -83,23 +99,31 @@ class ShapePlan:
                   for s in range(self.prefill_chunk, self.slots, self.prefill_chunk)}
         return sorted(pairs)
 
+    def interleave_shapes(self) -> list[tuple[int, int]]:
+        """(chunk, kv_len) pairs of the batch-1 prefills that run while other rows decode."""
+        step = self.interleave_chunk
+        return sorted({(step, self.kv_len(s + step)) for s in range(0, self.slots, step)})
+
     # -- as recorded in an artifact manifest (the settings a graph set was built for) ------------------------
     def to_record(self) -> dict:
         return {"max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
                 "prefill_chunk": self.prefill_chunk, "min_chunk": self.min_chunk, "min_kv": self.min_kv,
-                "batch_sizes": self.batch_sizes(), "slot_multiple": self.slot_multiple}
+                "batch_sizes": self.batch_sizes(), "slot_multiple": self.slot_multiple,
+                "interleave_chunk": self.interleave_chunk}
 
     @classmethod
     def from_record(cls, record: dict) -> "ShapePlan":
         return cls(record["max_batch_size"], record["max_seq_len"], record["prefill_chunk"],
                    min_chunk=record.get("min_chunk", 16), min_kv=record.get("min_kv", 128),
-                   batch_buckets=tuple(record["batch_sizes"]), slot_multiple=record.get("slot_multiple", 1))
+                   batch_buckets=tuple(record["batch_sizes"]), slot_multiple=record.get("slot_multiple", 1),
+                   interleave_chunk=record.get("interleave_chunk"))
 
     def specs(self) -> list["GraphSpec"]:
         """Every graph a runtime with this plan can call."""
         specs = []
         for b in self.batch_sizes():
-            specs += [GraphSpec("prefill", b, c, kv) for c, kv in self.prefill_shapes()]
+            shapes = set(self.prefill_shapes()) | (set(self.interleave_shapes()) if b == 1 else set())
+            specs += [GraphSpec("prefill", b, c, kv) for c, kv in sorted(shapes)]
             specs += [GraphSpec("decode", b, 1, kv) for kv in self.kv_lens()]
         return specs
 

@@ -26,6 +26,7 @@ from gptoss.model.parallel import Parallel, ShardPlan
 from .distributed import env_world, setup as setup_distributed
 from .sampling import sample, validate_sampling
 from .settings import Settings
+from .stop_text import held_back
 from .tokenizer import IncrementalDetokenizer, TextTokenizer, stop_token_ids
 
 
@@ -96,7 +97,8 @@ class Runtime:
         chunk = min(settings.prefill_chunk, 1 << (settings.max_seq_len - 1).bit_length())
         self.shapes = ShapePlan(settings.max_batch_size, settings.max_seq_len, chunk,
                                 min_chunk=min(settings.min_prefill_chunk, chunk), batch_buckets=settings.batch_sizes,
-                                slot_multiple=backend.page_slots)
+                                slot_multiple=backend.page_slots,
+                                interleave_chunk=min(settings.interleave_chunk, chunk))
         self.cache = KVCache.allocate(self.config, model.plan, settings.max_batch_size, self.shapes.slots,
                                       self.dtype, self.device)
         # the checkpoint's text files before the graphs: a bad tokenizer is reported before a long compile
@@ -328,7 +330,7 @@ class Runtime:
         elif seq.finish_reason is not None:
             end = len(text)
         else:
-            end = len(text) - _stop_prefix_len(text, stop_strings)
+            end = len(text) - held_back(text, stop_strings)
         delta = text[seq.emitted:max(end, seq.emitted)]
         seq.emitted = max(end, seq.emitted)
         return TokenEvent(seq.index, token, delta, seq.finish_reason)
@@ -406,13 +408,3 @@ class _Stream:
     def __del__(self):
         self.close()
 
-
-def _stop_prefix_len(text: str, stop_strings: list[str]) -> int:
-    """Length of the longest end of `text` that begins some stop string."""
-    longest = 0
-    for s in stop_strings:
-        for k in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:k]):
-                longest = k
-                break
-    return longest

@@ -4,7 +4,8 @@ Every cache row holds at most one request. Each step:
 1. waiting requests take free rows (the lowest free row first, so the rows in use stay packed at the front and
    the decode batch stays in a small bucket); cancelled requests give theirs back;
 2. one request that is still reading its prompt runs one prefill chunk, as a batch-1 graph on its own row of
-   the cache (a view of that row);
+   the cache (a view of that row); while other rows decode, the chunk is at most the ShapePlan's
+   `interleave_chunk` tokens, so a step of the running streams waits for a short chunk, not a full one;
 3. every row that is generating runs one decode step together, as a graph of the smallest batch bucket that
    covers the highest such row; a row that ends frees itself in the same step.
 
@@ -287,7 +288,8 @@ class Scheduler:
     def _prefill_chunk(self, i: int) -> None:
         row, rt = self.rows[i], self.rt
         shapes, length = rt.shapes, len(row.seq.prompt)
-        chunk = shapes.chunk(row.done, length - row.done)
+        others_decode = any(r is not None and not r.prefilling for j, r in enumerate(self.rows) if j != i)
+        chunk = shapes.chunk(row.done, length - row.done, interleaved=others_decode)
         ids = row.padded[row.done:row.done + chunk].clone()[None]
         start = torch.tensor([row.done], device=rt.device)
         last = torch.tensor([min(max(length - 1 - row.done, 0), chunk - 1)], device=rt.device)

@@ -17,7 +17,7 @@ from gptoss.graph import ArtifactDir, get_backend
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FORMATS = ("published", "dense")
 DEFAULTS = {"backend": "eager", "max_batch_size": 8, "max_seq_len": 4096, "prefill_chunk": 256,
-            "min_prefill_chunk": 16}
+            "min_prefill_chunk": 16, "interleave_chunk": 64}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Settings:
     max_seq_len: int | None = None
     prefill_chunk: int | None = None  # tokens per prefill step (a power of two)
     min_prefill_chunk: int | None = None  # the smallest first-chunk graph (a power of two)
+    interleave_chunk: int | None = None  # serving: prompt tokens prefilled per step while others decode (power of 2)
     batch_sizes: tuple[int, ...] | None = None  # batch buckets to build graphs for; default powers of two
     tp_size: int | None = None  # tensor-parallel size; default WORLD_SIZE (1 outside torchrun)
     artifacts: str | None = None  # artifact root directory (graphs built once, loaded by later processes)
@@ -55,7 +56,8 @@ class Settings:
             object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
         if self.artifacts is not None:
             object.__setattr__(self, "artifacts", str(self.artifacts))
-        for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "min_prefill_chunk", "tp_size", "threads"):
+        for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "min_prefill_chunk", "interleave_chunk",
+                     "tp_size", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -81,6 +83,7 @@ class Settings:
                 recorded = {"backend": key.get("backend"), "dtype": key.get("dtype"), "weights": key.get("weights"),
                             "max_batch_size": shapes.get("max_batch_size"), "max_seq_len": shapes.get("max_seq_len"),
                             "prefill_chunk": shapes.get("prefill_chunk"), "min_prefill_chunk": shapes.get("min_chunk"),
+                            "interleave_chunk": shapes.get("interleave_chunk"),
                             "batch_sizes": tuple(shapes["batch_sizes"]) if "batch_sizes" in shapes else None,
                             "threads": key.get("threads")}
         values = {}

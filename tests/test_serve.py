@@ -178,6 +178,84 @@ def test_bad_requests_interleaved_with_good(served, ref):
     assert "512" in long["error"]["message"] and long["error"]["code"] == "context_length_exceeded"
 
 
+def test_small_load_equals_generate(served, ref):
+    """The load test in small: 12 concurrent streaming clients, 24 requests of 1-60 prompt tokens and 1-16 new
+    tokens (prompts as token ids, so arbitrary ids can be sent): every request completes, none is lost or mixed
+    up, and each one's text equals `Runtime.generate` for it alone."""
+    rng = random.Random(7)
+    requests = [([rng.randrange(1000) for _ in range(rng.randint(1, 60))], rng.randint(1, 16)) for _ in range(24)]
+    url = served.url + "/v1/completions"
+
+    async def main():
+        todo, results = list(enumerate(requests)), {}
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def worker():
+                while todo:
+                    i, (prompt, n) = todo.pop(0)
+                    body = {"model": NAME, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}
+                    text, usage, done = [], None, False
+                    async with client.stream("POST", url, json=body) as r:
+                        assert r.status_code == 200
+                        async for line in r.aiter_lines():
+                            if line == "data: [DONE]":
+                                done = True
+                            elif line.startswith("data: "):
+                                chunk = json.loads(line[6:])
+                                usage = chunk.get("usage") or usage
+                                text += [c["text"] for c in chunk["choices"]]
+                    results[i] = ("".join(text), usage["completion_tokens"], done)
+            await asyncio.gather(*(worker() for _ in range(12)))
+        return results
+
+    results = asyncio.run(main())
+    assert sorted(results) == list(range(len(requests)))
+    for i, (prompt, n) in enumerate(requests):
+        want = reference(ref, prompt, n)
+        assert results[i] == (want.text, len(want.token_ids), True), i
+
+
+def test_no_per_request_leak(served):
+    """100 short requests through the server leave no object behind per request: no Python type (tensors,
+    handles, events, queues, ...) grows by as many objects as half the requests, and the scheduler keeps nothing."""
+    import collections
+    import gc
+
+    rng = random.Random(3)
+    url = served.url + "/v1/completions"
+
+    def run(n):
+        async def main():
+            todo = [([rng.randrange(1000) for _ in range(rng.randint(1, 8))], rng.randint(1, 2)) for _ in range(n)]
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def worker():
+                    while todo:
+                        prompt, k = todo.pop()
+                        r = await client.post(url, json={"model": NAME, "prompt": prompt, "max_tokens": k,
+                                                         "stream": k == 2})
+                        assert r.status_code == 200
+                await asyncio.gather(*(worker() for _ in range(12)))
+        asyncio.run(main())
+
+    def census():
+        gc.collect()
+        return collections.Counter(type(o).__name__ for o in gc.get_objects())
+
+    def settled_census():  # the server thread may still be closing connections: the smaller of two counts
+        time.sleep(0.3)
+        first = census()
+        time.sleep(0.3)
+        second = census()
+        return collections.Counter({k: min(first[k], second[k]) for k in first})
+
+    run(24)  # warm-up: caches, connection pools, lazily built tables
+    before = settled_census()
+    run(100)
+    grown = {k: v for k, v in (settled_census() - before).items() if v >= 50}
+    assert not grown, grown
+    assert not served.scheduler._handles and not served.scheduler._waiting and not served.scheduler.busy
+
+
 def test_client_disconnect_frees_row(served, ref):
     finished = served.scheduler.metrics.requests_finished
     with httpx.stream("POST", served.url + "/v1/completions",
@@ -238,6 +316,35 @@ def test_scheduler_mixed_requests_equal_generate(ckpt, ref, one_thread):
     assert all(h.done.is_set() for h in handles)
 
 
+def test_prompt_interleaved_in_short_chunks(ckpt, ref, one_thread):
+    """While other rows decode, a newcomer's prompt is prefilled `interleave_chunk` tokens per step (the running
+    streams wait for a short chunk, not a full one); alone again, it goes on in full chunks once aligned to one.
+    Outputs are unchanged."""
+    rt = Runtime.from_pretrained(ckpt, progress=False, **dict(SETTINGS, max_batch_size=2, interleave_chunk=16))
+    scheduler = Scheduler(rt)
+    scheduler.record_graph_calls = True
+    running = Request(tuple(range(7, 27)), 7, ignore_eos=True)
+    newcomer = Request(tuple((i * 37) % 1000 for i in range(300)), 5, ignore_eos=True)
+    got = {}
+    scheduler.submit(running, lambda e: got.setdefault("running", []).append(e.token_id))
+    while not any(r is not None and not r.prefilling for r in scheduler.rows):
+        scheduler.step()
+    scheduler.submit(newcomer, lambda e: got.setdefault("newcomer", []).append(e.token_id))
+    scheduler.run_until_idle()
+    prefills = [c[2] for c in scheduler.graph_calls if c[0] == "prefill"][1:]  # the newcomer's chunks
+    # the running request has 2 of its 7 tokens (its first step prefilled and decoded): 5 steps of short
+    # chunks beside its decode steps (to 80); alone, short chunks until aligned to a full chunk (128), then full
+    # chunks to the end of 300 tokens
+    assert prefills == [16] * 5 + [16] * 3 + [64] * 3
+    for key, req in (("running", running), ("newcomer", newcomer)):
+        assert got[key] == reference(ref, list(req.prompt), req.max_tokens, ignore_eos=True).token_ids, key
+    plan = rt.shapes
+    assert plan.chunk(0, 300, interleaved=True) == 16 and plan.chunk(0, 5, interleaved=True) == 16
+    assert plan.chunk(16, 284) == 16 and plan.chunk(64, 236) == 64  # a full chunk only from a full-chunk start
+    assert {("prefill", 1, 16, kv) for kv in plan.kv_lens()} <= {(s.kind, s.batch, s.steps, s.kv_len)
+                                                                  for s in plan.specs()}
+
+
 def test_scheduler_rejects_bad_requests(ref):
     scheduler = Scheduler(ref)
     for bad, match in ((Request((), 4), "empty"), (Request((1,) * 512, 4), "context is 512"),
@@ -255,9 +362,11 @@ class ScriptedScheduler:
     def __init__(self, rt, tokens):
         from gptoss.runtime.metrics import ServingMetrics
         self.rt, self.tokens, self.metrics, self.error = rt, tokens, ServingMetrics(), None
+        self.requests = []
 
     def submit(self, request, on_event):
         from gptoss.runtime.scheduler import Handle
+        self.requests.append(request)
         handle = Handle(0, request, on_event)
 
         def play():
@@ -297,3 +406,40 @@ def test_chat_tool_call_through_client(ref):
             finish = c.choices[0].finish_reason or finish
         assert (names, args, reasoning, finish) == (["get_weather"], call.function.arguments, "Need the weather.",
                                                     "tool_calls")
+
+
+def test_stop_text_every_split():
+    from gptoss.runtime.stop_text import StopText
+    text = "The answer is 42.\n\nAnd then some more."
+    for stops, want in ((["\n\n"], "The answer is 42."), (["42", "is"], "The answer "), (["nope"], text),
+                        (["more.!"], text)):
+        for cut in range(len(text) + 1):
+            for cut2 in range(cut, len(text) + 1):
+                m = StopText(stops)
+                shown = m.push(text[:cut]) + m.push(text[cut:cut2]) + m.push(text[cut2:]) + m.flush()
+                assert shown == want and m.hit == (want != text), (stops, cut, cut2)
+
+
+def test_chat_stop_matches_content_not_markup(ref):
+    """`stop` in chat ends the reply on the content the client sees: the words of the harmony markup
+    (channel names, roles) and the reasoning never stop it."""
+    tok = ref.tokenizer
+    special = lambda s: tok.token_id(s)  # noqa: E731
+    tokens = ([special("<|channel|>")] + tok.encode("analysis") + [special("<|message|>")] +
+              tok.encode("Think: the final answer is Paris.") + [special("<|end|>"), special("<|start|>")] +
+              tok.encode("assistant") + [special("<|channel|>")] + tok.encode("final") + [special("<|message|>")] +
+              tok.encode("It is Paris. Anything else?") + [special("<|return|>")])
+    scripted = ScriptedScheduler(ref, tokens)
+    with LiveServer(create_app(scripted, NAME)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": "Capital of France?"}]
+        for stop, content, finish in ((["final", "assistant", "message"], "It is Paris. Anything else?", "stop"),
+                                      ([" Anything"], "It is Paris.", "stop"), (["Paris"], "It is ", "stop")):
+            whole = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=50, stop=stop)
+            assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (content, finish), stop
+            assert whole.choices[0].message.reasoning_content == "Think: the final answer is Paris."
+            parts = list(client.chat.completions.create(model=NAME, messages=msgs, max_tokens=50, stop=stop,
+                                                        stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in parts) == content
+            assert parts[-1].choices[0].finish_reason == finish
+    assert all(r.stop == () for r in scripted.requests)  # the scheduler never sees them: it reads raw markup

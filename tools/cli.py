@@ -20,6 +20,9 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
     ap.add_argument("--max-batch-size", type=int, default=None, help="default 8 (or the artifacts' setting)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="default 4096 (or the artifacts' setting)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="default 256 (or the artifacts' setting)")
+    ap.add_argument("--interleave-chunk", type=int, default=None,
+                    help="serving: prompt tokens prefilled per step while other requests decode (a power of two; "
+                         "default 64, or the artifacts' setting)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated batch buckets to build graphs for, e.g. 1,8")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (run under torchrun)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the artifacts' count)")
@@ -41,6 +44,7 @@ def settings_from_args(args, **fixed) -> Settings:
     return Settings(backend=backend, device=args.device, dtype=args.dtype, weights=args.weights,
                     max_batch_size=args.max_batch_size,
                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, batch_sizes=batch_sizes,
+                    interleave_chunk=args.interleave_chunk,
                     tp_size=args.tp, threads=args.threads, **fixed)
 
 

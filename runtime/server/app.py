@@ -8,14 +8,16 @@ import json
 import math
 import time
 import uuid
+from contextlib import aclosing
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..harmony import HarmonyStreamParser, HarmonyTokens, render_chat
+from ..harmony import HarmonyDelta, HarmonyStreamParser, HarmonyTokens, render_chat
 from ..scheduler import QueueFull, Scheduler
+from ..stop_text import StopText
 from .errors import APIError, error_body, error_response
 from .protocol import Parsed, check_model, parse_chat, parse_completion
 
@@ -85,18 +87,22 @@ def create_app(scheduler: Scheduler, model_name: str, *, max_body_bytes: int = D
         render = lambda m, t, e: render_chat(rt.tokenizer, m, tools=t, reasoning_effort=e)  # noqa: E731
         parsed = parse_chat(body, rt.tokenizer, context, render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        parser = HarmonyStreamParser(harmony, rt.tokenizer.decode)
+        reply = _ChatReply(HarmonyStreamParser(harmony, rt.tokenizer.decode), parsed.stop_strings)
         events, handle = _submit(scheduler, parsed)
         if parsed.stream:
-            return _sse(_chat_chunks(rid, model_name, parsed, events, parser), handle)
+            return _sse(_chat_chunks(rid, model_name, parsed, events, reply, handle), handle)
         tokens, finish = 0, None
-        async for event in _drain(events, handle, http):
-            if event.token_id >= 0:
-                tokens += 1
-                parser.push(event.token_id)
-            finish = event.finish_reason or finish
-        parser.finish()
-        message = {"role": "assistant", "content": parser.content or (None if parser.tool_calls else ""),
+        async with aclosing(_drain(events, handle, http)) as stream:
+            async for event in stream:
+                tokens += event.token_id >= 0
+                reply.feed(event)
+                finish = event.finish_reason or finish
+                if reply.stopped:
+                    handle.cancel()  # a stop string in the content: the row is freed at the next step
+                    finish = "stop"
+                    break
+        parser = reply.parser
+        message = {"role": "assistant", "content": reply.content or (None if parser.tool_calls else ""),
                    "reasoning_content": parser.reasoning or None}
         if parser.tool_calls:
             message["tool_calls"] = [{"id": _call_id(rid, i), "type": "function",
@@ -224,7 +230,7 @@ async def _completion_chunks(rid, model, parsed: Parsed, events):
         yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens)}
 
 
-async def _chat_chunks(rid, model, parsed: Parsed, events, parser: HarmonyStreamParser):
+async def _chat_chunks(rid, model, parsed: Parsed, events, reply: "_ChatReply", handle):
     tokens = 0
     base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
 
@@ -237,14 +243,9 @@ async def _chat_chunks(rid, model, parsed: Parsed, events, parser: HarmonyStream
         if isinstance(event, dict):
             yield event
             return
-        deltas = []
-        if event.token_id >= 0:
-            tokens += 1
-            deltas = parser.push(event.token_id)
-        if event.finish_reason is not None:
-            deltas += parser.finish()
-            finish = event.finish_reason
-        for d in deltas:
+        tokens += event.token_id >= 0
+        finish = event.finish_reason or finish
+        for d in reply.feed(event):
             if d.kind == "reasoning":
                 yield chunk({"reasoning_content": d.text})
             elif d.kind == "content":
@@ -254,6 +255,42 @@ async def _chat_chunks(rid, model, parsed: Parsed, events, parser: HarmonyStream
                                              "function": {"name": d.name, "arguments": ""}}]})
             else:
                 yield chunk({"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]})
-    yield chunk({}, _chat_finish(finish, parser))
+        if reply.stopped:
+            handle.cancel()  # a stop string in the content: the row is freed at the next step
+            finish = "stop"
+            break
+    yield chunk({}, _chat_finish(finish, reply.parser))
     if parsed.include_usage:
         yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens)}
+
+
+class _ChatReply:
+    """The harmony parser's deltas for one request, with the request's stop strings matched on the content the
+    client sees: not on the raw text (harmony markup such as `<|channel|>final<|message|>` never stops a reply),
+    nor on reasoning or tool-call arguments. The content pieces are one stream, as the client joins them."""
+
+    def __init__(self, parser: HarmonyStreamParser, stop_strings):
+        self.parser, self.stops = parser, StopText(list(stop_strings))
+        self.content = ""
+
+    @property
+    def stopped(self) -> bool:
+        return self.stops.hit
+
+    def feed(self, event) -> list[HarmonyDelta]:
+        deltas = self.parser.push(event.token_id) if event.token_id >= 0 else []
+        if event.finish_reason is not None:
+            deltas += self.parser.finish()
+        out = []
+        for d in deltas:
+            if d.kind == "content":
+                d = HarmonyDelta("content", self.stops.push(d.text))
+                self.content += d.text
+            out.append(d)
+            if self.stops.hit:
+                break
+        if event.finish_reason is not None:
+            tail = self.stops.flush()
+            self.content += tail
+            out.append(HarmonyDelta("content", tail))
+        return [d for d in out if d.text or d.kind == "tool_call"]

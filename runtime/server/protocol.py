@@ -2,7 +2,7 @@
 Requests; every problem becomes an APIError naming the field."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..scheduler import Request
 from .errors import APIError
@@ -17,6 +17,7 @@ class Parsed:
     include_usage: bool
     # chat only
     messages: list | None = None
+    stop_strings: tuple[str, ...] = ()  # chat: matched on the parsed content by the server, not on raw markup
     tools: list | None = None
     reasoning_effort: str | None = None
 
@@ -122,7 +123,10 @@ def parse_completion(body: dict, tokenizer, context: int) -> Parsed:
 
 
 def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
-    """`render(messages, tools, reasoning_effort) -> prompt text` (raises ValueError on bad messages)."""
+    """`render(messages, tools, reasoning_effort) -> prompt text` (raises ValueError on bad messages).
+
+    `stop` strings are not given to the scheduler (which matches the raw text, harmony markup included): they
+    are returned in `stop_strings`, for the server to match on the `content` the client sees."""
     if body.get("messages") is None:
         raise _bad("'messages' is required", "messages")
     tools = body.get("tools")
@@ -141,4 +145,7 @@ def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
     stream, include_usage = _stream(body)
     default = max(context - len(ids), 1)  # the rest of the context, as OpenAI does without max_tokens
     request = _common(body, ids, default, ("max_tokens", "max_completion_tokens"))
-    return Parsed(request, stream, include_usage, body["messages"], tools, body.get("reasoning_effort"))
+    strings = tuple(s for s in request.stop if isinstance(s, str))
+    request = replace(request, stop=tuple(s for s in request.stop if not isinstance(s, str)))
+    return Parsed(request, stream, include_usage, messages=body["messages"], stop_strings=strings, tools=tools,
+                  reasoning_effort=body.get("reasoning_effort"))

@@ -8,9 +8,10 @@
 3. the first `--serial` requests one at a time through the server: throughput ratio;
 4. the longest stall of four running streams while a `--long-prompt`-token prompt is admitted (vs their median
    inter-token gap);
-5. resident memory before and after `--memory-requests` more short requests.
+5. memory over `--memory-requests` more short requests: resident size, and the Python heap, live tensors and
+   the scheduler's bookkeeping (which would grow with a leak, where resident size also moves with the allocator).
 
-    python tools/dev/load_test.py [--model DIR] [--clients 32] [--requests 64] [--max-batch-size 8]
+    python -m gptoss.tools.dev.load_test [--model DIR] [--clients 32] [--requests 64] [--max-batch-size 8]
 
 Without --model it builds the tiny checkpoint in a temporary directory. Prints one JSON object of figures.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -25,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 
 import httpx
 import torch
@@ -40,8 +43,9 @@ def pct(values, q):
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-async def stream_one(client, url, model, prompt, max_tokens, ignore_eos=False):
-    """(text, completion tokens, ttft, [inter-token gaps], arrival times of chunks)"""
+async def stream_one(client, url, model, prompt, max_tokens, ignore_eos=False, started=None, until=None):
+    """(text, completion tokens, ttft, [inter-token gaps], arrival times of chunks). `started` (an asyncio.Event)
+    is set at the first chunk; once `until` (an asyncio.Event) is set the client stops reading and disconnects."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
     t0 = time.perf_counter()
@@ -58,8 +62,12 @@ async def stream_one(client, url, model, prompt, max_tokens, ignore_eos=False):
             if chunk["choices"]:
                 times.append(time.perf_counter())
                 text.append(chunk["choices"][0]["text"])
+                if started is not None:
+                    started.set()
+                if until is not None and until.is_set():
+                    break
     gaps = [b - a for a, b in zip(times, times[1:])]
-    return "".join(text), usage["completion_tokens"], times[0] - t0, gaps, times
+    return "".join(text), usage["completion_tokens"] if usage else len(times), times[0] - t0, gaps, times
 
 
 async def run_clients(url, model, requests, clients):
@@ -75,25 +83,65 @@ async def run_clients(url, model, requests, clients):
     return results, time.perf_counter() - t0
 
 
-async def stall_probe(url, model, vocab, long_prompt, rng):
-    """Four 128-token streams; once each has a few tokens, a long prompt arrives. Longest gap of the streams
-    while it is admitted, and their median gap."""
+async def stall_probe(url, model, vocab, long_prompt, rng, streams=4):
+    """`streams` running streams; once each has its first token, a long prompt arrives; the streams stop when it
+    has been admitted (its first token). The gaps of the streams while it is admitted (longest, median) against
+    their median gap before it arrived."""
     async with httpx.AsyncClient(timeout=600) as client:
-        streams = [asyncio.create_task(stream_one(client, url, model, [rng.randrange(vocab) for _ in range(8)],
-                                                  128, ignore_eos=True)) for _ in range(4)]
-        await asyncio.sleep(0.5)
+        started = [asyncio.Event() for _ in range(streams)]
+        admitted = asyncio.Event()
+        tasks = [asyncio.create_task(stream_one(client, url, model, [rng.randrange(vocab) for _ in range(8)],
+                                                long_prompt, ignore_eos=True, started=e, until=admitted))
+                 for e in started]
+        for e in started:
+            await e.wait()
+        await asyncio.sleep(0.5)  # a few steady gaps first
         t_long = time.perf_counter()
         _, _, ttft_long, _, _ = await stream_one(client, url, model,
                                                  [rng.randrange(vocab) for _ in range(long_prompt)], 1)
         t_admitted = t_long + ttft_long
-        outs = await asyncio.gather(*streams)
-    window, all_gaps = [], []
-    for _, _, _, gaps, times in outs:
-        all_gaps += gaps
-        window += [b - a for a, b in zip(times, times[1:]) if b >= t_long and a <= t_admitted]
+        admitted.set()
+        outs = await asyncio.gather(*tasks)
+    window, steady = [], []
+    for _, _, _, _, times in outs:
+        for a, b in zip(times, times[1:]):
+            if b < t_long:
+                steady.append(b - a)
+            elif a <= t_admitted:
+                window.append(b - a)
     return {"long_prompt_tokens": long_prompt, "long_prompt_ttft_s": round(ttft_long, 4),
             "max_stall_s": round(max(window), 4) if window else None,
-            "median_gap_s": round(statistics.median(all_gaps), 4)}
+            "gap_p50_while_admitting_s": round(statistics.median(window), 4) if window else None,
+            "median_gap_before_s": round(statistics.median(steady), 4) if steady else None}
+
+
+def memory_probe(url, vocab, rng, scheduler, args) -> dict:
+    """Resident memory over `--memory-requests` short requests (after a warm-up of a tenth as many), in four
+    rounds; and what would show a leak apart from allocator noise: the growth of the Python heap (tracemalloc),
+    of live tensors and of the scheduler's own bookkeeping."""
+    def requests(n):
+        return [([rng.randrange(vocab) for _ in range(rng.randint(1, 64))], rng.randint(1, 8)) for _ in range(n)]
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(type(o) in (torch.Tensor, torch.nn.Parameter) for o in gc.get_objects())
+
+    asyncio.run(run_clients(url, "m", requests(max(args.memory_requests // 10, 1)), args.clients))
+    gc.collect()
+    tensors, rss = live_tensors(), [rss_mb()]
+    tracemalloc.start()
+    heap0 = tracemalloc.get_traced_memory()[0]
+    per_round = args.memory_requests // 4
+    for _ in range(4):
+        asyncio.run(run_clients(url, "m", requests(per_round), args.clients))
+        gc.collect()
+        rss.append(rss_mb())
+    heap = tracemalloc.get_traced_memory()[0] - heap0
+    tracemalloc.stop()
+    return {"requests": 4 * per_round, "rss_mb_per_round": [round(r, 1) for r in rss],
+            "rss_growth_mb": round(rss[-1] - rss[0], 1), "python_heap_growth_kb": round(heap / 1024, 1),
+            "live_tensor_growth": live_tensors() - tensors,
+            "scheduler_open_handles": len(scheduler._handles), "scheduler_waiting": len(scheduler._waiting)}
 
 
 def rss_mb() -> float:
@@ -111,9 +159,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=2304)
     ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--interleave-chunk", type=int, default=64,
+                    help="prompt tokens prefilled per step while others decode (= --prefill-chunk: no limit)")
     ap.add_argument("--serial", type=int, default=16, help="requests sent one at a time for the ratio")
     ap.add_argument("--long-prompt", type=int, default=2000)
-    ap.add_argument("--memory-requests", type=int, default=200)
+    ap.add_argument("--memory-requests", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -124,7 +174,7 @@ def main(argv=None) -> int:
         from gptoss.tools.make_checkpoint import make_checkpoint
         model_dir = make_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"), "tiny")
     settings = dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                    prefill_chunk=args.prefill_chunk, progress=False)
+                    prefill_chunk=args.prefill_chunk, interleave_chunk=args.interleave_chunk, progress=False)
     rt = Runtime.from_pretrained(model_dir, **settings)
     ref = Runtime(rt.model, model_dir, **settings)  # its own cache: the reference runs one request at a time
     rng = random.Random(args.seed)
@@ -132,6 +182,7 @@ def main(argv=None) -> int:
     requests = [([rng.randrange(vocab) for _ in range(rng.randint(1, args.max_prompt))],
                   rng.randint(1, args.max_tokens)) for _ in range(args.requests)]
     figures = {"clients": args.clients, "requests": args.requests, "max_batch_size": args.max_batch_size,
+               "prefill_chunk": args.prefill_chunk, "interleave_chunk": args.interleave_chunk,
                "torch_threads": args.threads, "model": str(model_dir)}
 
     scheduler = Scheduler(rt).start()
@@ -157,14 +208,7 @@ def main(argv=None) -> int:
 
         figures["stall"] = asyncio.run(stall_probe(server.url, "m", vocab, args.long_prompt, rng))
 
-        before = rss_mb()
-        small = [([rng.randrange(vocab) for _ in range(rng.randint(1, 64))], rng.randint(1, 8))
-                 for _ in range(args.memory_requests)]
-        asyncio.run(run_clients(server.url, "m", small, args.clients))
-        mid = rss_mb()
-        asyncio.run(run_clients(server.url, "m", small, args.clients))
-        figures["memory_mb"] = {"before": round(before, 1), f"after_{len(small)}": round(mid, 1),
-                                f"after_{2 * len(small)}": round(rss_mb(), 1)}
+        figures["memory"] = memory_probe(server.url, vocab, rng, scheduler, args)
     scheduler.stop()
 
     # correctness and the static-batch baseline, after the server is idle (no competition for the cores)
