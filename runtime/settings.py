@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from gptoss.graph import ArtifactDir, get_backend
+from gptoss.graph.shapes import WINDOW_CACHES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FORMATS = ("published", "dense")
 DEFAULTS = {"backend": "eager", "max_batch_size": 8, "max_seq_len": 4096, "prefill_chunk": 256,
-            "min_prefill_chunk": 16}
+            "min_prefill_chunk": 16, "window_cache": "ring"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Settings:
     prefill_chunk: int | None = None  # tokens per prefill step (a power of two)
     min_prefill_chunk: int | None = None  # the smallest first-chunk graph (a power of two)
     batch_sizes: tuple[int, ...] | None = None  # batch buckets to build graphs for; default powers of two
+    window_cache: str | None = None  # "ring": sliding layers keep only their window (default); "full": max_seq_len
     tp_size: int | None = None  # tensor-parallel size; default WORLD_SIZE (1 outside torchrun)
     artifacts: str | None = None  # artifact root directory (graphs built once, loaded by later processes)
     rebuild: bool = False  # wipe and rebuild artifacts built for something else
@@ -47,6 +49,8 @@ class Settings:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights {self.weights!r}: choose 'published' or 'dense'")
+        if self.window_cache is not None and self.window_cache not in WINDOW_CACHES:
+            raise ValueError(f"window_cache {self.window_cache!r}: choose one of {', '.join(WINDOW_CACHES)}")
         if self.backend is not None:
             get_backend(self.backend)  # an unknown name fails here, listing the known ones
         if self.device is not None:
@@ -82,6 +86,7 @@ class Settings:
                             "max_batch_size": shapes.get("max_batch_size"), "max_seq_len": shapes.get("max_seq_len"),
                             "prefill_chunk": shapes.get("prefill_chunk"), "min_prefill_chunk": shapes.get("min_chunk"),
                             "batch_sizes": tuple(shapes["batch_sizes"]) if "batch_sizes" in shapes else None,
+                            "window_cache": shapes.get("window_cache"),
                             "threads": key.get("threads")}
         values = {}
         if self.max_batch_size is None and self.batch_sizes is not None:
