@@ -308,7 +308,9 @@ class Runtime:
         done = 0
         while done < longest:
             chunk = self.shapes.chunk(done, longest - done)
-            start = torch.full((rows,), done, dtype=torch.long, device=self.device)
+            # a row whose prompt has ended re-runs at its next position, not further on: a ring cache keeps only
+            # the window, and padding written further on would overwrite it (decode overwrites these slots first)
+            start = torch.full((rows,), done, dtype=torch.long, device=self.device).minimum(lengths)
             last = (lengths - 1 - done).clamp(0, chunk - 1)
             # a fresh tensor: graphs are specialised to standard strides, which a column slice does not have
             ids = padded[:, done:done + chunk].clone(memory_format=torch.contiguous_format)
