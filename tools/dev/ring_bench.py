@@ -75,12 +75,13 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=30000, help="decode position for the step-time comparison")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-memory", action="store_true", help="step times only")
     ap.add_argument("--memory-only", default=None, choices=MODES, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
     if args.memory_only:
         print(json.dumps(memory(args, args.memory_only)))
         return 0
-    for mode in MODES:
+    for mode in () if args.skip_memory else MODES:
         out = subprocess.run([sys.executable, "-m", "gptoss.tools.dev.ring_bench", *(argv or sys.argv[1:]),
                               "--memory-only", mode], capture_output=True, text=True, check=True).stdout
         m = json.loads(out.strip().splitlines()[-1])
