@@ -9,6 +9,12 @@ of time and steady-state serving never meets a new shape.
   kv_len), so that one step of the running streams never waits for a whole `prefill_chunk`;
 - attention reads `kv_len` cache slots: a power of two from `min_kv` up to the slot count, the smallest that
   covers the furthest position in the step, so decode work follows the actual context, not max_seq_len;
+- sliding-window layers (window_cache="ring"): a ring of `window_slots`, the window plus the longest chunk a step
+  writes (window + chunk - 1 slots: the first query of a chunk still sees its whole window after the chunk's last
+  write). With paged attention (`slot_multiple` > 1) a row's window then starts in the first page its block table
+  lists, so one more page less two slots, and the ring is a whole number of pages and of prefill chunks (a chunk,
+  which starts at a multiple of the chunk, never wraps: one contiguous write). window_cache="full": every layer
+  keeps max_seq_len slots;
 - batch: the smallest of `batch_sizes` (default: powers of two up to max_batch_size) that holds the prompts;
   extra rows are idle padding.
 """
@@ -16,6 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+
+WINDOW_CACHES = ("ring", "full")
 
 
 def _next_pow2(n: int) -> int:
@@ -32,8 +41,14 @@ class ShapePlan:
     batch_buckets: tuple[int, ...] | None = None
     slot_multiple: int = 1
     interleave_chunk: int | None = None  # None: prefill_chunk (no graphs of their own)
+    window: int = 0  # the sliding layers' window (0: no sliding layers)
+    window_cache: str = "ring"  # "ring": sliding layers keep only their window; "full": max_seq_len slots
 
     def __post_init__(self):
+        if self.window_cache not in WINDOW_CACHES:
+            raise ValueError(f"window_cache must be one of {', '.join(WINDOW_CACHES)}, got {self.window_cache!r}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0, got {self.window}")
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "min_chunk", "min_kv"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -56,6 +71,17 @@ class ShapePlan:
     def slots(self) -> int:
         unit = math.lcm(self.prefill_chunk, self.slot_multiple)
         return -(-self.max_seq_len // unit) * unit
+
+    @property
+    def window_slots(self) -> int | None:
+        """The sliding layers' ring size, or None when they keep `slots` (no window, "full", or no smaller)."""
+        if self.window == 0 or self.window_cache == "full":
+            return None
+        need = self.window + self.prefill_chunk - 1
+        if self.slot_multiple > 1:
+            unit = math.lcm(self.prefill_chunk, self.slot_multiple)
+            need = -(-(need + self.slot_multiple - 1) // unit) * unit
+        return need if need < self.slots else None
 
     def batch(self, n: int) -> int:
         return min(b for b in self.batch_sizes() if b >= n)
@@ -109,14 +135,16 @@ class ShapePlan:
         return {"max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
                 "prefill_chunk": self.prefill_chunk, "min_chunk": self.min_chunk, "min_kv": self.min_kv,
                 "batch_sizes": self.batch_sizes(), "slot_multiple": self.slot_multiple,
-                "interleave_chunk": self.interleave_chunk}
+                "interleave_chunk": self.interleave_chunk, "window": self.window,
+                "window_cache": self.window_cache, "window_slots": self.window_slots}
 
     @classmethod
     def from_record(cls, record: dict) -> "ShapePlan":
         return cls(record["max_batch_size"], record["max_seq_len"], record["prefill_chunk"],
                    min_chunk=record.get("min_chunk", 16), min_kv=record.get("min_kv", 128),
                    batch_buckets=tuple(record["batch_sizes"]), slot_multiple=record.get("slot_multiple", 1),
-                   interleave_chunk=record.get("interleave_chunk"))
+                   interleave_chunk=record.get("interleave_chunk"), window=record.get("window", 0),
+                   window_cache=record.get("window_cache", "full"))
 
     def specs(self) -> list["GraphSpec"]:
         """Every graph a runtime with this plan can call."""

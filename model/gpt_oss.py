@@ -7,7 +7,9 @@
     logits     = Gather(LMHead(RMSNorm(h_L)))
 
 `prefill` runs a chunk of T tokens per sequence starting at `start[b]` and returns the logits at each row's
-`last[b]`; `decode` runs one token per sequence at `pos[b]`. Both write K/V into the cache in place. Positions
+`last[b]`; `decode` runs one token per sequence at `pos[b]`. Both write K/V into the cache in place. A layer's
+cache of S slots is a ring (position p in slot p mod S): sliding layers may get one just longer than their window
+plus a chunk, full layers one longer than the context (which never wraps: the plain linear cache). Positions
 travel as tensor values, never as Python ints, so both functions can be captured as graphs with static shapes;
 the only Python int they take, `kv_len` (how many cache slots attention reads), is a per-graph constant.
 Everything backend-specific is behind `self.ops`; everything tensor-parallel is in `self.plan`/`self.parallel`;
@@ -148,15 +150,17 @@ class GptOss(nn.Module):
         return self.parallel.all_gather_last_dim(logits)[..., : self.config.vocab_size]
 
     def hidden(self, ids, positions, start, k_caches, v_caches, kv_len: int) -> torch.Tensor:
-        """Final-normed hidden states [B, T, H] for tokens `ids` [B, T] at `positions` [B, T]; writes the
-        cache at `start[b] + t`."""
+        """Final-normed hidden states [B, T, H] for tokens `ids` [B, T] at `positions` [B, T]; writes each layer's
+        cache at `start[b] + t` (mod its slot count)."""
         ops, eps = self.ops, self.config.rms_norm_eps
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype)
         residual = self.embed(ids)
         h = ops.rms_norm(residual, self.layers[0].input_layernorm, eps)
-        lengths = ops.attention_lengths(positions, kv_len, k_caches[0].shape[1])  # once per step, not per layer
+        # once per step, not per layer: one entry per cache layout (ring or linear cache, band or causal)
+        layouts = [(k.shape[1], block.self_attn.window) for k, block in zip(k_caches, self.layers)]
+        lengths = ops.attention_lengths(positions, kv_len, sorted(set(layouts)))
         for i, block in enumerate(self.layers):
-            a = block.self_attn(h, cos, sin, positions, start, k_caches[i], v_caches[i], kv_len, lengths)
+            a = block.self_attn(h, cos, sin, positions, start, k_caches[i], v_caches[i], kv_len, lengths[layouts[i]])
             h, residual = ops.add_rms_norm(self.parallel.all_reduce(a), residual, block.post_attention_layernorm, eps)
             m = self.parallel.all_reduce(block.mlp(h))
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm

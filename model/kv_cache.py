@@ -1,5 +1,9 @@
 """The static KV cache: per layer one key and one value buffer [max_batch, slots, kv_heads_per_rank, head_dim]
-(BSND), allocated once and written in place. The runtime owns it and passes it to the model's entry points."""
+(BSND), allocated once and written in place. The runtime owns it and passes it to the model's entry points.
+
+Every buffer is a ring: position p lives in slot p mod slots (model/ops). Full-attention layers get `slots`, at
+least the longest context, so theirs never wraps; sliding-window layers may get `window_slots`, just enough for
+the window plus the longest chunk a step writes, so that they keep only what they can still read."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +25,8 @@ class KVCache:
 
     @property
     def slots(self) -> int:
-        return self.keys[0].shape[1]
+        """The longest layer's slot count (the context the cache holds)."""
+        return max(k.shape[1] for k in self.keys)
 
     def rows(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The first `n` rows of every layer's buffers (views: writes land in the cache)."""
@@ -33,10 +38,17 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    @staticmethod
+    def layer_slots(config: GptOssConfig, slots: int, window_slots: int | None = None) -> list[int]:
+        """Slots per layer: `slots`, or for sliding layers `window_slots` when given and smaller."""
+        ring = slots if window_slots is None else min(window_slots, slots)
+        return [ring if config.is_sliding(i) else slots for i in range(config.num_hidden_layers)]
+
     @classmethod
     def allocate(cls, config: GptOssConfig, plan: ShardPlan, max_batch_size: int, slots: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> "KVCache":
-        shape = (max_batch_size, slots, plan.kv_heads, config.head_dim)
-        make = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        return cls([make() for _ in range(config.num_hidden_layers)],
-                   [make() for _ in range(config.num_hidden_layers)])
+                 dtype: torch.dtype, device: torch.device | str | None = None,
+                 window_slots: int | None = None) -> "KVCache":
+        shapes = [(max_batch_size, n, plan.kv_heads, config.head_dim)
+                  for n in cls.layer_slots(config, slots, window_slots)]
+        return cls([torch.zeros(s, dtype=dtype, device=device) for s in shapes],
+                   [torch.zeros(s, dtype=dtype, device=device) for s in shapes])

@@ -74,6 +74,23 @@ class _Sequence:
     emitted: int = 0  # characters of text already streamed
 
 
+def plan_shapes(config: GptOssConfig, settings: Settings) -> ShapePlan:
+    """The static shapes a runtime with these (resolved) settings runs at."""
+    chunk = min(settings.prefill_chunk, 1 << (settings.max_seq_len - 1).bit_length())
+    window = config.sliding_window if any(config.is_sliding(i) for i in range(config.num_hidden_layers)) else 0
+    return ShapePlan(settings.max_batch_size, settings.max_seq_len, chunk,
+                     min_chunk=min(settings.min_prefill_chunk, chunk), batch_buckets=settings.batch_sizes,
+                     slot_multiple=get_backend(settings.backend).page_slots, window=window,
+                     window_cache=settings.window_cache, interleave_chunk=min(settings.interleave_chunk, chunk))
+
+
+def allocate_cache(config: GptOssConfig, plan: ShardPlan, shapes: ShapePlan, dtype: torch.dtype,
+                   device: torch.device | str | None = None) -> KVCache:
+    """The KV cache a runtime with `shapes` allocates (device="meta" sizes it without allocating)."""
+    return KVCache.allocate(config, plan, shapes.max_batch_size, shapes.slots, dtype, device,
+                            window_slots=shapes.window_slots)
+
+
 class Runtime:
     """Owns the KV cache and the graphs of one model; `generate` runs prompts through them.
 
@@ -94,13 +111,8 @@ class Runtime:
             raise ValueError(f"max_seq_len={settings.max_seq_len} exceeds the model's max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         backend = get_backend(settings.backend)
-        chunk = min(settings.prefill_chunk, 1 << (settings.max_seq_len - 1).bit_length())
-        self.shapes = ShapePlan(settings.max_batch_size, settings.max_seq_len, chunk,
-                                min_chunk=min(settings.min_prefill_chunk, chunk), batch_buckets=settings.batch_sizes,
-                                slot_multiple=backend.page_slots,
-                                interleave_chunk=min(settings.interleave_chunk, chunk))
-        self.cache = KVCache.allocate(self.config, model.plan, settings.max_batch_size, self.shapes.slots,
-                                      self.dtype, self.device)
+        self.shapes = plan_shapes(self.config, settings)
+        self.cache = allocate_cache(self.config, model.plan, self.shapes, self.dtype, self.device)
         # the checkpoint's text files before the graphs: a bad tokenizer is reported before a long compile
         self.tokenizer = TextTokenizer(model_dir)  # without a model_dir: token-id prompts only
         self.eos_ids = stop_token_ids(model_dir, self.config.eos_token_ids) if model_dir else set(
@@ -297,7 +309,9 @@ class Runtime:
         done = 0
         while done < longest:
             chunk = self.shapes.chunk(done, longest - done)
-            start = torch.full((rows,), done, dtype=torch.long, device=self.device)
+            # a row whose prompt has ended re-runs at its next position, not further on: a ring cache keeps only
+            # the window, and padding written further on would overwrite it (decode overwrites these slots first)
+            start = torch.full((rows,), done, dtype=torch.long, device=self.device).minimum(lengths)
             last = (lengths - 1 - done).clamp(0, chunk - 1)
             # a fresh tensor: graphs are specialised to standard strides, which a column slice does not have
             ids = padded[:, done:done + chunk].clone(memory_format=torch.contiguous_format)

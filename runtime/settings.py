@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from gptoss.graph import ArtifactDir, get_backend
+from gptoss.graph.shapes import WINDOW_CACHES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FORMATS = ("published", "dense")
 DEFAULTS = {"backend": "eager", "max_batch_size": 8, "max_seq_len": 4096, "prefill_chunk": 256,
-            "min_prefill_chunk": 16, "interleave_chunk": 64}
+            "min_prefill_chunk": 16, "interleave_chunk": 64, "window_cache": "ring"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Settings:
     min_prefill_chunk: int | None = None  # the smallest first-chunk graph (a power of two)
     interleave_chunk: int | None = None  # serving: prompt tokens prefilled per step while others decode (power of 2)
     batch_sizes: tuple[int, ...] | None = None  # batch buckets to build graphs for; default powers of two
+    window_cache: str | None = None  # "ring": sliding layers keep only their window (default); "full": max_seq_len
     tp_size: int | None = None  # tensor-parallel size; default WORLD_SIZE (1 outside torchrun)
     artifacts: str | None = None  # artifact root directory (graphs built once, loaded by later processes)
     rebuild: bool = False  # wipe and rebuild artifacts built for something else
@@ -48,6 +50,8 @@ class Settings:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights {self.weights!r}: choose 'published' or 'dense'")
+        if self.window_cache is not None and self.window_cache not in WINDOW_CACHES:
+            raise ValueError(f"window_cache {self.window_cache!r}: choose one of {', '.join(WINDOW_CACHES)}")
         if self.backend is not None:
             get_backend(self.backend)  # an unknown name fails here, listing the known ones
         if self.device is not None:
@@ -85,6 +89,7 @@ class Settings:
                             "prefill_chunk": shapes.get("prefill_chunk"), "min_prefill_chunk": shapes.get("min_chunk"),
                             "interleave_chunk": shapes.get("interleave_chunk"),
                             "batch_sizes": tuple(shapes["batch_sizes"]) if "batch_sizes" in shapes else None,
+                            "window_cache": shapes.get("window_cache"),
                             "threads": key.get("threads")}
         values = {}
         if self.max_batch_size is None and self.batch_sizes is not None:

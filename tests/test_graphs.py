@@ -36,7 +36,8 @@ def artifacts(tmp_path_factory, checkpoint):
 
 @pytest.fixture(scope="module")
 def eager(checkpoint):
-    return Runtime.from_pretrained(checkpoint, **SETTINGS)
+    """The reference: eager, every layer on a full-length cache (the compiled runtime's sliding layers use rings)."""
+    return Runtime.from_pretrained(checkpoint, window_cache="full", **SETTINGS)
 
 
 def _step_logits(rt, prompts, steps):
@@ -57,7 +58,11 @@ def _step_logits(rt, prompts, steps):
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch4-mixed"])
 def test_compiled_equals_eager(artifacts, eager, prompts):
+    """Compiled with ring caches (window 8 + chunk 16 - 1 = 23 slots: 64 decode steps wrap them ~4 times) against
+    eager on full-length caches."""
     compiled = artifacts[1]
+    assert sorted({k.shape[1] for k in compiled.cache.keys}) == [23, 128]
+    assert {k.shape[1] for k in eager.cache.keys} == {128}
     got, want = _step_logits(compiled, prompts, 64), _step_logits(eager, prompts, 64)
     assert (got - want).abs().max() <= 1e-4
     assert torch.equal(got.argmax(-1), want.argmax(-1))
@@ -120,6 +125,7 @@ def test_manifest_is_human_readable(artifacts):
     manifest = json.loads((artifacts[0] / "tp1-rank0" / "manifest.json").read_text())
     assert manifest["key"]["backend"] == "inductor"
     assert manifest["key"]["shapes"]["batch_sizes"] == [1, 4]
+    assert manifest["key"]["shapes"]["window_cache"] == "ring" and manifest["key"]["shapes"]["window_slots"] == 23
     assert sorted(manifest["files"]) == ["decode_b1_t1_kv128", "decode_b4_t1_kv128",
                                          "prefill_b1_t16_kv128", "prefill_b4_t16_kv128"]
 
@@ -134,6 +140,15 @@ def test_refused_for_other_shapes(artifacts, checkpoint):
     with pytest.raises(ArtifactMismatch, match="shapes"):
         Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=artifacts[0], progress=False,
                                 **(SETTINGS | {"max_seq_len": 256}))
+
+
+def test_refused_for_the_other_window_cache(artifacts, checkpoint):
+    """Graphs built for ring caches are not run on full-length ones; a later process reads the setting back."""
+    with pytest.raises(ArtifactMismatch, match="window_cache: artifacts have 'ring', this run needs 'full'"):
+        Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=artifacts[0], progress=False,
+                                compile_missing=False, window_cache="full", **SETTINGS)
+    from gptoss.runtime import Settings
+    assert Settings(artifacts=str(artifacts[0])).resolve().window_cache == "ring"
 
 
 def test_refused_for_other_model_code(artifacts, checkpoint, tmp_path):

@@ -167,7 +167,8 @@ def test_op_table_modes_are_arguments(npu, tiny):
     eager, ge = get_ops("npu"), get_ops("npu", mode="ge")
     assert (eager.name, eager.mode, ge.mode) == ("npu", "eager", "ge")
     q_pos = torch.tensor([[5, 6], [0, 1]])
-    le, lg = eager.attention_lengths(q_pos, 128, 256), ge.attention_lengths(q_pos, 128, 256)
+    le = eager.attention_lengths(q_pos, 128, [(256, 0)])[(256, 0)]
+    lg = ge.attention_lengths(q_pos, 128, [(256, 0)])[(256, 0)]
     assert le.q_ends == [2, 4] and le.kv_lens == [7, 2]
     assert torch.equal(lg.q_ends, torch.tensor([2, 4])) and torch.equal(lg.kv_lens, torch.tensor([7, 2]))
     assert torch.equal(le.block_table, torch.tensor([[0], [2]], dtype=torch.int32))
@@ -237,7 +238,103 @@ def test_attention_never_issues_a_fully_masked_row(npu):
         ops.attention(q, kc, vc, sinks, q_pos, 0, 0.25, 8)
 
 
+# -- ring caches (sliding layers keep window + chunk slots, issue 11) -------------------------------------------------
+@pytest.mark.parametrize("window,chunk", [(128, 128), (8, 16), (200, 64)], ids=["w=chunk", "w<chunk", "w>chunk"])
+def test_ring_attention_through_the_block_table(npu, window, chunk):
+    """A sliding layer's ring (sized by ShapePlan for 128-slot pages) written by the npu cache_write as the runtime
+    writes it (chunks at multiples of the chunk, then decode steps), read by FIA through the block table: every
+    step equals the torch specification on a linear cache holding every position, across three wraps of the ring
+    and a decode past another page boundary of it."""
+    from gptoss.graph import ShapePlan
+    ops = get_ops("npu")
+    ring = ShapePlan(2, 8192, chunk, slot_multiple=128, window=window).window_slots
+    assert ring % 128 == 0 and ring % chunk == 0 and ring >= window + chunk + 126
+    prefill = -(-3 * ring // chunk) * chunk  # three wraps
+    total = prefill + 40
+    g = torch.Generator().manual_seed(window)
+    keys, values = _bf16(torch.randn(2, total, 2, 16, generator=g), torch.randn(2, total, 2, 16, generator=g))
+    kc, vc = torch.zeros(2, ring, 2, 16, dtype=torch.bfloat16), torch.zeros(2, ring, 2, 16, dtype=torch.bfloat16)
+    sinks = torch.randn(4, generator=g)
+    steps = [(s, chunk) for s in range(0, prefill, chunk)] + [(p, 1) for p in range(prefill, total)]
+    worst = 0.0
+    for start, n in steps:
+        st = torch.full((2,), start)
+        ops.cache_write(kc, st, keys[:, start:start + n])
+        ops.cache_write(vc, st, values[:, start:start + n])
+        q_pos = st[:, None] + torch.arange(n)
+        q = torch.randn(2, n, 4, 16, generator=g).bfloat16()
+        kv_len = 1 << max(start + n - 1, 127).bit_length()  # the runtime's bucket: >= ring once it has wrapped
+        out = ops.attention(q, kc, vc, sinks, q_pos, window, 0.25, kv_len)
+        ref = _attention_ref(q, keys, values, sinks, q_pos, window, 0.25, total)
+        worst = max(worst, _rel_max(out, ref))
+    assert worst <= BF16_OUT, worst
+    assert npu.calls["scatter_update_"] == 2 * len(steps)
+
+
+def test_ring_block_table_lists_each_page_once_oldest_first(npu):
+    """The block table of a wrapped ring: pages from the one holding the window's first key, wrapping round."""
+    ops = get_ops("npu")
+    ring, window = 384, 128  # 3 pages per row
+    q_pos = torch.tensor([[1000], [100]])  # row 0: first visible key 873 (page 6 = ring page 0); row 1: 0
+    lengths = ops.attention_lengths(q_pos, 1024, [(ring, window), (1024, 0)])
+    band, full = lengths[(ring, window)], lengths[(1024, 0)]
+    assert band.block_table.tolist() == [[0, 1, 2], [3, 4, 5]]  # row 0: pages 6, 7, 8 of positions = 0, 1, 2
+    assert band.kv_lens == [1000 - 6 * 128 + 1, 101] and full.kv_lens == [1001, 101]
+    q_pos = torch.tensor([[1130], [300]])  # first visible keys 1003 (page 7 = ring page 1), 173 (page 1): wrap round
+    band = ops.attention_lengths(q_pos, 2048, [(ring, window)])[(ring, window)]
+    assert band.block_table.tolist() == [[1, 2, 0], [4, 5, 3]] and band.kv_lens == [1130 - 7 * 128 + 1, 300 - 128 + 1]
+
+
 # -- the whole model ------------------------------------------------------------------------------------------------
+def run_ring_scenario(model, window_slots: int | None, seed: int = 0) -> dict:
+    """Two rows of 600 and 300 tokens prefilled in chunks of 64 (kv_len 128..1024; the shorter row stays at its
+    next position once its prompt has ended, as the runtime does), then six decode steps; full layers on 1024
+    slots, sliding layers (window 8) on `window_slots` (None: 1024). The 256-slot ring wraps twice."""
+    from gptoss.model.kv_cache import KVCache
+    cfg = model.config
+    cache = KVCache.allocate(cfg, model.plan, 2, 1024, model.embed_tokens.dtype, window_slots=window_slots)
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([600, 300])
+    ids = torch.randint(0, cfg.vocab_size, (2, 640), generator=gen)
+    out = {"prefill": [], "decode": [], "slots": sorted({k.shape[1] for k in cache.keys})}
+    with torch.no_grad():
+        for done in range(0, 600, 64):
+            start = torch.full((2,), done).minimum(lengths)
+            last = (lengths - 1 - done).clamp(0, 63)
+            kv_len = max(1 << (done + 63).bit_length(), 128)
+            out["prefill"].append(model.prefill(ids[:, done:done + 64].contiguous(), start, last, cache.keys,
+                                                cache.values, kv_len).float())
+        pos = lengths.clone()
+        for _ in range(6):
+            out["decode"].append(model.decode(torch.randint(0, cfg.vocab_size, (2,), generator=gen), pos,
+                                              cache.keys, cache.values, 1024).float())
+            pos = pos + 1
+    out["keys"] = []
+    return out
+
+
+def test_model_on_ring_caches_matches_full_caches(npu, tiny):
+    """The whole model with its sliding layers on 256-slot rings (ShapePlan's size for chunk 64, window 8, 128-slot
+    pages) against the same model on full-length caches: the npu bf16 table gives the same logits (the emulated FIA
+    reads the same keys in the same order through the ring's block table), and the fp32 torch table too (1e-4).
+    (The npu table on full-length caches is held to the fp32 specification by the tests above; on this longer
+    scenario bf16 routing flips make single steps of both tables differ from fp32 by up to ~0.8 relative L2.)"""
+    from gptoss.graph import ShapePlan
+    from gptoss.model.loader import load_model
+    ring = ShapePlan(2, 1024, 64, slot_multiple=128, window=8).window_slots
+    assert ring == 256
+    torch32, npu16 = load_model(tiny, ops="torch"), load_model(tiny, ops="npu", dtype=torch.bfloat16)
+    full32, ring32 = run_ring_scenario(torch32, None), run_ring_scenario(torch32, ring)
+    full16, ring16 = run_ring_scenario(npu16, None), run_ring_scenario(npu16, ring)
+    assert full32["slots"] == full16["slots"] == [1024] and ring32["slots"] == ring16["slots"] == [256, 1024]
+    d32 = {p: max(float((x - y).abs().max()) for x, y in zip(ring32[p], full32[p])) for p in ("prefill", "decode")}
+    d16 = {p: max(float((x - y).abs().max()) for x, y in zip(ring16[p], full16[p])) for p in ("prefill", "decode")}
+    print(f"\nring vs full caches, max|dlogits|: torch fp32 {d32}; npu bf16 {d16}")
+    assert all(v <= TOL for v in d32.values()), d32
+    assert all(v <= TOL for v in d16.values()), d16
+    assert npu.calls["npu_fused_infer_attention_score_v2"] == 2 * 4 * (10 + 6)  # 2 runs x 4 layers x 16 steps
+
+
 def run_scenario(model, slots: int = 256, seed: int = 0) -> dict:
     """Three rows of different lengths (150, 64, 5 tokens) prefilled in chunks of 64 (kv_len 128, 128, 256), then
     four decode steps at kv_len 256 with fixed input tokens. Returns every step's logits and the caches."""

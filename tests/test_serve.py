@@ -35,8 +35,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref(ckpt):
-    """The reference: a Runtime of its own (own cache) on the same settings, one request at a time."""
-    return Runtime.from_pretrained(ckpt, progress=False, **SETTINGS)
+    """The reference: a Runtime of its own (own cache) on the same settings, one request at a time, with every
+    layer on a full-length cache (the served runtimes' sliding layers use the default 71-slot rings)."""
+    return Runtime.from_pretrained(ckpt, progress=False, window_cache="full", **SETTINGS)
 
 
 def reference(ref: Runtime, prompt, max_tokens: int, **kw):
@@ -293,6 +294,7 @@ def test_queue_full_gives_429(ckpt, ref):
 # -- the scheduler alone ---------------------------------------------------------------------------------------
 def test_scheduler_mixed_requests_equal_generate(ckpt, ref, one_thread):
     rt = Runtime.from_pretrained(ckpt, progress=False, **dict(SETTINGS, max_batch_size=4))
+    assert sorted({k.shape[1] for k in rt.cache.keys}) == [71, 512] and ref.cache.slots == 512
     rng = random.Random(1)
     reqs = [Request(tuple(rng.randrange(1000) for _ in range(rng.randint(1, 150))), rng.randint(1, 30),
                     temperature=0.0 if i % 3 else 0.8, top_p=0.9 if i % 3 == 0 else None,

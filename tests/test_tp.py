@@ -1,5 +1,5 @@
-"""Tensor parallelism as real multi-process runs on CPU (gloo, launched with torchrun): TP 2 and TP 4 give the
-logits of TP 1 (fp32, 1e-4) for a two-chunk prefill and 30 decode steps, the same greedy tokens, and every rank
+"""Tensor parallelism as real multi-process runs on CPU (gloo, launched with torchrun): TP 2 and TP 4 (sliding
+layers on ring caches) give the logits of TP 1 on full-length caches (fp32, 1e-4) for a two-chunk prefill and 30 decode steps, the same greedy tokens, and every rank
 the same sampled tokens; loaded from MXFP4 checkpoints whose splits are awkward on purpose:
 
 - `kvrep`: 4 query heads, 2 kv heads: at TP 4 each rank holds 1 query head and a replicated kv head
@@ -68,7 +68,8 @@ def _reference(ckpts: dict[str, Path]) -> dict[str, dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: OpenMP barriers cost more than they save on a shared 2-core machine
     try:
-        return {name: tp_worker.parity(str(path), "eager") for name, path in ckpts.items()}
+        # on full-length caches: the TP runs use the default ring caches for their sliding layers
+        return {name: tp_worker.parity(str(path), "eager", window_cache="full") for name, path in ckpts.items()}
     finally:
         torch.set_num_threads(threads)
 
@@ -92,6 +93,8 @@ def _check_against_tp1(out: Path, ckpts: dict[str, Path], ref: dict[str, dict], 
         print(f"\n{name} TP{tp} {backend}: max|dlogits| prefill {d_prefill:.2e}, decode ({tp_worker.DECODE} steps) "
               f"{d_decode:.2e}; greedy equal: {r0['greedy'] == ref[name]['greedy']}; plan rank0 {r0['plan']}")
         assert r0["tp"] == tp and r0["backend"] == backend
+        ring = tp_worker.CHUNK + 8 - 1  # window 8 (the tiny preset) + chunk - 1: wrapped ~2.5 times by position 62
+        assert r0["cache_slots"] == [ring, tp_worker.SLOTS] and ref[name]["cache_slots"] == [tp_worker.SLOTS]
         if backend != "eager":
             assert r0["graphs"] == 2  # prefill and decode, one shape each
         assert d_prefill <= TOL and d_decode <= TOL

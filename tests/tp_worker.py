@@ -39,13 +39,13 @@ def _runtime(ckpt, backend: str, **kw) -> Runtime:
                                    prefill_chunk=CHUNK, batch_sizes=[2], progress=False, **kw)
 
 
-def parity(ckpt, backend: str) -> dict:
+def parity(ckpt, backend: str, **kw) -> dict:
     """Teacher-forced logits (two-chunk prefill, then DECODE steps) through the runtime's graphs, greedy tokens,
-    and tokens sampled with a different RNG seed on every rank (equal only if rank 0's are broadcast)."""
+    and tokens sampled with a different RNG seed on every rank (equal only if rank 0's are broadcast). `kw`:
+    more runtime settings (the TP 1 reference runs window_cache="full")."""
     artifacts = os.environ.get("TP_WORKER_ARTIFACTS")  # compile into / load from <dir>/<checkpoint name>
-    kw = {}
     if artifacts:
-        kw = dict(artifacts=Path(artifacts) / Path(ckpt).name, compile_missing=not os.environ.get("TP_WORKER_LOAD"))
+        kw.update(artifacts=Path(artifacts) / Path(ckpt).name, compile_missing=not os.environ.get("TP_WORKER_LOAD"))
     rt = _runtime(ckpt, backend, **kw)
     vocab = rt.config.vocab_size
     ids = torch.randint(0, vocab, (2, SLOTS), generator=torch.Generator().manual_seed(0))
@@ -69,7 +69,7 @@ def parity(ckpt, backend: str) -> dict:
     return {"prefill": prefill, "decode": torch.stack(decode), "greedy": greedy, "sampled": sampled,
             "tp": rt.model.parallel.tp_size, "plan": rt.model.plan.__dict__, "backend": rt.backend,
             "graphs": len(rt.graphs.fns), "loaded_from": str(rt.graphs.loaded_from or ""),
-            "weights": rt.model.weights}
+            "weights": rt.model.weights, "cache_slots": sorted({k.shape[1] for k in rt.cache.keys})}
 
 
 def _status_bytes(field: str) -> int:

@@ -24,6 +24,8 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
                     help="serving: prompt tokens prefilled per step while other requests decode (a power of two; "
                          "default 64, or the artifacts' setting)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated batch buckets to build graphs for, e.g. 1,8")
+    ap.add_argument("--window-cache", default=None, choices=["ring", "full"],
+                    help="ring: sliding-window layers keep only their window (default); full: max_seq_len slots")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (run under torchrun)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the artifacts' count)")
     ap.set_defaults(backend_default=backend_default)
@@ -44,7 +46,7 @@ def settings_from_args(args, **fixed) -> Settings:
     return Settings(backend=backend, device=args.device, dtype=args.dtype, weights=args.weights,
                     max_batch_size=args.max_batch_size,
                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, batch_sizes=batch_sizes,
-                    interleave_chunk=args.interleave_chunk,
+                    interleave_chunk=args.interleave_chunk, window_cache=args.window_cache,
                     tp_size=args.tp, threads=args.threads, **fixed)
 
 

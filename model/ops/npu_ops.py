@@ -41,8 +41,15 @@ Attention (FIA v2), and why this argument combination:
   length (not cumulative), as the seed recipe (cann-recipes-infer models/gpt_oss) and vllm-ascend pass it:
   `q_pos[:, -1] + 1`, clamped to the static `kv_len` (which sizes the block table: a row whose position lies
   beyond it, a finished row the runtime no longer counts, would read past its pages). S must be a multiple of 128.
+- Sliding layers list their pages from the one holding the first key the step's first query can see,
+  f = max(q_pos[b, 0] - window + 1, 0) // 128, and count keys from there: `block_table[b, i] = b*S/128 +
+  (f + i) mod (S/128)`, `actual_seq_kvlen = q_pos[:, -1] + 1 - 128 f`, so key j of the listed sequence is position
+  128 f + j. That is what makes a ring cache (position p in slot p mod S, S a multiple of 128) a paged cache in
+  position order: its pages are listed oldest first, wrapping round, each once, and no listed slot holds a newer
+  position, because the ring is at least window + chunk + 126 slots (graph/shapes.py). A cache longer than the
+  context lists the same keys as before from page f on (fewer pages, same result).
 - Masks are right-down aligned: query row i of a row with qlen=T and kvlen=L sits at key position L - T + i,
-  which is exactly q_pos[b, i] because the model's positions in a step are start[b] + i. Padding tokens at the
+  which is exactly q_pos[b, i] (less 128 f) because the model's positions in a step are start[b] + i. Padding tokens at the
   end of shorter rows are computed like real ones (their outputs are discarded) and real rows never see them.
 - Full layers: `sparse_mode=3` (rightDownCausal) with the 2048x2048 compressed mask `~tril` the docs require.
   Sliding layers: `sparse_mode=4` (band, right-down origin), `next_tokens=0`, and `pre_tokens=window-1`: the
@@ -152,21 +159,25 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 # -- KV cache and attention -----------------------------------------------------------------------------------------
 def cache_write(cache: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> None:
-    """In place: cache[b, start[b] + t] = new[b, t]."""
+    """In place: cache[b, (start[b] + t) mod S] = new[b, t], as one contiguous write at start[b] mod S: the runtime
+    starts a multi-token step at a multiple of its chunk and sizes a ring as a multiple of the chunk, so a step
+    never wraps (graph/shapes.py; the op itself does no bounds check)."""
+    start = torch.remainder(start.to(torch.int64), cache.shape[1])
     _npu().scatter_update_(cache, start, new, 1)
 
 
 @dataclass
 class AttentionLengths:
-    """What FIA needs per step beyond q/k/v, shared by every layer: cumulative query ends, per-row visible key
-    counts (host lists in eager mode, int64 tensors in GE graphs) and the block table."""
+    """What FIA needs per step beyond q/k/v, shared by every layer of one cache layout: cumulative query ends,
+    per-row visible key counts (host lists in eager mode, int64 tensors in GE graphs) and the block table."""
     q_ends: list | torch.Tensor
     kv_lens: list | torch.Tensor
     block_table: torch.Tensor
 
 
-def attention_lengths(q_pos: torch.Tensor, kv_len: int, slots: int, *, mode: str = "eager") -> AttentionLengths:
-    """Built once per step from the positions q_pos [B, T]; see the module docstring."""
+def _layout_lengths(q_pos: torch.Tensor, kv_len: int, slots: int, window: int):
+    """Block table [B, pages] int32 and per-row key counts [B] int64 of one cache layout (see the module docstring:
+    a sliding layer's keys are listed from the page holding the first key its step can see)."""
     batch, steps = q_pos.shape
     if slots % BLOCK_SIZE:
         raise ValueError(f"the npu attention reads the KV cache as {BLOCK_SIZE}-slot pages: the cache has {slots} "
@@ -178,22 +189,38 @@ def attention_lengths(q_pos: torch.Tensor, kv_len: int, slots: int, *, mode: str
                          f"npu_fused_infer_attention_score_v2 with a learnable_sink)")
     dev = q_pos.device
     per_row, blocks = slots // BLOCK_SIZE, -(-visible // BLOCK_SIZE)
-    block_table = (torch.arange(batch, device=dev, dtype=torch.int32)[:, None] * per_row
-                   + torch.arange(blocks, device=dev, dtype=torch.int32))
-    # at least `steps` keys per row (no fully masked row), at most kv_len: the runtime sizes kv_len for the rows
-    # still generating; a finished row idling past it would otherwise read beyond its block table (its output is
-    # discarded; clamped, it stays finite)
-    kv_lens = (q_pos[:, -1].to(torch.int64) + 1).clamp(min=steps, max=visible)
+    pages = torch.arange(blocks, device=dev, dtype=torch.int64)
+    end = q_pos[:, -1].to(torch.int64)
+    if window > 0:  # the page of the step's first visible key; a ring wraps at a page boundary (slots % 128 == 0)
+        first = (q_pos[:, 0].to(torch.int64) - (window - 1)).clamp(min=0) // BLOCK_SIZE
+        pages = torch.remainder(first[:, None] + pages, per_row)
+        end = end - first * BLOCK_SIZE
+    block_table = (torch.arange(batch, device=dev, dtype=torch.int64)[:, None] * per_row + pages).to(torch.int32)
+    # at least `steps` keys per row (no fully masked row), at most the block table's: the runtime sizes kv_len for
+    # the rows still generating; a finished row idling past it would otherwise read beyond its block table (its
+    # output is discarded; clamped, it stays finite)
+    return block_table, (end + 1).clamp(min=steps, max=visible)
+
+
+def attention_lengths(q_pos: torch.Tensor, kv_len: int, layouts, *, mode: str = "eager") -> dict:
+    """Built once per step from the positions q_pos [B, T], for each cache layout (slots, window) the layers use;
+    see the module docstring. Eager mode syncs the host once for all layouts."""
+    batch, steps = q_pos.shape
+    layouts = list(layouts)
+    tables, kv_lens = zip(*(_layout_lengths(q_pos, kv_len, slots, window) for slots, window in layouts))
     if mode == "ge":
-        q_ends = torch.arange(1, batch + 1, device=dev, dtype=torch.int64) * steps
-        return AttentionLengths(q_ends, kv_lens, block_table)
-    return AttentionLengths([steps * (b + 1) for b in range(batch)], kv_lens.tolist(), block_table)  # 1 sync/step
+        q_ends = torch.arange(1, batch + 1, device=q_pos.device, dtype=torch.int64) * steps
+        return {lay: AttentionLengths(q_ends, kv, table) for lay, kv, table in zip(layouts, kv_lens, tables)}
+    q_ends = [steps * (b + 1) for b in range(batch)]
+    host = torch.stack(kv_lens).tolist()  # one sync per step
+    return {lay: AttentionLengths(q_ends, kv, table) for lay, kv, table in zip(layouts, host, tables)}
 
 
 def attention(q, k_cache, v_cache, sinks, q_pos, window: int, scale: float, kv_len: int,
               lengths: AttentionLengths | None = None, *, mode: str = "eager") -> torch.Tensor:
     """See torch_ops.attention. q [B, T, Hq, D] at positions q_pos [B, T] (consecutive within a row); cache
-    [B, S, Hkv, D] with S a multiple of 128; `lengths` from attention_lengths (built here when not given).
+    [B, S, Hkv, D] (a ring, as in torch_ops) with S a multiple of 128; `lengths`: this layout's entry of
+    attention_lengths (built here when not given).
     Returns [B, T, Hq, D]."""
     batch, steps, q_heads, dim = q.shape
     slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -203,7 +230,7 @@ def attention(q, k_cache, v_cache, sinks, q_pos, window: int, scale: float, kv_l
                         f"constraints; learnable_sink is read as raw bf16); got query {q.dtype}, cache "
                         f"{k_cache.dtype}. Load the model with dtype=torch.bfloat16")
     if lengths is None:
-        lengths = attention_lengths(q_pos, kv_len, slots, mode=mode)
+        lengths = attention_lengths(q_pos, kv_len, [(slots, window)], mode=mode)[(slots, window)]
     key = k_cache.view(-1, BLOCK_SIZE, kv_heads * dim)
     value = v_cache.view(-1, BLOCK_SIZE, kv_heads * dim)
     if window > 0:

@@ -45,17 +45,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def cache_write(cache: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> None:
-    """In place: cache[b, start[b] + t] = new[b, t] for every row b (the semantics of `scatter_update_`
-    along the sequence axis). cache [B, S, H, D], start [B] int, new [B, T, H, D]."""
+    """In place: cache[b, (start[b] + t) mod S] = new[b, t] for every row b. A cache of S slots is a ring: position
+    p lives in slot p mod S (a cache longer than the context never wraps, and is the plain linear cache).
+    cache [B, S, H, D], start [B] int, new [B, T, H, D]."""
     batch, steps = new.shape[:2]
     rows = torch.arange(batch, device=new.device)[:, None].expand(batch, steps)
-    cols = start[:, None].to(torch.long) + torch.arange(steps, device=new.device)
+    cols = torch.remainder(start[:, None].to(torch.long) + torch.arange(steps, device=new.device), cache.shape[1])
     cache.index_put_((rows, cols), new)
 
 
-def attention_lengths(q_pos: torch.Tensor, kv_len: int, slots: int) -> None:
-    """What attention needs per step beyond positions, computed once for all layers: nothing in this table."""
-    return None
+def slot_positions(q_pos: torch.Tensor, kv_len: int, slots: int) -> torch.Tensor:
+    """The true position held by each of the first min(kv_len, slots) slots of a ring of `slots`, once the step
+    writing up to q_pos[:, -1] has written: the latest p <= that end with p = slot (mod slots); negative where no
+    such position was written yet. [B, n] int64. In a cache longer than the context this is the slot index (or
+    negative beyond the end), so a linear cache reads exactly as before."""
+    end = q_pos[:, -1:].to(torch.long)
+    slot = torch.arange(min(kv_len, slots), device=q_pos.device)
+    return end - torch.remainder(end - slot, slots)
+
+
+def attention_lengths(q_pos: torch.Tensor, kv_len: int, layouts) -> dict:
+    """What attention needs per step beyond positions, computed once for all layers: for each cache layout
+    (slots, window) the layers use, the slot positions (see `slot_positions`)."""
+    return {(slots, window): slot_positions(q_pos, kv_len, slots) for slots, window in layouts}
 
 
 def attention(
@@ -67,24 +79,28 @@ def attention(
     window: int,
     scale: float,
     kv_len: int,
-    lengths: None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (or sliding-band) GQA attention with a learned per-head sink logit.
 
-    q [B, T, Hq, D] at positions q_pos [B, T]; keys/values are the first `kv_len` slots of the cache
-    [B, S, Hkv, D] (`kv_len` is static; positions above q_pos are masked, so only written slots are read).
-    The sink joins each head's softmax as one more logit and is then dropped. Returns [B, T, Hq, D].
+    q [B, T, Hq, D] at positions q_pos [B, T] (consecutive within a row); keys/values are the first
+    min(kv_len, S) slots of the cache [B, S, Hkv, D], a ring whose slot s holds the position `slot_positions` gives
+    (`kv_len` is static; a linear cache is a ring that never wrapped). Each key is masked by its true position:
+    not yet written, above q_pos, or (window > 0) at or below q_pos - window. `lengths`: this layout's entry of
+    `attention_lengths` (computed here when not given). The sink joins each head's softmax as one more logit and is
+    then dropped. Returns [B, T, Hq, D].
     """
     batch, steps, q_heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
+    slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
-    k = k_cache[:, :kv_len].permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
-    v = v_cache[:, :kv_len].permute(0, 2, 1, 3).unsqueeze(2)
+    n = min(kv_len, slots)
+    k = k_cache[:, :n].permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
+    v = v_cache[:, :n].permute(0, 2, 1, 3).unsqueeze(2)
     qg = q.view(batch, steps, kv_heads, group, dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
 
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, T, S]
-    k_pos = torch.arange(kv_len, device=q.device)
-    visible = k_pos <= q_pos[..., None]  # [B, T, S]
+    k_pos = (slot_positions(q_pos, kv_len, slots) if lengths is None else lengths)[:, None, :]  # [B, 1, S]
+    visible = (k_pos <= q_pos[..., None]) & (k_pos >= 0)  # [B, T, S]
     if window > 0:
         visible = visible & (k_pos > q_pos[..., None] - window)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))

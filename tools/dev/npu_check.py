@@ -242,6 +242,16 @@ def run_op_checks(args, device, dtype) -> list[Result]:
         short = [p for p in decode if p < 256]
         c.attention(f"{kind} decode kv_len 256", len(short), 1, q_heads, kv_heads, dim, slots, 256, short, w)
     c.band_edge([p for p in decode if p >= window] or [window], q_heads, kv_heads, dim, slots, window)
+    # a sliding layer's ring cache (graph/shapes.py sizes it for this chunk): rows far past its end, so their
+    # block tables list the pages in wrapped order; the torch table reads the same ring by slot positions
+    from gptoss.graph import ShapePlan
+    ring = ShapePlan(1, 1 << 20, chunk, slot_multiple=128, window=window).window_slots
+    ring_starts = [3 * ring, 5 * ring + chunk, 7 * ring + ring - chunk]  # chunk-aligned, as the runtime writes
+    ring_decode = [3 * ring + 1, 4 * ring - 1, 5 * ring + window, 6 * ring + 127, 6 * ring + 128]
+    c.attention("sliding ring prefill", len(ring_starts), chunk, q_heads, kv_heads, dim, ring, 8 * ring,
+                ring_starts, window)
+    c.attention("sliding ring decode", len(ring_decode), 1, q_heads, kv_heads, dim, ring, 8 * ring, ring_decode,
+                window)
     if not args.skip_graph:
         args_ = c.attention("sliding prefill (for graph)", len(starts), chunk, q_heads, kv_heads, dim, slots, slots,
                             starts, window)
