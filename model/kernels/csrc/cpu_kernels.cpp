@@ -5,8 +5,8 @@
 //
 // Two paths per expert, by how many rows it received:
 //   few rows (decode): each weight row is decoded in registers and shared by all of the expert's rows;
-//                      threads split the (expert, output row) pairs of every expert that has rows;
-//   many rows (prefill): a tile of output rows is decoded to fp32 and multiplied by torch's sgemm.
+//   many rows (prefill): a tile of weight rows is decoded to fp32 (in L2) and one sgemm takes all the rows.
+// Both run in one parallel region per call (see grouped()).
 // The weights are exact in fp32, so every path gives the dense fp32 result up to summation order.
 //
 // Instruction sets: each kernel exists for AVX-512 (F+BW+VL), AVX2+FMA and portable C++, compiled into this one
@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -34,7 +35,8 @@ namespace {
 constexpr int64_t kBlock = 32;       // MXFP4 values per block (one shared scale)
 constexpr int64_t kBlockBytes = 16;  // two 4-bit codes per byte
 constexpr int64_t kDecodeRows = 8;   // an expert with at most this many rows takes the register-decode path
-constexpr int64_t kTileRows = 128;   // output rows decoded to fp32 per sgemm on the many-rows path
+constexpr int64_t kDotRows = 64;     // output columns per work item on the register-decode path
+constexpr int64_t kTileFloats = 96 * 1024;  // fp32 weights per decoded tile on the sgemm path (384 KiB: fits L2)
 
 // fp4 e2m1 code -> 2 * value (an integer, so the table fits int8 for pshufb); scales carry the factor 1/2.
 constexpr int8_t kTwiceFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
@@ -468,11 +470,30 @@ struct Bf16Experts {
   }
 };
 
+// The many-rows path's decoded tile: one buffer per thread, kept between calls (small enough to stay in L2
+// between its decode and the sgemm that reads it; a fresh allocation each call would pay page faults).
+float* scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 struct Group {
   int64_t expert, start, rows;
 };
 
+// One unit of work: output columns [m0, m1) of one group's rows.
+struct Item {
+  int64_t group, m0, m1;
+};
+
 // x [N, K] fp32 contiguous, rows sorted by expert with cumulative row ends `ends`; bias [E, M] fp32 or undefined.
+//
+// The whole call is one parallel region: items are (group, block of output columns) and threads take the next
+// item from a shared counter, so an expert's rows, a big and a small expert, and a thread the OS preempted all
+// balance without a barrier per expert. Few rows: the register-decode dot. Many rows: the block's weights are
+// decoded into the thread's fp32 tile and one sgemm (single-threaded: we are inside the parallel region) takes
+// all of the expert's rows.
 template <class W>
 at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& ends,
                    const c10::optional<at::Tensor>& bias) {
@@ -483,49 +504,50 @@ at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& 
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const Kernels& ks = kernels();
 
-  std::vector<Group> few, many;
+  std::vector<Group> groups;
   int64_t start = 0;
   for (int64_t e = 0; e < static_cast<int64_t>(ends.size()); ++e) {
-    const int64_t rows = ends[e] - start;
-    if (rows > 0) (rows <= kDecodeRows ? few : many).push_back({e, start, rows});
+    if (ends[e] > start) groups.push_back({e, start, ends[e] - start});
     start = ends[e];
   }
+  const int64_t tile_rows = std::max<int64_t>(16, std::min<int64_t>(256, kTileFloats / k) / 16 * 16);
+  std::vector<Item> items;
+  for (int pass = 0; pass < 2; ++pass)  // the sgemm items first: the small dot items then fill the tail
+    for (int64_t gi = 0; gi < static_cast<int64_t>(groups.size()); ++gi) {
+      const bool many = groups[gi].rows > kDecodeRows;
+      if (many != (pass == 0)) continue;
+      const int64_t step = many ? tile_rows : kDotRows;
+      for (int64_t m0 = 0; m0 < m; m0 += step) items.push_back({gi, m0, std::min(m, m0 + step)});
+    }
+  if (items.empty()) return out;
 
-  if (!few.empty()) {
-    // Work items are (group, output row): threads split the rows of every expert that has rows.
-    const int64_t items = static_cast<int64_t>(few.size()) * m;
-    at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end;) {
-        const Group& g = few[i / m];
-        const int64_t m0 = i % m, m1 = std::min(m, m0 + (end - i));
-        W::dot(ks, w.expert(g.expert), m0, m1, xp + g.start * k, k, g.rows, op + g.start * m, m);
-        if (bp)
-          for (int64_t r = 0; r < g.rows; ++r)
-            for (int64_t j = m0; j < m1; ++j) op[(g.start + r) * m + j] += bp[g.expert * m + j];
-        i += m1 - m0;
-      }
-    });
-  }
-
-  if (!many.empty()) {
-    const int64_t tile_rows = std::min(kTileRows, m);
-    at::Tensor tile = at::empty({tile_rows, k}, x.options());
-    float* tp = tile.data_ptr<float>();
-    for (const Group& g : many) {
+  std::atomic<int64_t> next{0};
+  const int64_t count = static_cast<int64_t>(items.size());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    float* tile = nullptr;
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      const Item& it = items[i];
+      const Group& g = groups[it.group];
       const auto ex = w.expert(g.expert);
-      const at::Tensor xs = x.narrow(0, g.start, g.rows);
-      for (int64_t m0 = 0; m0 < m; m0 += tile_rows) {
-        const int64_t mt = std::min(tile_rows, m - m0);
-        at::parallel_for(0, mt, 8, [&](int64_t b, int64_t e) { W::decode(ks, ex, m0 + b, m0 + e, tp + b * k); });
-        at::Tensor dst = out.narrow(0, g.start, g.rows).narrow(1, m0, mt);
-        const at::Tensor wt = tile.narrow(0, 0, mt).t();
-        if (bp)
-          at::addmm_out(dst, bias->view({-1, m}).select(0, g.expert).narrow(0, m0, mt), xs, wt);
-        else
-          at::mm_out(dst, xs, wt);
+      const int64_t mt = it.m1 - it.m0;
+      float* o = op + g.start * m + it.m0;
+      if (g.rows <= kDecodeRows) {
+        W::dot(ks, ex, it.m0, it.m1, xp + g.start * k, k, g.rows, op + g.start * m, m);
+      } else {
+        if (!tile) tile = scratch(tile_rows * k);
+        W::decode(ks, ex, it.m0, it.m1, tile);
+        // out[rows, m0:m1] (row stride m) = x[rows] tile^T: torch's sgemm writes the strided block in place
+        at::Tensor dst = at::from_blob(o, {g.rows, mt}, {m, 1}, x.options());
+        at::mm_out(dst, x.narrow(0, g.start, g.rows), at::from_blob(tile, {mt, k}, x.options()).t());
+      }
+      if (bp) {
+        const float* be = bp + g.expert * m + it.m0;
+        for (int64_t r = 0; r < g.rows; ++r)
+          for (int64_t j = 0; j < mt; ++j) o[r * m + j] += be[j];
       }
     }
-  }
+  });
   return out;
 }
 
