@@ -77,8 +77,12 @@ using Bf16Dot = void (*)(const Bf16&, int64_t m0, int64_t m1, const float* x, in
                          int64_t ldo);
 using Bf16Decode = void (*)(const Bf16&, int64_t m0, int64_t m1, float* dst);
 
+// Reorders one activation row of K values into the order mxfp4_dot reads them in (nullptr: natural order).
+using Mxfp4DotLayout = void (*)(const float* x, int64_t k, float* dst);
+
 struct Kernels {
   const char* name;
+  Mxfp4DotLayout mxfp4_dot_layout;
   Mxfp4Dot mxfp4_dot;
   Mxfp4Decode mxfp4_decode;
   Bf16Dot bf16_dot;
@@ -162,13 +166,59 @@ GPTOSS_AVX2 inline void decode_block(const uint8_t* b, __m256 w[4]) {
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(second, 8)));
 }
 
-// R activation rows against one weight row: the row is decoded once per block and shared by the R rows.
+// Two blocks (32 bytes, 64 values) -> eight vectors of the values times 2 as fp32, without widening shuffles:
+// one table lookup per nibble gives int8 values in place, and each byte of a 32-bit lane is sign-extended by
+// shifts. Vector 4h + j, lane i holds value 32 (i / 4) + 8 (i % 4) + 2 j + h of the pair (h: low or high
+// nibble, j: byte within the lane), so the activations are read in that order (dot_layout).
+GPTOSS_AVX2 inline void decode_pair(const uint8_t* b, __m256 w[8]) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4)));
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  const __m256i v[2] = {_mm256_shuffle_epi8(table, _mm256_and_si256(bytes, nibble)),
+                        _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble))};
+  for (int h = 0; h < 2; ++h) {
+    w[4 * h + 0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[h], 24), 24));
+    w[4 * h + 1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[h], 16), 24));
+    w[4 * h + 2] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[h], 8), 24));
+    w[4 * h + 3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(v[h], 24));
+  }
+}
+
+// The activation order decode_pair's weights come in; a last odd block stays in natural order.
+void mxfp4_dot_layout(const float* x, int64_t k, float* dst) {
+  const int64_t pairs = k / (2 * kBlock);
+  for (int64_t p = 0; p < pairs; ++p, x += 2 * kBlock, dst += 2 * kBlock)
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < 8; ++i) dst[(4 * h + j) * 8 + i] = x[32 * (i / 4) + 8 * (i % 4) + 2 * j + h];
+  std::memcpy(dst, x, (k - pairs * 2 * kBlock) * sizeof(float));
+}
+
+// R activation rows (in dot_layout order) against one weight row: each pair of blocks is decoded once and
+// shared by the R rows; the block scales multiply each row's partial sum, not the weights.
 template <int R>
 GPTOSS_AVX2 void mxfp4_rows(const uint8_t* b, const uint8_t* s, int64_t groups, const float* x, int64_t ldx,
                             float* out, int64_t ldo) {
+  constexpr int P = R == 1 ? 4 : 2;  // independent product chains per row
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    __m256 w[8];
+    decode_pair(b + g * kBlockBytes, w);
+    const __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(kHalfScale.v[s[g]])),
+                                              _mm_set1_ps(kHalfScale.v[s[g + 1]]), 1);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + g * kBlock;
+      __m256 p[P];
+      for (int j = 0; j < P; ++j) p[j] = _mm256_mul_ps(w[j], _mm256_loadu_ps(xr + 8 * j));
+      for (int j = P; j < 8; ++j) p[j % P] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr + 8 * j), p[j % P]);
+      __m256 sum = _mm256_add_ps(p[0], p[1]);
+      if (P == 4) sum = _mm256_add_ps(sum, _mm256_add_ps(p[2 % P], p[3 % P]));
+      acc[r] = _mm256_fmadd_ps(sum, scale, acc[r]);
+    }
+  }
+  if (g < groups) {  // an odd last block, natural order
     __m256 w[4];
     decode_block(b + g * kBlockBytes, w);
     const __m256 scale = _mm256_set1_ps(kHalfScale.v[s[g]]);
@@ -399,10 +449,13 @@ GPTOSS_AVX512 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst
 #endif  // GPTOSS_X86
 
 // -- instruction-set selection -------------------------------------------------------------------------------------
-const Kernels kScalar{"scalar", scalar::mxfp4_dot, scalar::mxfp4_decode, scalar::bf16_dot, scalar::bf16_decode};
+const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, scalar::bf16_dot,
+                      scalar::bf16_decode};
 #ifdef GPTOSS_X86
-const Kernels kAvx2{"avx2", avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot, avx2::bf16_decode};
-const Kernels kAvx512{"avx512", avx512::mxfp4_dot, avx512::mxfp4_decode, avx512::bf16_dot, avx512::bf16_decode};
+const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot,
+                    avx2::bf16_decode};
+const Kernels kAvx512{"avx512", nullptr, avx512::mxfp4_dot, avx512::mxfp4_decode, avx512::bf16_dot,
+                      avx512::bf16_decode};
 #endif
 
 // The instruction sets this CPU runs, best first.
@@ -447,6 +500,7 @@ struct Mxfp4Experts {
   Mxfp4 expert(int64_t e) const {
     return {blocks + e * m * groups * kBlockBytes, scales + e * m * groups, groups};
   }
+  static Mxfp4DotLayout dot_layout(const Kernels& ks) { return ks.mxfp4_dot_layout; }
   static void dot(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, const float* x, int64_t ldx,
                   int64_t n, float* out, int64_t ldo) {
     ks.mxfp4_dot(w, m0, m1, x, ldx, n, out, ldo);
@@ -461,6 +515,7 @@ struct Bf16Experts {
   int64_t m, kk;
   int64_t k() const { return kk; }
   Bf16 expert(int64_t e) const { return {w + e * m * kk, kk}; }
+  static Mxfp4DotLayout dot_layout(const Kernels&) { return nullptr; }
   static void dot(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
                   float* out, int64_t ldo) {
     ks.bf16_dot(w, m0, m1, x, ldx, n, out, ldo);
@@ -521,6 +576,18 @@ at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& 
     }
   if (items.empty()) return out;
 
+  // The rows the dot kernel reads, in its activation order where it has one (reordered once, not per item).
+  const float* xdot = xp;
+  at::Tensor reordered;
+  if (const auto layout = W::dot_layout(ks)) {
+    reordered = at::empty_like(x);
+    float* rp = reordered.data_ptr<float>();
+    for (const Group& g : groups)
+      if (g.rows <= kDecodeRows)
+        for (int64_t r = g.start; r < g.start + g.rows; ++r) layout(xp + r * k, k, rp + r * k);
+    xdot = rp;
+  }
+
   std::atomic<int64_t> next{0};
   const int64_t count = static_cast<int64_t>(items.size());
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
@@ -533,7 +600,7 @@ at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& 
       const int64_t mt = it.m1 - it.m0;
       float* o = op + g.start * m + it.m0;
       if (g.rows <= kDecodeRows) {
-        W::dot(ks, ex, it.m0, it.m1, xp + g.start * k, k, g.rows, op + g.start * m, m);
+        W::dot(ks, ex, it.m0, it.m1, xdot + g.start * k, k, g.rows, op + g.start * m, m);
       } else {
         if (!tile) tile = scratch(tile_rows * k);
         W::decode(ks, ex, it.m0, it.m1, tile);
