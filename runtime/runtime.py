@@ -279,6 +279,8 @@ class Runtime:
         pos = lengths.clone()
         active = torch.zeros(rows, dtype=torch.bool, device=dev)
         active[:n] = True
+        # the same on the host, so deciding the next step's cache length reads no device tensor
+        host_pos = [len(s.prompt) for s in batch]
         while True:
             host_tokens = next_tokens.tolist()
             for row, seq in enumerate(batch):
@@ -288,13 +290,15 @@ class Runtime:
                     if seq.finish_reason is not None:
                         active[row] = False
                     yield event
-            if not bool(active.any()):
+            live = [p for p, s in zip(host_pos, batch) if s.finish_reason is None]
+            if not live:
                 break
-            kv_len = self.shapes.kv_len(int(pos[active].max()) + 1)
+            kv_len = self.shapes.kv_len(max(live) + 1)
             logits = self._decode(next_tokens, pos, kv_len)
             stats.decode_steps += 1
             next_tokens = self.model.parallel.broadcast(sample(logits, temperature, top_k, top_p, generator))
             pos = pos + active.to(pos.dtype)  # finished rows stay put: their writes land in their own slot
+            host_pos = [p + (s.finish_reason is None) for p, s in zip(host_pos, batch)]
         stats.decode_s += time.perf_counter() - t0
 
     def _prefill_batch(self, prompts: list[list[int]], lengths: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Each result is checked against a float64 reference within the fp32 summation bound |error| <= K * 2^-23 * |x| |W|^T
 (any summation order meets it; a wrong weight, scale, row or bias does not). Sizes are odd on purpose: rows not a
 multiple of 8, odd output widths, K = 32 * odd, experts with 0, 1, a few and many rows (both the register-decode
-path, <= 8 rows, and the tiled sgemm path, whose 128-row tiles the 130-wide outputs cross).
+path, <= 8 rows, and the decode-to-fp32-then-sgemm path, including weights too large for one scratch tile).
 """
 import os
 import subprocess
@@ -60,6 +60,7 @@ GROUPS = [  # (rows per expert, output width M, blocks per row G)
     ([1], 1, 1),
     ([2, 130], 130, 3),
     ([0, 0], 9, 1),  # no rows at all
+    ([12, 1, 0, 40], 130, 33),  # sgemm path: 130 outputs x 1056 inputs cross decoded tiles (80 rows each)
 ]
 
 
@@ -85,7 +86,7 @@ def test_bf16_grouped_mm(isa, counts, m, k):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 13, 64])
-@pytest.mark.parametrize("m, k", [(33, 100), (130, 64), (1, 7)])
+@pytest.mark.parametrize("m, k", [(33, 100), (130, 64), (1, 7), (130, 1100)])
 def test_bf16_linear_matches_upcast_weights(isa, n, m, k):
     w = torch.randn(m, k).bfloat16()
     x = torch.randn(n, k)

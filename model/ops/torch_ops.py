@@ -161,9 +161,10 @@ def moe(
     order = torch.argsort(flat_experts, stable=True)  # row r of the sorted list is pair order[r]
     sorted_experts = flat_experts[order]
     token_of_row = order // top_k
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, sorted_experts.to(torch.long), torch.ones_like(sorted_experts, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    # each expert's cumulative row end: one small serial op (a scatter-add of counts then a cumsum took
+    # several, and CPU scatter_add_ may open a parallel region, which costs a time slice on a loaded machine)
+    expert_ids = torch.arange(num_experts, device=x.device, dtype=sorted_experts.dtype)
+    offs = torch.searchsorted(sorted_experts, expert_ids, right=True, out_int32=True)
 
     rows = x[token_of_row]
     h = expert_matmul(rows, gate_up, offs, gate_up_bias, sorted_experts)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from gptoss.model import kernels  # noqa: E402
 from gptoss.runtime import Runtime  # noqa: E402
-from gptoss.tools.bench import active_weight_bytes, copy_bandwidth  # noqa: E402
+from gptoss.tools.dev.bench import active_weight_bytes, copy_bandwidth  # noqa: E402
 
 PROMPT, SHORT, DECODE = 512, 32, 32
 

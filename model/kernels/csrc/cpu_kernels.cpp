@@ -5,8 +5,8 @@
 //
 // Two paths per expert, by how many rows it received:
 //   few rows (decode): each weight row is decoded in registers and shared by all of the expert's rows;
-//                      threads split the (expert, output row) pairs of every expert that has rows;
-//   many rows (prefill): a tile of output rows is decoded to fp32 and multiplied by torch's sgemm.
+//   many rows (prefill): a tile of weight rows is decoded to fp32 (in L2) and one sgemm takes all the rows.
+// Both run in one parallel region per call (see grouped()).
 // The weights are exact in fp32, so every path gives the dense fp32 result up to summation order.
 //
 // Instruction sets: each kernel exists for AVX-512 (F+BW+VL), AVX2+FMA and portable C++, compiled into this one
@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -34,7 +35,8 @@ namespace {
 constexpr int64_t kBlock = 32;       // MXFP4 values per block (one shared scale)
 constexpr int64_t kBlockBytes = 16;  // two 4-bit codes per byte
 constexpr int64_t kDecodeRows = 8;   // an expert with at most this many rows takes the register-decode path
-constexpr int64_t kTileRows = 128;   // output rows decoded to fp32 per sgemm on the many-rows path
+constexpr int64_t kDotRows = 64;     // output columns per work item on the register-decode path
+constexpr int64_t kTileFloats = 96 * 1024;  // fp32 weights per decoded tile on the sgemm path (384 KiB: fits L2)
 
 // fp4 e2m1 code -> 2 * value (an integer, so the table fits int8 for pshufb); scales carry the factor 1/2.
 constexpr int8_t kTwiceFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
@@ -75,8 +77,12 @@ using Bf16Dot = void (*)(const Bf16&, int64_t m0, int64_t m1, const float* x, in
                          int64_t ldo);
 using Bf16Decode = void (*)(const Bf16&, int64_t m0, int64_t m1, float* dst);
 
+// Reorders one activation row of K values into the order mxfp4_dot reads them in (nullptr: natural order).
+using Mxfp4DotLayout = void (*)(const float* x, int64_t k, float* dst);
+
 struct Kernels {
   const char* name;
+  Mxfp4DotLayout mxfp4_dot_layout;
   Mxfp4Dot mxfp4_dot;
   Mxfp4Decode mxfp4_decode;
   Bf16Dot bf16_dot;
@@ -160,13 +166,59 @@ GPTOSS_AVX2 inline void decode_block(const uint8_t* b, __m256 w[4]) {
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(second, 8)));
 }
 
-// R activation rows against one weight row: the row is decoded once per block and shared by the R rows.
+// Two blocks (32 bytes, 64 values) -> eight vectors of the values times 2 as fp32, without widening shuffles:
+// one table lookup per nibble gives int8 values in place, and each byte of a 32-bit lane is sign-extended by
+// shifts. Vector 4h + j, lane i holds value 32 (i / 4) + 8 (i % 4) + 2 j + h of the pair (h: low or high
+// nibble, j: byte within the lane), so the activations are read in that order (dot_layout).
+GPTOSS_AVX2 inline void decode_pair(const uint8_t* b, __m256 w[8]) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4)));
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  const __m256i v[2] = {_mm256_shuffle_epi8(table, _mm256_and_si256(bytes, nibble)),
+                        _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble))};
+  for (int h = 0; h < 2; ++h) {
+    w[4 * h + 0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[h], 24), 24));
+    w[4 * h + 1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[h], 16), 24));
+    w[4 * h + 2] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[h], 8), 24));
+    w[4 * h + 3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(v[h], 24));
+  }
+}
+
+// The activation order decode_pair's weights come in; a last odd block stays in natural order.
+void mxfp4_dot_layout(const float* x, int64_t k, float* dst) {
+  const int64_t pairs = k / (2 * kBlock);
+  for (int64_t p = 0; p < pairs; ++p, x += 2 * kBlock, dst += 2 * kBlock)
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < 8; ++i) dst[(4 * h + j) * 8 + i] = x[32 * (i / 4) + 8 * (i % 4) + 2 * j + h];
+  std::memcpy(dst, x, (k - pairs * 2 * kBlock) * sizeof(float));
+}
+
+// R activation rows (in dot_layout order) against one weight row: each pair of blocks is decoded once and
+// shared by the R rows; the block scales multiply each row's partial sum, not the weights.
 template <int R>
 GPTOSS_AVX2 void mxfp4_rows(const uint8_t* b, const uint8_t* s, int64_t groups, const float* x, int64_t ldx,
                             float* out, int64_t ldo) {
+  constexpr int P = R == 1 ? 4 : 2;  // independent product chains per row
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    __m256 w[8];
+    decode_pair(b + g * kBlockBytes, w);
+    const __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(kHalfScale.v[s[g]])),
+                                              _mm_set1_ps(kHalfScale.v[s[g + 1]]), 1);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + g * kBlock;
+      __m256 p[P];
+      for (int j = 0; j < P; ++j) p[j] = _mm256_mul_ps(w[j], _mm256_loadu_ps(xr + 8 * j));
+      for (int j = P; j < 8; ++j) p[j % P] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr + 8 * j), p[j % P]);
+      __m256 sum = _mm256_add_ps(p[0], p[1]);
+      if (P == 4) sum = _mm256_add_ps(sum, _mm256_add_ps(p[2 % P], p[3 % P]));
+      acc[r] = _mm256_fmadd_ps(sum, scale, acc[r]);
+    }
+  }
+  if (g < groups) {  // an odd last block, natural order
     __m256 w[4];
     decode_block(b + g * kBlockBytes, w);
     const __m256 scale = _mm256_set1_ps(kHalfScale.v[s[g]]);
@@ -397,10 +449,13 @@ GPTOSS_AVX512 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst
 #endif  // GPTOSS_X86
 
 // -- instruction-set selection -------------------------------------------------------------------------------------
-const Kernels kScalar{"scalar", scalar::mxfp4_dot, scalar::mxfp4_decode, scalar::bf16_dot, scalar::bf16_decode};
+const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, scalar::bf16_dot,
+                      scalar::bf16_decode};
 #ifdef GPTOSS_X86
-const Kernels kAvx2{"avx2", avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot, avx2::bf16_decode};
-const Kernels kAvx512{"avx512", avx512::mxfp4_dot, avx512::mxfp4_decode, avx512::bf16_dot, avx512::bf16_decode};
+const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot,
+                    avx2::bf16_decode};
+const Kernels kAvx512{"avx512", nullptr, avx512::mxfp4_dot, avx512::mxfp4_decode, avx512::bf16_dot,
+                      avx512::bf16_decode};
 #endif
 
 // The instruction sets this CPU runs, best first.
@@ -445,6 +500,7 @@ struct Mxfp4Experts {
   Mxfp4 expert(int64_t e) const {
     return {blocks + e * m * groups * kBlockBytes, scales + e * m * groups, groups};
   }
+  static Mxfp4DotLayout dot_layout(const Kernels& ks) { return ks.mxfp4_dot_layout; }
   static void dot(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, const float* x, int64_t ldx,
                   int64_t n, float* out, int64_t ldo) {
     ks.mxfp4_dot(w, m0, m1, x, ldx, n, out, ldo);
@@ -459,6 +515,7 @@ struct Bf16Experts {
   int64_t m, kk;
   int64_t k() const { return kk; }
   Bf16 expert(int64_t e) const { return {w + e * m * kk, kk}; }
+  static Mxfp4DotLayout dot_layout(const Kernels&) { return nullptr; }
   static void dot(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
                   float* out, int64_t ldo) {
     ks.bf16_dot(w, m0, m1, x, ldx, n, out, ldo);
@@ -468,11 +525,30 @@ struct Bf16Experts {
   }
 };
 
+// The many-rows path's decoded tile: one buffer per thread, kept between calls (small enough to stay in L2
+// between its decode and the sgemm that reads it; a fresh allocation each call would pay page faults).
+float* scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 struct Group {
   int64_t expert, start, rows;
 };
 
+// One unit of work: output columns [m0, m1) of one group's rows.
+struct Item {
+  int64_t group, m0, m1;
+};
+
 // x [N, K] fp32 contiguous, rows sorted by expert with cumulative row ends `ends`; bias [E, M] fp32 or undefined.
+//
+// The whole call is one parallel region: items are (group, block of output columns) and threads take the next
+// item from a shared counter, so an expert's rows, a big and a small expert, and a thread the OS preempted all
+// balance without a barrier per expert. Few rows: the register-decode dot. Many rows: the block's weights are
+// decoded into the thread's fp32 tile and one sgemm (single-threaded: we are inside the parallel region) takes
+// all of the expert's rows.
 template <class W>
 at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& ends,
                    const c10::optional<at::Tensor>& bias) {
@@ -483,49 +559,62 @@ at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& 
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const Kernels& ks = kernels();
 
-  std::vector<Group> few, many;
+  std::vector<Group> groups;
   int64_t start = 0;
   for (int64_t e = 0; e < static_cast<int64_t>(ends.size()); ++e) {
-    const int64_t rows = ends[e] - start;
-    if (rows > 0) (rows <= kDecodeRows ? few : many).push_back({e, start, rows});
+    if (ends[e] > start) groups.push_back({e, start, ends[e] - start});
     start = ends[e];
   }
+  const int64_t tile_rows = std::max<int64_t>(16, std::min<int64_t>(256, kTileFloats / k) / 16 * 16);
+  std::vector<Item> items;
+  for (int pass = 0; pass < 2; ++pass)  // the sgemm items first: the small dot items then fill the tail
+    for (int64_t gi = 0; gi < static_cast<int64_t>(groups.size()); ++gi) {
+      const bool many = groups[gi].rows > kDecodeRows;
+      if (many != (pass == 0)) continue;
+      const int64_t step = many ? tile_rows : kDotRows;
+      for (int64_t m0 = 0; m0 < m; m0 += step) items.push_back({gi, m0, std::min(m, m0 + step)});
+    }
+  if (items.empty()) return out;
 
-  if (!few.empty()) {
-    // Work items are (group, output row): threads split the rows of every expert that has rows.
-    const int64_t items = static_cast<int64_t>(few.size()) * m;
-    at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end;) {
-        const Group& g = few[i / m];
-        const int64_t m0 = i % m, m1 = std::min(m, m0 + (end - i));
-        W::dot(ks, w.expert(g.expert), m0, m1, xp + g.start * k, k, g.rows, op + g.start * m, m);
-        if (bp)
-          for (int64_t r = 0; r < g.rows; ++r)
-            for (int64_t j = m0; j < m1; ++j) op[(g.start + r) * m + j] += bp[g.expert * m + j];
-        i += m1 - m0;
-      }
-    });
+  // The rows the dot kernel reads, in its activation order where it has one (reordered once, not per item).
+  const float* xdot = xp;
+  at::Tensor reordered;
+  if (const auto layout = W::dot_layout(ks)) {
+    reordered = at::empty_like(x);
+    float* rp = reordered.data_ptr<float>();
+    for (const Group& g : groups)
+      if (g.rows <= kDecodeRows)
+        for (int64_t r = g.start; r < g.start + g.rows; ++r) layout(xp + r * k, k, rp + r * k);
+    xdot = rp;
   }
 
-  if (!many.empty()) {
-    const int64_t tile_rows = std::min(kTileRows, m);
-    at::Tensor tile = at::empty({tile_rows, k}, x.options());
-    float* tp = tile.data_ptr<float>();
-    for (const Group& g : many) {
+  std::atomic<int64_t> next{0};
+  const int64_t count = static_cast<int64_t>(items.size());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    float* tile = nullptr;
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      const Item& it = items[i];
+      const Group& g = groups[it.group];
       const auto ex = w.expert(g.expert);
-      const at::Tensor xs = x.narrow(0, g.start, g.rows);
-      for (int64_t m0 = 0; m0 < m; m0 += tile_rows) {
-        const int64_t mt = std::min(tile_rows, m - m0);
-        at::parallel_for(0, mt, 8, [&](int64_t b, int64_t e) { W::decode(ks, ex, m0 + b, m0 + e, tp + b * k); });
-        at::Tensor dst = out.narrow(0, g.start, g.rows).narrow(1, m0, mt);
-        const at::Tensor wt = tile.narrow(0, 0, mt).t();
-        if (bp)
-          at::addmm_out(dst, bias->view({-1, m}).select(0, g.expert).narrow(0, m0, mt), xs, wt);
-        else
-          at::mm_out(dst, xs, wt);
+      const int64_t mt = it.m1 - it.m0;
+      float* o = op + g.start * m + it.m0;
+      if (g.rows <= kDecodeRows) {
+        W::dot(ks, ex, it.m0, it.m1, xdot + g.start * k, k, g.rows, op + g.start * m, m);
+      } else {
+        if (!tile) tile = scratch(tile_rows * k);
+        W::decode(ks, ex, it.m0, it.m1, tile);
+        // out[rows, m0:m1] (row stride m) = x[rows] tile^T: torch's sgemm writes the strided block in place
+        at::Tensor dst = at::from_blob(o, {g.rows, mt}, {m, 1}, x.options());
+        at::mm_out(dst, x.narrow(0, g.start, g.rows), at::from_blob(tile, {mt, k}, x.options()).t());
+      }
+      if (bp) {
+        const float* be = bp + g.expert * m + it.m0;
+        for (int64_t r = 0; r < g.rows; ++r)
+          for (int64_t j = 0; j < mt; ++j) o[r * m + j] += be[j];
       }
     }
-  }
+  });
   return out;
 }
 
