@@ -1,6 +1,6 @@
 """Published vs dense weights on one checkpoint, same process, same threads, interleaved rounds.
 
-    python tools/dev/bench_weights.py --model /work/ckpt-bench [--threads 2] [--rounds 3] [--backends eager,inductor]
+    python -m gptoss.tools.dev.bench_weights --model /work/ckpt-bench [--threads 2] [--rounds 3] [--backends eager,inductor]
                                       [--profile]
 
 Per (weights, backend): decode tokens/s at batch 1 and 8, prefill tokens/s of a 512-token prompt (best of the
@@ -20,12 +20,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from gptoss.model import kernels  # noqa: E402
-from gptoss.runtime import Runtime  # noqa: E402
-from gptoss.tools.dev.bench import active_weight_bytes, copy_bandwidth  # noqa: E402
+from gptoss.model import kernels
+from gptoss.runtime import Runtime
+from gptoss.tools.dev.bench import active_weight_bytes, copy_bandwidth
 
 PROMPT, SHORT, DECODE = 512, 32, 32
 
