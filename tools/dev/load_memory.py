@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+from pathlib import Path
 
 import torch
 
@@ -27,13 +28,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--weights", default="dense", choices=["dense", "published"])
     args = ap.parse_args(argv)
     baseline = rss_bytes()
-    model = load_model(args.model, tp_size=args.tp, rank=args.rank, dtype=getattr(torch, args.dtype))
+    model = load_model(args.model, tp_size=args.tp, rank=args.rank, dtype=getattr(torch, args.dtype),
+                       weights=args.weights)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "load_peak_delta": peak - baseline,
-                      "model_bytes": model_bytes, "ratio": (peak - baseline) / model_bytes}))
+                      "model_bytes": model_bytes, "ratio": (peak - baseline) / model_bytes,
+                      "file_bytes": sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))}))
     return 0
 
 
