@@ -22,18 +22,7 @@ from gptoss.model import kernels
 from gptoss.model.config import GptOssConfig
 from gptoss.model.mxfp4 import dequantize_mxfp4
 from gptoss.model.ops.grouped_mm import grouped_mm
-
-
-def copy_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
-    """Bytes read + written per second by one large tensor copy (STREAM-style copy)."""
-    src = torch.rand(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best
+from gptoss.tools.dev.bench import copy_bandwidth
 
 
 def best_time(fn, repeats: int) -> float:
@@ -118,7 +107,7 @@ def main(argv=None) -> int:
     best: dict = {}
     bandwidth = 0.0
     for _ in range(args.rounds):
-        bandwidth = max(bandwidth, copy_bandwidth())
+        bandwidth = max(bandwidth, copy_bandwidth(256, 3))
         for name, (fn, _, reps) in decode.items():
             fn()
             best[name] = min(best.get(name, float("inf")), best_time(fn, reps))
