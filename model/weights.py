@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import kernels  # noqa: F401  (registers the gptoss:: kernel ops: graphs that use them load with the model)
+from .kernels import mxfp4_grouped_mm  # noqa: F401  (the import registers the gptoss:: kernel ops)
 from .mxfp4 import BLOCK_SIZE
 
 WEIGHT_FORMATS = ("published", "dense")
