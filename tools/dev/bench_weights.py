@@ -1,7 +1,7 @@
 """Published vs dense weights on one checkpoint, same process, same threads, interleaved rounds.
 
     python -m gptoss.tools.dev.bench_weights --model /work/ckpt-bench [--threads 2] [--rounds 3] [--backends eager,inductor]
-                                      [--profile]
+                                      [--weights published,dense] [--peer] [--profile]
 
 Per (weights, backend): decode tokens/s at batch 1 and 8, prefill tokens/s of a 512-token prompt (best of the
 rounds; rounds alternate between the configurations so machine noise hits all alike); the bytes of weights one
@@ -9,6 +9,10 @@ decoded token reads (batch 1: attention, router, the top-k experts, lm_head, one
 efficiency = bytes x tok/s / copy bandwidth, the copy bandwidth measured in the same run. --profile: where a
 batch-1 decode step's time goes (torch.profiler, eager), published weights. The CPU's instruction set (the
 kernels' path) is printed with every figure.
+
+--peer: llama.cpp on the same checkpoint (its MXFP4 GGUF, see llama_peer.py) joins every round, in its own process
+after this process's engines have finished theirs, so the engines never compute at once and machine noise hits
+every engine of a round alike; the table then gives each engine's ratio to it.
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ import torch
 
 from gptoss.model import kernels
 from gptoss.runtime import Runtime
+from gptoss.tools.dev import llama_peer
 from gptoss.tools.dev.bench import active_weight_bytes, copy_bandwidth
 
 PROMPT, SHORT, DECODE = 512, 32, 32
+PEER_KEYS = {"decode_b1": "decode_b1_tok_s", "decode_b8": "decode_b8_tok_s", "prefill512": "prefill_tok_s"}
 
 
 def prompts(vocab: int, n: int, length: int) -> list[list[int]]:
@@ -60,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backends", default="eager,inductor")
+    ap.add_argument("--weights", default="published,dense", help="weight formats to measure (comma-separated)")
+    ap.add_argument("--peer", action="store_true", help="also measure llama.cpp (MXFP4 GGUF) in every round")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -70,7 +78,7 @@ def main(argv=None) -> int:
 
     runtimes = {}
     for backend in args.backends.split(","):
-        for weights in ("published", "dense"):
+        for weights in args.weights.split(","):
             t0 = time.perf_counter()
             runtimes[(weights, backend)] = Runtime.from_pretrained(args.model, backend=backend, weights=weights,
                                                                    **settings)
@@ -79,12 +87,19 @@ def main(argv=None) -> int:
         rt.generate(prompts(rt.config.vocab_size, 1, SHORT), max_new_tokens=4, ignore_eos=True)
 
     best: dict = {k: {} for k in runtimes}
+    peer: dict = {}
     bandwidth = 0.0
     for r in range(args.rounds):
         bandwidth = max(bandwidth, copy_bandwidth(256, 3))
         for key, rt in runtimes.items():
             for name, value in one_round(rt).items():
                 best[key][name] = max(best[key].get(name, 0.0), value)
+        if args.peer:
+            theirs = llama_peer.measure(args.model, args.threads, "mxfp4", DECODE, rounds=1,
+                                        log=lambda m: print(m, file=sys.stderr))
+            peer["engine"] = theirs["engine"]
+            for name, key in PEER_KEYS.items():
+                peer[name] = max(peer.get(name, 0.0), theirs[key])
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     report = {"isa": isa, "threads": args.threads, "copy_GBps": bandwidth / 1e9, "results": []}
@@ -95,10 +110,18 @@ def main(argv=None) -> int:
     for (weights, backend), res in best.items():
         nbytes = active_weight_bytes(runtimes[(weights, backend)].model)
         eff = nbytes * res["decode_b1"] / bandwidth
-        report["results"].append(dict(weights=weights, backend=backend, bytes_per_token=nbytes,
-                                      bandwidth_efficiency_b1=eff, **res))
+        row = dict(weights=weights, backend=backend, bytes_per_token=nbytes, bandwidth_efficiency_b1=eff, **res)
+        ratios = ""
+        if peer:
+            row["vs_peer"] = {name: res[name] / peer[name] for name in PEER_KEYS}
+            ratios = "   vs llama.cpp: " + ", ".join(f"{n} {v:.2f}x" for n, v in row["vs_peer"].items())
+        report["results"].append(row)
         print(f"{weights:<10} {backend:<9} {nbytes / 1e6:9.1f} {res['decode_b1']:10.1f} {res['decode_b8']:10.1f} "
-              f"{res['prefill512']:11.1f} {eff:10.1%}   [{isa}]")
+              f"{res['prefill512']:11.1f} {eff:10.1%}   [{isa}]{ratios}")
+    if peer:
+        report["peer"] = peer
+        print(f"{'llama.cpp':<10} {'mxfp4':<9} {'':>9} {peer['decode_b1']:10.1f} {peer['decode_b8']:10.1f} "
+              f"{peer['prefill512']:11.1f} {'':>10}   [{llama_peer.cpu_isa()}] {peer['engine']}")
     if args.profile:
         print(f"\nprofile of 20 decode steps, batch 1, published/eager [{isa}]:\n"
               f"{profile_decode(args.model, 'published')}")

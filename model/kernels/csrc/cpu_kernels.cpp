@@ -35,7 +35,7 @@ namespace {
 constexpr int64_t kBlock = 32;       // MXFP4 values per block (one shared scale)
 constexpr int64_t kBlockBytes = 16;  // two 4-bit codes per byte
 constexpr int64_t kDecodeRows = 8;   // an expert with at most this many rows takes the register-decode path
-constexpr int64_t kDotRows = 64;     // output columns per work item on the register-decode path
+constexpr int64_t kDotRows = 128;     // output columns per work item on the register-decode path
 constexpr int64_t kTileFloats = 96 * 1024;  // fp32 weights per decoded tile on the sgemm path (384 KiB: fits L2)
 
 // fp4 e2m1 code -> 2 * value (an integer, so the table fits int8 for pshufb); scales carry the factor 1/2.
@@ -166,38 +166,61 @@ GPTOSS_AVX2 inline void decode_block(const uint8_t* b, __m256 w[4]) {
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(second, 8)));
 }
 
-// Two blocks (32 bytes, 64 values) -> eight vectors of the values times 2 as fp32, without widening shuffles:
-// one table lookup per nibble gives int8 values in place, and each byte of a 32-bit lane is sign-extended by
-// shifts. Vector 4h + j, lane i holds value 32 (i / 4) + 8 (i % 4) + 2 j + h of the pair (h: low or high
-// nibble, j: byte within the lane), so the activations are read in that order (dot_layout).
+// Two blocks (32 bytes, 64 values) -> eight vectors of the values times 2 as fp32, built bit by bit: every 2 x fp4
+// value is exact in bf16, so two table lookups per nibble give its top and second byte, a byte interleave makes
+// bf16 words, and a word becomes fp32 by sitting in the top half of a 32-bit lane (shift or mask). No int -> float
+// conversions, fewer instructions than sign-extension. The values come out in the order pair_order() gives, so the
+// activations are read in that order (dot_layout).
+constexpr uint8_t kTwiceFp4Bf16Hi[16] = {0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41,
+                                         0x00, 0xbf, 0xc0, 0xc0, 0xc0, 0xc0, 0xc1, 0xc1};
+constexpr uint8_t kTwiceFp4Bf16Lo[16] = {0x00, 0x80, 0x00, 0x40, 0x80, 0xc0, 0x00, 0x40,
+                                         0x00, 0x80, 0x00, 0x40, 0x80, 0xc0, 0x00, 0x40};
+
 GPTOSS_AVX2 inline void decode_pair(const uint8_t* b, __m256 w[8]) {
-  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4)));
+  const __m256i top = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4Bf16Hi)));
+  const __m256i second = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4Bf16Lo)));
   const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-  const __m256i v[2] = {_mm256_shuffle_epi8(table, _mm256_and_si256(bytes, nibble)),
-                        _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble))};
+  const __m256i codes[2] = {_mm256_and_si256(bytes, nibble), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble)};
   for (int h = 0; h < 2; ++h) {
-    w[4 * h + 0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[h], 24), 24));
-    w[4 * h + 1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[h], 16), 24));
-    w[4 * h + 2] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[h], 8), 24));
-    w[4 * h + 3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(v[h], 24));
+    const __m256i hi = _mm256_shuffle_epi8(top, codes[h]), lo = _mm256_shuffle_epi8(second, codes[h]);
+    const __m256i first8 = _mm256_unpacklo_epi8(lo, hi), last8 = _mm256_unpackhi_epi8(lo, hi);  // bf16 words
+    w[4 * h + 0] = _mm256_castsi256_ps(_mm256_slli_epi32(first8, 16));
+    w[4 * h + 1] = _mm256_castsi256_ps(_mm256_and_si256(first8, high_half));
+    w[4 * h + 2] = _mm256_castsi256_ps(_mm256_slli_epi32(last8, 16));
+    w[4 * h + 3] = _mm256_castsi256_ps(_mm256_and_si256(last8, high_half));
   }
 }
+
+// Which of the pair's 64 values lane i of vector v holds (v = 4 h + 2 c + s): h: low/high nibble; c: the first or
+// last 8 bytes of each 128-bit half (unpacklo/hi); s: the low or high word of the lane; i < 4: bytes 0..15, else
+// 16..31 (the second block).
+struct PairOrder {
+  int index[64];
+  constexpr PairOrder() : index() {
+    for (int v = 0; v < 8; ++v)
+      for (int i = 0; i < 8; ++i) {
+        const int h = v / 4, c = (v / 2) % 2, s = v % 2;
+        const int byte = (i < 4 ? 0 : 16) + 8 * c + 2 * (i % 4) + s;
+        index[v * 8 + i] = 2 * byte + h;
+      }
+  }
+};
+constexpr PairOrder kPairOrder;
 
 // The activation order decode_pair's weights come in; a last odd block stays in natural order.
 void mxfp4_dot_layout(const float* x, int64_t k, float* dst) {
   const int64_t pairs = k / (2 * kBlock);
   for (int64_t p = 0; p < pairs; ++p, x += 2 * kBlock, dst += 2 * kBlock)
-    for (int h = 0; h < 2; ++h)
-      for (int j = 0; j < 4; ++j)
-        for (int i = 0; i < 8; ++i) dst[(4 * h + j) * 8 + i] = x[32 * (i / 4) + 8 * (i % 4) + 2 * j + h];
+    for (int j = 0; j < 2 * kBlock; ++j) dst[j] = x[kPairOrder.index[j]];
   std::memcpy(dst, x, (k - pairs * 2 * kBlock) * sizeof(float));
 }
 
 // R activation rows (in dot_layout order) against one weight row: each pair of blocks is decoded once and
 // shared by the R rows; the block scales multiply each row's partial sum, not the weights.
 template <int R>
-GPTOSS_AVX2 void mxfp4_rows(const uint8_t* b, const uint8_t* s, int64_t groups, const float* x, int64_t ldx,
+GPTOSS_AVX2 __attribute__((always_inline)) inline void mxfp4_rows(const uint8_t* b, const uint8_t* s, int64_t groups, const float* x, int64_t ldx,
                             float* out, int64_t ldo) {
   constexpr int P = R == 1 ? 4 : 2;  // independent product chains per row
   __m256 acc[R];
