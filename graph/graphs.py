@@ -55,13 +55,23 @@ def bind(entry_fn: Callable, model, kv_len: int) -> Callable:
 
 
 class _Bound:
-    """A compiled entry point with the model and kv_len bound (compiled functions take them positionally)."""
+    """A compiled entry point with the model and kv_len bound (compiled functions take them positionally).
+
+    Dynamo checks a compiled function's guards (every input's and parameter's shape, stride and dtype) on each
+    call: ~0.1 ms, a few percent of a decode step. The first call checks them (the graph fits this model and
+    the runtime's buffers); later calls skip them: the runtime calls each graph only with the static buffers and
+    shapes it was compiled for."""
 
     def __init__(self, fn: Callable, model, kv_len: int):
         self.fn, self.model, self.kv_len = fn, model, kv_len
+        self._checked = not hasattr(fn, "disable_guard_check")
 
     def __call__(self, *inputs):
-        return self.fn(self.model, *inputs, self.kv_len)
+        out = self.fn(self.model, *inputs, self.kv_len)
+        if not self._checked:
+            self.fn.disable_guard_check()
+            self._checked = True
+        return out
 
 
 def example_inputs(spec: GraphSpec, model, cache) -> tuple:

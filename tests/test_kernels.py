@@ -95,6 +95,34 @@ def test_bf16_linear_matches_upcast_weights(isa, n, m, k):
     _check(kernels.bf16_linear(x, w), x, w.float()[None], [n])
 
 
+@pytest.mark.parametrize("tokens, top_k, experts, hidden, inter, pad", [
+    (1, 4, 32, 64, 48, (0, 16)),    # decode row; down's input on a 64-column grid
+    (3, 2, 5, 96, 40, (8, 16)),     # a tensor-parallel slice inside a block: zero columns before and after
+    (37, 4, 6, 64, 32, (0, 0)),     # many rows per expert: the sgemm path
+])
+def test_mxfp4_moe_equals_the_op_by_op_layer(isa, tokens, top_k, experts, hidden, inter, pad):
+    """The fused layer (one call) against the same layer through the separate ops (sort, gather, grouped
+    matmuls, clamped SwiGLU, weighted index_add)."""
+    from gptoss.model.ops import torch_ops
+    from gptoss.model.weights import PackedMxfp4
+    g = torch.Generator().manual_seed(tokens * 100 + experts)
+    gu_blocks, gu_scales = _mxfp4(experts, 2 * inter, hidden // 32, seed=1)
+    dn_blocks, dn_scales = _mxfp4(experts, hidden, (pad[0] + inter + pad[1]) // 32, seed=2)
+    gu_scales.clamp_(min=120), dn_scales.clamp_(min=120)
+    gate_up = PackedMxfp4(gu_blocks, gu_scales, (0, 0))
+    down = PackedMxfp4(dn_blocks, dn_scales, pad)
+    gu_bias, dn_bias = torch.randn(experts, 2 * inter, generator=g), torch.randn(experts, hidden, generator=g)
+    x = torch.randn(tokens, hidden, generator=g)
+    chosen = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=g), -1)
+
+    fused = kernels.mxfp4_moe(x, weights, chosen, gu_blocks, gu_scales, gu_bias, dn_blocks, dn_scales, dn_bias,
+                              pad[0], 1.702, 7.0)
+    separate = torch_ops.moe_by_ops(x, weights, chosen, gate_up, gu_bias, down, dn_bias, 1.702, 7.0)
+    assert fused.shape == separate.shape == x.shape
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5 * separate.abs().max().item())
+
+
 def test_strided_activation_is_accepted():
     w = torch.randn(9, 64).bfloat16()
     x = torch.randn(64, 5).t()  # not contiguous

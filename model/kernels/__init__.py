@@ -3,6 +3,9 @@
     mxfp4_grouped_mm(x [N, K] f32, blocks [E, M, K/32, 16] u8, scales [E, M, K/32] u8, offs [E] i32, bias [E, M]?)
     bf16_grouped_mm(x [N, K] f32, weight [E, M, K] bf16, offs [E] i32, bias [E, M]?)
     bf16_linear(x [N, K] f32, weight [M, K] bf16, bias [M]?)                       -> [N, M] f32, = x W^T + b
+    mxfp4_moe(x [N, H] f32, weights [N, k] f32, experts [N, k] int, gate_up blocks/scales/bias,
+              down blocks/scales/bias, down_pad, alpha, limit)                       -> [N, H] f32
+        one MoE layer's routed experts (sort, gather, gate_up, clamped SwiGLU, down, weighted sum) in one call
 
 Rows of x are sorted by expert; `offs[e]` is the cumulative end of expert e's rows. The ops (schemas and shape-only
 fake implementations) are registered when this module is imported, which importing `gptoss.model` does, so graphs
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["extension", "isa", "available_isas", "set_isa", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear"]
+__all__ = ["extension", "isa", "available_isas", "set_isa", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear",
+           "mxfp4_moe"]
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 _lock = threading.Lock()
@@ -78,6 +82,10 @@ _lib = torch.library.Library("gptoss", "FRAGMENT")
 _lib.define("mxfp4_grouped_mm(Tensor x, Tensor blocks, Tensor scales, Tensor offs, Tensor? bias=None) -> Tensor")
 _lib.define("bf16_grouped_mm(Tensor x, Tensor weight, Tensor offs, Tensor? bias=None) -> Tensor")
 _lib.define("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
+_lib.define("mxfp4_moe(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_blocks, Tensor gate_up_scales, "
+            "Tensor gate_up_bias, Tensor down_blocks, Tensor down_scales, Tensor down_bias, int down_pad, "
+            "float alpha, float limit) -> Tensor")
+_lib.impl("mxfp4_moe", lambda *args: extension().mxfp4_moe(*args), "CPU")
 _lib.impl("mxfp4_grouped_mm", lambda x, b, s, o, bias=None: extension().mxfp4_grouped_mm(x, b, s, o, bias), "CPU")
 _lib.impl("bf16_grouped_mm", lambda x, w, o, bias=None: extension().bf16_grouped_mm(x, w, o, bias), "CPU")
 _lib.impl("bf16_linear", lambda x, w, bias=None: extension().bf16_linear(x, w, bias), "CPU")
@@ -93,6 +101,11 @@ def _(x, weight, offs, bias=None):
     return x.new_empty(x.shape[0], weight.shape[1])
 
 
+@torch.library.register_fake("gptoss::mxfp4_moe", lib=_lib)
+def _(x, weights, experts, *rest):
+    return torch.empty_like(x)
+
+
 @torch.library.register_fake("gptoss::bf16_linear", lib=_lib)
 def _(x, weight, bias=None):
     return x.new_empty(x.shape[0], weight.shape[0])
@@ -101,3 +114,4 @@ def _(x, weight, bias=None):
 mxfp4_grouped_mm = torch.ops.gptoss.mxfp4_grouped_mm
 bf16_grouped_mm = torch.ops.gptoss.bf16_grouped_mm
 bf16_linear = torch.ops.gptoss.bf16_linear
+mxfp4_moe = torch.ops.gptoss.mxfp4_moe

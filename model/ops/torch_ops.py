@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import bf16_linear, mxfp4_grouped_mm
+from ..kernels import bf16_linear, mxfp4_grouped_mm, mxfp4_moe
 from ..weights import PackedMxfp4
 from .grouped_mm import grouped_mm
 
@@ -155,6 +155,14 @@ def moe(
 
     x [N, H]; weights/experts [N, k]; gate_up [E, H, 2I]; down [E, I, H] (or packed, see expert_matmul).
     Returns [N, H] (partial sum under tensor parallelism: the caller all-reduces)."""
+    if isinstance(gate_up, PackedMxfp4) and x.dtype == torch.float32:  # published weights: one kernel call
+        return mxfp4_moe(x, weights, experts, gate_up.blocks, gate_up.scales, gate_up_bias, down.blocks,
+                         down.scales, down_bias, down.pad[0], alpha, limit)
+    return moe_by_ops(x, weights, experts, gate_up, gate_up_bias, down, down_bias, alpha, limit)
+
+
+def moe_by_ops(x, weights, experts, gate_up, gate_up_bias, down, down_bias, alpha: float, limit: float):
+    """`moe` as separate tensor ops (any weight form, any dtype)."""
     tokens, top_k = experts.shape
     num_experts = gate_up_bias.shape[0]
     flat_experts = experts.reshape(-1)
