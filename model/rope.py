@@ -18,8 +18,9 @@ def _correction_dim(rotations: float, dim: int, base: float, original_len: int) 
 
 
 def yarn_inv_freq(head_dim: int, rope: RopeScaling) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_dim/2] (fp32) and the cos/sin scale."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    """Inverse frequencies [head_dim/2] (fp32, on the host) and the cos/sin scale. A host table even while a model
+    is built on the meta device: there, torch's reference arange would import the whole compiler stack (~70 MB)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
     pos_freqs = rope.theta ** exponents
     if rope.kind == "default":
         return 1.0 / pos_freqs, 1.0
@@ -31,7 +32,7 @@ def yarn_inv_freq(head_dim: int, rope: RopeScaling) -> tuple[torch.Tensor, float
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     extrapolate = 1 - ramp  # 1 where wavelengths are short: keep original frequencies
     inv_freq = (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
 
