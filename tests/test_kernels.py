@@ -60,6 +60,8 @@ GROUPS = [  # (rows per expert, output width M, blocks per row G)
     ([1], 1, 1),
     ([2, 130], 130, 3),
     ([0, 0], 9, 1),  # no rows at all
+    ([1, 4, 2], 17, 7),  # AVX-512 reads 4 blocks a step, AVX2 2: 7 leaves 3 (AVX-512) and 1 (AVX2) in natural order
+    ([2, 3], 9, 8),  # whole steps only
     ([12, 1, 0, 40], 130, 33),  # sgemm path: 130 outputs x 1056 inputs cross decoded tiles (80 rows each)
 ]
 

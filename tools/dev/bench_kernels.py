@@ -1,6 +1,6 @@
 """The CPU kernels alone, at a checkpoint's shapes: weight bytes streamed per second vs a plain copy, same process.
 
-    python -m gptoss.tools.dev.bench_kernels [--model /work/ckpt-bench] [--threads 2] [--rounds 5]
+    python -m gptoss.tools.dev.bench_kernels [--model checkpoints/bench] [--threads 2] [--rounds 5]
 
 Decode shapes (rows per expert 1, top-k experts, as a batch-1 step): the MXFP4 expert matmuls (gate_up, down) and
 the bf16 gemv (q projection, lm_head); the weights cycle through enough copies (`--footprint-mb`) that they come
@@ -42,7 +42,7 @@ def mxfp4_weights(copies: int, experts: int, m: int, k: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="/work/ckpt-bench")
+    ap.add_argument("--model", default="checkpoints/bench")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--footprint-mb", type=int, default=256, help="weights cycled through on the decode shapes")

@@ -1,6 +1,6 @@
 """Published vs dense weights on one checkpoint, same process, same threads, interleaved rounds.
 
-    python -m gptoss.tools.dev.bench_weights --model /work/ckpt-bench [--threads 2] [--rounds 3] [--backends eager,inductor]
+    python -m gptoss.tools.dev.bench_weights --model checkpoints/bench [--threads 2] [--rounds 3] [--backends eager,inductor]
                                       [--weights published,dense] [--peer] [--profile]
 
 Per (weights, backend): decode tokens/s at batch 1 and 8, prefill tokens/s of a 512-token prompt (best of the

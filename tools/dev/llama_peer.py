@@ -1,6 +1,6 @@
 """llama.cpp as the peer engine of the benchmark: the same checkpoint, converted by llama.cpp's own converter.
 
-    python -m gptoss.tools.dev.llama_peer --model /work/ckpt-bench --threads 2 [--kind mxfp4|f32] [--json out]
+    python -m gptoss.tools.dev.llama_peer --model checkpoints/bench --threads 2 [--kind mxfp4|f32] [--json out]
     python -m gptoss.tools.dev.llama_peer --model DIR --check-logits      # fp32 logits vs the F32 GGUF
 
 llama.cpp lives in its own virtualenv (``build/llama-venv``; never a dependency of this project): the first call
@@ -45,8 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = ROOT / "build" / "llama-venv"
 LLAMA_CPP_PYTHON = "0.3.36"
-# The converter's own needs (the runtime's venv is not used for anything llama.cpp does).
-CONVERTER_DEPS = ["torch", "transformers", "safetensors", "numpy", "tqdm", "pyyaml", "requests"]
+# The converter's own needs (the runtime's venv is not used for anything llama.cpp does); torch pinned: an open
+# range pulls a CUDA build of several GB.
+CONVERTER_DEPS = ["torch==2.13.0", "transformers", "safetensors", "numpy", "tqdm", "pyyaml", "requests"]
 KINDS = {"mxfp4": "bf16", "f32": "f32"}  # GGUF kind -> convert_hf_to_gguf --outtype
 PROMPT_LEN, SHORT_PROMPT = 512, 32
 SAMPLE_TEXTS = [
@@ -82,7 +83,7 @@ def ensure_venv(venv: Path = DEFAULT_VENV, log=print) -> Path:
     if not py.exists():
         log(f"creating {venv}")
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "ensurepip", "-q"], check=True)
+        subprocess.run([str(py), "-m", "ensurepip"], check=True)
     src = venv / "src"
     sdist = src / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     if not sdist.exists():

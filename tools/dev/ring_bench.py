@@ -5,7 +5,7 @@
 - decode step time at long context: one process, one model, two runtimes (one per setting) stepping a batch-1
   decode at position `--context` (kv_len bucket of that position) in interleaved rounds; medians and their ratio.
 
-    python -m gptoss.tools.dev.ring_bench --model /work/ckpt-bench [--max-seq-len 131072] [--context 30000]
+    python -m gptoss.tools.dev.ring_bench --model checkpoints/bench [--max-seq-len 131072] [--context 30000]
 """
 from __future__ import annotations
 

@@ -42,6 +42,14 @@ constexpr int64_t kTileFloats = 96 * 1024;  // fp32 weights per decoded tile on 
 // fp4 e2m1 code -> 2 * value (an integer, so the table fits int8 for pshufb); scales carry the factor 1/2.
 constexpr int8_t kTwiceFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
+// The same values as bf16 bit patterns, split into their top and second bytes: every 2 x fp4 value is exact in bf16,
+// so two byte lookups per code and a byte interleave build its bf16 word, and a bf16 word in the top half of a
+// 32-bit lane is the fp32 value: no int -> float conversion (the SIMD decoders build fp32 this way).
+constexpr uint8_t kTwiceFp4Bf16Hi[16] = {0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41,
+                                         0x00, 0xbf, 0xc0, 0xc0, 0xc0, 0xc0, 0xc1, 0xc1};
+constexpr uint8_t kTwiceFp4Bf16Lo[16] = {0x00, 0x80, 0x00, 0x40, 0x80, 0xc0, 0x00, 0x40,
+                                         0x00, 0x80, 0x00, 0x40, 0x80, 0xc0, 0x00, 0x40};
+
 // e8m0 scale byte s -> 2^(s - 127) / 2 (the 1/2 undoes kTwiceFp4's doubling). Every entry is exact in fp32.
 struct HalfScales {
   float v[256];
@@ -167,16 +175,9 @@ GPTOSS_AVX2 inline void decode_block(const uint8_t* b, __m256 w[4]) {
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(second, 8)));
 }
 
-// Two blocks (32 bytes, 64 values) -> eight vectors of the values times 2 as fp32, built bit by bit: every 2 x fp4
-// value is exact in bf16, so two table lookups per nibble give its top and second byte, a byte interleave makes
-// bf16 words, and a word becomes fp32 by sitting in the top half of a 32-bit lane (shift or mask). No int -> float
-// conversions, fewer instructions than sign-extension. The values come out in the order pair_order() gives, so the
-// activations are read in that order (dot_layout).
-constexpr uint8_t kTwiceFp4Bf16Hi[16] = {0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41,
-                                         0x00, 0xbf, 0xc0, 0xc0, 0xc0, 0xc0, 0xc1, 0xc1};
-constexpr uint8_t kTwiceFp4Bf16Lo[16] = {0x00, 0x80, 0x00, 0x40, 0x80, 0xc0, 0x00, 0x40,
-                                         0x00, 0x80, 0x00, 0x40, 0x80, 0xc0, 0x00, 0x40};
-
+// Two blocks (32 bytes, 64 values) -> eight vectors of the values times 2 as fp32, built from bf16 bit patterns
+// (kTwiceFp4Bf16*): a word becomes fp32 by sitting in the top half of a 32-bit lane (shift or mask). The values come
+// out in kPairOrder's order, so the activations are read in that order (dot_layout).
 GPTOSS_AVX2 inline void decode_pair(const uint8_t* b, __m256 w[8]) {
   const __m256i top = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4Bf16Hi)));
   const __m256i second = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4Bf16Lo)));
@@ -355,7 +356,7 @@ GPTOSS_AVX2 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst) 
 #define GPTOSS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 namespace avx512 {
 
-// 16 bytes -> the block's 32 values (times 2) in two zmm registers.
+// 16 bytes -> the block's 32 values (times 2) in two zmm registers, in order.
 GPTOSS_AVX512 inline void decode_block(const uint8_t* b, __m512 w[2]) {
   const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4));
   const __m128i nibble = _mm_set1_epi8(0x0F);
@@ -366,22 +367,86 @@ GPTOSS_AVX512 inline void decode_block(const uint8_t* b, __m512 w[2]) {
   w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(lo, hi)));
 }
 
+// Four blocks (64 bytes, 128 values) -> eight zmm of the values times 2 as fp32: AVX2's decode_pair at twice the
+// width, one block per 128-bit lane. The values come out in kQuadOrder's order.
+GPTOSS_AVX512 inline void decode_quad(const uint8_t* b, __m512 w[8]) {
+  const __m512i top = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4Bf16Hi)));
+  const __m512i second = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4Bf16Lo)));
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i bytes = _mm512_loadu_si512(b);
+  const __m512i codes[2] = {_mm512_and_si512(bytes, nibble), _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble)};
+  for (int h = 0; h < 2; ++h) {
+    const __m512i hi = _mm512_shuffle_epi8(top, codes[h]), lo = _mm512_shuffle_epi8(second, codes[h]);
+    const __m512i first8 = _mm512_unpacklo_epi8(lo, hi), last8 = _mm512_unpackhi_epi8(lo, hi);  // bf16 words
+    w[4 * h + 0] = _mm512_castsi512_ps(_mm512_slli_epi32(first8, 16));
+    w[4 * h + 1] = _mm512_castsi512_ps(_mm512_and_si512(first8, high_half));
+    w[4 * h + 2] = _mm512_castsi512_ps(_mm512_slli_epi32(last8, 16));
+    w[4 * h + 3] = _mm512_castsi512_ps(_mm512_and_si512(last8, high_half));
+  }
+}
+
+// Which of the quad's 128 values lane e of vector v holds (v = 4 h + 2 c + s as in kPairOrder; e = 4 L + i: block L
+// of the four, i-th 32-bit lane of its 128-bit lane).
+struct QuadOrder {
+  int index[128];
+  constexpr QuadOrder() : index() {
+    for (int v = 0; v < 8; ++v)
+      for (int e = 0; e < 16; ++e) {
+        const int h = v / 4, c = (v / 2) % 2, s = v % 2, block = e / 4, i = e % 4;
+        index[v * 16 + e] = 2 * (16 * block + 8 * c + 2 * i + s) + h;
+      }
+  }
+};
+constexpr QuadOrder kQuadOrder;
+
+// The activation order decode_quad's weights come in; the last (groups mod 4) blocks stay in natural order.
+void mxfp4_dot_layout(const float* x, int64_t k, float* dst) {
+  const int64_t quads = k / (4 * kBlock);
+  for (int64_t q = 0; q < quads; ++q, x += 4 * kBlock, dst += 4 * kBlock)
+    for (int j = 0; j < 4 * kBlock; ++j) dst[j] = x[kQuadOrder.index[j]];
+  std::memcpy(dst, x, (k - quads * 4 * kBlock) * sizeof(float));
+}
+
+// R activation rows (in dot_layout order) against one weight row: each quad of blocks is decoded once and shared
+// by the R rows; the block scales (one per 128-bit lane) multiply each row's partial sums, not the weights.
 template <int R>
-GPTOSS_AVX512 void mxfp4_rows(const uint8_t* b, const uint8_t* s, int64_t groups, const float* x, int64_t ldx,
-                              float* out, int64_t ldo) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
+GPTOSS_AVX512 __attribute__((always_inline)) inline void mxfp4_rows(const uint8_t* b, const uint8_t* s,
+                                                                    int64_t groups, const float* x, int64_t ldx,
+                                                                    float* out, int64_t ldo) {
+  constexpr int P = R == 1 ? 4 : 2;  // independent product chains per row
+  const __m512i lane_of_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 4 <= groups; g += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + g * kBlockBytes) + kPrefetchBytes, _MM_HINT_T0);
+    __m512 w[8];
+    decode_quad(b + g * kBlockBytes, w);
+    const __m128 four = _mm_setr_ps(kHalfScale.v[s[g]], kHalfScale.v[s[g + 1]], kHalfScale.v[s[g + 2]],
+                                    kHalfScale.v[s[g + 3]]);
+    const __m512 scale = _mm512_permutexvar_ps(lane_of_block, _mm512_castps128_ps512(four));
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + g * kBlock;
+      __m512 p[P];
+      for (int j = 0; j < P; ++j) p[j] = _mm512_mul_ps(w[j], _mm512_loadu_ps(xr + 16 * j));
+      for (int j = P; j < 8; ++j) p[j % P] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(xr + 16 * j), p[j % P]);
+      __m512 sum = _mm512_add_ps(p[0], p[1]);
+      if (P == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(p[2 % P], p[3 % P]));
+      acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
+    }
+  }
+  for (; g < groups; ++g) {  // the last blocks, natural order
     __m512 w[2];
     decode_block(b + g * kBlockBytes, w);
     const __m512 scale = _mm512_set1_ps(kHalfScale.v[s[g]]);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + g * kBlock;
       const __m512 p = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), _mm512_mul_ps(w[0], _mm512_loadu_ps(xr)));
-      acc[r][g & 1] = _mm512_fmadd_ps(p, scale, acc[r][g & 1]);  // two chains: consecutive blocks overlap
+      acc[r] = _mm512_fmadd_ps(p, scale, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(acc[r]);
 }
 
 GPTOSS_AVX512 void mxfp4_dot(const Mxfp4& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
@@ -429,6 +494,9 @@ GPTOSS_AVX512 void bf16_rows(const uint16_t* row, int64_t k, const float* x, int
     for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 64 <= k; i += 64) {
+    // two cache lines of weights a step: ask for both ahead of the hardware prefetcher
+    _mm_prefetch(reinterpret_cast<const char*>(row + i) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + i + 32) + kPrefetchBytes, _MM_HINT_T0);
     __m512 w[4];
     for (int j = 0; j < 4; ++j) w[j] = load_bf16(row + i + 16 * j);
     for (int r = 0; r < R; ++r)
@@ -481,7 +549,7 @@ const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode
 #ifdef GPTOSS_X86
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot,
                     avx2::bf16_decode};
-const Kernels kAvx512{"avx512", nullptr, avx512::mxfp4_dot, avx512::mxfp4_decode, avx512::bf16_dot,
+const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode, avx512::bf16_dot,
                       avx512::bf16_decode};
 #endif
 
