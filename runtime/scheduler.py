@@ -35,7 +35,7 @@ import torch
 
 from .metrics import ServingMetrics
 from .runtime import Runtime, TokenEvent, _Sequence
-from .sampling import sample, validate_sampling
+from .sampling import greedy, sample, validate_sampling
 from .tokenizer import IncrementalDetokenizer
 
 
@@ -333,7 +333,7 @@ class Scheduler:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Each row with its own settings and generator; greedy rows in one argmax."""
-        out = logits.argmax(dim=-1)
+        out = greedy(logits)
         for j, row in enumerate(rows):
             req = row.handle.request
             if req.temperature > 0:
