@@ -5,7 +5,9 @@ Every cache row holds at most one request. Each step:
    the decode batch stays in a small bucket); cancelled requests give theirs back;
 2. one request that is still reading its prompt runs one prefill chunk, as a batch-1 graph on its own row of
    the cache (a view of that row); while other rows decode, the chunk is at most the ShapePlan's
-   `interleave_chunk` tokens, so a step of the running streams waits for a short chunk, not a full one;
+   `interleave_chunk` tokens, so a step of the running streams waits for a short chunk, not a full one. When no
+   row decodes and the prefilling rows stand at the same full-chunk boundary (a burst of newcomers), their
+   chunks run together in one batched prefill graph instead, as `Runtime.generate` runs a static batch;
 3. every row that is generating runs one decode step together, as a graph of the smallest batch bucket that
    covers the highest such row; a row that ends frees itself in the same step.
 
@@ -269,8 +271,13 @@ class Scheduler:
     # -- one step of model work --------------------------------------------------------------------------------
     def _compute(self) -> None:
         prefilling = [i for i, r in enumerate(self.rows) if r is not None and r.prefilling]
+        decoding = any(r is not None and not r.prefilling for r in self.rows)
         ran = False
-        if prefilling:  # the oldest admitted first: lowest id
+        together = self._prefill_together(prefilling, decoding)
+        if together:
+            self._prefill_rows(together)
+            ran = True
+        elif prefilling:  # the oldest admitted first: lowest id
             self._prefill_chunk(min(prefilling, key=lambda i: self.rows[i].handle.id))
             ran = True
         if any(r is not None and not r.prefilling for r in self.rows):
@@ -279,6 +286,51 @@ class Scheduler:
         if ran:
             with self.metrics.lock:
                 self.metrics.steps += 1
+
+    def _prefill_together(self, prefilling: list[int], decoding: bool) -> list[int] | None:
+        """Rows whose next chunk can run as one batched prefill, as `Runtime.generate` runs a static batch: when
+        no row decodes (so no running stream waits for it) and every prefilling row stands at the same whole
+        number of full chunks (a burst of newcomers, all at 0), their chunks share the batch's prefill graph.
+        Otherwise None: one row at a time."""
+        if decoding or len(prefilling) < 2:
+            return None
+        done = {self.rows[i].done for i in prefilling}
+        if len(done) != 1 or next(iter(done)) % self.rt.shapes.prefill_chunk:
+            return None
+        return prefilling
+
+    def _prefill_rows(self, rows: list[int]) -> None:
+        """One prefill chunk for several rows (the same `done`) in one graph call of the smallest batch bucket that
+        holds them. Free rows in the bucket run a dummy chunk at position 0, which a later prompt overwrites before
+        reading; a row whose prompt ends inside the chunk gets its first token, as in `_prefill_chunk`."""
+        rt, shapes = self.rt, self.rt.shapes
+        done = self.rows[rows[0]].done
+        batch = shapes.batch(max(rows) + 1)
+        chunk = shapes.chunk(done, max(len(self.rows[i].seq.prompt) for i in rows) - done)
+        ids = torch.zeros(batch, chunk, dtype=torch.long, device=rt.device)
+        start = torch.zeros(batch, dtype=torch.long)
+        last = torch.zeros(batch, dtype=torch.long)
+        for i in rows:
+            row = self.rows[i]
+            ids[i] = row.padded[done:done + chunk]
+            start[i] = done
+            last[i] = min(max(len(row.seq.prompt) - 1 - done, 0), chunk - 1)
+        keys, values = rt.cache.rows(batch)
+        logits = self._graph("prefill", rt.graphs.prefill, ids, start.to(rt.device), last.to(rt.device), keys,
+                             values, shapes.kv_len(done + chunk))
+        finished = []
+        for i in rows:
+            self.rows[i].done += chunk
+            if not self.rows[i].prefilling:
+                finished.append(i)
+        if not finished:
+            return
+        with self.metrics.lock:
+            self.metrics.prompt_tokens += sum(len(self.rows[i].seq.prompt) for i in finished)
+        tokens = self._sample(logits[finished].float(), [self.rows[i] for i in finished])
+        for i, token in zip(finished, tokens):
+            self.rows[i].pos = len(self.rows[i].seq.prompt)
+            self._take(i, token)
 
     def _graph(self, kind: str, fn, ids, *args):
         if self.record_graph_calls:

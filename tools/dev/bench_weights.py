@@ -89,20 +89,27 @@ def main(argv=None) -> int:
     best: dict = {k: {} for k in runtimes}
     peer: dict = {}
     bandwidth = 0.0
+    rounds = []  # every round's figures: the best-of table hides how much a noisy machine moved between rounds
     for r in range(args.rounds):
-        bandwidth = max(bandwidth, copy_bandwidth(256, 3))
+        this_round = {"copy_GBps": copy_bandwidth(256, 3) / 1e9}
+        bandwidth = max(bandwidth, this_round["copy_GBps"] * 1e9)
         for key, rt in runtimes.items():
-            for name, value in one_round(rt).items():
+            figures = this_round["/".join(key)] = one_round(rt)
+            for name, value in figures.items():
                 best[key][name] = max(best[key].get(name, 0.0), value)
         if args.peer:
             theirs = llama_peer.measure(args.model, args.threads, "mxfp4", DECODE, rounds=1,
                                         log=lambda m: print(m, file=sys.stderr))
             peer["engine"] = theirs["engine"]
+            this_round["llama.cpp"] = {name: theirs[key] for name, key in PEER_KEYS.items()}
             for name, key in PEER_KEYS.items():
                 peer[name] = max(peer.get(name, 0.0), theirs[key])
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+        rounds.append(this_round)
+        print(f"round {r + 1}/{args.rounds}: " + "; ".join(
+            f"{k} " + " ".join(f"{n} {v:.1f}" for n, v in f.items()) if isinstance(f, dict) else f"{k} {f:.1f}"
+            for k, f in this_round.items()), flush=True)
 
-    report = {"isa": isa, "threads": args.threads, "copy_GBps": bandwidth / 1e9, "results": []}
+    report = {"isa": isa, "threads": args.threads, "copy_GBps": bandwidth / 1e9, "results": [], "rounds": rounds}
     print(f"\nCPU kernels: {isa} (this CPU runs {kernels.available_isas()}); {args.threads} threads; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"{'weights':<10} {'backend':<9} {'MB/token':>9} {'decode b1':>10} {'decode b8':>10} {'prefill512':>11} "
@@ -122,6 +129,12 @@ def main(argv=None) -> int:
         report["peer"] = peer
         print(f"{'llama.cpp':<10} {'mxfp4':<9} {'':>9} {peer['decode_b1']:10.1f} {peer['decode_b8']:10.1f} "
               f"{peer['prefill512']:11.1f} {'':>10}   [{llama_peer.cpu_isa()}] {peer['engine']}")
+        print("ratios to llama.cpp round by round (same round, best of neither):")
+        for i, rnd in enumerate(rounds):
+            for key in runtimes:
+                mine = rnd["/".join(key)]
+                print(f"  round {i + 1} {'/'.join(key):<20} " + ", ".join(
+                    f"{n} {mine[n] / rnd['llama.cpp'][n]:.2f}x" for n in PEER_KEYS))
     if args.profile:
         print(f"\nprofile of 20 decode steps, batch 1, published/eager [{isa}]:\n"
               f"{profile_decode(args.model, 'published')}")
