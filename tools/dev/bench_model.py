@@ -1,0 +1,57 @@
+"""Load a checkpoint through the public API and time it: ready time, peak RSS, decode tok/s per batch size.
+
+    python -m gptoss.tools.dev.bench_model --model /work/ckpt-20b [--backend eager] [--threads 2]
+                                           [--batches 1,4] [--max-seq-len 256] [--prefill-chunk 64]
+
+Made for the full-size presets (`make_checkpoint --preset 20b`) on a small machine: the shape settings default to
+a short context, so the cache stays small beside the weights. Prompts are 32 random token ids per row; decode
+runs 16 steps twice per batch size (EOS ignored) and the better is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from gptoss.model import kernels
+from gptoss.runtime import Runtime, Settings
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--backend", default="eager")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--max-seq-len", type=int, default=256)
+    ap.add_argument("--prefill-chunk", type=int, default=64)
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    t0 = time.perf_counter()
+    rt = Runtime.from_pretrained(args.model, Settings(backend=args.backend, threads=args.threads,
+                                                      max_seq_len=args.max_seq_len, max_batch_size=max(batches),
+                                                      prefill_chunk=args.prefill_chunk))
+    print(f"ready in {time.perf_counter() - t0:.1f} s; peak RSS {peak_rss_gb():.2f} GB; "
+          f"{args.backend}, {args.threads} threads, kernels {kernels.isa()}", flush=True)
+    g = torch.Generator().manual_seed(0)
+    for batch in batches:
+        prompts = [torch.randint(0, rt.config.vocab_size, (32,), generator=g).tolist() for _ in range(batch)]
+        rt.generate(prompts, max_new_tokens=2, ignore_eos=True)  # warm-up
+        best = 0.0
+        for _ in range(2):
+            rt.generate(prompts, max_new_tokens=16, ignore_eos=True)
+            best = max(best, rt.last_stats.decode_tokens_per_s)
+        print(f"batch {batch}: decode {best:.2f} tok/s (all rows); prefill of {32 * batch} tokens "
+              f"{rt.last_stats.prefill_s:.2f} s", flush=True)
+    print(f"peak RSS {peak_rss_gb():.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
