@@ -210,6 +210,8 @@ def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):
     rows_prefilled = set()
     prefill_chunk = scheduler._prefill_chunk
     monkeypatch.setattr(scheduler, "_prefill_chunk", lambda i: rows_prefilled.add(i) or prefill_chunk(i))
+    # one row at a time even for the first burst: every row's view is exercised (the batched burst is tested below)
+    monkeypatch.setattr(scheduler, "_prefill_together", lambda *args: None)
 
     async def clients(url):
         async with httpx.AsyncClient(timeout=300) as client:
@@ -234,3 +236,26 @@ def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):
     assert rows_prefilled == {0, 1, 2, 3}  # prefill graphs ran on row views at every storage offset
     assert builds == []
     assert json.dumps(counters, sort_keys=True, default=str) == before
+
+
+def test_burst_prefill_on_compiled_graphs(artifacts, monkeypatch):
+    """A burst of newcomers shares the batch-4 prefill graph (the scheduler's batched path) on the compiled
+    graphs: outputs equal `Runtime.generate` one request at a time, nothing is built or traced."""
+    from gptoss.runtime.scheduler import Request, Scheduler
+
+    rt = artifacts[1]
+    want = [rt.generate([p], max_new_tokens=6, ignore_eos=True)[0].token_ids for p in PROMPTS]
+    builds = []
+    from torch._inductor import cpp_builder
+    original = cpp_builder.CppBuilder.build
+    monkeypatch.setattr(cpp_builder.CppBuilder, "build", lambda self: builds.append(1) or original(self))
+    before = json.dumps(counters, sort_keys=True, default=str)
+    scheduler = Scheduler(rt)
+    scheduler.record_graph_calls = True
+    got: dict[int, list[int]] = {}
+    for i, p in enumerate(PROMPTS):
+        scheduler.submit(Request(tuple(p), 6, ignore_eos=True), lambda e, i=i: got.setdefault(i, []).append(e.token_id))
+    scheduler.run_until_idle()
+    assert scheduler.graph_calls[0][:2] == ("prefill", 4)
+    assert [got[i] for i in range(len(PROMPTS))] == want
+    assert builds == [] and json.dumps(counters, sort_keys=True, default=str) == before
