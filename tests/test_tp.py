@@ -299,6 +299,11 @@ def test_bench_peak_rss_per_rank_halves_at_tp2(tmp_path):
             print(f"TP{tp} rank {r['rank']}: baseline {r['baseline_rss'] / mib:.0f} MiB, peak while loading "
                   f"{r['load_peak_rss'] / mib:.0f} MiB (+{(r['load_peak_rss'] - r['baseline_rss']) / mib:.0f}), "
                   f"peak after generating {r['peak_rss'] / mib:.0f} MiB, params {r['param_bytes'] / mib:.0f} MiB")
+    # Each rank holds half the weights, and loading costs no more beyond them than at TP 1 (tokenizer, cache,
+    # kernels: a fixed ~60 MiB that does not halve; with published weights the bench model is only 178 MiB, so
+    # a plain "half the growth" bound would be a bound on that fixed part).
+    fixed1 = grow1 - one["param_bytes"]
     for r in reports[2]:
         assert r["param_bytes"] < 0.52 * one["param_bytes"]
-        assert r["load_peak_rss"] - r["baseline_rss"] < 0.6 * grow1
+        grow = r["load_peak_rss"] - r["baseline_rss"]
+        assert grow - r["param_bytes"] < fixed1 + 16 * mib, (grow, r["param_bytes"], fixed1)
