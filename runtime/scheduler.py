@@ -318,17 +318,23 @@ class Scheduler:
         keys, values = rt.cache.rows(batch)
         logits = self._graph("prefill", rt.graphs.prefill, ids, start.to(rt.device), last.to(rt.device), keys,
                              values, shapes.kv_len(done + chunk))
+        self._prefilled(rows, chunk, logits[rows])
+
+    def _prefilled(self, rows: list[int], chunk: int, logits: torch.Tensor) -> None:
+        """After a prefill chunk of `rows` (logits[j] is row rows[j]'s at its last prompt token in the chunk): each
+        row moves on by the chunk, and a row whose prompt has ended gets its first token."""
         finished = []
-        for i in rows:
+        for j, i in enumerate(rows):
             self.rows[i].done += chunk
             if not self.rows[i].prefilling:
-                finished.append(i)
+                finished.append(j)
         if not finished:
             return
+        ended = [rows[j] for j in finished]
         with self.metrics.lock:
-            self.metrics.prompt_tokens += sum(len(self.rows[i].seq.prompt) for i in finished)
-        tokens = self._sample(logits[finished].float(), [self.rows[i] for i in finished])
-        for i, token in zip(finished, tokens):
+            self.metrics.prompt_tokens += sum(len(self.rows[i].seq.prompt) for i in ended)
+        tokens = self._sample(logits[finished].float(), [self.rows[i] for i in ended])
+        for i, token in zip(ended, tokens):
             self.rows[i].pos = len(self.rows[i].seq.prompt)
             self._take(i, token)
 
@@ -349,14 +355,7 @@ class Scheduler:
         values = [v[i:i + 1] for v in rt.cache.values]
         logits = self._graph("prefill", rt.graphs.prefill, ids, start, last, keys, values,
                              shapes.kv_len(row.done + chunk))
-        row.done += chunk
-        if row.prefilling:
-            return
-        with self.metrics.lock:
-            self.metrics.prompt_tokens += length
-        token = self._sample(logits.float(), [row])[0]
-        row.pos = length
-        self._take(i, token)
+        self._prefilled([i], chunk, logits)
 
     def _decode_step(self) -> None:
         rt = self.rt

@@ -91,8 +91,9 @@ def main(argv=None) -> int:
     bandwidth = 0.0
     rounds = []  # every round's figures: the best-of table hides how much a noisy machine moved between rounds
     for r in range(args.rounds):
-        this_round = {"copy_GBps": copy_bandwidth(256, 3) / 1e9}
-        bandwidth = max(bandwidth, this_round["copy_GBps"] * 1e9)
+        copy = copy_bandwidth(256, 3)
+        bandwidth = max(bandwidth, copy)
+        this_round = {"copy_GBps": copy / 1e9}
         for key, rt in runtimes.items():
             figures = this_round["/".join(key)] = one_round(rt)
             for name, value in figures.items():
@@ -105,9 +106,9 @@ def main(argv=None) -> int:
             for name, key in PEER_KEYS.items():
                 peer[name] = max(peer.get(name, 0.0), theirs[key])
         rounds.append(this_round)
-        print(f"round {r + 1}/{args.rounds}: " + "; ".join(
-            f"{k} " + " ".join(f"{n} {v:.1f}" for n, v in f.items()) if isinstance(f, dict) else f"{k} {f:.1f}"
-            for k, f in this_round.items()), flush=True)
+        engines = "; ".join(f"{k} " + " ".join(f"{n} {v:.1f}" for n, v in f.items())
+                            for k, f in this_round.items() if k != "copy_GBps")
+        print(f"round {r + 1}/{args.rounds}: copy {copy / 1e9:.1f} GB/s; {engines}", flush=True)
 
     report = {"isa": isa, "threads": args.threads, "copy_GBps": bandwidth / 1e9, "results": [], "rounds": rounds}
     print(f"\nCPU kernels: {isa} (this CPU runs {kernels.available_isas()}); {args.threads} threads; "

@@ -37,7 +37,7 @@ constexpr int64_t kBlockBytes = 16;  // two 4-bit codes per byte
 constexpr int64_t kDecodeRows = 8;   // an expert with at most this many rows takes the register-decode path
 constexpr int64_t kDotRows = 128;     // output columns per work item on the register-decode path
 // How far ahead a gemv asks for weights, tuned per path on the machine it was measured on: AVX2 on a 2-core Zen 3
-// VM (1 KiB: +10-15% read bandwidth), AVX-512 on a 2-core Sapphire Rapids-class Xeon VM (8 KiB: lm_head gemv
+// VM (1 KiB: +10-15% read bandwidth), AVX-512 on a 2-core Xeon VM (family 6 model 207) (8 KiB: lm_head gemv
 // 22 -> 26-31 GB/s, experts +5-10%; 1 KiB there left the stream short of requests).
 constexpr int64_t kPrefetchBytesAvx2 = 1024;
 constexpr int64_t kPrefetchBytesAvx512 = 8192;
