@@ -48,7 +48,7 @@ constexpr int8_t kTwiceFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6
 
 // The same values as bf16 bit patterns, split into their top and second bytes: every 2 x fp4 value is exact in bf16,
 // so two byte lookups per code and a byte interleave build its bf16 word, and a bf16 word in the top half of a
-// 32-bit lane is the fp32 value: no int -> float conversion (the SIMD decoders build fp32 this way).
+// 32-bit lane is the fp32 value: no int -> float conversion (the AVX2 decoder builds fp32 this way).
 constexpr uint8_t kTwiceFp4Bf16Hi[16] = {0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41,
                                          0x00, 0xbf, 0xc0, 0xc0, 0xc0, 0xc0, 0xc1, 0xc1};
 constexpr uint8_t kTwiceFp4Bf16Lo[16] = {0x00, 0x80, 0x00, 0x40, 0x80, 0xc0, 0x00, 0x40,
@@ -371,76 +371,71 @@ GPTOSS_AVX512 inline void decode_block(const uint8_t* b, __m512 w[2]) {
   w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(lo, hi)));
 }
 
-// Four blocks (64 bytes, 128 values) -> eight zmm of the values times 2 as fp32: AVX2's decode_pair at twice the
-// width, one block per 128-bit lane. The values come out in kQuadOrder's order.
-GPTOSS_AVX512 inline void decode_quad(const uint8_t* b, __m512 w[8]) {
-  const __m512i top = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4Bf16Hi)));
-  const __m512i second = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4Bf16Lo)));
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m512i bytes = _mm512_loadu_si512(b);
-  const __m512i codes[2] = {_mm512_and_si512(bytes, nibble), _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble)};
-  for (int h = 0; h < 2; ++h) {
-    const __m512i hi = _mm512_shuffle_epi8(top, codes[h]), lo = _mm512_shuffle_epi8(second, codes[h]);
-    const __m512i first8 = _mm512_unpacklo_epi8(lo, hi), last8 = _mm512_unpackhi_epi8(lo, hi);  // bf16 words
-    w[4 * h + 0] = _mm512_castsi512_ps(_mm512_slli_epi32(first8, 16));
-    w[4 * h + 1] = _mm512_castsi512_ps(_mm512_and_si512(first8, high_half));
-    w[4 * h + 2] = _mm512_castsi512_ps(_mm512_slli_epi32(last8, 16));
-    w[4 * h + 3] = _mm512_castsi512_ps(_mm512_and_si512(last8, high_half));
-  }
+// Four blocks (64 bytes, 128 codes) -> eight zmm of the values times 2 as fp32. vpermps looks a 16-entry fp32 table
+// up with only the low 4 bits of each 32-bit lane, so after a right shift by 4 j lane i yields the code in its bits
+// 4 j .. 4 j + 3: value 8 i + j of the quad (byte 4 i + j / 2, low nibble for even j). One shift and one lookup per
+// 16 values, and no int -> float conversion: the table holds the floats.
+GPTOSS_AVX512 inline void decode_quad(const uint8_t* b, __m512 table, __m512 w[8]) {
+  const __m512i codes = _mm512_loadu_si512(b);
+  w[0] = _mm512_permutexvar_ps(codes, table);
+  for (int j = 1; j < 8; ++j) w[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4 * j), table);
 }
 
-// Which of the quad's 128 values lane e of vector v holds (v = 4 h + 2 c + s as in kPairOrder; e = 4 L + i: block L
-// of the four, i-th 32-bit lane of its 128-bit lane).
-struct QuadOrder {
-  int index[128];
-  constexpr QuadOrder() : index() {
-    for (int v = 0; v < 8; ++v)
-      for (int e = 0; e < 16; ++e) {
-        const int h = v / 4, c = (v / 2) % 2, s = v % 2, block = e / 4, i = e % 4;
-        index[v * 16 + e] = 2 * (16 * block + 8 * c + 2 * i + s) + h;
-      }
-  }
-};
-constexpr QuadOrder kQuadOrder;
-
-// The activation order decode_quad's weights come in; the last (groups mod 4) blocks stay in natural order.
+// The activation order decode_quad's weights come in (vector j, lane i holds value 8 i + j); the last
+// (groups mod 4) blocks stay in natural order.
 void mxfp4_dot_layout(const float* x, int64_t k, float* dst) {
   const int64_t quads = k / (4 * kBlock);
   for (int64_t q = 0; q < quads; ++q, x += 4 * kBlock, dst += 4 * kBlock)
-    for (int j = 0; j < 4 * kBlock; ++j) dst[j] = x[kQuadOrder.index[j]];
+    for (int j = 0; j < 8; ++j)
+      for (int i = 0; i < 16; ++i) dst[16 * j + i] = x[8 * i + j];
   std::memcpy(dst, x, (k - quads * 4 * kBlock) * sizeof(float));
 }
 
+// Up to 16 scale bytes -> their fp32 factors 2^(s - 128) (halved: the table holds twice the values), built in the
+// exponent field; s = 0 gives 2^-128, a subnormal the exponent field cannot hold: its bits are set directly.
+GPTOSS_AVX512 inline __m512 half_scales(const uint8_t* s, int64_t count) {
+  const __m128i bytes = count == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s))
+                                     : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), s);
+  const __m512i e = _mm512_cvtepu8_epi32(bytes);
+  const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(normal, _mm512_testn_epi32_mask(e, e),
+                                                   _mm512_set1_epi32(1 << 22)));
+}
+
+constexpr int64_t kSumRows = 16;  // weight rows whose sums are reduced together
+
 // R activation rows (in dot_layout order) against one weight row: each quad of blocks is decoded once and shared
-// by the R rows; the block scales (one per 128-bit lane) multiply each row's partial sums, not the weights.
+// by the R rows; the block scales (lane i of a quad's vectors belongs to its block i / 4) multiply each row's
+// partial sums, not the weights. Scales are converted 16 blocks at a time. The R accumulators go to sums[r * kSumRows]
+// unreduced (mxfp4_dot reduces sixteen weight rows' together).
 template <int R>
 GPTOSS_AVX512 __attribute__((always_inline)) inline void mxfp4_rows(const uint8_t* b, const uint8_t* s,
                                                                     int64_t groups, const float* x, int64_t ldx,
-                                                                    float* out, int64_t ldo) {
-  constexpr int P = R == 1 ? 4 : 2;  // independent product chains per row
-  const __m512i lane_of_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+                                                                    __m512* sums) {
+  const __m512 table = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(kTwiceFp4))));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 4 <= groups; g += 4) {
-    _mm_prefetch(reinterpret_cast<const char*>(b + g * kBlockBytes) + kPrefetchBytesAvx512, _MM_HINT_T0);
-    __m512 w[8];
-    decode_quad(b + g * kBlockBytes, w);
-    const __m128 four = _mm_setr_ps(kHalfScale.v[s[g]], kHalfScale.v[s[g + 1]], kHalfScale.v[s[g + 2]],
-                                    kHalfScale.v[s[g + 3]]);
-    const __m512 scale = _mm512_permutexvar_ps(lane_of_block, _mm512_castps128_ps512(four));
-    for (int r = 0; r < R; ++r) {
-      const float* xr = x + r * ldx + g * kBlock;
-      __m512 p[P];
-      for (int j = 0; j < P; ++j) p[j] = _mm512_mul_ps(w[j], _mm512_loadu_ps(xr + 16 * j));
-      for (int j = P; j < 8; ++j) p[j % P] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(xr + 16 * j), p[j % P]);
-      __m512 sum = _mm512_add_ps(p[0], p[1]);
-      if (P == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(p[2 % P], p[3 % P]));
-      acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
+  const int64_t quad_end = groups - groups % 4;  // blocks in whole quads
+  for (int64_t chunk = 0; chunk < quad_end; chunk += 16) {
+    const int64_t chunk_end = std::min(quad_end, chunk + 16);
+    const __m512 scales16 = half_scales(s + chunk, chunk_end - chunk);
+    __m512i lane_of_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (int64_t q = chunk; q < chunk_end; q += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + q * kBlockBytes) + kPrefetchBytesAvx512, _MM_HINT_T0);
+      __m512 w[8];
+      decode_quad(b + q * kBlockBytes, table, w);
+      const __m512 scale = _mm512_permutexvar_ps(lane_of_block, scales16);
+      lane_of_block = _mm512_add_epi32(lane_of_block, _mm512_set1_epi32(4));
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * ldx + q * kBlock;
+        __m512 p[2] = {_mm512_mul_ps(w[0], _mm512_loadu_ps(xr)), _mm512_mul_ps(w[1], _mm512_loadu_ps(xr + 16))};
+        for (int j = 2; j < 8; ++j) p[j % 2] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(xr + 16 * j), p[j % 2]);
+        acc[r] = _mm512_fmadd_ps(_mm512_add_ps(p[0], p[1]), scale, acc[r]);
+      }
     }
   }
-  for (; g < groups; ++g) {  // the last blocks, natural order
+  for (int64_t g = quad_end; g < groups; ++g) {  // the last blocks, natural order
     __m512 w[2];
     decode_block(b + g * kBlockBytes, w);
     const __m512 scale = _mm512_set1_ps(kHalfScale.v[s[g]]);
@@ -450,23 +445,52 @@ GPTOSS_AVX512 __attribute__((always_inline)) inline void mxfp4_rows(const uint8_
       acc[r] = _mm512_fmadd_ps(p, scale, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < R; ++r) sums[r * kSumRows] = acc[r];
 }
 
+// The horizontal sums of sixteen vectors as one vector (lane i: the sum of v[i]'s lanes): a tree of 256-bit,
+// 128-bit and 32-bit shuffles, ~3 instructions a vector instead of the ~8 of reducing each alone.
+GPTOSS_AVX512 inline __m512 sum16(const __m512* v) {
+  // The tree leaves its lanes in the order 0-3, 8-11, 4-7, 12-15; feeding it v[kIn[i]] puts lane i right.
+  constexpr int kIn[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 lo = v[kIn[i]], hi = v[kIn[i + 8]];
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, 0x44), _mm512_shuffle_f32x4(lo, hi, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[i], b[i + 2]), _mm512_unpackhi_ps(b[i], b[i + 2]));
+  return _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+}
+
+// Weight rows go sixteen at a time so that their sums are reduced together (sum16) and stored as one vector.
 GPTOSS_AVX512 void mxfp4_dot(const Mxfp4& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
                              float* out, int64_t ldo) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const uint8_t* b = w.blocks + m * w.groups * kBlockBytes;
-    const uint8_t* s = w.scales + m * w.groups;
+  __m512 sums[4 * kSumRows];  // [activation row of the four][weight row of the sixteen]
+  for (int64_t m = m0; m < m1; m += kSumRows) {
+    const int64_t rows = std::min(kSumRows, m1 - m);
+    const __mmask16 store = static_cast<__mmask16>((1u << rows) - 1);
     for (int64_t r = 0; r < n; r += 4) {
       const float* xr = x + r * ldx;
-      float* o = out + r * ldo + m;
-      switch (std::min<int64_t>(4, n - r)) {
-        case 4: mxfp4_rows<4>(b, s, w.groups, xr, ldx, o, ldo); break;
-        case 3: mxfp4_rows<3>(b, s, w.groups, xr, ldx, o, ldo); break;
-        case 2: mxfp4_rows<2>(b, s, w.groups, xr, ldx, o, ldo); break;
-        default: mxfp4_rows<1>(b, s, w.groups, xr, ldx, o, ldo); break;
+      const int R = static_cast<int>(std::min<int64_t>(4, n - r));
+      for (int64_t i = 0; i < kSumRows; ++i) {
+        if (i >= rows) {
+          for (int j = 0; j < R; ++j) sums[j * kSumRows + i] = _mm512_setzero_ps();
+          continue;
+        }
+        const uint8_t* b = w.blocks + (m + i) * w.groups * kBlockBytes;
+        const uint8_t* s = w.scales + (m + i) * w.groups;
+        switch (R) {
+          case 4: mxfp4_rows<4>(b, s, w.groups, xr, ldx, sums + i); break;
+          case 3: mxfp4_rows<3>(b, s, w.groups, xr, ldx, sums + i); break;
+          case 2: mxfp4_rows<2>(b, s, w.groups, xr, ldx, sums + i); break;
+          default: mxfp4_rows<1>(b, s, w.groups, xr, ldx, sums + i); break;
+        }
       }
+      for (int j = 0; j < R; ++j)
+        _mm512_mask_storeu_ps(out + (r + j) * ldo + m, store, sum16(sums + j * kSumRows));
     }
   }
 }
