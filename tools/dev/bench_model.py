@@ -2,6 +2,7 @@
 
     python -m gptoss.tools.dev.bench_model --model /work/ckpt-20b [--backend eager] [--threads 2]
                                            [--batches 1,4] [--max-seq-len 256] [--prefill-chunk 64]
+                                           [--prefill 512]
 
 Made for the full-size presets (`make_checkpoint --preset 20b`) on a small machine: the shape settings default to
 a short context, so the cache stays small beside the weights. Prompts are 32 random token ids per row; decode
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--prefill-chunk", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=0, help="also time the prefill of one prompt this long")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
@@ -49,6 +51,10 @@ def main(argv=None) -> int:
             best = max(best, rt.last_stats.decode_tokens_per_s)
         print(f"batch {batch}: decode {best:.2f} tok/s (all rows); prefill of {32 * batch} tokens "
               f"{rt.last_stats.prefill_s:.2f} s", flush=True)
+    if args.prefill:
+        prompt = torch.randint(0, rt.config.vocab_size, (args.prefill,), generator=g).tolist()
+        rt.generate([prompt], max_new_tokens=1, ignore_eos=True)
+        print(f"prefill of {args.prefill} tokens: {args.prefill / rt.last_stats.prefill_s:.2f} tok/s", flush=True)
     print(f"peak RSS {peak_rss_gb():.2f} GB")
     return 0
 
