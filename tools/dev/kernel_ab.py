@@ -1,0 +1,91 @@
+"""The MXFP4 MoE kernel of a git revision against the working tree's, built side by side, alternated in one process.
+
+    python -m gptoss.tools.dev.kernel_ab --base HEAD~1 [--shape 20b|bench] [--rows 1] [--threads 2] [--rounds 7]
+
+One MoE layer (top-4 of 32 experts, gate_up + SwiGLU + down) at a preset's widths, `--rows` tokens; the weights
+cycle through 1 GiB so they come from memory, as in a decode step. Each round times 30 calls of each build (the
+median is kept); the per-round time ratio new/base is printed, so machine noise shows as spread, not as a result.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from gptoss.model import kernels
+
+SHAPES = {"20b": (2880, 2880), "bench": (768, 768)}
+EXPERTS, TOP_K = 32, 4
+
+
+def build_revision(rev: str):
+    """The kernels' C++ as committed at `rev`, compiled as its own extension module."""
+    root = Path(__file__).resolve().parents[2]
+    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:model/kernels/csrc/cpu_kernels.cpp"],
+                         check=True, capture_output=True).stdout
+    path = Path(tempfile.mkdtemp()) / "cpu_kernels.cpp"
+    path.write_bytes(src)
+    return cpp_extension.load(name="gptoss_kernels_ab_" + hashlib.sha256(src).hexdigest()[:12], sources=[str(path)],
+                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="HEAD~1", help="git revision of the kernels to compare against")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="20b")
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base, new = build_revision(args.base), kernels.extension()
+    hidden, inter = SHAPES[args.shape]
+    layer = EXPERTS * 3 * inter * hidden * 17 // 32
+    copies = max(2, 2**30 // layer)
+    g = torch.Generator().manual_seed(0)
+
+    def mxfp4(m, k):
+        return (torch.randint(0, 256, (EXPERTS, m, k // 32, 16), dtype=torch.uint8, generator=g),
+                torch.randint(118, 124, (EXPERTS, m, k // 32), dtype=torch.uint8, generator=g))
+
+    weights = [(*mxfp4(2 * inter, hidden), *mxfp4(hidden, inter)) for _ in range(copies)]
+    gate_up_bias, down_bias = torch.zeros(EXPERTS, 2 * inter), torch.zeros(EXPERTS, hidden)
+    x = torch.randn(args.rows, hidden)
+    gates = torch.softmax(torch.randn(args.rows, TOP_K), -1)
+    chosen = [torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(args.rows)])
+              for _ in range(64)]
+    state = {"i": 0}
+
+    def run(module):
+        i = state["i"] = state["i"] + 1
+        gu_b, gu_s, d_b, d_s = weights[i % copies]
+        return module.mxfp4_moe(x, gates, chosen[i % 64], gu_b, gu_s, gate_up_bias, d_b, d_s, down_bias, 0,
+                                1.702, 7.0)
+
+    expected = run(base)
+    state["i"] -= 1
+    torch.testing.assert_close(run(new), expected, rtol=1e-4, atol=1e-4)
+    medians: dict[str, list[float]] = {"base": [], "new": []}
+    for _ in range(args.rounds):
+        for name, module in (("base", base), ("new", new)):
+            times = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                run(module)
+                times.append(time.perf_counter() - t0)
+            medians[name].append(sorted(times)[len(times) // 2])
+    print(f"MoE layer at {args.shape} widths, {args.rows} row(s), {args.threads} threads, kernels {kernels.isa()}")
+    for name, ts in medians.items():
+        print(f"  {name:5s} median of rounds {sorted(ts)[len(ts) // 2] * 1e6:8.0f} us")
+    print("  new/base time per round: " + " ".join(f"{n / b:.2f}" for n, b in zip(medians["new"], medians["base"])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
