@@ -5,11 +5,13 @@
    `Runtime.generate` gives for it alone; p50/p99 time to first token and inter-token latency; throughput;
 2. the same requests through `Runtime.generate` in static batches of max-batch-size (each batch runs until its
    longest request ends): throughput ratio;
-3. the first `--serial` requests one at a time through the server: throughput ratio;
+3. the same requests one at a time through the server (`--serial N`: the first N only): throughput ratio;
 4. the longest stall of four running streams while a `--long-prompt`-token prompt is admitted (vs their median
    inter-token gap);
 5. memory over `--memory-requests` more short requests: resident size, and the Python heap, live tensors and
-   the scheduler's bookkeeping (which would grow with a leak, where resident size also moves with the allocator).
+   the scheduler's bookkeeping (which would grow with a leak, where resident size also moves with the allocator);
+6. the same requests through the scheduler alone (no HTTP, stepped in this thread, as many outstanding as there
+   are clients): what the server's HTTP and streaming cost on the same cores.
 
     python -m gptoss.tools.dev.load_test [--model DIR] [--clients 32] [--requests 64] [--max-batch-size 8]
 
@@ -33,7 +35,7 @@ import httpx
 import torch
 
 from gptoss.runtime import Runtime
-from gptoss.runtime.scheduler import Scheduler
+from gptoss.runtime.scheduler import Request, Scheduler
 from gptoss.runtime.server import create_app
 from gptoss.runtime.server.background import LiveServer
 
@@ -144,6 +146,22 @@ def memory_probe(url, vocab, rng, scheduler, args) -> dict:
             "scheduler_open_handles": len(scheduler._handles), "scheduler_waiting": len(scheduler._waiting)}
 
 
+def scheduler_alone(rt, requests, outstanding, served_wall) -> dict:
+    """The requests through a fresh Scheduler stepped in this thread, at most `outstanding` submitted and not yet
+    finished at a time (as the clients keep them): wall time and tokens/s without HTTP."""
+    scheduler, pending, handles = Scheduler(rt), list(requests), []
+    t0 = time.perf_counter()
+    while pending or scheduler.busy:
+        while pending and sum(not h.done.is_set() for h in handles) < outstanding:
+            prompt, n = pending.pop(0)
+            handles.append(scheduler.submit(Request(tuple(prompt), n)))
+        scheduler.step()
+    wall = time.perf_counter() - t0
+    tokens = scheduler.metrics.tokens_generated
+    return {"wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "served_wall_over_this": round(served_wall / wall, 2)}
+
+
 def rss_mb() -> float:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -161,7 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--interleave-chunk", type=int, default=64,
                     help="prompt tokens prefilled per step while others decode (= --prefill-chunk: no limit)")
-    ap.add_argument("--serial", type=int, default=16, help="requests sent one at a time for the ratio")
+    ap.add_argument("--serial", type=int, default=None,
+                    help="requests sent one at a time for the ratio (default: all of them, the same work as served)")
     ap.add_argument("--long-prompt", type=int, default=2000)
     ap.add_argument("--memory-requests", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
@@ -199,17 +218,19 @@ def main(argv=None) -> int:
         # one at a time through the server
         t0 = time.perf_counter()
         serial_tokens = 0
-        for prompt, n in requests[:args.serial]:
+        serial = requests[:args.serial] if args.serial else requests
+        for prompt, n in serial:
             serial_tokens += asyncio.run(_single(server.url, prompt, n))
         serial_wall = time.perf_counter() - t0
         serial_rate = serial_tokens / serial_wall
-        figures["one_at_a_time"] = {"requests": args.serial, "tokens_per_s": round(serial_rate, 2),
+        figures["one_at_a_time"] = {"requests": len(serial), "tokens_per_s": round(serial_rate, 2),
                                     "served_speedup": round(tokens / wall / serial_rate, 2)}
 
         figures["stall"] = asyncio.run(stall_probe(server.url, "m", vocab, args.long_prompt, rng))
 
         figures["memory"] = memory_probe(server.url, vocab, rng, scheduler, args)
     scheduler.stop()
+    figures["scheduler_alone"] = scheduler_alone(rt, requests, args.clients, wall)
 
     # correctness and the static-batch baseline, after the server is idle (no competition for the cores)
     mismatched = [i for i, (p, n) in enumerate(requests)
