@@ -3,7 +3,7 @@
 Each result is checked against a float64 reference within the fp32 summation bound |error| <= K * 2^-23 * |x| |W|^T
 (any summation order meets it; a wrong weight, scale, row or bias does not). Sizes are odd on purpose: rows not a
 multiple of 8, odd output widths, K = 32 * odd, experts with 0, 1, a few and many rows (both the register-decode
-path, <= 8 rows, and the decode-to-fp32-then-sgemm path, including weights too large for one scratch tile).
+path, <= 16 rows, and the decode-to-fp32-then-sgemm path, including weights too large for one scratch tile).
 """
 import os
 import subprocess
@@ -56,7 +56,7 @@ def _mxfp4(experts, m, groups, seed):
 
 GROUPS = [  # (rows per expert, output width M, blocks per row G)
     ([0, 1, 3, 0, 20], 7, 3),
-    ([5, 0, 9, 1], 33, 5),
+    ([5, 0, 9, 1], 33, 5),  # 9 and 5 rows: the register-decode path in steps of four rows and a remainder
     ([1], 1, 1),
     ([2, 130], 130, 3),
     ([0, 0], 9, 1),  # no rows at all
@@ -170,3 +170,52 @@ def test_env_var_forces_a_lower_path():
     assert proc.stdout.strip() == lower
     proc = _isa_in_subprocess("avx9000")
     assert proc.returncode != 0 and "GPTOSS_CPU_ISA='avx9000' is not available on this CPU" in proc.stderr
+
+
+def test_prefetch_distance_changes_speed_not_results():
+    blocks, scales = _mxfp4(2, 33, 5, seed=3)
+    x = torch.randn(6, 5 * 32)
+    offs = torch.tensor([2, 6], dtype=torch.int32)
+    w = torch.randn(17, 96).bfloat16()
+    xb = torch.randn(3, 96)
+    before = kernels.prefetch()
+    try:
+        outs = []
+        for distance in (0, 8192):
+            kernels.set_prefetch(mxfp4=distance, bf16=distance)
+            assert kernels.prefetch() == {"mxfp4": distance, "bf16": distance}
+            outs.append((kernels.mxfp4_grouped_mm(x, blocks, scales, offs), kernels.bf16_linear(xb, w)))
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+    finally:
+        kernels.set_prefetch(**before)
+
+
+def test_tune_prefetch_keeps_the_fastest_candidate():
+    before = kernels.prefetch()
+    try:
+        table = kernels.tune_prefetch(candidates=(0, 1024, 4096), footprint_mb=4, rounds=1)
+        chosen = kernels.prefetch()
+        for name in ("mxfp4", "bf16"):
+            assert set(table[name]) == {0, 1024, 4096} and all(v > 0 for v in table[name].values())
+            assert chosen[name] == max(table[name], key=table[name].get)
+    finally:
+        kernels.set_prefetch(**before)
+
+
+def test_bad_prefetch_distance_is_refused():
+    with pytest.raises(RuntimeError, match="prefetch distances must lie in"):
+        kernels.set_prefetch(mxfp4=-1)
+
+
+def _prefetch_in_subprocess(value: str) -> subprocess.CompletedProcess:
+    code = "from gptoss.model import kernels; print(kernels.prefetch())"
+    env = dict(os.environ, GPTOSS_PREFETCH=value, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_env_var_sets_the_prefetch_distances():
+    proc = _prefetch_in_subprocess("mxfp4=1024,bf16=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str({"mxfp4": 1024, "bf16": 0})
+    proc = _prefetch_in_subprocess("mxfp4=lots")
+    assert proc.returncode != 0 and "GPTOSS_PREFETCH='mxfp4=lots'" in proc.stderr

@@ -13,6 +13,12 @@ capture them as opaque nodes and saved graphs find them in a new process. The C+
 use through torch's extension builder and cached under a name keyed by the sources' hash, so an edit rebuilds it
 and an unchanged source loads the cached library. The instruction set (AVX-512, AVX2, portable) is chosen at run
 time; `GPTOSS_CPU_ISA=avx2|scalar` or `set_isa` forces a lower one.
+
+How far ahead the gemvs prefetch weights is measured, not assumed: machines differ by 2x on it (a Xeon VM wanted
+8 KiB on both gemvs, a Zen 4 VM none on bf16 and 2-4 KiB on MXFP4). When the library loads, `tune_prefetch` times
+each candidate distance on both gemvs with weights streamed from memory (~0.2 s) and keeps the fastest.
+`GPTOSS_PREFETCH="mxfp4=N,bf16=N"` sets the distances instead, `GPTOSS_PREFETCH=default` keeps the instruction
+set's starting values.
 """
 from __future__ import annotations
 
@@ -24,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["extension", "isa", "available_isas", "set_isa", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear",
-           "mxfp4_moe"]
+__all__ = ["extension", "isa", "available_isas", "set_isa", "prefetch", "set_prefetch", "tune_prefetch",
+           "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe"]
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 _lock = threading.Lock()
@@ -49,10 +55,31 @@ def extension():
                 from torch.utils import cpp_extension
                 _ninja_on_path()
                 # -fopenmp: at::parallel_for runs on torch's OpenMP pool (the same libgomp, already loaded).
-                _module = cpp_extension.load(name=f"gptoss_cpu_kernels_{source_hash()}",
-                                             sources=[str(p) for p in SOURCES],
-                                             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                module = cpp_extension.load(name=f"gptoss_cpu_kernels_{source_hash()}",
+                                            sources=[str(p) for p in SOURCES],
+                                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                _prefetch_from_env(module)
+                _module = module
     return _module
+
+
+PREFETCH_CANDIDATES = (0, 1024, 2048, 4096, 8192)  # bytes ahead
+
+
+def _prefetch_from_env(module) -> None:
+    spec = os.environ.get("GPTOSS_PREFETCH", "").strip()
+    if spec == "default":
+        return
+    if not spec:
+        tune_prefetch(module=module)
+        return
+    values = dict(zip(("mxfp4", "bf16"), module.prefetch()))
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in values or not value.strip().isdigit():
+            raise ValueError(f"GPTOSS_PREFETCH={spec!r}: expected 'mxfp4=BYTES,bf16=BYTES' or 'default'")
+        values[name.strip()] = int(value)
+    module.set_prefetch(values["mxfp4"], values["bf16"])
 
 
 def _ninja_on_path() -> None:
@@ -74,8 +101,52 @@ def available_isas() -> list[str]:
 
 
 def set_isa(name: str) -> None:
-    """Use `name` (one of available_isas(), or 'best') from now on in this process."""
+    """Use `name` (one of available_isas(), or 'best') from now on in this process. The prefetch distances go back
+    to that instruction set's starting values (`tune_prefetch` measures them again)."""
     extension().set_isa(name)
+
+
+def prefetch() -> dict[str, int]:
+    """The gemvs' prefetch distances in bytes now: {"mxfp4": n, "bf16": n}."""
+    return dict(zip(("mxfp4", "bf16"), extension().prefetch()))
+
+
+def set_prefetch(mxfp4: int | None = None, bf16: int | None = None) -> None:
+    now = prefetch()
+    extension().set_prefetch(now["mxfp4"] if mxfp4 is None else mxfp4, now["bf16"] if bf16 is None else bf16)
+
+
+def tune_prefetch(candidates=PREFETCH_CANDIDATES, footprint_mb: int = 64, rounds: int = 3, module=None) -> dict:
+    """Time one batch-1 gemv over `footprint_mb` of weights (more than a last-level cache holds, so they stream
+    from memory, as in a decode step) at each candidate distance, for the MXFP4 and the bf16 kernel; set the
+    fastest of each. Rounds alternate the candidates, and each keeps its best round, so a burst of noise from
+    elsewhere on the machine cannot pick the winner. Returns {kernel: {distance: GB/s}}."""
+    import time
+
+    module = module or extension()
+    k = 4096
+    bf16_rows, mxfp4_rows = footprint_mb * 2**20 // (2 * k), footprint_mb * 2**20 // (k // 2)
+    x = torch.ones(1, k)
+    bf16_w = torch.full((bf16_rows, k), 0.5, dtype=torch.bfloat16)  # filled: untouched pages would all be one
+    blocks = torch.full((1, mxfp4_rows, k // 32, 16), 0x35, dtype=torch.uint8)
+    scales = torch.full((1, mxfp4_rows, k // 32), 127, dtype=torch.uint8)
+    offs = torch.ones(1, dtype=torch.int32)
+    calls = {"mxfp4": (lambda: module.mxfp4_grouped_mm(x, blocks, scales, offs, None), blocks.numel()),
+             "bf16": (lambda: module.bf16_linear(x, bf16_w, None), bf16_w.numel() * 2)}
+    best = {name: {c: float("inf") for c in candidates} for name in calls}
+    start = dict(zip(("mxfp4", "bf16"), module.prefetch()))
+    for name, (call, _) in calls.items():
+        call()  # warm: threads up, code paged in
+        for _ in range(rounds):
+            for c in candidates:
+                module.set_prefetch(c if name == "mxfp4" else start["mxfp4"], c if name == "bf16" else start["bf16"])
+                t0 = time.perf_counter()
+                call()
+                best[name][c] = min(best[name][c], time.perf_counter() - t0)
+        module.set_prefetch(start["mxfp4"], start["bf16"])
+    chosen = {name: min(best[name], key=best[name].get) for name in calls}
+    module.set_prefetch(chosen["mxfp4"], chosen["bf16"])
+    return {name: {c: calls[name][1] / t / 1e9 for c, t in best[name].items()} for name in calls}
 
 
 _lib = torch.library.Library("gptoss", "FRAGMENT")

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
                 key = (name, tag)
                 best[key] = min(best.get(key, float("inf")), best_time(fn, 2))
 
-    print(f"CPU kernels: {kernels.isa()} (this CPU runs {kernels.available_isas()}); {args.threads} threads; "
+    print(f"CPU kernels: {kernels.isa()} (this CPU runs {kernels.available_isas()}), prefetch {kernels.prefetch()}; "
+          f"{args.threads} threads; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; load averages {os.getloadavg()}")
     print("decode shapes (weights from memory):")
     for name, (_, nbytes, _) in decode.items():

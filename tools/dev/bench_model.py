@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                                                       max_seq_len=args.max_seq_len, max_batch_size=max(batches),
                                                       prefill_chunk=args.prefill_chunk))
     print(f"ready in {time.perf_counter() - t0:.1f} s; peak RSS {peak_rss_gb():.2f} GB; "
-          f"{args.backend}, {args.threads} threads, kernels {kernels.isa()}", flush=True)
+          f"{args.backend}, {args.threads} threads, kernels {kernels.isa()}, prefetch {kernels.prefetch()}", flush=True)
     g = torch.Generator().manual_seed(0)
     for batch in batches:
         prompts = [torch.randint(0, rt.config.vocab_size, (32,), generator=g).tolist() for _ in range(batch)]

@@ -110,8 +110,10 @@ def main(argv=None) -> int:
                             for k, f in this_round.items() if k != "copy_GBps")
         print(f"round {r + 1}/{args.rounds}: copy {copy / 1e9:.1f} GB/s; {engines}", flush=True)
 
-    report = {"isa": isa, "threads": args.threads, "copy_GBps": bandwidth / 1e9, "results": [], "rounds": rounds}
-    print(f"\nCPU kernels: {isa} (this CPU runs {kernels.available_isas()}); {args.threads} threads; "
+    report = {"isa": isa, "prefetch": kernels.prefetch(), "threads": args.threads, "copy_GBps": bandwidth / 1e9,
+              "results": [], "rounds": rounds}
+    print(f"\nCPU kernels: {isa} (this CPU runs {kernels.available_isas()}), prefetch {kernels.prefetch()}; "
+          f"{args.threads} threads; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"{'weights':<10} {'backend':<9} {'MB/token':>9} {'decode b1':>10} {'decode b8':>10} {'prefill512':>11} "
           f"{'bw eff b1':>10}")

@@ -4,7 +4,7 @@
 //       rows ends[e-1] .. ends[e] of x (sorted by expert) multiply expert e's W^T; a linear layer is E = 1.
 //
 // Two paths per expert, by how many rows it received:
-//   few rows (decode): each weight row is decoded in registers and shared by all of the expert's rows;
+//   few rows (decode, up to kDecodeRows): each weight row is decoded in registers, shared by four rows at a time;
 //   many rows (prefill): a tile of weight rows is decoded to fp32 (in L2) and one sgemm takes all the rows.
 // Both run in one parallel region per call (see grouped()).
 // The weights are exact in fp32, so every path gives the dense fp32 result up to summation order.
@@ -34,13 +34,20 @@ namespace {
 
 constexpr int64_t kBlock = 32;       // MXFP4 values per block (one shared scale)
 constexpr int64_t kBlockBytes = 16;  // two 4-bit codes per byte
-constexpr int64_t kDecodeRows = 8;   // an expert with at most this many rows takes the register-decode path
+// An expert with at most this many rows takes the register-decode path. Up to ~16 rows re-decoding each weight row
+// per four activation rows beats decoding a tile for sgemm (Zen 4 VM, MoE layer A/B against 8: 64 tokens 0.67-0.87x
+// time at both presets' widths, 128 tokens 0.78-0.97x, 256 tokens 0.94-1.02x); at 32 the 20b width lost 7-14%.
+constexpr int64_t kDecodeRows = 16;
 constexpr int64_t kDotRows = 128;     // output columns per work item on the register-decode path
-// How far ahead a gemv asks for weights, tuned per path on the machine it was measured on: AVX2 on a 2-core Zen 3
-// VM (1 KiB: +10-15% read bandwidth), AVX-512 on a 2-core Xeon VM (family 6 model 207) (8 KiB: lm_head gemv
-// 22 -> 26-31 GB/s, experts +5-10%; 1 KiB there left the stream short of requests).
-constexpr int64_t kPrefetchBytesAvx2 = 1024;
-constexpr int64_t kPrefetchBytesAvx512 = 8192;
+// How far ahead (bytes) the gemv loops ask for weights, beyond the hardware prefetcher. Machines differ a lot: on a
+// 2-core Xeon VM (family 6 model 207) 8 KiB gave the AVX-512 gemvs +20-40% read bandwidth; on a 2-core Zen 4 VM
+// (family 25 model 17) no prefetch at all made the bf16 gemv 22 -> 42 GB/s while the MXFP4 one wanted 2-4 KiB; on
+// Zen 3 AVX2, 1 KiB. So these are starting values, set per instruction set when it is chosen, and
+// kernels/__init__.py measures the candidates on the machine at hand (tune_prefetch) and sets the best.
+struct Prefetch {
+  int64_t mxfp4, bf16;
+};
+Prefetch g_prefetch{8192, 8192};
 constexpr int64_t kTileFloats = 96 * 1024;  // fp32 weights per decoded tile on the sgemm path (384 KiB: fits L2)
 
 // fp4 e2m1 code -> 2 * value (an integer, so the table fits int8 for pshufb); scales carry the factor 1/2.
@@ -100,6 +107,7 @@ struct Kernels {
   Mxfp4Decode mxfp4_decode;
   Bf16Dot bf16_dot;
   Bf16Decode bf16_decode;
+  Prefetch prefetch;  // starting distances for this path (see g_prefetch)
 };
 
 // ---- portable ----
@@ -233,7 +241,7 @@ GPTOSS_AVX2 __attribute__((always_inline)) inline void mxfp4_rows(const uint8_t*
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 2 <= groups; g += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(b + g * kBlockBytes) + kPrefetchBytesAvx2, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + g * kBlockBytes) + g_prefetch.mxfp4, _MM_HINT_T0);
     __m256 w[8];
     decode_pair(b + g * kBlockBytes, w);
     const __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(kHalfScale.v[s[g]])),
@@ -310,7 +318,7 @@ GPTOSS_AVX2 void bf16_rows(const uint16_t* row, int64_t k, const float* x, int64
   int64_t i = 0;
   for (; i + 32 <= k; i += 32) {
     // the next rows' weights, ahead of the hardware prefetcher (+10-15% of read bandwidth on a gemv)
-    _mm_prefetch(reinterpret_cast<const char*>(row + i) + kPrefetchBytesAvx2, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + i) + g_prefetch.bf16, _MM_HINT_T0);
     __m256 w[4];
     for (int j = 0; j < 4; ++j) w[j] = load_bf16(row + i + 8 * j);
     for (int r = 0; r < R; ++r)
@@ -422,7 +430,7 @@ GPTOSS_AVX512 __attribute__((always_inline)) inline void mxfp4_rows(const uint8_
     const __m512 scales16 = half_scales(s + chunk, chunk_end - chunk);
     __m512i lane_of_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     for (int64_t q = chunk; q < chunk_end; q += 4) {
-      _mm_prefetch(reinterpret_cast<const char*>(b + q * kBlockBytes) + kPrefetchBytesAvx512, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + q * kBlockBytes) + g_prefetch.mxfp4, _MM_HINT_T0);
       __m512 w[8];
       decode_quad(b + q * kBlockBytes, table, w);
       const __m512 scale = _mm512_permutexvar_ps(lane_of_block, scales16);
@@ -523,8 +531,8 @@ GPTOSS_AVX512 void bf16_rows(const uint16_t* row, int64_t k, const float* x, int
   int64_t i = 0;
   for (; i + 64 <= k; i += 64) {
     // two cache lines of weights a step: ask for both ahead of the hardware prefetcher
-    _mm_prefetch(reinterpret_cast<const char*>(row + i) + kPrefetchBytesAvx512, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(row + i + 32) + kPrefetchBytesAvx512, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + i) + g_prefetch.bf16, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + i + 32) + g_prefetch.bf16, _MM_HINT_T0);
     __m512 w[4];
     for (int j = 0; j < 4; ++j) w[j] = load_bf16(row + i + 16 * j);
     for (int r = 0; r < R; ++r)
@@ -573,12 +581,12 @@ GPTOSS_AVX512 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst
 
 // -- instruction-set selection -------------------------------------------------------------------------------------
 const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, scalar::bf16_dot,
-                      scalar::bf16_decode};
+                      scalar::bf16_decode, {0, 0}};
 #ifdef GPTOSS_X86
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot,
-                    avx2::bf16_decode};
+                    avx2::bf16_decode, {1024, 1024}};
 const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode, avx512::bf16_dot,
-                      avx512::bf16_decode};
+                      avx512::bf16_decode, {8192, 8192}};
 #endif
 
 // The instruction sets this CPU runs, best first.
@@ -610,6 +618,7 @@ const Kernels& kernels() {
   if (!g_kernels) {
     const char* env = std::getenv("GPTOSS_CPU_ISA");
     g_kernels = choose(env ? env : "");
+    g_prefetch = g_kernels->prefetch;
   }
   return *g_kernels;
 }
@@ -908,7 +917,22 @@ std::vector<std::string> available_isas() {
   return out;
 }
 
-void set_isa(const std::string& name) { g_kernels = choose(name); }
+void set_isa(const std::string& name) {
+  g_kernels = choose(name);
+  g_prefetch = g_kernels->prefetch;
+}
+
+std::vector<int64_t> prefetch() {
+  kernels();
+  return {g_prefetch.mxfp4, g_prefetch.bf16};
+}
+
+void set_prefetch(int64_t mxfp4, int64_t bf16) {
+  TORCH_CHECK(mxfp4 >= 0 && bf16 >= 0 && mxfp4 <= (1 << 20) && bf16 <= (1 << 20),
+              "prefetch distances must lie in [0, 1 MiB], got ", mxfp4, " and ", bf16);
+  kernels();
+  g_prefetch = {mxfp4, bf16};
+}
 
 }  // namespace
 
@@ -919,5 +943,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "x @ W^T + bias with bfloat16 W [M, K], fp32 x");
   m.def("isa", &isa, "the instruction set the kernels use now");
   m.def("available_isas", &available_isas, "instruction sets this CPU runs, best first");
-  m.def("set_isa", &set_isa, "use this instruction set from now on (one of available_isas(), or 'best')");
+  m.def("set_isa", &set_isa, "use this instruction set from now on (one of available_isas(), or 'best'); resets the "
+        "prefetch distances to its starting values");
+  m.def("prefetch", &prefetch, "the gemv prefetch distances in bytes now: [mxfp4, bf16]");
+  m.def("set_prefetch", &set_prefetch, "set the gemv prefetch distances in bytes (mxfp4, bf16)");
 }
