@@ -23,6 +23,7 @@ import atexit
 import datetime
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -134,12 +135,33 @@ def _backend_env(backend: str, timeout_s: float) -> None:
         os.environ.setdefault("HCCL_CONNECT_TIMEOUT", str(max(int(timeout_s), 120)))
 
 
+_EXIT_BARRIER_S = 30.0  # how long a normal exit waits for the other ranks to reach theirs
+_EXIT_DRAIN_S = 0.1  # GIL-free time given to gloo's worker threads before the interpreter is torn down
+
+
 def _shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # a broken group at exit: nothing left to do
-            pass
+    """At interpreter exit, while it is still whole: settle gloo's worker threads, then destroy the group.
+
+    Why the settling: a gloo worker thread drops its finished work (and the tensors in it) after `wait()` has
+    already returned here, and dropping a tensor that Python also knows needs the GIL. A worker the OS scheduled
+    late asks for the GIL once finalisation has begun; CPython then ends that thread with pthread_exit, which
+    unwinds through a noexcept C++ frame: std::terminate, SIGABRT, and a failed exit after a good run (seen under
+    CI load, 1 run in ~12 at tp 4 on 2 cores). destroy_process_group does not help by itself: compiled graphs keep
+    references to the group, so its threads live on into finalisation. A barrier (bounded, so a dead peer cannot
+    hold the exit) lets every rank's last collective complete, and a short sleep releases the GIL so a worker
+    waiting for it drops its work while Python can still take the decref."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=_EXIT_BARRIER_S), wait_all_ranks=True)
+            time.sleep(_EXIT_DRAIN_S)
+    except Exception:  # a peer already gone: nothing to wait for
+        pass
+    try:
+        dist.destroy_process_group()
+    except Exception:  # a broken group at exit: nothing left to do
+        pass
 
 
 _COLLECTIVE_WORDS = ("gloo", "nccl", "hccl", "connection", "timed out", "timeout", "peer", "collective",
