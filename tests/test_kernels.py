@@ -219,3 +219,23 @@ def test_env_var_sets_the_prefetch_distances():
     assert proc.stdout.strip() == str({"mxfp4": 1024, "bf16": 0})
     proc = _prefetch_in_subprocess("mxfp4=lots")
     assert proc.returncode != 0 and "GPTOSS_PREFETCH='mxfp4=lots'" in proc.stderr
+
+
+def test_loading_the_library_makes_the_cpp_kernels_the_ops_cpu_implementations():
+    """Before the library loads, the ops run a Python implementation that loads it; after, the dispatcher calls the
+    C++ kernels directly (a call no longer passes through Python), with the same results."""
+    code = """
+import torch
+from gptoss.model import kernels
+names = ("bf16_linear", "bf16_grouped_mm", "mxfp4_grouped_mm", "mxfp4_moe")
+has_cpu = lambda: [torch._C._dispatch_has_kernel_for_dispatch_key(f"gptoss::{n}", "CPU") for n in names]
+print(has_cpu())
+x, w = torch.randn(3, 64), torch.randn(5, 64).bfloat16()
+first = kernels.bf16_linear(x, w)
+print(has_cpu())
+print(torch.equal(first, kernels.bf16_linear(x, w)), torch.equal(first, kernels.extension().bf16_linear(x, w, None)))
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:3] == [str([False] * 4), str([True] * 4), "True True"]

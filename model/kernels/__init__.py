@@ -9,7 +9,8 @@
 
 Rows of x are sorted by expert; `offs[e]` is the cumulative end of expert e's rows. The ops (schemas and shape-only
 fake implementations) are registered when this module is imported, which importing `gptoss.model` does, so graphs
-capture them as opaque nodes and saved graphs find them in a new process. The C++ (csrc/) is compiled on first
+capture them as opaque nodes and saved graphs find them in a new process. The C++ kernels become the ops' CPU
+implementations when the library loads (on the first call, or when the loader keeps published weights). The C++ (csrc/) is compiled on first
 use through torch's extension builder and cached under a name keyed by the sources' hash, so an edit rebuilds it
 and an unchanged source loads the cached library. The instruction set (AVX-512, AVX2, portable) is chosen at run
 time; `GPTOSS_CPU_ISA=avx2|scalar` or `set_isa` forces a lower one.
@@ -59,6 +60,7 @@ def extension():
                                             sources=[str(p) for p in SOURCES],
                                             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
                 _prefetch_from_env(module)
+                module.register_cpu_impls()
                 _module = module
     return _module
 
@@ -156,10 +158,15 @@ _lib.define("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 _lib.define("mxfp4_moe(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_blocks, Tensor gate_up_scales, "
             "Tensor gate_up_bias, Tensor down_blocks, Tensor down_scales, Tensor down_bias, int down_pad, "
             "float alpha, float limit) -> Tensor")
-_lib.impl("mxfp4_moe", lambda *args: extension().mxfp4_moe(*args), "CPU")
-_lib.impl("mxfp4_grouped_mm", lambda x, b, s, o, bias=None: extension().mxfp4_grouped_mm(x, b, s, o, bias), "CPU")
-_lib.impl("bf16_grouped_mm", lambda x, w, o, bias=None: extension().bf16_grouped_mm(x, w, o, bias), "CPU")
-_lib.impl("bf16_linear", lambda x, w, bias=None: extension().bf16_linear(x, w, bias), "CPU")
+# Until the library is loaded, each op's implementation is this Python one: it loads the library, whose loading
+# registers the C++ kernels as the ops' CPU implementations (they take precedence over these from then on), and
+# passes the call on. Registered for every backend rather than CPU so that nothing is ever deregistered (a call
+# may be running this very function when the C++ kernels arrive); the C++ refuses tensors not in host memory.
+_LAZY = "CompositeExplicitAutograd"
+_lib.impl("mxfp4_moe", lambda *args: extension().mxfp4_moe(*args), _LAZY)
+_lib.impl("mxfp4_grouped_mm", lambda x, b, s, o, bias=None: extension().mxfp4_grouped_mm(x, b, s, o, bias), _LAZY)
+_lib.impl("bf16_grouped_mm", lambda x, w, o, bias=None: extension().bf16_grouped_mm(x, w, o, bias), _LAZY)
+_lib.impl("bf16_linear", lambda x, w, bias=None: extension().bf16_linear(x, w, bias), _LAZY)
 
 
 @torch.library.register_fake("gptoss::mxfp4_grouped_mm", lib=_lib)

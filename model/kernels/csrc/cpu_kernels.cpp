@@ -14,6 +14,7 @@
 // (avx512 | avx2 | scalar) or set_isa() forces a lower path.
 
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -750,7 +751,14 @@ at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& 
   return out;
 }
 
+// Every tensor these kernels read must be in host memory: the ops dispatch on the CPU key only when all their
+// tensors are CPU ones, and a caller of this module's functions may pass anything.
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+}
+
 std::vector<int64_t> row_ends(const at::Tensor& offs, int64_t experts, int64_t rows) {
+  check_cpu(offs, "offs");
   TORCH_CHECK(offs.dim() == 1 && offs.size(0) == experts, "offs must be [", experts, "] (one row end per expert), got ",
               offs.sizes());
   const at::Tensor o = offs.to(at::kLong).contiguous();
@@ -771,12 +779,15 @@ void check_x(const at::Tensor& x, int64_t k) {
 
 void check_bias(const c10::optional<at::Tensor>& bias, int64_t experts, int64_t m) {
   if (!bias.has_value()) return;
+  check_cpu(*bias, "bias");
   TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == experts * m,
               "bias must be contiguous float32 with ", experts * m, " values, got ", bias->scalar_type(), " ",
               bias->sizes());
 }
 
 Mxfp4Experts mxfp4_experts(const at::Tensor& blocks, const at::Tensor& scales, const char* name) {
+  check_cpu(blocks, "blocks");
+  check_cpu(scales, "scales");
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 4 && blocks.size(3) == kBlockBytes &&
                   blocks.is_contiguous(),
               name, "blocks must be contiguous uint8 [E, M, K/32, 16], got ", blocks.scalar_type(), " ",
@@ -802,6 +813,7 @@ at::Tensor bf16_grouped_mm(const at::Tensor& x_, const at::Tensor& weight, const
                            const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 3 && weight.is_contiguous(),
               "weight must be contiguous bfloat16 [E, M, K], got ", weight.scalar_type(), " ", weight.sizes());
+  check_cpu(weight, "weight");
   const int64_t experts = weight.size(0), m = weight.size(1);
   check_x(x_, weight.size(2));
   check_bias(bias, experts, m);
@@ -813,6 +825,7 @@ at::Tensor bf16_grouped_mm(const at::Tensor& x_, const at::Tensor& weight, const
 at::Tensor bf16_linear(const at::Tensor& x_, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous(),
               "weight must be contiguous bfloat16 [M, K], got ", weight.scalar_type(), " ", weight.sizes());
+  check_cpu(weight, "weight");
   const int64_t m = weight.size(0);
   check_x(x_, weight.size(1));
   check_bias(bias, 1, m);
@@ -843,6 +856,8 @@ at::Tensor mxfp4_moe(const at::Tensor& x_, const at::Tensor& weights_, const at:
   const int64_t n = x.size(0), h = x.size(1);
   TORCH_CHECK(experts_.dim() == 2 && experts_.size(0) == n && weights_.sizes() == experts_.sizes(),
               "weights and experts must both be [", n, ", k], got ", weights_.sizes(), " and ", experts_.sizes());
+  check_cpu(weights_, "weights");
+  check_cpu(experts_, "experts");
   const at::Tensor experts = experts_.to(at::kLong).contiguous();
   const at::Tensor weights = weights_.to(at::kFloat).contiguous();
   const int64_t k = experts.size(1), pairs = n * k;
@@ -934,6 +949,20 @@ void set_prefetch(int64_t mxfp4, int64_t bf16) {
   g_prefetch = {mxfp4, bf16};
 }
 
+// The gptoss:: ops' CPU kernels, registered with the dispatcher directly: a graph's call then costs the dispatch
+// alone (~3 us), where the Python implementation that loads this library costs ~12 us a call (~17 calls a decode
+// step). Registered on request, not at load, so a second build of these sources in the same process (kernel_ab's
+// base revision) does not take the ops over. The library object lives as long as the process.
+void register_cpu_impls() {
+  static torch::Library* native = nullptr;
+  if (native != nullptr) return;
+  native = new torch::Library(torch::Library::IMPL, "gptoss", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  native->impl("mxfp4_grouped_mm", TORCH_FN(mxfp4_grouped_mm));
+  native->impl("bf16_grouped_mm", TORCH_FN(bf16_grouped_mm));
+  native->impl("bf16_linear", TORCH_FN(bf16_linear));
+  native->impl("mxfp4_moe", TORCH_FN(mxfp4_moe));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -947,4 +976,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "prefetch distances to its starting values");
   m.def("prefetch", &prefetch, "the gemv prefetch distances in bytes now: [mxfp4, bf16]");
   m.def("set_prefetch", &set_prefetch, "set the gemv prefetch distances in bytes (mxfp4, bf16)");
+  m.def("register_cpu_impls", &register_cpu_impls, "make these kernels the gptoss:: ops' CPU implementations");
 }
