@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
 from .artifacts import ArtifactDir, Manifest, artifact_key
 from .cuda_graphs import wrap_decode_graphs
@@ -47,19 +48,32 @@ def _inductor_cache(directory: Path | None):
             codecache._precompile_header.cache_clear()
 
 
+def _wrapper(device: torch.device, tp_size: int) -> dict:
+    """Inductor options for how a graph's wrapper (the code that allocates buffers and calls the kernels in turn) runs.
+
+    On CPU it is generated as C++ (`cpp_wrapper`): a batch-1 decode step of the bench checkpoint makes ~17 kernel
+    and ~17 custom-op calls with ~100 size checks and ~65 tensor views between them, and as Python that costs
+    ~0.4 ms of a ~3.8 ms step (measured 0.89x the step time with the C++ wrapper, same compile time; BENCHMARKS.md).
+    CUDA keeps the Python wrapper: its decode graphs are replayed as CUDA graphs, which skip the wrapper. So do
+    tensor-parallel graphs: torch 2.13's C++ wrapper cannot call the collectives dynamo captures ("arg type Any is
+    not yet supported by custom_op_wrapper")."""
+    return {"cpp_wrapper": device.type == "cpu" and tp_size == 1}
+
+
 def build(model, shapes: ShapePlan, cache, settings) -> Graphs:
     """Graphs for every shape of `shapes`, compiled now or loaded from `settings.artifacts` (see ArtifactDir)."""
     specs = shapes.specs()
     device = model.device
+    wrapper = _wrapper(device, model.parallel.tp_size)
     directory = None
     if settings.artifacts is not None:
         directory = ArtifactDir(settings.artifacts, model.parallel.tp_size, model.parallel.rank)
         # inductor's CPU kernels bake the OpenMP thread count in
-        wanted = artifact_key(model, "inductor", shapes, threads=torch.get_num_threads())
+        wanted = artifact_key(model, "inductor", shapes, threads=torch.get_num_threads(), **wrapper)
         manifest = directory.open(wanted, rebuild=settings.rebuild, compile_missing=settings.compile_missing)
         if manifest is not None:
             fns = {}
-            with _inductor_cache(directory.inductor):
+            with _inductor_cache(directory.inductor), inductor_config.patch(wrapper):
                 for spec in specs:
                     with open(directory.path / manifest.files[spec.name], "rb") as f:
                         fns[spec] = bind(torch.compiler.load_compiled_function(f), model, spec.kv_len)
@@ -68,7 +82,8 @@ def build(model, shapes: ShapePlan, cache, settings) -> Graphs:
             return graphs
 
     fns, progress = {}, Progress(len(specs), settings.progress)
-    with _inductor_cache(directory.inductor if directory else None), torch.no_grad():
+    with _inductor_cache(directory.inductor if directory else None), inductor_config.patch(wrapper), \
+            torch.no_grad():
         for i, spec in enumerate(specs):
             progress(i, spec.name)
             entry = ENTRIES[spec.kind]
