@@ -413,36 +413,59 @@ GPTOSS_AVX512 inline __m512 half_scales(const uint8_t* s, int64_t count) {
 
 constexpr int64_t kSumRows = 16;  // weight rows whose sums are reduced together
 
+// decode_quad's values times 2 as fp32, indexed by code (made once per call, not per row)
+GPTOSS_AVX512 inline __m512 fp4_table() {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4))));
+}
+
+// One quad of blocks of one weight row against R activation rows, into acc[R]: one chain of eight products per
+// row (no pairwise add); quads are independent, so the out-of-order core overlaps their chains.
+template <int R>
+GPTOSS_AVX512 __attribute__((always_inline)) inline void mxfp4_quad(const uint8_t* b, int64_t q, const float* x,
+                                                                    int64_t ldx, __m512 table, __m512 scale,
+                                                                    __m512* acc) {
+  _mm_prefetch(reinterpret_cast<const char*>(b + q * kBlockBytes) + g_prefetch.mxfp4, _MM_HINT_T0);
+  __m512 w[8];
+  decode_quad(b + q * kBlockBytes, table, w);
+  for (int r = 0; r < R; ++r) {
+    const float* xr = x + r * ldx + q * kBlock;
+    __m512 p = _mm512_mul_ps(w[0], _mm512_loadu_ps(xr));
+    for (int j = 1; j < 8; ++j) p = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(xr + 16 * j), p);
+    acc[r] = _mm512_fmadd_ps(p, scale, acc[r]);
+  }
+}
+
 // R activation rows (in dot_layout order) against one weight row: each quad of blocks is decoded once and shared
 // by the R rows; the block scales (lane i of a quad's vectors belongs to its block i / 4) multiply each row's
-// partial sums, not the weights. Scales are converted 16 blocks at a time. The R accumulators go to sums[r * kSumRows]
+// partial sums, not the weights. Scales are converted 16 blocks at a time and spread to a quad's lanes with a
+// constant index per quad position. The R accumulators go to sums[r * kSumRows]
 // unreduced (mxfp4_dot reduces sixteen weight rows' together).
 template <int R>
 GPTOSS_AVX512 __attribute__((always_inline)) inline void mxfp4_rows(const uint8_t* b, const uint8_t* s,
                                                                     int64_t groups, const float* x, int64_t ldx,
-                                                                    __m512* sums) {
-  const __m512 table = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-      reinterpret_cast<const __m128i*>(kTwiceFp4))));
+                                                                    __m512 table, __m512* sums) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i lanes0 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i lanes1 = _mm512_add_epi32(lanes0, _mm512_set1_epi32(4));
+  const __m512i lanes2 = _mm512_add_epi32(lanes0, _mm512_set1_epi32(8));
+  const __m512i lanes3 = _mm512_add_epi32(lanes0, _mm512_set1_epi32(12));
   const int64_t quad_end = groups - groups % 4;  // blocks in whole quads
-  for (int64_t chunk = 0; chunk < quad_end; chunk += 16) {
-    const int64_t chunk_end = std::min(quad_end, chunk + 16);
-    const __m512 scales16 = half_scales(s + chunk, chunk_end - chunk);
-    __m512i lane_of_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    for (int64_t q = chunk; q < chunk_end; q += 4) {
-      _mm_prefetch(reinterpret_cast<const char*>(b + q * kBlockBytes) + g_prefetch.mxfp4, _MM_HINT_T0);
-      __m512 w[8];
-      decode_quad(b + q * kBlockBytes, table, w);
-      const __m512 scale = _mm512_permutexvar_ps(lane_of_block, scales16);
-      lane_of_block = _mm512_add_epi32(lane_of_block, _mm512_set1_epi32(4));
-      for (int r = 0; r < R; ++r) {
-        const float* xr = x + r * ldx + q * kBlock;
-        __m512 p[2] = {_mm512_mul_ps(w[0], _mm512_loadu_ps(xr)), _mm512_mul_ps(w[1], _mm512_loadu_ps(xr + 16))};
-        for (int j = 2; j < 8; ++j) p[j % 2] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(xr + 16 * j), p[j % 2]);
-        acc[r] = _mm512_fmadd_ps(_mm512_add_ps(p[0], p[1]), scale, acc[r]);
-      }
-    }
+  int64_t chunk = 0;
+  for (; chunk + 16 <= quad_end; chunk += 16) {  // whole chunks of 16 blocks: four quads, constant lane indices
+    const __m512 scales16 = half_scales(s + chunk, 16);
+    mxfp4_quad<R>(b, chunk, x, ldx, table, _mm512_permutexvar_ps(lanes0, scales16), acc);
+    mxfp4_quad<R>(b, chunk + 4, x, ldx, table, _mm512_permutexvar_ps(lanes1, scales16), acc);
+    mxfp4_quad<R>(b, chunk + 8, x, ldx, table, _mm512_permutexvar_ps(lanes2, scales16), acc);
+    mxfp4_quad<R>(b, chunk + 12, x, ldx, table, _mm512_permutexvar_ps(lanes3, scales16), acc);
+  }
+  if (chunk < quad_end) {  // one to three quads left
+    const __m512 scales16 = half_scales(s + chunk, quad_end - chunk);
+    mxfp4_quad<R>(b, chunk, x, ldx, table, _mm512_permutexvar_ps(lanes0, scales16), acc);
+    if (chunk + 4 < quad_end)
+      mxfp4_quad<R>(b, chunk + 4, x, ldx, table, _mm512_permutexvar_ps(lanes1, scales16), acc);
+    if (chunk + 8 < quad_end)
+      mxfp4_quad<R>(b, chunk + 8, x, ldx, table, _mm512_permutexvar_ps(lanes2, scales16), acc);
   }
   for (int64_t g = quad_end; g < groups; ++g) {  // the last blocks, natural order
     __m512 w[2];
@@ -478,6 +501,7 @@ GPTOSS_AVX512 inline __m512 sum16(const __m512* v) {
 GPTOSS_AVX512 void mxfp4_dot(const Mxfp4& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
                              float* out, int64_t ldo) {
   __m512 sums[4 * kSumRows];  // [activation row of the four][weight row of the sixteen]
+  const __m512 table = fp4_table();
   for (int64_t m = m0; m < m1; m += kSumRows) {
     const int64_t rows = std::min(kSumRows, m1 - m);
     const __mmask16 store = static_cast<__mmask16>((1u << rows) - 1);
@@ -492,10 +516,10 @@ GPTOSS_AVX512 void mxfp4_dot(const Mxfp4& w, int64_t m0, int64_t m1, const float
         const uint8_t* b = w.blocks + (m + i) * w.groups * kBlockBytes;
         const uint8_t* s = w.scales + (m + i) * w.groups;
         switch (R) {
-          case 4: mxfp4_rows<4>(b, s, w.groups, xr, ldx, sums + i); break;
-          case 3: mxfp4_rows<3>(b, s, w.groups, xr, ldx, sums + i); break;
-          case 2: mxfp4_rows<2>(b, s, w.groups, xr, ldx, sums + i); break;
-          default: mxfp4_rows<1>(b, s, w.groups, xr, ldx, sums + i); break;
+          case 4: mxfp4_rows<4>(b, s, w.groups, xr, ldx, table, sums + i); break;
+          case 3: mxfp4_rows<3>(b, s, w.groups, xr, ldx, table, sums + i); break;
+          case 2: mxfp4_rows<2>(b, s, w.groups, xr, ldx, table, sums + i); break;
+          default: mxfp4_rows<1>(b, s, w.groups, xr, ldx, table, sums + i); break;
         }
       }
       for (int j = 0; j < R; ++j)
