@@ -14,6 +14,7 @@
    are clients): what the server's HTTP and streaming cost on the same cores.
 
     python -m gptoss.tools.dev.load_test [--model DIR] [--clients 32] [--requests 64] [--max-batch-size 8]
+                                         [--backend inductor --artifacts DIR]
 
 Without --model it builds the tiny checkpoint in a temporary directory. Prints one JSON object of figures.
 """
@@ -184,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--long-prompt", type=int, default=2000)
     ap.add_argument("--memory-requests", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--backend", default="eager", help="eager | inductor (graphs compiled first, or loaded from "
+                                                        "--artifacts)")
+    ap.add_argument("--artifacts", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -192,15 +196,19 @@ def main(argv=None) -> int:
     if model_dir is None:
         from gptoss.tools.make_checkpoint import make_checkpoint
         model_dir = make_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"), "tiny")
+    if args.backend != "eager" and args.artifacts is None:  # the reference runtime below loads the same graphs
+        args.artifacts = tempfile.mkdtemp(prefix="load-test-artifacts-")
     settings = dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                    prefill_chunk=args.prefill_chunk, interleave_chunk=args.interleave_chunk, progress=False)
+                    prefill_chunk=args.prefill_chunk, interleave_chunk=args.interleave_chunk, progress=False,
+                    backend=args.backend, artifacts=args.artifacts)
     rt = Runtime.from_pretrained(model_dir, **settings)
     ref = Runtime(rt.model, model_dir, **settings)  # its own cache: the reference runs one request at a time
     rng = random.Random(args.seed)
     vocab = rt.config.vocab_size
     requests = [([rng.randrange(vocab) for _ in range(rng.randint(1, args.max_prompt))],
                   rng.randint(1, args.max_tokens)) for _ in range(args.requests)]
-    figures = {"clients": args.clients, "requests": args.requests, "max_batch_size": args.max_batch_size,
+    figures = {"backend": args.backend, "clients": args.clients, "requests": args.requests,
+               "max_batch_size": args.max_batch_size,
                "prefill_chunk": args.prefill_chunk, "interleave_chunk": args.interleave_chunk,
                "torch_threads": args.threads, "model": str(model_dir)}
 
