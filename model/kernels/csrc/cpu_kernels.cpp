@@ -973,9 +973,9 @@ void set_prefetch(int64_t mxfp4, int64_t bf16) {
   g_prefetch = {mxfp4, bf16};
 }
 
-// The gptoss:: ops' CPU kernels, registered with the dispatcher directly: a graph's call then costs the dispatch
-// alone (~3 us), where the Python implementation that loads this library costs ~12 us a call (~17 calls a decode
-// step). Registered on request, not at load, so a second build of these sources in the same process (kernel_ab's
+// The gptoss:: ops' CPU kernels, registered with the dispatcher directly: a call from Python then costs 3-6 us on
+// tiny shapes (the bare pybind call 1.5-3.4 us), where it cost ~12 us through the Python implementation that loads
+// this library (~17 calls a decode step). Registered on request, not at load, so a second build of these sources in the same process (kernel_ab's
 // base revision) does not take the ops over. The library object lives as long as the process.
 void register_cpu_impls() {
   static torch::Library* native = nullptr;
