@@ -10,10 +10,10 @@
 Rows of x are sorted by expert; `offs[e]` is the cumulative end of expert e's rows. The ops (schemas and shape-only
 fake implementations) are registered when this module is imported, which importing `gptoss.model` does, so graphs
 capture them as opaque nodes and saved graphs find them in a new process. The C++ kernels become the ops' CPU
-implementations when the library loads (on the first call, or when the loader keeps published weights). The C++ (csrc/) is compiled on first
-use through torch's extension builder and cached under a name keyed by the sources' hash, so an edit rebuilds it
-and an unchanged source loads the cached library. The instruction set (AVX-512, AVX2, portable) is chosen at run
-time; `GPTOSS_CPU_ISA=avx2|scalar` or `set_isa` forces a lower one.
+implementations when the library loads (on the first call of an op or of `extension()`). The C++ (csrc/) is compiled
+on first use through torch's extension builder and cached under a name keyed by the sources' hash, so an edit
+rebuilds it and an unchanged source loads the cached library. The instruction set (AVX-512, AVX2, portable) is
+chosen at run time; `GPTOSS_CPU_ISA=avx2|scalar` or `set_isa` forces a lower one.
 
 How far ahead the gemvs prefetch weights is measured, not assumed: machines differ by 2x on it (a Xeon VM wanted
 8 KiB on both gemvs, a Zen 4 VM none on bf16 and 2-4 KiB on MXFP4). When the library loads, `tune_prefetch` times

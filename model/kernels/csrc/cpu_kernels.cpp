@@ -446,26 +446,17 @@ GPTOSS_AVX512 __attribute__((always_inline)) inline void mxfp4_rows(const uint8_
                                                                     __m512 table, __m512* sums) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i lanes0 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const __m512i lanes1 = _mm512_add_epi32(lanes0, _mm512_set1_epi32(4));
-  const __m512i lanes2 = _mm512_add_epi32(lanes0, _mm512_set1_epi32(8));
-  const __m512i lanes3 = _mm512_add_epi32(lanes0, _mm512_set1_epi32(12));
+  const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i lanes[4] = {first, _mm512_add_epi32(first, _mm512_set1_epi32(4)),
+                            _mm512_add_epi32(first, _mm512_set1_epi32(8)),
+                            _mm512_add_epi32(first, _mm512_set1_epi32(12))};  // quad j of a chunk: blocks 4j..4j+3
   const int64_t quad_end = groups - groups % 4;  // blocks in whole quads
-  int64_t chunk = 0;
-  for (; chunk + 16 <= quad_end; chunk += 16) {  // whole chunks of 16 blocks: four quads, constant lane indices
-    const __m512 scales16 = half_scales(s + chunk, 16);
-    mxfp4_quad<R>(b, chunk, x, ldx, table, _mm512_permutexvar_ps(lanes0, scales16), acc);
-    mxfp4_quad<R>(b, chunk + 4, x, ldx, table, _mm512_permutexvar_ps(lanes1, scales16), acc);
-    mxfp4_quad<R>(b, chunk + 8, x, ldx, table, _mm512_permutexvar_ps(lanes2, scales16), acc);
-    mxfp4_quad<R>(b, chunk + 12, x, ldx, table, _mm512_permutexvar_ps(lanes3, scales16), acc);
-  }
-  if (chunk < quad_end) {  // one to three quads left
-    const __m512 scales16 = half_scales(s + chunk, quad_end - chunk);
-    mxfp4_quad<R>(b, chunk, x, ldx, table, _mm512_permutexvar_ps(lanes0, scales16), acc);
-    if (chunk + 4 < quad_end)
-      mxfp4_quad<R>(b, chunk + 4, x, ldx, table, _mm512_permutexvar_ps(lanes1, scales16), acc);
-    if (chunk + 8 < quad_end)
-      mxfp4_quad<R>(b, chunk + 8, x, ldx, table, _mm512_permutexvar_ps(lanes2, scales16), acc);
+  for (int64_t chunk = 0; chunk < quad_end; chunk += 16) {
+    const int64_t chunk_end = std::min(quad_end, chunk + 16);
+    const __m512 scales16 = half_scales(s + chunk, chunk_end - chunk);
+#pragma GCC unroll 4  // so that lanes[j] is a register, not a load
+    for (int j = 0; chunk + 4 * j < chunk_end; ++j)
+      mxfp4_quad<R>(b, chunk + 4 * j, x, ldx, table, _mm512_permutexvar_ps(lanes[j], scales16), acc);
   }
   for (int64_t g = quad_end; g < groups; ++g) {  // the last blocks, natural order
     __m512 w[2];
@@ -975,8 +966,9 @@ void set_prefetch(int64_t mxfp4, int64_t bf16) {
 
 // The gptoss:: ops' CPU kernels, registered with the dispatcher directly: a call from Python then costs 3-6 us on
 // tiny shapes (the bare pybind call 1.5-3.4 us), where it cost ~12 us through the Python implementation that loads
-// this library (~17 calls a decode step). Registered on request, not at load, so a second build of these sources in the same process (kernel_ab's
-// base revision) does not take the ops over. The library object lives as long as the process.
+// this library (~17 calls a decode step). Registered on request, not at load, so that a second build of these
+// sources in the same process (kernel_ab's base revision) does not take the ops over. The library object lives as
+// long as the process.
 void register_cpu_impls() {
   static torch::Library* native = nullptr;
   if (native != nullptr) return;
