@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import copy
 import threading
 
 # Seconds: from a millisecond (tiny models on CPU) to a minute (a long prompt queued behind others).
@@ -44,6 +45,14 @@ class ServingMetrics:
         self.steps = 0
         self.ttft = Histogram()
         self.inter_token = Histogram()
+
+    def __getstate__(self) -> dict:  # a snapshot crosses to a server's front-end process without its lock
+        with self.lock:
+            return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
     def render(self, prefix: str = "gptoss") -> str:
         with self.lock:

@@ -231,25 +231,7 @@ class Runtime:
         return encoded
 
     def _parse_stop(self, stop) -> tuple[set[int], list[str]]:
-        if stop is None:
-            return set(), []
-        if isinstance(stop, (str, int)):
-            stop = [stop]
-        ids, strings = set(), []
-        for s in stop:
-            if isinstance(s, bool) or not isinstance(s, (str, int)):
-                raise TypeError(f"stop entries must be strings or token ids, got {s!r}")
-            if isinstance(s, int):
-                if not 0 <= s < self.config.vocab_size:
-                    raise ValueError(f"stop token id {s} is outside the vocabulary [0, {self.config.vocab_size})")
-                ids.add(s)
-            elif not s:
-                raise ValueError("stop strings must be non-empty")
-            elif not self.tokenizer.available:
-                raise ValueError("stop strings need the checkpoint's tokenizer.json; pass stop token ids instead")
-            else:
-                strings.append(s)
-        return ids, strings
+        return parse_stop(stop, self.config.vocab_size, self.tokenizer)
 
     # -- the loop --------------------------------------------------------------------------------------------
     def _run(self, seqs: list[_Sequence], temperature, top_k, top_p, generator, stop_ids, stop_strings
@@ -352,6 +334,30 @@ class Runtime:
         delta = text[seq.emitted:max(end, seq.emitted)]
         seq.emitted = max(end, seq.emitted)
         return TokenEvent(seq.index, token, delta, seq.finish_reason)
+
+
+def parse_stop(stop, vocab_size: int, tokenizer: TextTokenizer) -> tuple[set[int], list[str]]:
+    """`stop` (None, a string, a token id, or a list of them) as (stop token ids, stop strings); a bad entry
+    raises TypeError/ValueError naming it."""
+    if stop is None:
+        return set(), []
+    if isinstance(stop, (str, int)):
+        stop = [stop]
+    ids, strings = set(), []
+    for s in stop:
+        if isinstance(s, bool) or not isinstance(s, (str, int)):
+            raise TypeError(f"stop entries must be strings or token ids, got {s!r}")
+        if isinstance(s, int):
+            if not 0 <= s < vocab_size:
+                raise ValueError(f"stop token id {s} is outside the vocabulary [0, {vocab_size})")
+            ids.add(s)
+        elif not s:
+            raise ValueError("stop strings must be non-empty")
+        elif not tokenizer.available:
+            raise ValueError("stop strings need the checkpoint's tokenizer.json; pass stop token ids instead")
+        else:
+            strings.append(s)
+    return ids, strings
 
 
 class _Turn:

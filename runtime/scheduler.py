@@ -36,15 +36,32 @@ from typing import Callable
 import torch
 
 from .metrics import ServingMetrics
-from .runtime import Runtime, TokenEvent, _Sequence
+from .runtime import Runtime, TokenEvent, _Sequence, parse_stop
 from .sampling import greedy, sample, validate_sampling
-from .tokenizer import IncrementalDetokenizer
+from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
 class QueueFull(RuntimeError):
     def __init__(self, capacity: int, retry_after_s: float):
         super().__init__(f"the server is busy: {capacity} requests are already waiting; retry later")
         self.capacity, self.retry_after_s = capacity, retry_after_s
+
+
+def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokenizer: TextTokenizer) -> None:
+    """Raise ValueError/TypeError naming what is wrong with `request` for a model of `vocab_size` tokens served
+    with a context of `max_seq_len` (the scheduler before queueing it, and a server's front end before sending it)."""
+    if not request.prompt:
+        raise ValueError("the prompt is empty: at least one token is needed")
+    bad = [t for t in request.prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if len(request.prompt) >= max_seq_len:
+        raise ValueError(f"the prompt has {len(request.prompt)} tokens, but this server's context is {max_seq_len} "
+                         f"tokens (max_seq_len) and must leave room for at least one generated token")
+    if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or request.max_tokens <= 0:
+        raise ValueError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
+    validate_sampling(request.temperature, request.top_k, request.top_p)
+    parse_stop(list(request.stop), vocab_size, tokenizer)
 
 
 @dataclass(frozen=True)
@@ -63,8 +80,8 @@ class Handle:
     """One submitted request. `on_event(TokenEvent)` is called from the scheduler's thread for every token; the
     last event has `finish_reason` set ("stop", "length", or "cancelled")."""
 
-    def __init__(self, rid: int, request: Request, on_event: Callable[[TokenEvent], None] | None):
-        self.id, self.request, self.on_event = rid, request, on_event
+    def __init__(self, rid: int, request: Request, on_event: Callable[[TokenEvent], None] | None, tag=None):
+        self.id, self.request, self.on_event, self.tag = rid, request, on_event, tag
         self.cancelled = False
         self.arrived = time.perf_counter()
         self.last_token_at: float | None = None
@@ -120,27 +137,19 @@ class Scheduler:
         self.parallel = runtime.model.parallel
         self.graph_calls: list[tuple] = []  # (kind, batch, steps, kv_len) of every graph call, when recording
         self.record_graph_calls = False
+        # rank 0's loop, for an engine serving another process: told of each admission (the request left the
+        # queue for a row), and called after every step (a place to send that step's events in one message)
+        self.on_admit: Callable[[Handle], None] | None = None
+        self.after_step: Callable[[], None] | None = None
 
     # -- requests ----------------------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
         """Raise ValueError/TypeError naming the problem, before a request is queued."""
-        rt = self.rt
-        if not request.prompt:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        bad = [t for t in request.prompt if not 0 <= t < rt.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {rt.config.vocab_size})")
-        limit = rt.shapes.max_seq_len
-        if len(request.prompt) >= limit:
-            raise ValueError(f"the prompt has {len(request.prompt)} tokens, but this server's context is {limit} "
-                             f"tokens (max_seq_len) and must leave room for at least one generated token")
-        if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) \
-                or request.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
-        validate_sampling(request.temperature, request.top_k, request.top_p)
-        rt._parse_stop(list(request.stop))
+        check_request(request, self.rt.config.vocab_size, self.rt.shapes.max_seq_len, self.rt.tokenizer)
 
-    def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> Handle:
+    def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None, tag=None) -> Handle:
+        """Queue `request`; `on_event` gets its tokens (from the scheduler's thread); `tag` is the caller's name
+        for it, kept on the handle."""
         self.check(request)
         with self._lock:
             if self.error is not None:
@@ -148,7 +157,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 self.metrics.requests_rejected += 1
                 raise QueueFull(self.max_queue, self._retry_after())
-            handle = Handle(next(self._ids), request, on_event)
+            handle = Handle(next(self._ids), request, on_event, tag)
             self._waiting.append(handle)
             self._handles[handle.id] = handle
             self.metrics.queue_depth = len(self._waiting)
@@ -188,6 +197,8 @@ class Scheduler:
                         break
                     self._apply(plan)
                     self._compute()
+                    if self.after_step is not None:
+                        self.after_step()
         except BaseException as exc:  # the model failed: fail every request rather than leave clients waiting
             self.error = exc
             with self._lock:
@@ -248,6 +259,8 @@ class Scheduler:
                     self._release(i, "cancelled")
         for rid, request in plan.admit:
             handle = self._handles.get(rid) or Handle(rid, request, None)  # other ranks: no client to tell
+            if self.on_admit is not None and rid in self._handles:
+                self.on_admit(handle)
             free = self.rows.index(None)
             self.rows[free] = self._new_row(handle)
             with self.metrics.lock:

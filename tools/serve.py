@@ -5,15 +5,22 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true` for server-sent
 events), GET /health, GET /metrics (Prometheus text).
+
+The model and its scheduler stay in this process (rank 0's); HTTP is served by a front-end process it starts, so
+request parsing and streaming never hold the engine's GIL. Ctrl-C or SIGTERM stops both.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 
 from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import Scheduler
 from gptoss.runtime.server.app import DEFAULT_MAX_BODY
+from gptoss.runtime.server.engine_core import EngineCore
+from gptoss.runtime.server.frontend import FrontendSpec, start_frontend
 
 from .cli import add_runtime_args, run_cli, settings_from_args
 
@@ -45,19 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.run()
         return 0
 
-    import uvicorn
-
-    from gptoss.runtime.server import create_app
-
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(scheduler, name, max_body_bytes=args.max_body_bytes)
-    scheduler.start()
-    print(f"serving {name} on http://{args.host}:{args.port} (max batch {rt.shapes.max_batch_size}, context "
-          f"{rt.shapes.max_seq_len}, queue {scheduler.max_queue}, tp {rt.model.parallel.tp_size})", flush=True)
+    banner = (f"serving {name} on http://{args.host}:{args.port} (max batch {rt.shapes.max_batch_size}, context "
+              f"{rt.shapes.max_seq_len}, queue {scheduler.max_queue}, tp {rt.model.parallel.tp_size})")
+    frontend = start_frontend(FrontendSpec.for_scheduler(
+        scheduler, args.model, name, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+        log_level=args.log_level, banner=banner))
+    # Ctrl-C reaches both processes; either signal here stops the front end first, whose closing pipe then
+    # stops the scheduler between steps (under TP, with the stop plan every rank needs)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: frontend.shutdown())
+    core = EngineCore(scheduler, frontend.conn)
     try:
-        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+        core.run()
     finally:
-        scheduler.stop()
+        frontend.stop()
+    if not core.frontend_ready.is_set():
+        print("error: the HTTP front end did not start (its error is above)", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

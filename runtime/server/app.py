@@ -1,6 +1,7 @@
 """The FastAPI app: OpenAI's /v1/models, /v1/completions, /v1/chat/completions (JSON or server-sent events), plus
-/health and /metrics (Prometheus text). Requests go to a running `Scheduler`; its thread hands each token to the
-request's asyncio queue."""
+/health and /metrics (Prometheus text). Requests go to an engine: a `Scheduler` in another process
+(`EngineClient`, as `tools.serve` runs it) or in this one (`LocalEngine`); each token reaches the request's asyncio
+queue on the app's event loop."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..harmony import HarmonyDelta, HarmonyStreamParser, HarmonyTokens, render_chat
 from ..scheduler import QueueFull, Scheduler
+from .local_engine import LocalEngine
 from ..stop_text import StopText
 from .errors import APIError, error_body, error_response
 from .protocol import Parsed, check_model, parse_chat, parse_completion
@@ -25,10 +27,12 @@ DEFAULT_MAX_BODY = 4 << 20  # bytes: a 128k-token prompt as JSON token ids fits
 DISCONNECT_POLL_S = 0.5
 
 
-def create_app(scheduler: Scheduler, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
-    rt = scheduler.rt
-    context = rt.shapes.max_seq_len
-    harmony = HarmonyTokens.from_tokenizer(rt.tokenizer) if rt.tokenizer.available else None
+def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """`engine`: an `EngineClient`, a `LocalEngine`, or a `Scheduler` (served from this process)."""
+    if isinstance(engine, Scheduler):
+        engine = LocalEngine(engine)
+    tokenizer, context = engine.tokenizer, engine.context
+    harmony = HarmonyTokens.from_tokenizer(tokenizer) if tokenizer.available else None
     created = int(time.time())
     app = FastAPI(title="gptoss", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -46,13 +50,17 @@ def create_app(scheduler: Scheduler, model_name: str, *, max_body_bytes: int = D
 
     @app.get("/health")
     async def health():
-        if scheduler.error is not None:
-            return JSONResponse({"status": "error", "error": repr(scheduler.error)}, status_code=503)
+        if engine.error is not None:
+            return JSONResponse({"status": "error", "error": engine.error}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(scheduler.metrics.render(), media_type="text/plain; version=0.0.4")
+        try:
+            text = await engine.metrics_text()
+        except (RuntimeError, asyncio.TimeoutError) as exc:
+            raise APIError(503, f"the engine did not answer: {exc or 'timed out'}") from None
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -63,9 +71,9 @@ def create_app(scheduler: Scheduler, model_name: str, *, max_body_bytes: int = D
     async def completions(http: HTTPRequest):
         body = await _json_body(http, max_body_bytes)
         check_model(body, model_name)
-        parsed = parse_completion(body, rt.tokenizer, context)
+        parsed = parse_completion(body, tokenizer, context)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        events, handle = _submit(scheduler, parsed)
+        events, handle = _submit(engine, parsed)
         if parsed.stream:
             return _sse(_completion_chunks(rid, model_name, parsed, events), handle)
         text, tokens, finish = [], 0, None
@@ -84,11 +92,11 @@ def create_app(scheduler: Scheduler, model_name: str, *, max_body_bytes: int = D
         if harmony is None:
             raise APIError(400, "this checkpoint has no tokenizer.json, so no chat: use /v1/completions with "
                                 "token ids")
-        render = lambda m, t, e: render_chat(rt.tokenizer, m, tools=t, reasoning_effort=e)  # noqa: E731
-        parsed = parse_chat(body, rt.tokenizer, context, render)
+        render = lambda m, t, e: render_chat(tokenizer, m, tools=t, reasoning_effort=e)  # noqa: E731
+        parsed = parse_chat(body, tokenizer, context, render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        reply = _ChatReply(HarmonyStreamParser(harmony, rt.tokenizer.decode), parsed.stop_strings)
-        events, handle = _submit(scheduler, parsed)
+        reply = _ChatReply(HarmonyStreamParser(harmony, tokenizer.decode), parsed.stop_strings)
+        events, handle = _submit(engine, parsed)
         if parsed.stream:
             return _sse(_chat_chunks(rid, model_name, parsed, events, reply, handle), handle)
         tokens, finish = 0, None
@@ -135,11 +143,11 @@ async def _json_body(http: HTTPRequest, limit: int) -> dict:
     return body
 
 
-def _submit(scheduler: Scheduler, parsed: Parsed):
+def _submit(engine, parsed: Parsed):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     try:
-        handle = scheduler.submit(parsed.request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        handle = engine.submit(parsed.request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
     except QueueFull as exc:
         raise APIError(429, str(exc), code="queue_full",
                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None

@@ -1,4 +1,6 @@
-"""A live server in this process: uvicorn on a free loopback port, in a background thread (tests, load tool)."""
+"""Live servers on a free loopback port for tests and the load tool: `LiveServer` runs uvicorn in a thread of
+this process; `SplitServer` runs the engine in a thread of this process and the front end in a process of its
+own, as `tools.serve` does."""
 from __future__ import annotations
 
 import socket
@@ -6,6 +8,9 @@ import threading
 import time
 
 import uvicorn
+
+from .engine_core import EngineCore
+from .frontend import FrontendSpec, start_frontend
 
 
 def free_port() -> int:
@@ -33,3 +38,29 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class SplitServer:
+    """`scheduler` steps in a thread here (the engine); HTTP is served by a spawned front-end process."""
+
+    def __init__(self, scheduler, model_dir, name: str, **spec):
+        self.spec = FrontendSpec.for_scheduler(scheduler, model_dir, name, port=free_port(), log_level="error",
+                                               **spec)
+        self.scheduler, self.url = scheduler, self.spec.url
+        self.frontend, self.thread = None, None
+
+    def __enter__(self) -> "SplitServer":
+        self.frontend = start_frontend(self.spec)
+        self.core = EngineCore(self.scheduler, self.frontend.conn)
+        self.thread = threading.Thread(target=self.core.run, name="gptoss-engine", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.core.frontend_ready.wait(0.05):
+            if time.monotonic() > deadline or not self.frontend.alive():
+                self.__exit__()
+                raise RuntimeError("the front-end process did not start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.frontend.stop()
+        self.thread.join(30)

@@ -1,4 +1,7 @@
-"""A bounded load test of the server, in one process (server on 127.0.0.1 in a thread, clients on asyncio):
+"""A bounded load test of the server on 127.0.0.1, in three processes as it would run: the engine (the scheduler,
+stepping in a thread of this process), the HTTP front end (a process of its own, as `tools.serve` starts it;
+`--frontend thread` serves from a thread of this process instead), and the clients (asyncio, in a process of their
+own, so they never share a GIL with the engine):
 
 1. `--requests` requests (prompt lengths 1..`--max-prompt`, max_tokens 1..`--max-tokens`, greedy, token-id
    prompts) from `--clients` concurrent streaming clients: every request must complete with the text that
@@ -14,7 +17,7 @@
    are clients): what the server's HTTP and streaming cost on the same cores.
 
     python -m gptoss.tools.dev.load_test [--model DIR] [--clients 32] [--requests 64] [--max-batch-size 8]
-                                         [--backend inductor --artifacts DIR]
+                                         [--backend inductor --artifacts DIR] [--frontend process|thread]
 
 Without --model it builds the tiny checkpoint in a temporary directory. Prints one JSON object of figures.
 """
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import gc
+import multiprocessing
 import json
 import os
 import random
@@ -38,7 +43,7 @@ import torch
 from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import Request, Scheduler
 from gptoss.runtime.server import create_app
-from gptoss.runtime.server.background import LiveServer
+from gptoss.runtime.server.background import LiveServer, SplitServer
 
 
 def pct(values, q):
@@ -86,22 +91,21 @@ async def run_clients(url, model, requests, clients):
     return results, time.perf_counter() - t0
 
 
-async def stall_probe(url, model, vocab, long_prompt, rng, streams=4):
+async def stall_probe(url, model, short_prompts, long_prompt):
     """`streams` running streams; once each has its first token, a long prompt arrives; the streams stop when it
     has been admitted (its first token). The gaps of the streams while it is admitted (longest, median) against
     their median gap before it arrived."""
     async with httpx.AsyncClient(timeout=600) as client:
-        started = [asyncio.Event() for _ in range(streams)]
+        started = [asyncio.Event() for _ in short_prompts]
         admitted = asyncio.Event()
-        tasks = [asyncio.create_task(stream_one(client, url, model, [rng.randrange(vocab) for _ in range(8)],
-                                                long_prompt, ignore_eos=True, started=e, until=admitted))
-                 for e in started]
+        tasks = [asyncio.create_task(stream_one(client, url, model, p, len(long_prompt), ignore_eos=True, started=e,
+                                                until=admitted))
+                 for p, e in zip(short_prompts, started)]
         for e in started:
             await e.wait()
         await asyncio.sleep(0.5)  # a few steady gaps first
         t_long = time.perf_counter()
-        _, _, ttft_long, _, _ = await stream_one(client, url, model,
-                                                 [rng.randrange(vocab) for _ in range(long_prompt)], 1)
+        _, _, ttft_long, _, _ = await stream_one(client, url, model, long_prompt, 1)
         t_admitted = t_long + ttft_long
         admitted.set()
         outs = await asyncio.gather(*tasks)
@@ -112,16 +116,17 @@ async def stall_probe(url, model, vocab, long_prompt, rng, streams=4):
                 steady.append(b - a)
             elif a <= t_admitted:
                 window.append(b - a)
-    return {"long_prompt_tokens": long_prompt, "long_prompt_ttft_s": round(ttft_long, 4),
+    return {"long_prompt_tokens": len(long_prompt), "long_prompt_ttft_s": round(ttft_long, 4),
             "max_stall_s": round(max(window), 4) if window else None,
             "gap_p50_while_admitting_s": round(statistics.median(window), 4) if window else None,
             "median_gap_before_s": round(statistics.median(steady), 4) if steady else None}
 
 
-def memory_probe(url, vocab, rng, scheduler, args) -> dict:
-    """Resident memory over `--memory-requests` short requests (after a warm-up of a tenth as many), in four
-    rounds; and what would show a leak apart from allocator noise: the growth of the Python heap (tracemalloc),
-    of live tensors and of the scheduler's own bookkeeping."""
+def memory_probe(url, vocab, rng, scheduler, args, clients, frontend_pid, core=None) -> dict:
+    """Resident memory of the engine's and the front end's processes over `--memory-requests` short requests
+    (after a warm-up of a tenth as many; `clients(requests)` sends them), in four rounds; and what would show a
+    leak apart from allocator noise: the growth of the engine's Python heap (tracemalloc), of live tensors and of
+    the scheduler's and the engine link's (`core`) bookkeeping."""
     def requests(n):
         return [([rng.randrange(vocab) for _ in range(rng.randint(1, 64))], rng.randint(1, 8)) for _ in range(n)]
 
@@ -129,22 +134,26 @@ def memory_probe(url, vocab, rng, scheduler, args) -> dict:
         gc.collect()
         return sum(type(o) in (torch.Tensor, torch.nn.Parameter) for o in gc.get_objects())
 
-    asyncio.run(run_clients(url, "m", requests(max(args.memory_requests // 10, 1)), args.clients))
+    clients(requests(max(args.memory_requests // 10, 1)))
     gc.collect()
-    tensors, rss = live_tensors(), [rss_mb()]
+    tensors, rss, frontend_rss = live_tensors(), [rss_mb()], [rss_mb(frontend_pid)]
     tracemalloc.start()
     heap0 = tracemalloc.get_traced_memory()[0]
     per_round = args.memory_requests // 4
     for _ in range(4):
-        asyncio.run(run_clients(url, "m", requests(per_round), args.clients))
+        clients(requests(per_round))
         gc.collect()
         rss.append(rss_mb())
+        frontend_rss.append(rss_mb(frontend_pid))
     heap = tracemalloc.get_traced_memory()[0] - heap0
     tracemalloc.stop()
     return {"requests": 4 * per_round, "rss_mb_per_round": [round(r, 1) for r in rss],
-            "rss_growth_mb": round(rss[-1] - rss[0], 1), "python_heap_growth_kb": round(heap / 1024, 1),
-            "live_tensor_growth": live_tensors() - tensors,
-            "scheduler_open_handles": len(scheduler._handles), "scheduler_waiting": len(scheduler._waiting)}
+            "rss_growth_mb": round(rss[-1] - rss[0], 1),
+            "frontend_rss_mb_per_round": [round(r, 1) for r in frontend_rss],
+            "frontend_rss_growth_mb": round(frontend_rss[-1] - frontend_rss[0], 1),
+            "python_heap_growth_kb": round(heap / 1024, 1), "live_tensor_growth": live_tensors() - tensors,
+            "scheduler_open_handles": len(scheduler._handles), "scheduler_waiting": len(scheduler._waiting),
+            "engine_link_open_handles": None if core is None else len(core._handles) + len(core._ended)}
 
 
 def scheduler_alone(rt, requests, outstanding, served_wall) -> dict:
@@ -163,8 +172,8 @@ def scheduler_alone(rt, requests, outstanding, served_wall) -> dict:
             "served_wall_over_this": round(served_wall / wall, 2)}
 
 
-def rss_mb() -> float:
-    with open(f"/proc/{os.getpid()}/statm") as f:
+def rss_mb(pid: int | None = None) -> float:
+    with open(f"/proc/{pid or os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -188,6 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="eager", help="eager | inductor (graphs compiled first, or loaded from "
                                                         "--artifacts)")
     ap.add_argument("--artifacts", default=None)
+    ap.add_argument("--frontend", choices=("process", "thread"), default="process",
+                    help="HTTP in a process of its own (as tools.serve runs it) or in a thread beside the engine")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -210,11 +221,20 @@ def main(argv=None) -> int:
     figures = {"backend": args.backend, "clients": args.clients, "requests": args.requests,
                "max_batch_size": args.max_batch_size,
                "prefill_chunk": args.prefill_chunk, "interleave_chunk": args.interleave_chunk,
-               "torch_threads": args.threads, "model": str(model_dir)}
+               "torch_threads": args.threads, "model": str(model_dir), "frontend": args.frontend}
 
-    scheduler = Scheduler(rt).start()
-    with LiveServer(create_app(scheduler, "m")) as server:
-        results, wall = asyncio.run(run_clients(server.url, "m", requests, args.clients))
+    scheduler = Scheduler(rt)
+    if args.frontend == "thread":
+        server, frontend_pid = LiveServer(create_app(scheduler.start(), "m")), os.getpid()
+    else:
+        server = SplitServer(scheduler, model_dir, "m")
+    spawn = multiprocessing.get_context("spawn")
+    with server, concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients:
+        if args.frontend != "thread":
+            frontend_pid = server.frontend.process.pid
+        url = server.url
+        clients.submit(served_phase, url, requests[:1], 1).result()  # the client process's imports, not timed
+        results, wall = clients.submit(served_phase, url, requests, args.clients).result()
         tokens = sum(r[1] for r in results.values())
         ttfts = [r[2] for r in results.values()]
         gaps = [g for r in results.values() for g in r[3]]
@@ -224,20 +244,21 @@ def main(argv=None) -> int:
                              "itl_p50_s": round(pct(gaps, 0.5), 4), "itl_p99_s": round(pct(gaps, 0.99), 4)}
 
         # one at a time through the server
-        t0 = time.perf_counter()
-        serial_tokens = 0
         serial = requests[:args.serial] if args.serial else requests
-        for prompt, n in serial:
-            serial_tokens += asyncio.run(_single(server.url, prompt, n))
-        serial_wall = time.perf_counter() - t0
+        serial_tokens, serial_wall = clients.submit(serial_phase, url, serial).result()
         serial_rate = serial_tokens / serial_wall
         figures["one_at_a_time"] = {"requests": len(serial), "tokens_per_s": round(serial_rate, 2),
                                     "served_speedup": round(tokens / wall / serial_rate, 2)}
 
-        figures["stall"] = asyncio.run(stall_probe(server.url, "m", vocab, args.long_prompt, rng))
+        short = [[rng.randrange(vocab) for _ in range(8)] for _ in range(4)]
+        long_prompt = [rng.randrange(vocab) for _ in range(args.long_prompt)]
+        figures["stall"] = clients.submit(stall_phase, url, short, long_prompt).result()
 
-        figures["memory"] = memory_probe(server.url, vocab, rng, scheduler, args)
-    scheduler.stop()
+        figures["memory"] = memory_probe(url, vocab, rng, scheduler, args,
+                                         lambda reqs: clients.submit(served_phase, url, reqs, args.clients).result(),
+                                         frontend_pid, getattr(server, "core", None))
+    if args.frontend == "thread":
+        scheduler.stop()
     figures["scheduler_alone"] = scheduler_alone(rt, requests, args.clients, wall)
 
     # correctness and the static-batch baseline, after the server is idle (no competition for the cores)
@@ -256,9 +277,23 @@ def main(argv=None) -> int:
     return 1 if mismatched or len(results) != len(requests) else 0
 
 
-async def _single(url, prompt, n) -> int:
-    async with httpx.AsyncClient(timeout=600) as client:
-        return (await stream_one(client, url, "m", prompt, n))[1]
+# -- what the client process runs ------------------------------------------------------------------------------
+def served_phase(url, requests, clients):
+    return asyncio.run(run_clients(url, "m", requests, clients))
+
+
+def serial_phase(url, requests) -> tuple[int, float]:
+    """The requests one after another, each on a fresh connection: (completion tokens, wall seconds)."""
+    async def one(prompt, n) -> int:
+        async with httpx.AsyncClient(timeout=600) as client:
+            return (await stream_one(client, url, "m", prompt, n))[1]
+    t0 = time.perf_counter()
+    tokens = sum(asyncio.run(one(p, n)) for p, n in requests)
+    return tokens, time.perf_counter() - t0
+
+
+def stall_phase(url, short_prompts, long_prompt) -> dict:
+    return asyncio.run(stall_probe(url, "m", short_prompts, long_prompt))
 
 
 if __name__ == "__main__":

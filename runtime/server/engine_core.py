@@ -1,0 +1,110 @@
+"""The engine's side of a server split over two processes: the scheduler steps here (rank 0's process, which
+owns the model) while a front-end process runs HTTP, JSON and streaming (`frontend.py`).
+
+Why two processes: in one, the HTTP event loop and every streaming response share the engine's GIL, and the
+engine gives the GIL up and waits to get it back around every op of a step (measured on 2 cores: the same
+requests took 1.7x as long served over HTTP in one process as through the scheduler alone; 3.0x on compiled
+graphs). Apart, the engine's process holds only the scheduler and this link.
+
+Over a `multiprocessing` pipe:
+- to the engine: ("ready",) once the front end listens, ("submit", rid, Request), ("cancel", rid),
+  ("metrics", ticket);
+- to the front end: ("step", [(rid, token_id, text, finish_reason), ...], [admitted rid, ...]) once per
+  scheduler step that produced anything, ("metrics", ticket, ServingMetrics), ("error", message) when the
+  model failed (every open request has then had its "error" event).
+The front end closing its end stops the engine.
+"""
+from __future__ import annotations
+
+import threading
+
+from ..scheduler import Handle, Request, Scheduler
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, conn):
+        self.scheduler, self.conn = scheduler, conn
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # the outbox and the handle table: reader thread vs scheduler thread
+        self._events: list[tuple] = []
+        self._admitted: list[int] = []
+        self._handles: dict[int, Handle] = {}  # rid -> handle, for cancellation, until the request ends
+        self._ended: set[int] = set()  # rids that ended before their submit returned (not yet in _handles)
+        self.frontend_ready = threading.Event()  # the front end said its port is listening
+        scheduler.on_admit = self._on_admit
+        scheduler.after_step = self.flush
+
+    def run(self) -> None:
+        """Step the scheduler in this thread until the front end closes the pipe. After a model failure, keep
+        answering (every new request fails) until then, and re-raise the failure."""
+        reader = threading.Thread(target=self._read, name="gptoss-engine-link", daemon=True)
+        reader.start()
+        try:
+            self.scheduler.run()
+        except BaseException as exc:
+            self.flush()
+            self._send(("error", f"{type(exc).__name__}: {exc}"))
+            reader.join()
+            raise
+        reader.join()
+
+    # -- the scheduler's thread ----------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Send what the last step produced, in one message."""
+        with self._lock:
+            events, admitted = self._events, self._admitted
+            self._events, self._admitted = [], []
+        if events or admitted:
+            self._send(("step", events, admitted))
+
+    def _on_admit(self, handle: Handle) -> None:
+        with self._lock:
+            self._admitted.append(handle.tag)
+
+    def _on_event(self, rid: int, event) -> None:
+        with self._lock:
+            self._events.append((rid, event.token_id, event.text, event.finish_reason))
+            if event.finish_reason is not None and self._handles.pop(rid, None) is None:
+                self._ended.add(rid)
+
+    # -- the reader thread ---------------------------------------------------------------------------------------
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):  # the front end went away: stop serving
+                break
+            kind = msg[0]
+            if kind == "submit":
+                self._submit(msg[1], msg[2])
+            elif kind == "cancel":
+                with self._lock:
+                    handle = self._handles.get(msg[1])
+                if handle is not None:
+                    handle.cancel()
+            elif kind == "ready":
+                self.frontend_ready.set()
+            elif kind == "metrics":
+                self._send(("metrics", msg[1], self.scheduler.metrics))
+        self.scheduler.stop(timeout=0)
+
+    def _submit(self, rid: int, request: Request) -> None:
+        try:
+            handle = self.scheduler.submit(request, lambda event: self._on_event(rid, event), tag=rid)
+        except Exception:  # the front end checked the request and bounds the queue: only a failed model is left
+            with self._lock:
+                self._events.append((rid, -1, "", "error"))
+            self.flush()
+            return
+        with self._lock:
+            if rid in self._ended:
+                self._ended.discard(rid)
+            else:
+                self._handles[rid] = handle
+
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            try:
+                self.conn.send(msg)
+            except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+                pass  # the front end is gone; the reader sees the pipe close and stops the scheduler

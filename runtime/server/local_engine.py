@@ -1,0 +1,22 @@
+"""An engine in the server's own process: the app over a `Scheduler` stepping in a thread beside it (tests, and
+anything that wants one process; `tools.serve` puts the engine in a process of its own, `engine_core.py`)."""
+from __future__ import annotations
+
+from ..scheduler import Scheduler
+
+
+class LocalEngine:
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.tokenizer = scheduler.rt.tokenizer
+        self.context = scheduler.rt.shapes.max_seq_len
+
+    @property
+    def error(self) -> str | None:
+        return None if self.scheduler.error is None else repr(self.scheduler.error)
+
+    def submit(self, request, on_event):
+        return self.scheduler.submit(request, on_event)
+
+    async def metrics_text(self) -> str:
+        return self.scheduler.metrics.render()
