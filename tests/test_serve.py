@@ -20,6 +20,7 @@ from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
 from gptoss.runtime.server.background import LiveServer
+from gptoss.runtime.server.local_engine import LocalEngine
 from gptoss.runtime import TokenEvent
 from gptoss.tools.make_checkpoint import make_checkpoint
 
@@ -410,7 +411,7 @@ def test_chat_tool_call_through_client(ref):
               [special("<|channel|>")] + tok.encode("commentary to=functions.get_weather ") +
               [special("<|constrain|>")] + tok.encode("json") + [special("<|message|>")] +
               tok.encode('{"city": "Oslo"}') + [special("<|call|>")])
-    with LiveServer(create_app(ScriptedScheduler(ref, tokens), NAME)) as server:
+    with LiveServer(create_app(LocalEngine(ScriptedScheduler(ref, tokens)), NAME)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         msgs = [{"role": "user", "content": "Weather in Oslo?"}]
         whole = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=50)
@@ -454,7 +455,7 @@ def test_chat_stop_matches_content_not_markup(ref):
               tok.encode("assistant") + [special("<|channel|>")] + tok.encode("final") + [special("<|message|>")] +
               tok.encode("It is Paris. Anything else?") + [special("<|return|>")])
     scripted = ScriptedScheduler(ref, tokens)
-    with LiveServer(create_app(scripted, NAME)) as server:
+    with LiveServer(create_app(LocalEngine(scripted), NAME)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         msgs = [{"role": "user", "content": "Capital of France?"}]
         for stop, content, finish in ((["final", "assistant", "message"], "It is Paris. Anything else?", "stop"),

@@ -1,0 +1,211 @@
+"""The server split over two processes, as `tools.serve` runs it: the engine (scheduler) in this process, HTTP in a
+front-end process. Results equal `Runtime.generate`; the queue bound, cancellation and metrics cross the pipe; and
+neither process outlives the other."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from gptoss.runtime import Runtime
+from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
+from gptoss.runtime.server.background import SplitServer, free_port
+from gptoss.runtime.server.engine_client import EngineClient
+from gptoss.runtime.server.frontend import FrontendSpec, start_frontend
+from gptoss.runtime.tokenizer import TextTokenizer
+from gptoss.tools.make_checkpoint import make_checkpoint
+
+SETTINGS = dict(max_batch_size=4, max_seq_len=256, prefill_chunk=64)
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("split") / NAME, "tiny")
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    return Runtime.from_pretrained(ckpt, progress=False, window_cache="full", **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def split(ckpt):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    scheduler = Scheduler(Runtime.from_pretrained(ckpt, progress=False, **SETTINGS))
+    with SplitServer(scheduler, ckpt, NAME) as server:
+        server.client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        yield server
+    torch.set_num_threads(threads)
+
+
+def test_split_server_equals_generate(split, ref):
+    client = split.client
+    for prompt, n in (("The small model reads", 12), ([5, 17, 300, 2], 7)):
+        want = ref.generate([prompt], max_new_tokens=n)[0]
+        whole = client.completions.create(model=NAME, prompt=prompt, max_tokens=n, temperature=0)
+        assert whole.choices[0].text == want.text and whole.usage.completion_tokens == len(want.token_ids)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=n, temperature=0, stream=True))
+        assert streamed == want.text
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert chat.usage.completion_tokens == 5
+    bad = httpx.post(split.url + "/v1/completions", json={"model": NAME, "prompt": [1] * 300, "max_tokens": 2})
+    assert bad.status_code == 400 and "256" in bad.json()["error"]["message"]  # checked in the front end
+    metrics = httpx.get(split.url + "/metrics").text  # the engine's counters, fetched over the pipe
+    generated = next(int(line.split()[1]) for line in metrics.splitlines()
+                     if line.startswith("gptoss_generated_tokens_total"))
+    assert generated >= 2 * (12 + 7) + 5
+
+
+def test_split_concurrent_clients_equal_generate(split, ref):
+    import random
+    rng = random.Random(7)
+    requests = [([rng.randrange(1000) for _ in range(rng.randint(1, 120))], rng.randint(1, 20)) for _ in range(12)]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=split.url, timeout=120) as http:
+            async def one(prompt, n):
+                r = await http.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": n,
+                                                             "temperature": 0})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*(one(p, n) for p, n in requests))
+
+    got = asyncio.run(main())
+    assert got == [ref.generate([p], max_new_tokens=n)[0].text for p, n in requests]
+
+
+def test_split_disconnect_frees_row(split):
+    scheduler = split.scheduler
+    finished = scheduler.metrics.requests_finished
+    with httpx.stream("POST", split.url + "/v1/completions",
+                      json={"model": NAME, "prompt": "Go on", "max_tokens": 200, "temperature": 0,
+                            "stream": True, "ignore_eos": True}, timeout=60) as r:
+        assert next(line for line in r.iter_lines() if line.startswith("data:"))
+    deadline = time.monotonic() + 20
+    while scheduler.metrics.requests_finished == finished or scheduler.busy:
+        assert time.monotonic() < deadline, "the disconnected request kept its row"
+        time.sleep(0.05)
+    assert not split.core._handles and not split.core._ended
+
+
+# -- the front end against a scripted engine: the test holds the engine's end of the pipe -------------------------
+class ScriptedEngine:
+    def __init__(self, ckpt, max_queue):
+        self.frontend = start_frontend(FrontendSpec(str(ckpt), NAME, 1000, 256, max_queue, port=free_port(),
+                                                    log_level="error"))
+        self.conn = self.frontend.conn
+        assert self.conn.poll(60) and self.conn.recv() == ("ready",)
+
+    def recv(self, timeout=10):
+        assert self.conn.poll(timeout), "the front end sent nothing"
+        return self.conn.recv()
+
+
+def test_frontend_bounds_the_queue_until_the_engine_admits(ckpt):
+    engine = ScriptedEngine(ckpt, max_queue=2)
+    url = engine.frontend.url + "/v1/completions"
+    try:
+        async def main():
+            async with httpx.AsyncClient(timeout=30) as http:
+                body = {"model": NAME, "prompt": [1, 2], "max_tokens": 3}
+                waiting = [asyncio.create_task(http.post(url, json=body)) for _ in range(2)]
+                submits = [await asyncio.to_thread(engine.recv) for _ in range(2)]
+                assert [m[0] for m in submits] == ["submit", "submit"]
+                full = await http.post(url, json=body)
+                assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+                # the engine admits the first: a place frees in the queue, though it has not finished
+                engine.conn.send(("step", [], [submits[0][1]]))
+                third = asyncio.create_task(http.post(url, json=body))
+                assert (await asyncio.to_thread(engine.recv))[0] == "submit"
+                rids = [m[1] for m in submits]
+                engine.conn.send(("step", [(rid, 7, "x", None) for rid in rids] +
+                                  [(rid, 8, "y", "length") for rid in rids], []))
+                done = await asyncio.gather(*waiting)
+                assert [r.json()["choices"][0]["text"] for r in done] == ["xy", "xy"]
+                third.cancel()
+                metrics_task = asyncio.create_task(http.get(engine.frontend.url + "/metrics"))
+                ask = await asyncio.to_thread(engine.recv)
+                while ask[0] != "metrics":  # the cancelled request's cancellation may come first
+                    ask = await asyncio.to_thread(engine.recv)
+                from gptoss.runtime.metrics import ServingMetrics
+                engine.conn.send(("metrics", ask[1], ServingMetrics()))
+                text = (await metrics_task).text
+                assert "gptoss_requests_rejected_total 1" in text
+        asyncio.run(main())
+    finally:
+        engine.frontend.stop()
+
+
+def test_frontend_exits_when_the_engine_goes(ckpt):
+    engine = ScriptedEngine(ckpt, max_queue=4)
+    url = engine.frontend.url
+    result = {}
+
+    def request():
+        try:
+            result["r"] = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": [1], "max_tokens": 3},
+                                     timeout=30)
+        except httpx.HTTPError as exc:
+            result["r"] = exc
+
+    t = threading.Thread(target=request)
+    t.start()
+    assert engine.recv()[0] == "submit"
+    engine.conn.close()  # as if the engine's process died
+    t.join(30)
+    assert isinstance(result["r"], httpx.HTTPError) or result["r"].status_code in (500, 503)
+    assert engine.frontend.process.wait(20) is not None  # it shut down without being asked
+
+
+def test_engine_stops_when_the_frontend_goes(ckpt):
+    scheduler = Scheduler(Runtime.from_pretrained(ckpt, progress=False, **SETTINGS))
+    server = SplitServer(scheduler, ckpt, NAME).__enter__()
+    server.frontend.process.kill()
+    server.thread.join(20)
+    assert not server.thread.is_alive()
+    server.frontend.stop()
+
+
+def test_engine_client_counts_waiting_requests(ckpt):
+    ours, theirs = socket.socketpair()
+    from multiprocessing.connection import Connection
+    engine, front = Connection(ours.detach()), Connection(theirs.detach())
+    client = EngineClient(front, TextTokenizer(ckpt), 1000, 256, max_queue=2)
+    seen = []
+    a = client.submit(Request((1, 2), 3), seen.append)
+    client.submit(Request((1, 2), 3), seen.append)
+    with pytest.raises(QueueFull):
+        client.submit(Request((1, 2), 3), seen.append)
+    with pytest.raises(ValueError, match="vocabulary"):
+        client.submit(Request((1000,), 3), seen.append)
+    engine.send(("step", [(a.id, -1, "", "cancelled")], []))  # ended while waiting: its place frees
+    client._readable()
+    assert a.finish_reason == "cancelled" and seen[-1].finish_reason == "cancelled"
+    client.submit(Request((1, 2), 3), seen.append)
+    engine.close()
+    client._readable()
+    assert client.error and all(e.finish_reason for e in seen[-2:])
+    with pytest.raises(RuntimeError, match="engine"):
+        client.submit(Request((1, 2), 3), seen.append)
+
+
+def test_serve_reports_a_front_end_that_cannot_listen(ckpt):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "gptoss.tools.serve", "--model", str(ckpt), "--port", str(port),
+                               "--max-batch-size", "2", "--max-seq-len", "128", "--prefill-chunk", "64"],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "did not start" in proc.stderr, proc.stderr[-2000:]
