@@ -1,10 +1,12 @@
 """The engine's side of a server split over two processes: the scheduler steps here (rank 0's process, which
 owns the model) while a front-end process runs HTTP, JSON and streaming (`frontend.py`).
 
-Why two processes: in one, the HTTP event loop and every streaming response share the engine's GIL, and the
-engine gives the GIL up and waits to get it back around every op of a step (measured on 2 cores: the same
-requests took 1.7x as long served over HTTP in one process as through the scheduler alone; 3.0x on compiled
-graphs). Apart, the engine's process holds only the scheduler and this link.
+Why two processes: in one, the HTTP event loop and every streaming response share the engine's GIL, which the
+engine gives up and must get back around every graph call and op of a step. Measured on 2-core machines
+(BENCHMARKS.md, serving; compiled graphs): the same requests took 3.0x as long served from one process (server and
+clients, a Xeon) as through the scheduler alone, and 1.17-1.37x with the server split this way and the clients in
+a third process (a Zen 4); the rest is the front end and the clients sharing the 2 cores with the engine.
+Apart, the engine's process holds only the scheduler and this link.
 
 Over a `multiprocessing` pipe:
 - to the engine: ("ready",) once the front end listens, ("submit", rid, Request), ("cancel", rid),
