@@ -209,3 +209,24 @@ def test_serve_reports_a_front_end_that_cannot_listen(ckpt):
                                "--max-batch-size", "2", "--max-seq-len", "128", "--prefill-chunk", "64"],
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "did not start" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_model_failure_fails_requests_and_health_keeps_serving(ckpt):
+    """The model raising mid-request: that request gets a server error, /health says 503 with the cause, new
+    requests get 503 at once, and the front end keeps answering until it is stopped."""
+    rt = Runtime.from_pretrained(ckpt, progress=False, **SETTINGS)
+
+    def broken(*args):
+        raise RuntimeError("injected decode failure")
+
+    rt.graphs.decode = broken
+    with SplitServer(Scheduler(rt), ckpt, NAME) as server:
+        r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [1, 2], "max_tokens": 4},
+                       timeout=30)
+        assert r.status_code == 500 and "generation failed" in r.json()["error"]["message"]
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and "injected decode failure" in health.json()["error"]
+        again = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [1], "max_tokens": 2})
+        assert again.status_code == 503 and again.json()["error"]["type"] == "server_error"
+    server.thread.join(10)
+    assert not server.thread.is_alive() and "injected" in str(server.engine_error)

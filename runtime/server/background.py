@@ -48,11 +48,18 @@ class SplitServer:
                                                **spec)
         self.scheduler, self.url = scheduler, self.spec.url
         self.frontend, self.thread = None, None
+        self.engine_error: BaseException | None = None  # what the engine's loop raised, if it failed
+
+    def _engine(self) -> None:
+        try:
+            self.core.run()
+        except BaseException as exc:  # the front end has reported it to clients; keep it for the caller
+            self.engine_error = exc
 
     def __enter__(self) -> "SplitServer":
         self.frontend = start_frontend(self.spec)
         self.core = EngineCore(self.scheduler, self.frontend.conn)
-        self.thread = threading.Thread(target=self.core.run, name="gptoss-engine", daemon=True)
+        self.thread = threading.Thread(target=self._engine, name="gptoss-engine", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 120
         while not self.core.frontend_ready.wait(0.05):

@@ -27,8 +27,8 @@ import argparse
 import asyncio
 import concurrent.futures
 import gc
-import multiprocessing
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -92,8 +92,8 @@ async def run_clients(url, model, requests, clients):
 
 
 async def stall_probe(url, model, short_prompts, long_prompt):
-    """`streams` running streams; once each has its first token, a long prompt arrives; the streams stop when it
-    has been admitted (its first token). The gaps of the streams while it is admitted (longest, median) against
+    """One running stream per short prompt; once each has its first token, the long prompt arrives; the streams
+    stop when it has been admitted (its first token). The gaps of the streams while it is admitted (longest, median) against
     their median gap before it arrived."""
     async with httpx.AsyncClient(timeout=600) as client:
         started = [asyncio.Event() for _ in short_prompts]
