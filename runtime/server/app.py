@@ -147,7 +147,10 @@ def _submit(engine, parsed: Parsed):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     try:
-        handle = engine.submit(parsed.request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        # an engine in another process delivers on this loop already; one in this process, from its own thread
+        deliver = events.put_nowait if getattr(engine, "delivers_on_loop", False) else \
+            (lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        handle = engine.submit(parsed.request, deliver)
     except QueueFull as exc:
         raise APIError(429, str(exc), code="queue_full",
                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None

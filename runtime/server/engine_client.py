@@ -36,6 +36,8 @@ class RemoteHandle:
 
 
 class EngineClient:
+    delivers_on_loop = True  # events reach `on_event` on the loop that reads the pipe (the app's)
+
     def __init__(self, conn, tokenizer: TextTokenizer, vocab_size: int, context: int, max_queue: int):
         self.conn, self.tokenizer, self.vocab_size, self.context = conn, tokenizer, vocab_size, context
         self.max_queue = max_queue
