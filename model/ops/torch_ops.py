@@ -94,11 +94,14 @@ def attention(
     slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
     n = min(kv_len, slots)
-    k = k_cache[:, :n].permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
-    v = v_cache[:, :n].permute(0, 2, 1, 3).unsqueeze(2)
-    qg = q.view(batch, steps, kv_heads, group, dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    k = k_cache[:, :n].permute(0, 2, 1, 3)  # [B, Hkv, S, D]
+    v = v_cache[:, :n].permute(0, 2, 1, 3)
+    # a kv head's G query heads as G*T rows of one matmul: its keys and values are read as they are, not
+    # broadcast (and copied) G times
+    qg = q.view(batch, steps, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+    qg = qg.reshape(batch, kv_heads, group * steps, dim)  # [B, Hkv, G*T, D]
 
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, T, S]
+    scores = (torch.matmul(qg, k.transpose(-1, -2)) * scale).view(batch, kv_heads, group, steps, n)
     k_pos = (slot_positions(q_pos, kv_len, slots) if lengths is None else lengths)[:, None, :]  # [B, 1, S]
     visible = (k_pos <= q_pos[..., None]) & (k_pos >= 0)  # [B, T, S]
     if window > 0:
@@ -107,8 +110,8 @@ def attention(
 
     sink = sinks.to(scores.dtype).view(1, kv_heads, group, 1, 1).expand(batch, -1, -1, steps, 1)
     probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
-    out = torch.matmul(probs.to(v.dtype), v)  # [B, Hkv, G, T, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(batch, steps, q_heads, dim)
+    out = torch.matmul(probs.to(v.dtype).reshape(batch, kv_heads, group * steps, n), v)  # [B, Hkv, G*T, D]
+    return out.view(batch, kv_heads, group, steps, dim).permute(0, 3, 1, 2, 4).reshape(batch, steps, q_heads, dim)
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int):
