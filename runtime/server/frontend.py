@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -77,8 +78,9 @@ class Frontend:
 
 def start_frontend(spec: FrontendSpec) -> Frontend:
     ours, theirs = socket.socketpair()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # it imports this package as the parent does
     process = subprocess.Popen([sys.executable, "-m", __name__, "--fd", str(theirs.fileno()), "--spec",
-                                json.dumps(asdict(spec))], pass_fds=(theirs.fileno(),))
+                                json.dumps(asdict(spec))], pass_fds=(theirs.fileno(),), env=env)
     theirs.close()
     return Frontend(spec, process, Connection(ours.detach()))
 
