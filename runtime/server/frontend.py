@@ -49,7 +49,6 @@ class FrontendSpec:
         return f"http://{self.host}:{self.port}"
 
 
-
 class Frontend:
     """The running front-end process and the engine's end of its pipe."""
 
@@ -77,6 +76,7 @@ class Frontend:
 
 
 def start_frontend(spec: FrontendSpec) -> Frontend:
+    """Start the front end; it sends ("ready",) on the pipe once its port listens."""
     ours, theirs = socket.socketpair()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # it imports this package as the parent does
     process = subprocess.Popen([sys.executable, "-m", __name__, "--fd", str(theirs.fileno()), "--spec",
@@ -110,8 +110,9 @@ def run_frontend(spec: FrontendSpec, conn: Connection) -> None:
     async def main():
         engine.on_engine_exit = engine_exited
         engine.attach(asyncio.get_running_loop())
-        asyncio.get_running_loop().create_task(announce())
+        announcing = asyncio.create_task(announce())  # held: the loop keeps only weak references to tasks
         await server.serve()
+        announcing.cancel()
 
     try:
         asyncio.run(main())
