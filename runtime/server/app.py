@@ -18,9 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..harmony import HarmonyDelta, HarmonyStreamParser, HarmonyTokens, render_chat
 from ..scheduler import QueueFull, Scheduler
-from .local_engine import LocalEngine
 from ..stop_text import StopText
 from .errors import APIError, error_body, error_response
+from .local_engine import LocalEngine
 from .protocol import Parsed, check_model, parse_chat, parse_completion
 
 DEFAULT_MAX_BODY = 4 << 20  # bytes: a 128k-token prompt as JSON token ids fits
@@ -144,13 +144,9 @@ async def _json_body(http: HTTPRequest, limit: int) -> dict:
 
 
 def _submit(engine, parsed: Parsed):
-    loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     try:
-        # an engine in another process delivers on this loop already; one in this process, from its own thread
-        deliver = events.put_nowait if getattr(engine, "delivers_on_loop", False) else \
-            (lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-        handle = engine.submit(parsed.request, deliver)
+        handle = engine.submit(parsed.request, events.put_nowait)  # the engine delivers on this event loop
     except QueueFull as exc:
         raise APIError(429, str(exc), code="queue_full",
                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None

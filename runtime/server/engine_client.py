@@ -36,7 +36,7 @@ class RemoteHandle:
 
 
 class EngineClient:
-    delivers_on_loop = True  # events reach `on_event` on the loop that reads the pipe (the app's)
+    """`on_event` callbacks run on the loop that reads the pipe (the app's)."""
 
     def __init__(self, conn, tokenizer: TextTokenizer, vocab_size: int, context: int, max_queue: int):
         self.conn, self.tokenizer, self.vocab_size, self.context = conn, tokenizer, vocab_size, context
@@ -44,7 +44,6 @@ class EngineClient:
         self.error: str | None = None
         self.on_engine_exit = None  # called once when the engine's end of the pipe closes
         self._open: dict[int, RemoteHandle] = {}  # rid -> handle until its last event
-        self._waiting = 0  # open and not yet admitted
         self._ids = itertools.count()
         self._tickets: dict[int, asyncio.Future] = {}
         self._ticket_ids = itertools.count()
@@ -63,13 +62,12 @@ class EngineClient:
         if self.error is not None:
             raise RuntimeError(f"the engine stopped: {self.error}")
         check_request(request, self.vocab_size, self.context, self.tokenizer)
-        if self._waiting >= self.max_queue:
+        if sum(not h.admitted for h in self._open.values()) >= self.max_queue:  # waiting for a row
             self._rejected += 1
             mean_ttft = self._ttft_sum / self._ttft_count if self._ttft_count else 1.0
             raise QueueFull(self.max_queue, max(1.0, mean_ttft))
         handle = RemoteHandle(self, next(self._ids), request, on_event)
         self._open[handle.id] = handle
-        self._waiting += 1
         self._send(("submit", handle.id, request))
         return handle
 
@@ -110,10 +108,8 @@ class EngineClient:
         if kind == "step":
             _, events, admitted = msg
             for rid in admitted:
-                handle = self._open.get(rid)
-                if handle is not None and not handle.admitted:
-                    handle.admitted = True
-                    self._waiting -= 1
+                if rid in self._open:
+                    self._open[rid].admitted = True
             for rid, token_id, text, finish in events:
                 self._deliver(rid, TokenEvent(rid, token_id, text, finish))
         elif kind == "metrics":
@@ -134,8 +130,6 @@ class EngineClient:
         if event.finish_reason is not None:
             handle.finish_reason = event.finish_reason
             del self._open[rid]
-            if not handle.admitted:
-                self._waiting -= 1
         if handle.on_event is not None:
             handle.on_event(event)
 

@@ -2,6 +2,8 @@
 anything that wants one process; `tools.serve` puts the engine in a process of its own, `engine_core.py`)."""
 from __future__ import annotations
 
+import asyncio
+
 from ..scheduler import Scheduler
 
 
@@ -16,7 +18,9 @@ class LocalEngine:
         return None if self.scheduler.error is None else repr(self.scheduler.error)
 
     def submit(self, request, on_event):
-        return self.scheduler.submit(request, on_event)
+        """Called on the app's event loop; `on_event` runs there too, handed over from the scheduler's thread."""
+        loop = asyncio.get_running_loop()
+        return self.scheduler.submit(request, lambda event: loop.call_soon_threadsafe(on_event, event))
 
     async def metrics_text(self) -> str:
         return self.scheduler.metrics.render()

@@ -122,7 +122,7 @@ async def stall_probe(url, model, short_prompts, long_prompt):
             "median_gap_before_s": round(statistics.median(steady), 4) if steady else None}
 
 
-def memory_probe(url, vocab, rng, scheduler, args, clients, frontend_pid, core=None) -> dict:
+def memory_probe(vocab, rng, scheduler, args, clients, frontend_pid, core=None) -> dict:
     """Resident memory of the engine's and the front end's processes over `--memory-requests` short requests
     (after a warm-up of a tenth as many; `clients(requests)` sends them), in four rounds; and what would show a
     leak apart from allocator noise: the growth of the engine's Python heap (tracemalloc), of live tensors and of
@@ -224,14 +224,11 @@ def main(argv=None) -> int:
                "torch_threads": args.threads, "model": str(model_dir), "frontend": args.frontend}
 
     scheduler = Scheduler(rt)
-    if args.frontend == "thread":
-        server, frontend_pid = LiveServer(create_app(scheduler.start(), "m")), os.getpid()
-    else:
-        server = SplitServer(scheduler, model_dir, "m")
+    split = args.frontend == "process"
+    server = SplitServer(scheduler, model_dir, "m") if split else LiveServer(create_app(scheduler.start(), "m"))
     spawn = multiprocessing.get_context("spawn")
     with server, concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients:
-        if args.frontend != "thread":
-            frontend_pid = server.frontend.process.pid
+        frontend_pid = server.frontend.process.pid if split else os.getpid()
         url = server.url
         clients.submit(served_phase, url, requests[:1], 1).result()  # the client process's imports, not timed
         results, wall = clients.submit(served_phase, url, requests, args.clients).result()
@@ -254,10 +251,10 @@ def main(argv=None) -> int:
         long_prompt = [rng.randrange(vocab) for _ in range(args.long_prompt)]
         figures["stall"] = clients.submit(stall_phase, url, short, long_prompt).result()
 
-        figures["memory"] = memory_probe(url, vocab, rng, scheduler, args,
+        figures["memory"] = memory_probe(vocab, rng, scheduler, args,
                                          lambda reqs: clients.submit(served_phase, url, reqs, args.clients).result(),
                                          frontend_pid, getattr(server, "core", None))
-    if args.frontend == "thread":
+    if not split:
         scheduler.stop()
     figures["scheduler_alone"] = scheduler_alone(rt, requests, args.clients, wall)
 
