@@ -48,6 +48,22 @@ def _inductor_cache(directory: Path | None):
             codecache._precompile_header.cache_clear()
 
 
+def _probe_isas_like_a_new_process(directory: Path) -> None:
+    """Leave in `directory` the instruction-set probes a process loading it will look for.
+
+    Inductor learns which vector instruction sets the compiler can build by compiling small probe libraries into
+    its cache directory, and remembers the answer for the life of the process. The compiling process may have
+    probed before this directory was active (another graph set, another directory), so its probes are not here, and
+    every process loading the directory would run the compiler for them (six probes, seconds). A fresh interpreter
+    pointed at the directory probes exactly as a loading process will (compiling only what is missing)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(directory))
+    subprocess.run([sys.executable, "-c", "from torch._inductor.cpu_vec_isa import pick_vec_isa; pick_vec_isa()"],
+                   env=env, check=True, capture_output=True)
+
+
 def _wrapper(device: torch.device, tp_size: int) -> dict:
     """Inductor options for how a graph's wrapper (the code that allocates buffers and calls the kernels in turn) runs.
 
@@ -96,6 +112,8 @@ def build(model, shapes: ShapePlan, cache, settings) -> Graphs:
     graphs = Graphs("inductor", wrap_decode_graphs(fns, device))
     graphs.compile_seconds = progress.seconds
     if directory is not None:
+        if device.type == "cpu":
+            _probe_isas_like_a_new_process(directory.inductor)
         files = {s.name: str(directory.inductor_graph(s.name).relative_to(directory.path)) for s in specs}
         directory.write(Manifest(wanted, files, progress.seconds))
     return graphs

@@ -259,3 +259,23 @@ def test_burst_prefill_on_compiled_graphs(artifacts, monkeypatch):
     assert scheduler.graph_calls[0][:2] == ("prefill", 4)
     assert [got[i] for i in range(len(PROMPTS))] == want
     assert builds == [] and json.dumps(counters, sort_keys=True, default=str) == before
+
+
+def test_artifact_directory_holds_the_isa_probes(tmp_path):
+    """A process loading artifacts probes the compiler's instruction sets in the artifact directory; the compiling
+    process leaves those probes there even when it had probed elsewhere first, so loading never runs the compiler."""
+    from gptoss.graph.inductor import _probe_isas_like_a_new_process
+
+    _probe_isas_like_a_new_process(tmp_path)
+    script = textwrap.dedent("""
+        from torch._inductor import cpp_builder
+        def refuse(self):
+            raise AssertionError("C++ compiler invoked: " + self.get_target_file_path())
+        cpp_builder.CppBuilder.build = refuse
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        print(pick_vec_isa())
+    """)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() != "INVALID_VEC_ISA"
