@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     base, new = build_revision(args.base), kernels.extension()
+    base.set_prefetch(*new.prefetch())  # the distances tuned at load for the new build; the base has its defaults
     hidden, inter = SHAPES[args.shape]
     layer = EXPERTS * 3 * inter * hidden * 17 // 32
     copies = max(2, 2**30 // layer)
