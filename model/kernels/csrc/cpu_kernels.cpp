@@ -592,7 +592,8 @@ GPTOSS_AVX512 __attribute__((always_inline)) inline void bf16_tile(const uint16_
     const __mmask16 m1 = static_cast<__mmask16>(tail > 16 ? (1u << (tail - 16)) - 1 : 0);
     __m512 lo[W], hi[W];
     for (int i = 0; i < W; ++i) {
-      lo[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, rows[i] + c)), 16));
+      lo[i] = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, rows[i] + c)), 16));
       hi[i] = _mm512_castsi512_ps(
           _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, rows[i] + c + 16)), 16));
     }
@@ -606,7 +607,7 @@ GPTOSS_AVX512 __attribute__((always_inline)) inline void bf16_tile(const uint16_
     for (int i = 0; i < W; ++i) sums[r * lds + i] = acc[r][i];
 }
 
-// Up to four activation rows (memory-bound: at most 8 FMAs per 32 weights each): weight rows one at a time, in
+// Up to three activation rows (memory-bound: 2 FMAs per 32 weights each): weight rows one at a time, in
 // memory order, so the weights stream linearly; sixteen weight rows' accumulators are reduced together (sum16).
 template <int R>
 GPTOSS_AVX512 void bf16_stream(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, float* out,
