@@ -628,45 +628,47 @@ GPTOSS_AVX512 void bf16_stream(const Bf16& w, int64_t m0, int64_t m1, const floa
   }
 }
 
-// More rows (compute-bound): tiles of four weight rows by four activation rows, so each weight and activation
-// vector loaded serves four FMAs; the sixteen accumulators are reduced together (lane r * 4 + i: activation row r,
-// weight row i). A row past m1 repeats the last one and is not stored.
+// More rows (compute-bound): tiles of T (2 or 4) weight rows by four activation rows, so each weight vector loaded serves
+// four FMAs and each activation vector T; the 4 T accumulators are reduced together (lane r * T + i: activation
+// row r, weight row i). A row past m1 repeats the last one and is not stored.
+template <int T>
 GPTOSS_AVX512 void bf16_tiles(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
                               float* out, int64_t ldo) {
   __m512 sums[16];
-  for (int64_t m = m0; m < m1; m += 4) {
-    const int64_t count = std::min<int64_t>(4, m1 - m);
-    const uint16_t* rows[4];
-    for (int64_t i = 0; i < 4; ++i) rows[i] = w.w + (m + std::min(i, count - 1)) * w.k;
+  for (int64_t m = m0; m < m1; m += T) {
+    const int64_t count = std::min<int64_t>(T, m1 - m);
+    const uint16_t* rows[T];
+    for (int64_t i = 0; i < T; ++i) rows[i] = w.w + (m + std::min(i, count - 1)) * w.k;
     for (int64_t r = 0; r < n; r += 4) {
       const int R = static_cast<int>(std::min<int64_t>(4, n - r));
       const float* xr = x + r * ldx;
       switch (R) {
-        case 4: bf16_tile<4, 4>(rows, w.k, xr, ldx, sums, 4); break;
-        case 3: bf16_tile<3, 4>(rows, w.k, xr, ldx, sums, 4); break;
-        case 2: bf16_tile<2, 4>(rows, w.k, xr, ldx, sums, 4); break;
-        default: bf16_tile<1, 4>(rows, w.k, xr, ldx, sums, 4); break;
+        case 4: bf16_tile<4, T>(rows, w.k, xr, ldx, sums, T); break;
+        case 3: bf16_tile<3, T>(rows, w.k, xr, ldx, sums, T); break;
+        case 2: bf16_tile<2, T>(rows, w.k, xr, ldx, sums, T); break;
+        default: bf16_tile<1, T>(rows, w.k, xr, ldx, sums, T); break;
       }
-      for (int i = R * 4; i < 16; ++i) sums[i] = _mm512_setzero_ps();
+      for (int i = R * T; i < 16; ++i) sums[i] = _mm512_setzero_ps();
       alignas(64) float total[16];
       _mm512_store_ps(total, sum16(sums));
       for (int j = 0; j < R; ++j)
-        for (int64_t i = 0; i < count; ++i) out[(r + j) * ldo + m + i] = total[j * 4 + i];
+        for (int64_t i = 0; i < count; ++i) out[(r + j) * ldo + m + i] = total[j * T + i];
     }
   }
 }
 
-// Both paths give every (weight row, activation row) pair the same arithmetic, so which one a call takes does not
-// change any result. Up to three rows stream; from four the tiles' fewer loads per FMA win (Zen 4 VM, lm_head-size
-// weights from memory, 2 threads, against one weight row at a time: 8 rows 2.6-2.9 -> 1.8 ms, 4 rows ~1.05x time,
-// one row the same).
+// Every path gives each (weight row, activation row) pair the same arithmetic, so which one a call takes does not
+// change any result. Up to three rows stream; four take tiles of two weight rows, more tiles of four (Zen 4 VM,
+// lm_head-size weights from memory, 2 threads: 8 rows 2.6-2.9 ms one weight row at a time, 1.7-1.9 in tiles of
+// four, 1.9-3.5 of two; 4 rows 1.26-1.41 ms one at a time, 1.24-1.45 in tiles of two, 1.48-2.19 of four).
 GPTOSS_AVX512 void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
                             float* out, int64_t ldo) {
   switch (n) {
     case 1: return bf16_stream<1>(w, m0, m1, x, ldx, out, ldo);
     case 2: return bf16_stream<2>(w, m0, m1, x, ldx, out, ldo);
     case 3: return bf16_stream<3>(w, m0, m1, x, ldx, out, ldo);
-    default: return bf16_tiles(w, m0, m1, x, ldx, n, out, ldo);
+    case 4: return bf16_tiles<2>(w, m0, m1, x, ldx, n, out, ldo);
+    default: return bf16_tiles<4>(w, m0, m1, x, ldx, n, out, ldo);
   }
 }
 
