@@ -554,7 +554,7 @@ void bf16_dot_layout(const float* x, int64_t k, float* dst) {
   std::memcpy(dst, x, (k - whole) * sizeof(float));
 }
 
-// A tile of W (1 or 4) weight rows against R (1..4) activation rows (in bf16_dot_layout order): each weight vector
+// A tile of W (1, 2 or 4) weight rows against R (1..4) activation rows (in bf16_dot_layout order): each weight vector
 // is widened once and used by the R rows, each activation vector loaded once and used by the W weight rows; one
 // accumulator per (weight row, activation row). Every pair takes the same operations in the same order whatever
 // R and W are, so a row's result does not depend on the other rows of its batch. Accumulator (r, i) goes to
@@ -571,7 +571,7 @@ GPTOSS_AVX512 __attribute__((always_inline)) inline void bf16_tile(const uint16_
   for (; c + kBf16Step <= k; c += kBf16Step) {
     // A tile's rows are adjacent in memory (the last tile's may repeat one): the bytes ahead of it are asked for
     // as one linear stream, W lines a step, a tile's worth over its k loop. One weight row streams at the tuned
-    // distance; a four-row tile (compute-bound, ~0.5 us for 4 x 768 weights by 8 rows) asks for the next tile.
+    // distance; a tile of several rows (compute-bound: a microsecond or less at these widths) asks for the next.
     const int64_t distance = W == 1 ? g_prefetch.bf16 : W * 2 * k;
     const char* ahead = reinterpret_cast<const char*>(rows[0]) + distance + W * 2 * c;
     for (int i = 0; i < W; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
@@ -628,8 +628,8 @@ GPTOSS_AVX512 void bf16_stream(const Bf16& w, int64_t m0, int64_t m1, const floa
   }
 }
 
-// More rows (compute-bound): tiles of T (2 or 4) weight rows by four activation rows, so each weight vector loaded serves
-// four FMAs and each activation vector T; the 4 T accumulators are reduced together (lane r * T + i: activation
+// More rows (compute-bound): tiles of T (2 or 4) weight rows by four activation rows, so each weight vector loaded
+// serves four FMAs and each activation vector T; the 4 T accumulators are reduced together (lane r * T + i: activation
 // row r, weight row i). A row past m1 repeats the last one and is not stored.
 template <int T>
 GPTOSS_AVX512 void bf16_tiles(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n,
