@@ -97,18 +97,27 @@ def test_bf16_linear_matches_upcast_weights(isa, n, m, k):
     _check(kernels.bf16_linear(x, w), x, w.float()[None], [n])
 
 
-def test_avx512_bf16_rows_do_not_depend_on_the_batch(isa):
-    """The AVX-512 bf16 kernel streams weight rows for up to three activation rows, takes tiles of two weight rows
-    for four and of four from five on; all give each (weight row, activation row) pair the same arithmetic, so a
-    row's outputs are bit for bit the same whatever batch it came in (K with a tail that is not a whole step, M
-    not a multiple of 4). The AVX2 and portable paths do not promise this."""
-    if isa != "avx512":
-        pytest.skip("a property of the avx512 path")
+def test_bf16_rows_do_not_depend_on_the_batch(isa):
+    """Up to kDecodeRows (16) activation rows take the register path, whose kernels give each (weight row,
+    activation row) pair the same arithmetic whatever the batch: AVX-512 streams weight rows for up to three rows
+    and takes tiles of two and four weight rows beyond, AVX2 takes four activation rows at a time. So a row's outputs
+    are bit for bit the same in any batch up to 16 (K with a tail that is not a whole step, M not a multiple of 4)."""
     w = torch.randn(133, 1100).bfloat16()
-    x = torch.randn(9, 1100)
-    alone = torch.cat([kernels.bf16_linear(x[i:i + 1], w) for i in range(9)])
-    for n in (2, 3, 4, 5, 8, 9):
+    x = torch.randn(16, 1100)
+    alone = torch.cat([kernels.bf16_linear(x[i:i + 1], w) for i in range(16)])
+    for n in (2, 3, 4, 5, 8, 9, 16):
         assert torch.equal(kernels.bf16_linear(x[:n], w), alone[:n]), n
+
+
+def test_mxfp4_rows_do_not_depend_on_the_batch(isa):
+    """The same for the MXFP4 register path: one expert's rows, alone or in batches up to 16 (an odd number of
+    blocks, so the last one takes the natural-order tail)."""
+    blocks, scales = _mxfp4(1, 37, 7, seed=3)
+    x = torch.randn(16, 7 * 32)
+    ends = lambda n: torch.tensor([n], dtype=torch.int32)  # noqa: E731
+    alone = torch.cat([kernels.mxfp4_grouped_mm(x[i:i + 1], blocks, scales, ends(1)) for i in range(16)])
+    for n in (2, 3, 4, 5, 8, 9, 16):
+        assert torch.equal(kernels.mxfp4_grouped_mm(x[:n], blocks, scales, ends(n)), alone[:n]), n
 
 
 @pytest.mark.parametrize("tokens, top_k, experts, hidden, inter, pad", [
@@ -253,3 +262,22 @@ print(torch.equal(first, kernels.bf16_linear(x, w)), torch.equal(first, kernels.
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[:3] == [str([False] * 4), str([True] * 4), "True True"]
+
+
+def test_a_build_killed_midway_does_not_hang_the_next(tmp_path):
+    """torch's builder leaves a marker file when its process is killed mid-build, and its later callers wait on it
+    forever; build_library clears a marker no live build holds. A tiny library (no torch headers, seconds)."""
+    name = "gptoss_tiny_test"
+    source = tmp_path / "tiny.cpp"
+    source.write_text('extern "C" int gptoss_tiny() { return 7; }\n')
+    directory = tmp_path / "gptoss" / name
+    directory.mkdir(parents=True)
+    (directory / "lock").write_text("")  # what a killed build leaves
+    code = ("import ctypes, sys; from gptoss.model import kernels; "
+            f"kernels.build_library({name!r}, [{str(source)!r}], python_module=False); "
+            f"print(ctypes.CDLL({str(directory / (name + '.so'))!r}).gptoss_tiny())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "7"
+

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["extension", "isa", "available_isas", "set_isa", "prefetch", "set_prefetch", "tune_prefetch",
+__all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "prefetch", "set_prefetch", "tune_prefetch",
            "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe"]
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
@@ -53,16 +53,35 @@ def extension():
     if _module is None:
         with _lock:
             if _module is None:
-                from torch.utils import cpp_extension
-                _ninja_on_path()
-                # -fopenmp: at::parallel_for runs on torch's OpenMP pool (the same libgomp, already loaded).
-                module = cpp_extension.load(name=f"gptoss_cpu_kernels_{source_hash()}",
-                                            sources=[str(p) for p in SOURCES],
-                                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                module = build_library(f"gptoss_cpu_kernels_{source_hash()}", SOURCES)
                 _prefetch_from_env(module)
                 module.register_cpu_impls()
                 _module = module
     return _module
+
+
+def build_library(name: str, sources, python_module: bool = True):
+    """Compiles `sources` as extension `name` through torch's builder, or loads the build cached under that name.
+
+    torch's builder marks a build in progress with a file its other callers wait on forever; a process killed
+    mid-build leaves it behind, and every later process would hang on it. So builds here are serialised by an
+    advisory lock the OS drops when its holder dies: whoever holds it knows any marker left in the directory is
+    stale and removes it.
+    """
+    import fcntl
+
+    from torch.utils import cpp_extension
+    _ninja_on_path()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    directory = Path(root) / "gptoss" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        # -fopenmp: at::parallel_for runs on torch's OpenMP pool (the same libgomp, already loaded).
+        return cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(directory),
+                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                  is_python_module=python_module)
 
 
 PREFETCH_CANDIDATES = (0, 1024, 2048, 4096, 8192)  # bytes ahead

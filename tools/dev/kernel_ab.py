@@ -1,10 +1,13 @@
-"""The MXFP4 MoE kernel of a git revision against the working tree's, built side by side, alternated in one process.
+"""The CPU kernels of a git revision against the working tree's, built side by side, alternated in one process.
 
-    python -m gptoss.tools.dev.kernel_ab --base HEAD~1 [--shape 20b|bench] [--rows 1] [--threads 2] [--rounds 7]
+    python -m gptoss.tools.dev.kernel_ab --base HEAD~1 [--op moe|linear] [--shape 20b|bench] [--rows 1]
+                                         [--threads 2] [--rounds 7]
 
-One MoE layer (top-4 of 32 experts, gate_up + SwiGLU + down) at a preset's widths, `--rows` tokens; the weights
-cycle through 1 GiB so they come from memory, as in a decode step. Each round times 30 calls of each build (the
-median is kept); the per-round time ratio new/base is printed, so machine noise shows as spread, not as a result.
+`--op moe`: one MoE layer (top-4 of 32 experts, gate_up + SwiGLU + down, MXFP4) at a preset's widths.
+`--op linear`: one bf16 linear layer, the preset's lm_head (bench, 16384 x 768) or its fused qkv (20b, 5120 x 2880).
+`--rows` tokens; the weights cycle through 1 GiB so they come from memory, as in a decode step. Each round times 30
+calls of each build (the median is kept); the per-round time ratio new/base is printed, so machine noise shows as
+spread, not as a result.
 """
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 from gptoss.model import kernels
 
 SHAPES = {"20b": (2880, 2880), "bench": (768, 768)}
+LINEAR_SHAPES = {"20b": (5120, 2880), "bench": (16384, 768)}
 EXPERTS, TOP_K = 32, 4
 
 
@@ -31,13 +34,58 @@ def build_revision(rev: str):
                          check=True, capture_output=True).stdout
     path = Path(tempfile.mkdtemp()) / "cpu_kernels.cpp"
     path.write_bytes(src)
-    return cpp_extension.load(name="gptoss_kernels_ab_" + hashlib.sha256(src).hexdigest()[:12], sources=[str(path)],
-                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    return kernels.build_library("gptoss_kernels_ab_" + hashlib.sha256(src).hexdigest()[:12], [path])
+
+
+def copies_in_a_gib(nbytes: int) -> int:
+    return max(2, 2**30 // nbytes)
+
+
+def moe_layer(shape: str, rows: int, g: torch.Generator):
+    """run(module, advance=True): one MoE layer call on the next copy of the weights."""
+    hidden, inter = SHAPES[shape]
+    copies = copies_in_a_gib(EXPERTS * 3 * inter * hidden * 17 // 32)
+
+    def mxfp4(m, k):
+        return (torch.randint(0, 256, (EXPERTS, m, k // 32, 16), dtype=torch.uint8, generator=g),
+                torch.randint(118, 124, (EXPERTS, m, k // 32), dtype=torch.uint8, generator=g))
+
+    weights = [(*mxfp4(2 * inter, hidden), *mxfp4(hidden, inter)) for _ in range(copies)]
+    gate_up_bias, down_bias = torch.zeros(EXPERTS, 2 * inter), torch.zeros(EXPERTS, hidden)
+    x = torch.randn(rows, hidden)
+    gates = torch.softmax(torch.randn(rows, TOP_K), -1)
+    chosen = [torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(rows)]) for _ in range(64)]
+    state = {"i": 0}
+
+    def run(module, advance=True):
+        i = state["i"] = state["i"] + advance
+        gu_b, gu_s, d_b, d_s = weights[i % copies]
+        return module.mxfp4_moe(x, gates, chosen[i % 64], gu_b, gu_s, gate_up_bias, d_b, d_s, down_bias, 0,
+                                1.702, 7.0)
+
+    return run
+
+
+def linear_layer(shape: str, rows: int, g: torch.Generator):
+    """run(module, advance=True): one bf16 linear call on the next copy of the weight."""
+    m, k = LINEAR_SHAPES[shape]
+    copies = copies_in_a_gib(m * k * 2)
+    weights = [torch.randn(m, k, generator=g).to(torch.bfloat16) for _ in range(copies)]
+    bias = torch.randn(m, generator=g)
+    x = torch.randn(rows, k, generator=g)
+    state = {"i": 0}
+
+    def run(module, advance=True):
+        i = state["i"] = state["i"] + advance
+        return module.bf16_linear(x, weights[i % copies], bias)
+
+    return run
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="HEAD~1", help="git revision of the kernels to compare against")
+    ap.add_argument("--op", choices=("moe", "linear"), default="moe")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="20b")
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
@@ -46,32 +94,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     base, new = build_revision(args.base), kernels.extension()
     base.set_prefetch(*new.prefetch())  # the distances tuned at load for the new build; the base has its defaults
-    hidden, inter = SHAPES[args.shape]
-    layer = EXPERTS * 3 * inter * hidden * 17 // 32
-    copies = max(2, 2**30 // layer)
     g = torch.Generator().manual_seed(0)
-
-    def mxfp4(m, k):
-        return (torch.randint(0, 256, (EXPERTS, m, k // 32, 16), dtype=torch.uint8, generator=g),
-                torch.randint(118, 124, (EXPERTS, m, k // 32), dtype=torch.uint8, generator=g))
-
-    weights = [(*mxfp4(2 * inter, hidden), *mxfp4(hidden, inter)) for _ in range(copies)]
-    gate_up_bias, down_bias = torch.zeros(EXPERTS, 2 * inter), torch.zeros(EXPERTS, hidden)
-    x = torch.randn(args.rows, hidden)
-    gates = torch.softmax(torch.randn(args.rows, TOP_K), -1)
-    chosen = [torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(args.rows)])
-              for _ in range(64)]
-    state = {"i": 0}
-
-    def run(module):
-        i = state["i"] = state["i"] + 1
-        gu_b, gu_s, d_b, d_s = weights[i % copies]
-        return module.mxfp4_moe(x, gates, chosen[i % 64], gu_b, gu_s, gate_up_bias, d_b, d_s, down_bias, 0,
-                                1.702, 7.0)
-
+    run = (moe_layer if args.op == "moe" else linear_layer)(args.shape, args.rows, g)
     expected = run(base)
-    state["i"] -= 1
-    torch.testing.assert_close(run(new), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(new, advance=False), expected, rtol=1e-4, atol=1e-4)
     medians: dict[str, list[float]] = {"base": [], "new": []}
     for _ in range(args.rounds):
         for name, module in (("base", base), ("new", new)):
@@ -81,7 +107,8 @@ def main(argv=None) -> int:
                 run(module)
                 times.append(time.perf_counter() - t0)
             medians[name].append(sorted(times)[len(times) // 2])
-    print(f"MoE layer at {args.shape} widths, {args.rows} row(s), {args.threads} threads, kernels {kernels.isa()}")
+    what = "MoE layer" if args.op == "moe" else "bf16 linear"
+    print(f"{what} at {args.shape} widths, {args.rows} row(s), {args.threads} threads, kernels {kernels.isa()}")
     for name, ts in medians.items():
         print(f"  {name:5s} median of rounds {sorted(ts)[len(ts) // 2] * 1e6:8.0f} us")
     print("  new/base time per round: " + " ".join(f"{n / b:.2f}" for n, b in zip(medians["new"], medians["base"])))
