@@ -37,5 +37,24 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
         # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
         drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits.softmax(-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """probs [B, V] (rows summing to ~1) -> one index per row [B] (int64), index i with probability probs[i]: the
+    first index whose running total (float64) passes a uniform draw times the row's total. One random number a row;
+    torch.multinomial draws an exponential variate per vocabulary entry instead (CPU: 0.5 ms for 16k entries, a
+    tenth of a decode step; ~6 ms for gpt-oss's 201k). A zero-probability index is never chosen."""
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise RuntimeError("cannot sample: a row of probabilities is not finite or sums to zero")
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    chosen = torch.searchsorted(cdf, u * total, right=True).clamp_(max=probs.shape[-1] - 1)
+    # The running total only rises at an index with probability, so a zero is picked only when u * total rounded up
+    # to the total itself: then the last index that has probability.
+    zero = probs.gather(-1, chosen) == 0
+    if bool(zero.any()):
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
+        chosen = torch.where(zero, last, chosen)
+    return chosen.squeeze(-1)
