@@ -339,9 +339,9 @@ GPTOSS_AVX2 inline __m256 sum8(const __m256* v) {
 // order: each weight vector is widened once and used by the R rows, each activation vector (an FMA's memory
 // operand) by the four weight rows; one accumulator per (weight row, activation row), updated by the low then the
 // high half of each 16 weights. Every pair takes the same operations in the same order whatever R is, so a row's
-// result does not depend on the other rows of its batch. Three rows make twelve accumulators, which keeps the FMA
-// units busy while each waits on its previous FMA (eight would only just cover the latency). Accumulator (r, i)
-// goes to sums[r * 4 + i].
+// result does not depend on the other rows of its batch. Three rows make twelve accumulators, so the FMA units
+// need not wait on an accumulator's previous FMA (eight only just cover the latency; at 8 rows the two measured
+// within noise of each other). Accumulator (r, i) goes to sums[r * 4 + i].
 constexpr int kBf16TileRows = 4;
 
 template <int R>
@@ -399,10 +399,9 @@ struct Bf16Sums {
 };
 
 // Tiles of four weight rows by up to three activation rows (four rows as three and one measured the same as two and
-// two). A weight row past m1 repeats the last one and is not stored. In cache, one thread of a Zen 3 VM (2.9 GHz, 46 GMAC/s
-// FMA peak), 2048 x 768 and 512 x 2880: 8 rows 24-29 GMAC/s in these tiles, 16-22 one weight row at a time by four
-// activation rows (the kernel before) and 22-30 in tiles of two weight rows by four; 1 row 14-17 GMAC/s, 10-11 in
-// tiles of two weight rows, 6 one at a time (a single FMA chain).
+// two). A weight row past m1 repeats the last one and is not stored. In cache, one thread of a Zen 3 VM (46 GMAC/s
+// FMA peak), 2048 x 768 and 512 x 2880, alternated with the kernel before (one weight row by up to four activation
+// rows): 8 rows 21-25 GMAC/s vs 16-19, 1 row 13.5-15 vs 9-12. Other tilings measured no better (BENCHMARKS.md).
 GPTOSS_AVX2 void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n, float* out,
                           int64_t ldo) {
   constexpr int W = kBf16TileRows;
