@@ -17,7 +17,8 @@ chosen at run time; `GPTOSS_CPU_ISA=avx2|scalar` or `set_isa` forces a lower one
 
 How far ahead the gemvs prefetch weights is measured, not assumed: machines differ by 2x on it (a Xeon VM wanted
 8 KiB on both gemvs, a Zen 4 VM none on bf16 and 2-4 KiB on MXFP4). When the library loads, `tune_prefetch` times
-each candidate distance on both gemvs with weights streamed from memory (~0.2 s) and keeps the fastest.
+each candidate distance on the gemvs that read one on this instruction set (both on AVX-512, MXFP4 on AVX2) with
+weights streamed from memory (~0.2 s) and keeps the fastest.
 `GPTOSS_PREFETCH="mxfp4=N,bf16=N"` sets the distances instead, `GPTOSS_PREFETCH=default` keeps the instruction
 set's starting values.
 """
@@ -141,7 +142,9 @@ def tune_prefetch(candidates=PREFETCH_CANDIDATES, footprint_mb: int = 64, rounds
     """Time one batch-1 gemv over `footprint_mb` of weights (more than a last-level cache holds, so they stream
     from memory, as in a decode step) at each candidate distance, for the MXFP4 and the bf16 kernel; set the
     fastest of each. Rounds alternate the candidates, and each keeps its best round, so a burst of noise from
-    elsewhere on the machine cannot pick the winner. Returns {kernel: {distance: GB/s}}."""
+    elsewhere on the machine cannot pick the winner. Only the kernels whose loops read a distance on this
+    instruction set are timed (AVX2's bf16 tiles ask for the next tile instead; the portable path never
+    prefetches). Returns {kernel: {distance: GB/s}}."""
     import time
 
     module = module or extension()
@@ -154,6 +157,7 @@ def tune_prefetch(candidates=PREFETCH_CANDIDATES, footprint_mb: int = 64, rounds
     offs = torch.ones(1, dtype=torch.int32)
     calls = {"mxfp4": (lambda: module.mxfp4_grouped_mm(x, blocks, scales, offs, None), blocks.numel()),
              "bf16": (lambda: module.bf16_linear(x, bf16_w, None), bf16_w.numel() * 2)}
+    calls = {name: call for name, call in calls.items() if name in module.prefetched()}
     best = {name: {c: float("inf") for c in candidates} for name in calls}
     start = dict(zip(("mxfp4", "bf16"), module.prefetch()))
     for name, (call, _) in calls.items():
@@ -165,7 +169,7 @@ def tune_prefetch(candidates=PREFETCH_CANDIDATES, footprint_mb: int = 64, rounds
                 call()
                 best[name][c] = min(best[name][c], time.perf_counter() - t0)
         module.set_prefetch(start["mxfp4"], start["bf16"])
-    chosen = {name: min(best[name], key=best[name].get) for name in calls}
+    chosen = {**start, **{name: min(best[name], key=best[name].get) for name in calls}}
     module.set_prefetch(chosen["mxfp4"], chosen["bf16"])
     return {name: {c: calls[name][1] / t / 1e9 for c, t in best[name].items()} for name in calls}
 

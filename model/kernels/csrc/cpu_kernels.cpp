@@ -111,6 +111,7 @@ struct Kernels {
   Bf16Dot bf16_dot;
   Bf16Decode bf16_decode;
   Prefetch prefetch;  // starting distances for this path (see g_prefetch)
+  bool prefetches_mxfp4, prefetches_bf16;  // whether this path's loops read those distances at all
 };
 
 // ---- portable ----
@@ -757,12 +758,12 @@ GPTOSS_AVX512 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst
 
 // -- instruction-set selection -------------------------------------------------------------------------------------
 const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, nullptr, scalar::bf16_dot,
-                      scalar::bf16_decode, {0, 0}};
+                      scalar::bf16_decode, {0, 0}, false, false};
 #ifdef GPTOSS_X86
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot_layout,
-                    avx2::bf16_dot, avx2::bf16_decode, {1024, 1024}};
+                    avx2::bf16_dot, avx2::bf16_decode, {1024, 1024}, true, false};
 const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
-                      avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, {8192, 8192}};
+                      avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, {8192, 8192}, true, true};
 #endif
 
 // The instruction sets this CPU runs, best first.
@@ -1117,6 +1118,14 @@ std::vector<int64_t> prefetch() {
   return {g_prefetch.mxfp4, g_prefetch.bf16};
 }
 
+std::vector<std::string> prefetched() {
+  const Kernels& ks = kernels();
+  std::vector<std::string> out;
+  if (ks.prefetches_mxfp4) out.push_back("mxfp4");
+  if (ks.prefetches_bf16) out.push_back("bf16");
+  return out;
+}
+
 void set_prefetch(int64_t mxfp4, int64_t bf16) {
   TORCH_CHECK(mxfp4 >= 0 && bf16 >= 0 && mxfp4 <= (1 << 20) && bf16 <= (1 << 20),
               "prefetch distances must lie in [0, 1 MiB], got ", mxfp4, " and ", bf16);
@@ -1151,6 +1160,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &set_isa, "use this instruction set from now on (one of available_isas(), or 'best'); resets the "
         "prefetch distances to its starting values");
   m.def("prefetch", &prefetch, "the gemv prefetch distances in bytes now: [mxfp4, bf16]");
+  m.def("prefetched", &prefetched, "the kernels whose loops read a prefetch distance on this instruction set");
   m.def("set_prefetch", &set_prefetch, "set the gemv prefetch distances in bytes (mxfp4, bf16)");
   m.def("register_cpu_impls", &register_cpu_impls, "make these kernels the gptoss:: ops' CPU implementations");
 }
