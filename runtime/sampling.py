@@ -44,7 +44,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     """probs [B, V] (rows summing to ~1) -> one index per row [B] (int64), index i with probability probs[i]: the
     first index whose running total (float64) passes a uniform draw times the row's total. One random number a row;
     torch.multinomial draws an exponential variate per vocabulary entry instead (CPU: 0.5 ms for 16k entries, a
-    tenth of a decode step; ~6 ms for gpt-oss's 201k). A zero-probability index is never chosen."""
+    tenth of a decode step; ~6 ms for gpt-oss's 201k). A zero-probability index is never chosen. On an accelerator
+    torch.multinomial stays (its kernel is the device's own; float64 is not one an NPU is built for)."""
+    if probs.device.type != "cpu":
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     cdf = torch.cumsum(probs, -1, dtype=torch.float64)
     total = cdf[:, -1:]
     if not bool(torch.isfinite(total).all() and (total > 0).all()):
