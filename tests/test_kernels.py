@@ -100,8 +100,9 @@ def test_bf16_linear_matches_upcast_weights(isa, n, m, k):
 def test_bf16_rows_do_not_depend_on_the_batch(isa):
     """Up to kDecodeRows (16) activation rows take the register path, whose kernels give each (weight row,
     activation row) pair the same arithmetic whatever the batch: AVX-512 streams weight rows for up to three rows
-    and takes tiles of two and four weight rows beyond, AVX2 takes four activation rows at a time. So a row's outputs
-    are bit for bit the same in any batch up to 16 (K with a tail that is not a whole step, M not a multiple of 4)."""
+    and takes tiles of two and four weight rows beyond, AVX2 tiles of four weight rows by up to three activation
+    rows. So a row's outputs are bit for bit the same in any batch up to 16 (K with a tail that is not a whole step,
+    M not a multiple of 4)."""
     w = torch.randn(133, 1100).bfloat16()
     x = torch.randn(16, 1100)
     alone = torch.cat([kernels.bf16_linear(x[i:i + 1], w) for i in range(16)])

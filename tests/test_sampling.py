@@ -1,4 +1,5 @@
 """Greedy choice through numpy on CPU (torch's CPU argmax is not vectorised) picks what torch.argmax picks."""
+import pytest
 import torch
 
 from gptoss.runtime.sampling import draw, greedy, sample
@@ -39,7 +40,6 @@ def test_draw_follows_the_distribution_and_never_picks_a_zero():
 
 
 def test_draw_refuses_rows_without_probability_mass():
-    import pytest
     for bad in (torch.zeros(1, 4), torch.full((1, 4), float("nan"))):
         with pytest.raises(RuntimeError, match="cannot sample"):
             draw(bad, None)

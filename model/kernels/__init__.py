@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "prefetch", "set_prefetch", "tune_prefetch",
-           "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe"]
+__all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "prefetch", "set_prefetch",
+           "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe"]
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 _lock = threading.Lock()

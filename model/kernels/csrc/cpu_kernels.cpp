@@ -79,6 +79,21 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
+// bf16 weights are widened by interleaving each word with a zero word below it (a bf16 value is the top half of its
+// fp32): unpacklo/unpackhi(zero, w) on a register of Step bf16 words leave, per 128-bit lane (four values each), the
+// lane's low four words in the low vector and its high four in the high one. The activations are reordered once per
+// call into that order (a tail of fewer than Step stays in natural order), so the FMAs pair them up unchanged.
+template <int64_t Step>
+void unpacked_bf16_layout(const float* x, int64_t k, float* dst) {
+  constexpr int kLanes = Step / 8;
+  const int64_t whole = k - k % Step;
+  for (int64_t c = 0; c < whole; c += Step, x += Step, dst += Step)
+    for (int half = 0; half < 2; ++half)
+      for (int lane = 0; lane < kLanes; ++lane)
+        for (int j = 0; j < 4; ++j) dst[Step / 2 * half + 4 * lane + j] = x[8 * lane + 4 * half + j];
+  std::memcpy(dst, x, (k - whole) * sizeof(float));
+}
+
 // -- the per-ISA kernels -------------------------------------------------------------------------------------------
 // dot:    out[r * ldo + m] = sum_k x[r * ldx + k] * W[m, k]  for r < n, m in [m0, m1)
 // decode: dst[(m - m0) * K + k] = W[m, k]                    for m in [m0, m1)
@@ -313,20 +328,11 @@ GPTOSS_AVX2 inline __m256 load_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-// bf16 weights are widened by interleaving each word with a zero word below it (a bf16 value is the top half of
-// its fp32): one unpack per 8 weights, in the order unpacklo/unpackhi leave them. Of 16 weights (one ymm of bf16),
-// the low vector holds 0-3 and 8-11, the high one 4-7 and 12-15; the activations are reordered to match once per
-// call (bf16_dot_layout), a tail of fewer than 16 stays in natural order.
+// bf16 weights widen by one unpack per 8 (unpacked_bf16_layout): of 16 weights (one ymm of bf16), the low vector
+// holds 0-3 and 8-11, the high one 4-7 and 12-15.
 constexpr int64_t kBf16Step = 16;
 
-void bf16_dot_layout(const float* x, int64_t k, float* dst) {
-  const int64_t whole = k - k % kBf16Step;
-  for (int64_t c = 0; c < whole; c += kBf16Step, x += kBf16Step, dst += kBf16Step)
-    for (int half = 0; half < 2; ++half)
-      for (int lane = 0; lane < 2; ++lane)
-        for (int j = 0; j < 4; ++j) dst[8 * half + 4 * lane + j] = x[8 * lane + 4 * half + j];
-  std::memcpy(dst, x, (k - whole) * sizeof(float));
-}
+void bf16_dot_layout(const float* x, int64_t k, float* dst) { unpacked_bf16_layout<kBf16Step>(x, k, dst); }
 
 // The horizontal sums of eight vectors as one vector (lane i: the sum of v[i]'s lanes); each lane is summed in the
 // same order whichever slot it came in.
@@ -612,20 +618,11 @@ GPTOSS_AVX512 inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// bf16 weights are widened by interleaving each word with a zero word below it (a bf16 value is the top half of
-// its fp32): one unpack per 16 weights, in the order unpacklo/unpackhi leave them. Of 32 weights (one zmm of
-// bf16), the low vector holds 0-3, 8-11, 16-19, 24-27 and the high one the others; the activations are reordered
-// to match once per call (bf16_dot_layout), a tail of fewer than 32 stays in natural order.
+// bf16 weights widen by one unpack per 16 (unpacked_bf16_layout): of 32 weights (one zmm of bf16), the low vector
+// holds 0-3, 8-11, 16-19, 24-27 and the high one the others.
 constexpr int64_t kBf16Step = 32;
 
-void bf16_dot_layout(const float* x, int64_t k, float* dst) {
-  const int64_t whole = k - k % kBf16Step;
-  for (int64_t c = 0; c < whole; c += kBf16Step, x += kBf16Step, dst += kBf16Step)
-    for (int half = 0; half < 2; ++half)
-      for (int lane = 0; lane < 4; ++lane)
-        for (int j = 0; j < 4; ++j) dst[16 * half + 4 * lane + j] = x[8 * lane + 4 * half + j];
-  std::memcpy(dst, x, (k - whole) * sizeof(float));
-}
+void bf16_dot_layout(const float* x, int64_t k, float* dst) { unpacked_bf16_layout<kBf16Step>(x, k, dst); }
 
 // A tile of W (1, 2 or 4) weight rows against R (1..4) activation rows (in bf16_dot_layout order): each weight vector
 // is widened once and used by the R rows, each activation vector loaded once and used by the W weight rows; one
