@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import GptOssConfig
+from .host_memory import HugePageArena, nbytes
 from .parallel import ShardPlan
 
 
@@ -50,5 +51,8 @@ class KVCache:
                  window_slots: int | None = None) -> "KVCache":
         shapes = [(max_batch_size, n, plan.kv_heads, config.head_dim)
                   for n in cls.layer_slots(config, slots, window_slots)]
+        if torch.device(device or torch.get_default_device()).type == "cpu":  # huge pages, as the weights
+            arena = HugePageArena(2 * sum(nbytes(s, dtype) for s in shapes))
+            return cls([arena.empty(s, dtype).zero_() for s in shapes], [arena.empty(s, dtype).zero_() for s in shapes])
         return cls([torch.zeros(s, dtype=dtype, device=device) for s in shapes],
                    [torch.zeros(s, dtype=dtype, device=device) for s in shapes])

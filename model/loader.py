@@ -28,6 +28,7 @@ import torch
 
 from .config import ConfigError, GptOssConfig
 from .gpt_oss import GptOss
+from .host_memory import to_host
 from .mxfp4 import dequantize_mxfp4
 from .parallel import Parallel
 from .rope import yarn_inv_freq
@@ -263,7 +264,8 @@ def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype
         if weights == "published":
             _keep_stored_dtypes(model, reader)
     _check_size(model, reader)
-    model = model.to_empty(device=device)
+    # host weights go on huge pages (a decode step streams them all: see host_memory)
+    model = to_host(model) if torch.device(device).type == "cpu" else model.to_empty(device=device)
     # The rope table is not a checkpoint tensor, and the meta device dropped its values: compute it (fp32).
     model.inv_freq = yarn_inv_freq(config.head_dim, config.rope)[0].to(device)
     load_weights(model, model_dir)
