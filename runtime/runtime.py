@@ -19,6 +19,7 @@ import torch
 
 from gptoss.graph import ShapePlan, get_backend
 from gptoss.model.config import GptOssConfig
+from gptoss.model.host_memory import keep_freed_memory
 from gptoss.model.kv_cache import KVCache
 from gptoss.model.loader import load_model
 from gptoss.model.parallel import Parallel, ShardPlan
@@ -107,6 +108,8 @@ class Runtime:
         self.settings = settings = settings.resolve(model.parallel.tp_size, model.parallel.rank)
         if settings.threads is not None and self.device.type == "cpu":
             torch.set_num_threads(settings.threads)
+        if settings.keep_host_memory and self.device.type == "cpu":
+            keep_freed_memory()
         if settings.max_seq_len > self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len={settings.max_seq_len} exceeds the model's max_position_embeddings="
                              f"{self.config.max_position_embeddings}")

@@ -42,6 +42,7 @@ class Settings:
     progress: bool = True  # progress bar while compiling
     threads: int | None = None  # CPU threads; default: the artifacts' count (inductor bakes it in), else torch's
     dist_timeout_s: float | None = None  # collective timeout under tensor parallelism
+    keep_host_memory: bool = True  # CPU: malloc keeps freed memory for the next step (model.host_memory)
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):

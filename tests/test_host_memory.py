@@ -1,11 +1,12 @@
-"""Weights and KV cache on huge-page-advised host memory (model/host_memory.py)."""
+"""Host memory (model/host_memory.py): weights and KV cache on huge-page-advised memory; freed memory kept for reuse."""
+import resource
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from gptoss.model.host_memory import HUGE_PAGE, HugePageArena, to_host
+from gptoss.model.host_memory import HUGE_PAGE, HugePageArena, keep_freed_memory, to_host
 from gptoss.model.loader import load_model
 from gptoss.runtime import Runtime
 
@@ -79,3 +80,25 @@ def test_loaded_weights_and_cache_are_advised_as_huge_pages(small_checkpoint):
     assert "hg" not in _vm_flags(plain.lm_head.data_ptr())
     ref = Runtime(plain, small_checkpoint, max_batch_size=2, max_seq_len=64, backend="eager", progress=False)
     assert out == ref.generate([[1, 2, 3]], max_new_tokens=4, ignore_eos=True)[0].token_ids
+
+
+def _page_faults() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
+def test_freed_memory_is_reused_without_page_faults():
+    """A 64 MiB buffer freed and allocated again (as every graph call's buffers are) is not faulted in again:
+    glibc would unmap it on free (a block over its 32 MiB ceiling) and fault in its 16,384 pages next time."""
+    if not keep_freed_memory():
+        pytest.skip("the C library has no mallopt (not glibc)")
+
+    def step():
+        buffer = torch.empty(64 << 20, dtype=torch.uint8)
+        buffer.fill_(1)
+        del buffer
+
+    step()
+    before = _page_faults()
+    step()
+    assert _page_faults() - before < 1000
