@@ -73,22 +73,25 @@ def to_host(model: nn.Module) -> nn.Module:
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses more (64-bit)
 
 
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS. Returns False where
     the C library has no mallopt (not glibc): nothing changes then.
 
-    By default a block above a (moving, at most 32 MiB) threshold gets its own mmap and is unmapped when freed,
-    and a heap top above 128 KiB is trimmed: every graph call's large buffers were then faulted in afresh, page
-    by page. A 512-token prefill of the bench preset took ~17-40k page faults a call (AVX2 Zen 3; 460-540 ms
-    without them against 560-660 ms with), sampling from gpt-oss's 201k logits ~750. With no mmap for blocks and
-    a 2 GiB trim threshold the process keeps its peak working set (the weights are not malloc's: see above) and
-    reuses it. Process-wide: the runtime applies it on CPU unless Settings(keep_host_memory=False)."""
+    By default the first blocks above 128 KiB get their own mmap (unmapped when freed), and a freed heap top above
+    twice a moving threshold is trimmed: a graph call's large buffers were then faulted in afresh, page by page,
+    every call (bench preset, eager, a 500-token prefill: 51-68k page faults a call, 0.59-0.65 s; with this
+    0-1.9k, 0.52 s; AVX2 Zen 3). Blocks up to 32 MiB (glibc's ceiling for the threshold) now come from the heap,
+    and the heap keeps up to 2 GiB of free top. Larger blocks are still mapped each time (a batch-8 prefill's
+    ~1M faults stay): taking those from the heap too (M_MMAP_MAX=0) grew it by the block on every call when small
+    allocations split the freed one. Process-wide: the runtime applies it on CPU unless
+    Settings(keep_host_memory=False)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
