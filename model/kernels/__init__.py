@@ -6,6 +6,9 @@
     mxfp4_moe(x [N, H] f32, weights [N, k] f32, experts [N, k] int, gate_up blocks/scales/bias,
               down blocks/scales/bias, down_pad, alpha, limit)                       -> [N, H] f32
         one MoE layer's routed experts (sort, gather, gate_up, clamped SwiGLU, down, weighted sum) in one call
+    decode_attention(q [B, T, Hq, D] f32, k_cache, v_cache [B, S, Hkv, D] f32, sinks [Hq], k_pos [B, n] int,
+                     q_pos [B, T] int, window, scale)                                  -> [B, T, Hq, D] f32
+        attention with sink logits over the visible cache slots (model/ops/torch_ops.attention's semantics)
 
 Rows of x are sorted by expert; `offs[e]` is the cumulative end of expert e's rows. The ops (schemas and shape-only
 fake implementations) are registered when this module is imported, which importing `gptoss.model` does, so graphs
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "prefetch", "set_prefetch",
-           "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe"]
+           "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe", "decode_attention"]
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 _lock = threading.Lock()
@@ -181,6 +184,8 @@ _lib.define("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 _lib.define("mxfp4_moe(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_blocks, Tensor gate_up_scales, "
             "Tensor gate_up_bias, Tensor down_blocks, Tensor down_scales, Tensor down_bias, int down_pad, "
             "float alpha, float limit) -> Tensor")
+_lib.define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor sinks, Tensor k_pos, Tensor q_pos, "
+            "int window, float scale) -> Tensor")
 # Until the library is loaded, each op's implementation is this Python one: it loads the library, whose loading
 # registers the C++ kernels as the ops' CPU implementations (they take precedence over these from then on), and
 # passes the call on. Registered for every backend rather than CPU so that nothing is ever deregistered (a call
@@ -190,6 +195,7 @@ _lib.impl("mxfp4_moe", lambda *args: extension().mxfp4_moe(*args), _LAZY)
 _lib.impl("mxfp4_grouped_mm", lambda x, b, s, o, bias=None: extension().mxfp4_grouped_mm(x, b, s, o, bias), _LAZY)
 _lib.impl("bf16_grouped_mm", lambda x, w, o, bias=None: extension().bf16_grouped_mm(x, w, o, bias), _LAZY)
 _lib.impl("bf16_linear", lambda x, w, bias=None: extension().bf16_linear(x, w, bias), _LAZY)
+_lib.impl("decode_attention", lambda *args: extension().decode_attention(*args), _LAZY)
 
 
 @torch.library.register_fake("gptoss::mxfp4_grouped_mm", lib=_lib)
@@ -207,6 +213,11 @@ def _(x, weights, experts, *rest):
     return torch.empty_like(x)
 
 
+@torch.library.register_fake("gptoss::decode_attention", lib=_lib)
+def _(q, k_cache, v_cache, sinks, k_pos, q_pos, window, scale):
+    return q.new_empty(q.shape)  # contiguous, as the kernel's
+
+
 @torch.library.register_fake("gptoss::bf16_linear", lib=_lib)
 def _(x, weight, bias=None):
     return x.new_empty(x.shape[0], weight.shape[0])
@@ -216,3 +227,4 @@ mxfp4_grouped_mm = torch.ops.gptoss.mxfp4_grouped_mm
 bf16_grouped_mm = torch.ops.gptoss.bf16_grouped_mm
 bf16_linear = torch.ops.gptoss.bf16_linear
 mxfp4_moe = torch.ops.gptoss.mxfp4_moe
+decode_attention = torch.ops.gptoss.decode_attention

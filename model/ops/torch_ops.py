@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import bf16_linear, mxfp4_grouped_mm, mxfp4_moe
+from ..kernels import bf16_linear, decode_attention, mxfp4_grouped_mm, mxfp4_moe
 from ..weights import PackedMxfp4
 from .grouped_mm import grouped_mm
 
@@ -89,11 +89,22 @@ def attention(
     not yet written, above q_pos, or (window > 0) at or below q_pos - window. `lengths`: this layout's entry of
     `attention_lengths` (computed here when not given). The sink joins each head's softmax as one more logit and is
     then dropped. Returns [B, T, Hq, D].
+
+    Single-token steps on CPU (fp32) run the CPU kernel (kernels.decode_attention: each visible slot read once
+    for all the heads that share it, straight from the cache); everything else `attention_by_ops`.
     """
+    k_pos = slot_positions(q_pos, kv_len, k_cache.shape[1]) if lengths is None else lengths  # [B, n]
+    if q.shape[1] == 1 and q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32:
+        return decode_attention(q, k_cache, v_cache, sinks, k_pos, q_pos, window, scale)
+    return attention_by_ops(q, k_cache, v_cache, sinks, q_pos, window, scale, k_pos)
+
+
+def attention_by_ops(q, k_cache, v_cache, sinks, q_pos, window: int, scale: float, k_pos) -> torch.Tensor:
+    """`attention` as tensor ops (any device and dtype), given the slot positions k_pos [B, n]."""
     batch, steps, q_heads, dim = q.shape
     slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
-    n = min(kv_len, slots)
+    n = k_pos.shape[1]
     k = k_cache[:, :n].permute(0, 2, 1, 3)  # [B, Hkv, S, D]
     v = v_cache[:, :n].permute(0, 2, 1, 3)
     # a kv head's G query heads as G*T rows of one matmul: its keys and values are read as they are, not
@@ -102,7 +113,7 @@ def attention(
     qg = qg.reshape(batch, kv_heads, group * steps, dim)  # [B, Hkv, G*T, D]
 
     scores = (torch.matmul(qg, k.transpose(-1, -2)) * scale).view(batch, kv_heads, group, steps, n)
-    k_pos = (slot_positions(q_pos, kv_len, slots) if lengths is None else lengths)[:, None, :]  # [B, 1, S]
+    k_pos = k_pos[:, None, :]  # [B, 1, S]
     visible = (k_pos <= q_pos[..., None]) & (k_pos >= 0)  # [B, T, S]
     if window > 0:
         visible = visible & (k_pos > q_pos[..., None] - window)

@@ -117,6 +117,63 @@ using Bf16Decode = void (*)(const Bf16&, int64_t m0, int64_t m1, float* dst);
 // Reorders one activation row of K values into the order a dot kernel reads them in (nullptr: natural order).
 using DotLayout = void (*)(const float* x, int64_t k, float* dst);
 
+// Decode attention for one (row, kv head) over some of its visible slots (one chunk): the `group` query heads that
+// share the kv head, over `count` slots. Without the sink: the chunk's part, merged with the others' and the sink
+// by decode_attention.
+//   out[g] = sum_i p[g, i] v[slots[i]] / total[g],  p[g, i] = e^(s[g, i] - max[g]),  s[g, i] = q[g] . k[slots[i]] * scale
+// q and out [group, dim]; k and v rows `slot_stride` floats apart; scores: scratch of group * count floats.
+struct Attend {
+  const float* q;
+  const float* k;
+  const float* v;
+  int64_t slot_stride;
+  const int64_t* slots;
+  int64_t count;
+  float scale;
+  int64_t group, dim;
+  float* out;
+  float* maxima;  // [group]
+  float* totals;  // [group]
+  float* scores;
+};
+using AttendFn = void (*)(const Attend&);
+
+// One body for every instruction set: each path's entry inlines it under its own target, and the compiler
+// vectorises the loops over `dim` (`omp simd` lets the dot reorder its sum). Each key and value row is read once
+// for all the group's heads, straight from the cache (torch's bmm copied every key into a packed panel first).
+inline void attend_body(const Attend& a) {
+  const int64_t n = a.count, dim = a.dim;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* kr = a.k + a.slots[i] * a.slot_stride;
+    for (int64_t g = 0; g < a.group; ++g) {
+      const float* qg = a.q + g * dim;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < dim; ++d) s += qg[d] * kr[d];
+      a.scores[g * n + i] = s * a.scale;
+    }
+  }
+  for (int64_t g = 0; g < a.group; ++g) {
+    float* sg = a.scores + g * n;
+    float top = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, sg[i]);
+    float total = 0.f;
+    for (int64_t i = 0; i < n; ++i) total += (sg[i] = std::exp(sg[i] - top));
+    for (int64_t i = 0; i < n; ++i) sg[i] /= total;
+    a.maxima[g] = top, a.totals[g] = total;
+  }
+  std::fill(a.out, a.out + a.group * dim, 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* vr = a.v + a.slots[i] * a.slot_stride;
+    for (int64_t g = 0; g < a.group; ++g) {
+      const float p = a.scores[g * n + i];
+      float* og = a.out + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) og[d] += p * vr[d];
+    }
+  }
+}
+
 struct Kernels {
   const char* name;
   DotLayout mxfp4_dot_layout;
@@ -125,6 +182,7 @@ struct Kernels {
   DotLayout bf16_dot_layout;
   Bf16Dot bf16_dot;
   Bf16Decode bf16_decode;
+  AttendFn attend;
   Prefetch prefetch;  // starting distances for this path (see g_prefetch)
   bool prefetches_mxfp4, prefetches_bf16;  // whether this path's loops read those distances at all
 };
@@ -176,6 +234,8 @@ void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx
     }
   }
 }
+
+void attend(const Attend& a) { attend_body(a); }
 
 }  // namespace scalar
 
@@ -441,6 +501,120 @@ GPTOSS_AVX2 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst) 
   int64_t i = 0;
   for (; i + 8 <= total; i += 8) _mm256_storeu_ps(dst + i, load_bf16(src + i));
   for (; i < total; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+GPTOSS_AVX2 inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// e^x for x <= 0 (softmax terms after subtracting the maximum), within ~2 ulp: 2^n e^r with n = round(x / ln 2),
+// r = x - n ln 2 (ln 2 in two parts), e^r by a degree-7 polynomial (Cephes' expf). Below -87.3 (e^x < 2^-126,
+// where fp32 turns subnormal) it returns e^-87.3: next to the maximum's term of 1 that is nothing.
+GPTOSS_AVX2 inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// attend_body with the loops written out for head sizes that are a multiple of 8 (the compiler vectorised only the
+// dot, one head at a time: latency-bound, ~330 cycles a slot for eight heads). Scores: each key row against eight
+// heads at once, eight accumulators, reduced together (sum8). Values: eight heads' accumulators for one vector of
+// the head, over a pass of kPass slots (their value rows stay in L1/L2 for the head's other vectors).
+GPTOSS_AVX2 void attend(const Attend& a) {
+  const int64_t n = a.count, dim = a.dim;
+  if (dim % 8 != 0) return attend_body(a);
+  // A head's rows are `dim` floats in every slot_stride (the other kv heads' rows lie between): ask for each
+  // row kAhead slots early.
+  constexpr int64_t kAhead = 8, kPass = 128;
+  const auto ask = [&](const float* base, int64_t i) {
+    if (i >= n) return;
+    const char* row = reinterpret_cast<const char*>(base + a.slots[i] * a.slot_stride);
+    for (int64_t off = 0; off < dim * 4; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+  };
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  for (int64_t i = 0; i < n; ++i) {
+    ask(a.k, i + kAhead);
+    const float* kr = a.k + a.slots[i] * a.slot_stride;
+    int64_t g = 0;
+    for (; g + 8 <= a.group; g += 8) {
+      __m256 acc[8];
+      for (int h = 0; h < 8; ++h) acc[h] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 8) {
+        const __m256 kc = _mm256_loadu_ps(kr + d);
+        for (int h = 0; h < 8; ++h) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(a.q + (g + h) * dim + d), kc, acc[h]);
+      }
+      alignas(32) float dots[8];
+      _mm256_store_ps(dots, _mm256_mul_ps(sum8(acc), scale));
+      for (int h = 0; h < 8; ++h) a.scores[(g + h) * n + i] = dots[h];
+    }
+    for (; g < a.group; ++g) {  // heads beyond a multiple of eight
+      const float* qg = a.q + g * dim;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kr + d), acc);
+      a.scores[g * n + i] = hsum(acc) * a.scale;
+    }
+  }
+  for (int64_t g = 0; g < a.group; ++g) {
+    float* sg = a.scores + g * n;
+    const int64_t whole = n - n % 8;
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < whole; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(sg + i));
+    float top = hmax(top8);
+    for (int64_t i = whole; i < n; ++i) top = std::max(top, sg[i]);
+    const __m256 top_v = _mm256_set1_ps(top);
+    __m256 total8 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + i), top_v));
+      _mm256_storeu_ps(sg + i, e);
+      total8 = _mm256_add_ps(total8, e);
+    }
+    float total = hsum(total8);
+    for (int64_t i = whole; i < n; ++i) total += (sg[i] = std::exp(sg[i] - top));
+    const __m256 total_v = _mm256_set1_ps(total);
+    for (int64_t i = 0; i < whole; i += 8) _mm256_storeu_ps(sg + i, _mm256_div_ps(_mm256_loadu_ps(sg + i), total_v));
+    for (int64_t i = whole; i < n; ++i) sg[i] /= total;
+    a.maxima[g] = top, a.totals[g] = total;
+  }
+  std::fill(a.out, a.out + a.group * dim, 0.f);
+  for (int64_t i0 = 0; i0 < n; i0 += kPass) {
+    const int64_t i1 = std::min(n, i0 + kPass);
+    for (int64_t i = i0; i < i1; ++i) ask(a.v, i + kAhead);
+    int64_t g = 0;
+    for (; g + 8 <= a.group; g += 8) {  // eight heads by eight values: each value vector feeds eight FMAs
+      const float* p = a.scores + g * n;
+      for (int64_t d = 0; d < dim; d += 8) {
+        __m256 acc[8];
+        for (int h = 0; h < 8; ++h) acc[h] = _mm256_loadu_ps(a.out + (g + h) * dim + d);
+        for (int64_t i = i0; i < i1; ++i) {
+          const __m256 vc = _mm256_loadu_ps(a.v + a.slots[i] * a.slot_stride + d);
+          for (int h = 0; h < 8; ++h) acc[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + h * n + i), vc, acc[h]);
+        }
+        for (int h = 0; h < 8; ++h) _mm256_storeu_ps(a.out + (g + h) * dim + d, acc[h]);
+      }
+    }
+    for (; g < a.group; ++g) {  // heads beyond a multiple of eight
+      const float* pg = a.scores + g * n;
+      for (int64_t d = 0; d < dim; d += 8) {
+        __m256 acc = _mm256_loadu_ps(a.out + g * dim + d);
+        for (int64_t i = i0; i < i1; ++i)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(pg[i]), _mm256_loadu_ps(a.v + a.slots[i] * a.slot_stride + d), acc);
+        _mm256_storeu_ps(a.out + g * dim + d, acc);
+      }
+    }
+  }
 }
 
 }  // namespace avx2
@@ -755,12 +929,13 @@ GPTOSS_AVX512 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst
 
 // -- instruction-set selection -------------------------------------------------------------------------------------
 const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, nullptr, scalar::bf16_dot,
-                      scalar::bf16_decode, {0, 0}, false, false};
+                      scalar::bf16_decode, scalar::attend, {0, 0}, false, false};
 #ifdef GPTOSS_X86
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot_layout,
-                    avx2::bf16_dot, avx2::bf16_decode, {1024, 1024}, true, false};
+                    avx2::bf16_dot, avx2::bf16_decode, avx2::attend, {1024, 1024}, true, false};
 const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
-                      avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, {8192, 8192}, true, true};
+                      avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx2::attend, {8192, 8192},
+                      true, true};
 #endif
 
 // The instruction sets this CPU runs, best first.
@@ -1097,6 +1272,100 @@ at::Tensor mxfp4_moe(const at::Tensor& x_, const at::Tensor& weights_, const at:
   return out;
 }
 
+// Attention of single-token steps over the cache: q [B, T, Hq, D] at positions q_pos [B, T]; the caches
+// [B, S, Hkv, D] hold at slot j the position k_pos[b, j] (negative: never written) for j < n = k_pos.size(1). A
+// slot is visible to a query at position p when 0 <= k_pos <= p and, with a window, k_pos > p - window (the
+// portable op's mask, model/ops/torch_ops.py). Slots that are not visible are skipped, not masked.
+//
+// A row's visible slots are cut into chunks of kChunk; a work item is one chunk of one row for some of its kv
+// heads (the heads split only as far as the threads need work): a chunk's key and value rows for all the kv heads
+// lie together in the cache, and a head's rows, a stride apart, come from L2 for the next head (one head over a
+// long cache at a time ran at 2-3 GB/s: 20b shapes, 4k slots). The chunks' parts and the sink logit are then
+// merged per head (the softmax's running maximum and total). Chunks and merge depend on the row alone: its result
+// is the same whatever the batch, the cache length the step was given, or the thread count.
+constexpr int64_t kChunk = 128;
+
+at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& sinks_, const at::Tensor& k_pos_, const at::Tensor& q_pos_,
+                            int64_t window, double scale) {
+  for (const auto* t : {&q_, &k_cache, &v_cache, &sinks_, &k_pos_, &q_pos_}) check_cpu(*t, "attention inputs");
+  TORCH_CHECK(q_.dim() == 4 && k_cache.dim() == 4 && q_.scalar_type() == at::kFloat &&
+                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "q [B, T, Hq, D] and caches [B, S, Hkv, D] must be float32, got ", q_.sizes(), " and ", k_cache.sizes());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "key and value caches must be contiguous and of one shape, got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t batch = q_.size(0), steps = q_.size(1), q_heads = q_.size(2), dim = q_.size(3);
+  const int64_t slots = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == batch && k_cache.size(3) == dim && kv_heads > 0 && q_heads % kv_heads == 0,
+              "q ", q_.sizes(), " does not match the caches ", k_cache.sizes());
+  const at::Tensor k_pos = k_pos_.to(at::kLong).contiguous(), q_pos = q_pos_.to(at::kLong).contiguous();
+  const at::Tensor sinks = sinks_.to(at::kFloat).contiguous(), q = q_.contiguous();
+  const int64_t n = k_pos.size(1);
+  TORCH_CHECK(k_pos.dim() == 2 && k_pos.size(0) == batch && n <= slots, "k_pos must be [", batch, ", n <= ", slots,
+              "], got ", k_pos.sizes());
+  TORCH_CHECK(q_pos.sizes() == at::IntArrayRef({batch, steps}) && sinks.numel() == q_heads,
+              "q_pos must be [", batch, ", ", steps, "] and sinks [", q_heads, "], got ", q_pos.sizes(), " and ",
+              sinks.sizes());
+  const int64_t group = q_heads / kv_heads, rows = batch * steps;
+
+  // each row's visible slots, and its chunks' places in the partial results
+  std::vector<std::vector<int64_t>> visible(rows);
+  std::vector<int64_t> first_chunk(rows + 1, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t* kp = k_pos.data_ptr<int64_t>() + (r / steps) * n;
+    const int64_t p = q_pos.data_ptr<int64_t>()[r];
+    for (int64_t j = 0; j < n; ++j)
+      if (kp[j] >= 0 && kp[j] <= p && (window <= 0 || kp[j] > p - window)) visible[r].push_back(j);
+    first_chunk[r + 1] = first_chunk[r] + (static_cast<int64_t>(visible[r].size()) + kChunk - 1) / kChunk;
+  }
+  const int64_t chunks = first_chunk[rows];
+  const int64_t splits = std::clamp<int64_t>((at::get_num_threads() + chunks - 1) / std::max<int64_t>(chunks, 1), 1,
+                                             kv_heads);
+  // partial results per chunk: out [Hq, D], maxima [Hq], totals [Hq]
+  std::vector<float> part_out(chunks * q_heads * dim), part_max(chunks * q_heads), part_total(chunks * q_heads);
+  const Kernels& ks = kernels();
+  at::parallel_for(0, chunks * splits, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(group * kChunk);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t c = item / splits, split = item % splits;
+      const int64_t r = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
+      const int64_t b = r / steps, start = (c - first_chunk[r]) * kChunk;
+      const int64_t count = std::min<int64_t>(kChunk, static_cast<int64_t>(visible[r].size()) - start);
+      for (int64_t h = split * kv_heads / splits; h < (split + 1) * kv_heads / splits; ++h) {
+        const int64_t head0 = h * group, cache0 = (b * slots * kv_heads + h) * dim;
+        ks.attend({q.data_ptr<float>() + (r * q_heads + head0) * dim, k_cache.data_ptr<float>() + cache0,
+                   v_cache.data_ptr<float>() + cache0, kv_heads * dim, visible[r].data() + start, count,
+                   static_cast<float>(scale), group, dim, part_out.data() + (c * q_heads + head0) * dim,
+                   part_max.data() + c * q_heads + head0, part_total.data() + c * q_heads + head0, scores.data()});
+      }
+    }
+  });
+
+  // merge: out = sum_c out_c * total_c e^(max_c - M) / (e^(sink - M) + sum_c total_c e^(max_c - M))
+  at::Tensor out = at::empty_like(q);
+  float* op = out.data_ptr<float>();
+  const float* sp = sinks.data_ptr<float>();
+  at::parallel_for(0, rows * q_heads, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t r = item / q_heads, head = item % q_heads;
+      float* o = op + item * dim;
+      float top = sp[head];
+      for (int64_t c = first_chunk[r]; c < first_chunk[r + 1]; ++c) top = std::max(top, part_max[c * q_heads + head]);
+      float total = std::exp(sp[head] - top);
+      std::fill(o, o + dim, 0.f);
+      for (int64_t c = first_chunk[r]; c < first_chunk[r + 1]; ++c) {
+        const float w = part_total[c * q_heads + head] * std::exp(part_max[c * q_heads + head] - top);
+        total += w;
+        const float* oc = part_out.data() + (c * q_heads + head) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] += w * oc[d];
+      }
+      for (int64_t d = 0; d < dim; ++d) o[d] /= total;
+    }
+  });
+  return out;
+}
+
 std::string isa() { return kernels().name; }
 
 std::vector<std::string> available_isas() {
@@ -1143,6 +1412,7 @@ void register_cpu_impls() {
   native->impl("bf16_grouped_mm", TORCH_FN(bf16_grouped_mm));
   native->impl("bf16_linear", TORCH_FN(bf16_linear));
   native->impl("mxfp4_moe", TORCH_FN(mxfp4_moe));
+  native->impl("decode_attention", TORCH_FN(decode_attention));
 }
 
 }  // namespace
@@ -1152,6 +1422,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_grouped_mm", &bf16_grouped_mm, "grouped x @ W^T with bfloat16 W [E, M, K] (+ bias [E, M])");
   m.def("mxfp4_moe", &mxfp4_moe, "the routed experts of one MoE layer (MXFP4 gate_up and down) in one call");
   m.def("bf16_linear", &bf16_linear, "x @ W^T + bias with bfloat16 W [M, K], fp32 x");
+  m.def("decode_attention", &decode_attention, "attention of few-token steps over the KV cache (sinks, window)");
   m.def("isa", &isa, "the instruction set the kernels use now");
   m.def("available_isas", &available_isas, "instruction sets this CPU runs, best first");
   m.def("set_isa", &set_isa, "use this instruction set from now on (one of available_isas(), or 'best'); resets the "
