@@ -66,3 +66,16 @@ def hf_checkpoint(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("small"), **CONFIGS["gqa-yarn"])
+
+
+@pytest.fixture(params=("avx512", "avx2", "scalar"))
+def isa(request):
+    """Each CPU-kernel instruction-set path this CPU runs, forced for the test (model/kernels)."""
+    from gptoss.model import kernels
+    if request.param not in kernels.available_isas():
+        pytest.skip(f"this CPU does not run the {request.param} path (it runs {kernels.available_isas()})")
+    before = kernels.isa()
+    kernels.set_isa(request.param)
+    assert kernels.isa() == request.param
+    yield request.param
+    kernels.set_isa(before)

@@ -7,18 +7,6 @@ import torch
 from gptoss.model import kernels
 from gptoss.model.ops import torch_ops
 
-ALL_ISAS = ("avx512", "avx2", "scalar")
-
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request):
-    if request.param not in kernels.available_isas():
-        pytest.skip(f"this CPU does not run the {request.param} path (it runs {kernels.available_isas()})")
-    before = kernels.isa()
-    kernels.set_isa(request.param)
-    yield request.param
-    kernels.set_isa(before)
-
 
 def _case(batch, slots, kv_heads, group, dim, positions, kv_len, seed=0):
     g = torch.Generator().manual_seed(seed)

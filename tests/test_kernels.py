@@ -17,18 +17,6 @@ from gptoss.model import kernels
 from gptoss.model.mxfp4 import dequantize_mxfp4
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_ISAS = ("avx512", "avx2", "scalar")
-
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request):
-    if request.param not in kernels.available_isas():
-        pytest.skip(f"this CPU does not run the {request.param} path (it runs {kernels.available_isas()})")
-    before = kernels.isa()
-    kernels.set_isa(request.param)
-    assert kernels.isa() == request.param
-    yield request.param
-    kernels.set_isa(before)
 
 
 def _check(got, x, w, ends, bias=None):
