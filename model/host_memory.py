@@ -4,7 +4,7 @@ A decode step streams every weight it uses from memory once (~55 MB a token for 
 gpt-oss-20b). In 4 KiB pages that is a TLB miss and a page walk every 4 KiB of every stream; in 2 MiB pages one
 per 2 MiB. Where transparent huge pages are in "madvise" mode (the default of many distributions, and of the
 machines here) only memory advised MADV_HUGEPAGE gets them, and torch's allocator advises none (unless the
-process sets THP_MEM_ALLOC_ENABLE=1). So the loader places weights here.
+process sets THP_MEM_ALLOC_ENABLE=1). So the loader places the weights here, and the KV cache is allocated here.
 
 Each tensor gets its own storage (a slice of the mapping), so tensors never alias: compiled graphs see them as
 the separate inputs they were traced with. Where the kernel refuses the advice (THP "never", an old kernel) the
@@ -27,7 +27,7 @@ def _aligned(n: int, to: int = ALIGN) -> int:
 
 
 def nbytes(shape, dtype: torch.dtype) -> int:
-    return _aligned(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+    return _aligned(torch.Size(shape).numel() * dtype.itemsize)
 
 
 class HugePageArena:
@@ -35,11 +35,9 @@ class HugePageArena:
 
     def __init__(self, nbytes: int):
         self._map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # private: shmem has its own THP switch
-        self.huge_pages = False
         if hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 self._map.madvise(mmap.MADV_HUGEPAGE)
-                self.huge_pages = True
             except OSError:  # THP compiled out: small pages, same contents
                 pass
         start = torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr()

@@ -138,9 +138,8 @@ struct Attend {
 };
 using AttendFn = void (*)(const Attend&);
 
-// One body for every instruction set: each path's entry inlines it under its own target, and the compiler
-// vectorises the loops over `dim` (`omp simd` lets the dot reorder its sum). Each key and value row is read once
-// for all the group's heads, straight from the cache (torch's bmm copied every key into a packed panel first).
+// The portable path (and AVX2's for head sizes not a multiple of 8); `omp simd` lets the compiler vectorise the
+// loops over `dim`, reordering the dot's sum. Each key and value row is read once for all the group's heads.
 inline void attend_body(const Attend& a) {
   const int64_t n = a.count, dim = a.dim;
   for (int64_t i = 0; i < n; ++i) {
@@ -529,24 +528,16 @@ GPTOSS_AVX2 inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
-// attend_body with the loops written out for head sizes that are a multiple of 8 (the compiler vectorised only the
-// dot, one head at a time: latency-bound, ~330 cycles a slot for eight heads). Scores: each key row against eight
-// heads at once, eight accumulators, reduced together (sum8). Values: eight heads' accumulators for one vector of
-// the head, over a pass of kPass slots (their value rows stay in L1/L2 for the head's other vectors).
+// attend_body with the loops written out for head sizes that are a multiple of 8. Scores: each key row against
+// eight heads at once, eight accumulators reduced together (sum8); one head at a time with its own reduction ran
+// ~330 cycles a slot for eight heads (one kv head, 4k slots, one thread). Values: eight heads' accumulators for one
+// vector of the head over the chunk's slots (decode_attention's chunks keep their value rows in L1/L2 for the
+// head's other vectors).
 GPTOSS_AVX2 void attend(const Attend& a) {
   const int64_t n = a.count, dim = a.dim;
   if (dim % 8 != 0) return attend_body(a);
-  // A head's rows are `dim` floats in every slot_stride (the other kv heads' rows lie between): ask for each
-  // row kAhead slots early.
-  constexpr int64_t kAhead = 8, kPass = 128;
-  const auto ask = [&](const float* base, int64_t i) {
-    if (i >= n) return;
-    const char* row = reinterpret_cast<const char*>(base + a.slots[i] * a.slot_stride);
-    for (int64_t off = 0; off < dim * 4; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
-  };
   const __m256 scale = _mm256_set1_ps(a.scale);
   for (int64_t i = 0; i < n; ++i) {
-    ask(a.k, i + kAhead);
     const float* kr = a.k + a.slots[i] * a.slot_stride;
     int64_t g = 0;
     for (; g + 8 <= a.group; g += 8) {
@@ -588,31 +579,26 @@ GPTOSS_AVX2 void attend(const Attend& a) {
     for (int64_t i = whole; i < n; ++i) sg[i] /= total;
     a.maxima[g] = top, a.totals[g] = total;
   }
-  std::fill(a.out, a.out + a.group * dim, 0.f);
-  for (int64_t i0 = 0; i0 < n; i0 += kPass) {
-    const int64_t i1 = std::min(n, i0 + kPass);
-    for (int64_t i = i0; i < i1; ++i) ask(a.v, i + kAhead);
-    int64_t g = 0;
-    for (; g + 8 <= a.group; g += 8) {  // eight heads by eight values: each value vector feeds eight FMAs
-      const float* p = a.scores + g * n;
-      for (int64_t d = 0; d < dim; d += 8) {
-        __m256 acc[8];
-        for (int h = 0; h < 8; ++h) acc[h] = _mm256_loadu_ps(a.out + (g + h) * dim + d);
-        for (int64_t i = i0; i < i1; ++i) {
-          const __m256 vc = _mm256_loadu_ps(a.v + a.slots[i] * a.slot_stride + d);
-          for (int h = 0; h < 8; ++h) acc[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + h * n + i), vc, acc[h]);
-        }
-        for (int h = 0; h < 8; ++h) _mm256_storeu_ps(a.out + (g + h) * dim + d, acc[h]);
+  int64_t g = 0;
+  for (; g + 8 <= a.group; g += 8) {  // eight heads by eight values: each value vector feeds eight FMAs
+    const float* p = a.scores + g * n;
+    for (int64_t d = 0; d < dim; d += 8) {
+      __m256 acc[8];
+      for (int h = 0; h < 8; ++h) acc[h] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        const __m256 vc = _mm256_loadu_ps(a.v + a.slots[i] * a.slot_stride + d);
+        for (int h = 0; h < 8; ++h) acc[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + h * n + i), vc, acc[h]);
       }
+      for (int h = 0; h < 8; ++h) _mm256_storeu_ps(a.out + (g + h) * dim + d, acc[h]);
     }
-    for (; g < a.group; ++g) {  // heads beyond a multiple of eight
-      const float* pg = a.scores + g * n;
-      for (int64_t d = 0; d < dim; d += 8) {
-        __m256 acc = _mm256_loadu_ps(a.out + g * dim + d);
-        for (int64_t i = i0; i < i1; ++i)
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(pg[i]), _mm256_loadu_ps(a.v + a.slots[i] * a.slot_stride + d), acc);
-        _mm256_storeu_ps(a.out + g * dim + d, acc);
-      }
+  }
+  for (; g < a.group; ++g) {  // heads beyond a multiple of eight
+    const float* pg = a.scores + g * n;
+    for (int64_t d = 0; d < dim; d += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t i = 0; i < n; ++i)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(pg[i]), _mm256_loadu_ps(a.v + a.slots[i] * a.slot_stride + d), acc);
+      _mm256_storeu_ps(a.out + g * dim + d, acc);
     }
   }
 }
