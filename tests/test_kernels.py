@@ -109,12 +109,13 @@ def test_mxfp4_rows_do_not_depend_on_the_batch(isa):
         assert torch.equal(kernels.mxfp4_grouped_mm(x[:n], blocks, scales, ends(n)), alone[:n]), n
 
 
-@pytest.mark.parametrize("tokens, top_k, experts, hidden, inter, pad", [
-    (1, 4, 32, 64, 48, (0, 16)),    # decode row; down's input on a 64-column grid
-    (3, 2, 5, 96, 40, (8, 16)),     # a tensor-parallel slice inside a block: zero columns before and after
-    (37, 4, 6, 64, 32, (0, 0)),     # many rows per expert: the sgemm path
+@pytest.mark.parametrize("tokens, top_k, experts, hidden, inter, pad, scale", [
+    (1, 4, 32, 64, 48, (0, 16), 1),    # decode row; down's input on a 64-column grid
+    (3, 2, 5, 96, 40, (8, 16), 1),     # a tensor-parallel slice inside a block: zero columns before and after
+    (37, 4, 6, 64, 32, (0, 0), 1),     # many rows per expert: the sgemm path
+    (9, 2, 3, 64, 44, (0, 20), 300),   # gates far outside the clamp and e^x's range; 44 = 5 vectors + a tail
 ])
-def test_mxfp4_moe_equals_the_op_by_op_layer(isa, tokens, top_k, experts, hidden, inter, pad):
+def test_mxfp4_moe_equals_the_op_by_op_layer(isa, tokens, top_k, experts, hidden, inter, pad, scale):
     """The fused layer (one call) against the same layer through the separate ops (sort, gather, grouped
     matmuls, clamped SwiGLU, weighted index_add)."""
     from gptoss.model.ops import torch_ops
@@ -126,7 +127,7 @@ def test_mxfp4_moe_equals_the_op_by_op_layer(isa, tokens, top_k, experts, hidden
     gate_up = PackedMxfp4(gu_blocks, gu_scales, (0, 0))
     down = PackedMxfp4(dn_blocks, dn_scales, pad)
     gu_bias, dn_bias = torch.randn(experts, 2 * inter, generator=g), torch.randn(experts, hidden, generator=g)
-    x = torch.randn(tokens, hidden, generator=g)
+    x = torch.randn(tokens, hidden, generator=g) * scale
     chosen = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
     weights = torch.softmax(torch.randn(tokens, top_k, generator=g), -1)
 

@@ -138,6 +138,10 @@ struct Attend {
 };
 using AttendFn = void (*)(const Attend&);
 
+// GPT-OSS's clamped SwiGLU on n interleaved (gate, up) pairs: out[j] = (up_j + 1) * gate_j * sigmoid(alpha gate_j),
+// gate clamped above at `limit`, up to [-limit, limit].
+using SwigluFn = void (*)(const float* gate_up, int64_t n, float alpha, float limit, float* out);
+
 // The portable path (and AVX2's for head sizes not a multiple of 8); `omp simd` lets the compiler vectorise the
 // loops over `dim`, reordering the dot's sum. Each key and value row is read once for all the group's heads.
 inline void attend_body(const Attend& a) {
@@ -182,6 +186,7 @@ struct Kernels {
   Bf16Dot bf16_dot;
   Bf16Decode bf16_decode;
   AttendFn attend;
+  SwigluFn swiglu;
   Prefetch prefetch;  // starting distances for this path (see g_prefetch)
   bool prefetches_mxfp4, prefetches_bf16;  // whether this path's loops read those distances at all
 };
@@ -235,6 +240,14 @@ void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx
 }
 
 void attend(const Attend& a) { attend_body(a); }
+
+void swiglu(const float* g, int64_t n, float alpha, float limit, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float gate = std::min(g[2 * j], limit);
+    const float up = std::min(std::max(g[2 * j + 1], -limit), limit);
+    out[j] = (up + 1.f) * (gate / (1.f + std::exp(-gate * alpha)));
+  }
+}
 
 }  // namespace scalar
 
@@ -603,6 +616,45 @@ GPTOSS_AVX2 void attend(const Attend& a) {
   }
 }
 
+// e^x for x in [-87, 88] (the callers clamp): Cephes' range reduction x = n ln2 + r, |r| <= ln2 / 2, and its
+// degree-6 polynomial; within 2 ulp of libm's expf (tests compare the MoE layer against torch's sigmoid).
+GPTOSS_AVX2 inline __m256 exp_ps(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// lanes 0 1 4 5 2 3 6 7 -> 0 .. 7 (what _mm256_shuffle_ps of two registers leaves, per 128-bit half)
+GPTOSS_AVX2 inline __m256 split(__m256 v) {
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8));
+}
+
+// Eight pairs at a time: the even (gate) and odd (up) lanes of two loads are split by one shuffle each and a lane
+// permute; the tail takes the scalar formula. The result for a column does not depend on the others.
+GPTOSS_AVX2 void swiglu(const float* g, int64_t n, float alpha, float limit, float* out) {
+  const __m256 lim = _mm256_set1_ps(limit), neg_lim = _mm256_set1_ps(-limit), one = _mm256_set1_ps(1.f);
+  const __m256 neg_alpha = _mm256_set1_ps(-alpha), lo = _mm256_set1_ps(-87.f), hi = _mm256_set1_ps(88.f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 a = _mm256_loadu_ps(g + 2 * j), b = _mm256_loadu_ps(g + 2 * j + 8);
+    const __m256 gate = _mm256_min_ps(split(_mm256_shuffle_ps(a, b, 0x88)), lim);
+    const __m256 up = _mm256_min_ps(_mm256_max_ps(split(_mm256_shuffle_ps(a, b, 0xDD)), neg_lim), lim);
+    const __m256 e = exp_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(gate, neg_alpha), lo), hi));
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_add_ps(up, one), _mm256_div_ps(gate, _mm256_add_ps(one, e))));
+  }
+  scalar::swiglu(g + 2 * j, n - j, alpha, limit, out + j);
+}
+
 }  // namespace avx2
 
 // ---- AVX-512 (F, BW, VL) ----
@@ -915,13 +967,13 @@ GPTOSS_AVX512 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst
 
 // -- instruction-set selection -------------------------------------------------------------------------------------
 const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, nullptr, scalar::bf16_dot,
-                      scalar::bf16_decode, scalar::attend, {0, 0}, false, false};
+                      scalar::bf16_decode, scalar::attend, scalar::swiglu, {0, 0}, false, false};
 #ifdef GPTOSS_X86
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot_layout,
-                    avx2::bf16_dot, avx2::bf16_decode, avx2::attend, {1024, 1024}, true, false};
+                    avx2::bf16_dot, avx2::bf16_decode, avx2::attend, avx2::swiglu, {1024, 1024}, true, false};
 const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
-                      avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx2::attend, {8192, 8192},
-                      true, true};
+                      avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx2::attend, avx2::swiglu,
+                      {8192, 8192}, true, true};
 #endif
 
 // The instruction sets this CPU runs, best first.
@@ -1015,12 +1067,16 @@ struct Item {
 // item from a shared counter, so an expert's rows, a big and a small expert, and a thread the OS preempted all
 // balance without a barrier per expert. Few rows: the register-decode dot. Many rows: the block's weights are
 // decoded into the thread's fp32 tile and one sgemm (single-threaded: we are inside the parallel region) takes
-// all of the expert's rows.
-template <class W>
-at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& ends,
-                   const c10::optional<at::Tensor>& bias) {
-  const int64_t n = x.size(0), k = w.k(), m = w.m;
-  at::Tensor out = at::empty({n, m}, x.options());
+// all of the expert's rows. `finished(group, m0, m1)` runs on an item's thread once its block (bias included) is
+// written, while the block is still in that core's cache.
+struct NoEpilogue {
+  void operator()(const Group&, int64_t, int64_t) const {}
+};
+
+template <class W, class Epilogue = NoEpilogue>
+void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& ends,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& out, const Epilogue& finished = {}) {
+  const int64_t k = w.k(), m = w.m;
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
@@ -1041,7 +1097,7 @@ at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& 
       const int64_t step = many ? tile_rows : kDotRows;
       for (int64_t m0 = 0; m0 < m; m0 += step) items.push_back({gi, m0, std::min(m, m0 + step)});
     }
-  if (items.empty()) return out;
+  if (items.empty()) return;
 
   // The rows the dot kernel reads, in its activation order where it has one (reordered once, not per item).
   const float* xdot = xp;
@@ -1080,8 +1136,16 @@ at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& 
         for (int64_t r = 0; r < g.rows; ++r)
           for (int64_t j = 0; j < mt; ++j) o[r * m + j] += be[j];
       }
+      finished(g, it.m0, it.m1);
     }
   });
+}
+
+template <class W>
+at::Tensor grouped(const at::Tensor& x, const W& w, const std::vector<int64_t>& ends,
+                   const c10::optional<at::Tensor>& bias) {
+  at::Tensor out = at::empty({x.size(0), w.m}, x.options());
+  grouped_into(x, w, ends, bias, out);
   return out;
 }
 
@@ -1219,25 +1283,23 @@ at::Tensor mxfp4_moe(const at::Tensor& x_, const at::Tensor& weights_, const at:
   at::parallel_for(0, pairs, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) std::memcpy(rp + r * h, xp + (order[r] / k) * h, h * sizeof(float));
   });
-  const at::Tensor gu = grouped(rows, gate_up, ends, gu_bias);
-
+  // The activation of each finished gate_up block (an even column range: whole gate/up pairs), written onto down's
+  // block grid: `down_pad` zero columns before the slice, the rest after.
   at::Tensor act = at::empty({pairs, down_k}, x.options());
-  const float* gp = gu.data_ptr<float>();
   float* ap = act.data_ptr<float>();
   const float a = static_cast<float>(alpha), lim = static_cast<float>(limit);
-  at::parallel_for(0, pairs, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* g = gp + r * 2 * inter;
+  const SwigluFn swiglu = kernels().swiglu;
+  const at::Tensor gu = at::empty({pairs, 2 * inter}, x.options());
+  const float* gp = gu.data_ptr<float>();
+  const auto activate = [&](const Group& g, int64_t m0, int64_t m1) {
+    for (int64_t r = g.start; r < g.start + g.rows; ++r) {
       float* o = ap + r * down_k;
-      std::fill(o, o + down_pad, 0.f);
-      for (int64_t j = 0; j < inter; ++j) {
-        const float gate = std::min(g[2 * j], lim);
-        const float up = std::min(std::max(g[2 * j + 1], -lim), lim);
-        o[down_pad + j] = (up + 1.f) * (gate / (1.f + std::exp(-gate * a)));
-      }
-      std::fill(o + down_pad + inter, o + down_k, 0.f);
+      if (m0 == 0) std::fill(o, o + down_pad, 0.f);
+      swiglu(gp + r * 2 * inter + m0, (m1 - m0) / 2, a, lim, o + down_pad + m0 / 2);
+      if (m1 == 2 * inter) std::fill(o + down_pad + inter, o + down_k, 0.f);
     }
-  });
+  };
+  grouped_into(rows, gate_up, ends, gu_bias, gu, activate);
   const at::Tensor y = grouped(act, down, ends, dn_bias);
 
   at::Tensor out = at::empty({n, h}, x.options());
