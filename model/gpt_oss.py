@@ -91,9 +91,8 @@ class MoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, experts = self.ops.route(x, self.router.weight, self.router.bias, self.top_k)
-        y = self.ops.moe(x, weights, experts, self.gate_up(), self.gate_up_proj_bias,
-                         self.down(), self.down_proj_bias, self.alpha, self.limit)
+        y = self.ops.routed_moe(x, self.router.weight, self.router.bias, self.top_k, self.gate_up(),
+                                self.gate_up_proj_bias, self.down(), self.down_proj_bias, self.alpha, self.limit)
         return y.view(shape)
 
 

@@ -138,6 +138,43 @@ def test_mxfp4_moe_equals_the_op_by_op_layer(isa, tokens, top_k, experts, hidden
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5 * separate.abs().max().item())
 
 
+def _moe_weights(experts, hidden, inter, seed):
+    gu_blocks, gu_scales = _mxfp4(experts, 2 * inter, hidden // 32, seed=seed)
+    dn_blocks, dn_scales = _mxfp4(experts, hidden, inter // 32, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed)
+    return (gu_blocks, gu_scales.clamp(min=120), torch.randn(experts, 2 * inter, generator=g),
+            dn_blocks, dn_scales.clamp(min=120), torch.randn(experts, hidden, generator=g))
+
+
+@pytest.mark.parametrize("tokens, top_k, experts", [(1, 4, 32), (5, 2, 6), (40, 4, 8)])
+def test_mxfp4_moe_routed_equals_route_then_moe(isa, tokens, top_k, experts):
+    """The layer with its router in the call against the router op by op (bf16 linear, topk, softmax) then the
+    experts' kernel: the same experts in the same order, weights equal to rounding."""
+    from gptoss.model.ops import torch_ops
+    hidden, inter = 64, 64
+    layer = _moe_weights(experts, hidden, inter, seed=tokens)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, hidden, generator=g)
+    router_w, router_b = torch.randn(experts, hidden, generator=g).bfloat16(), torch.randn(experts, generator=g)
+    weights, chosen = torch_ops.route(x, router_w, router_b, top_k)
+    separate = kernels.mxfp4_moe(x, weights, chosen, *layer, 0, 1.702, 7.0)
+    fused = kernels.mxfp4_moe_routed(x, router_w, router_b, top_k, *layer, 0, 1.702, 7.0)
+    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-6 * separate.abs().max().item())
+
+
+def test_mxfp4_moe_routed_breaks_ties_toward_the_lower_expert():
+    layer = _moe_weights(4, 64, 64, seed=3)
+    x = torch.zeros(1, 64)  # logits = the bias: experts 1 and 2 tie for the top
+    router_w, router_b = torch.zeros(4, 64).bfloat16(), torch.tensor([0.0, 2.0, 2.0, 1.0])
+    fused = kernels.mxfp4_moe_routed(x, router_w, router_b, 1, *layer, 0, 1.702, 7.0)
+    expected = kernels.mxfp4_moe(x, torch.ones(1, 1), torch.tensor([[1]]), *layer, 0, 1.702, 7.0)
+    assert torch.equal(fused, expected)
+    with pytest.raises(RuntimeError, match=r"top_k 5 outside \[1, 4\]"):
+        kernels.mxfp4_moe_routed(x, router_w, router_b, 5, *layer, 0, 1.702, 7.0)
+    with pytest.raises(RuntimeError, match=r"router_weight must be \[4, H\]"):
+        kernels.mxfp4_moe_routed(x, router_w[:3], router_b, 1, *layer, 0, 1.702, 7.0)
+
+
 def test_strided_activation_is_accepted():
     w = torch.randn(9, 64).bfloat16()
     x = torch.randn(64, 5).t()  # not contiguous
@@ -246,7 +283,7 @@ def test_loading_the_library_makes_the_cpp_kernels_the_ops_cpu_implementations()
     code = """
 import torch
 from gptoss.model import kernels
-names = ("bf16_linear", "bf16_grouped_mm", "mxfp4_grouped_mm", "mxfp4_moe")
+names = ("bf16_linear", "bf16_grouped_mm", "mxfp4_grouped_mm", "mxfp4_moe", "mxfp4_moe_routed", "decode_attention")
 has_cpu = lambda: [torch._C._dispatch_has_kernel_for_dispatch_key(f"gptoss::{n}", "CPU") for n in names]
 print(has_cpu())
 x, w = torch.randn(3, 64), torch.randn(5, 64).bfloat16()
@@ -257,7 +294,7 @@ print(torch.equal(first, kernels.bf16_linear(x, w)), torch.equal(first, kernels.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[:3] == [str([False] * 4), str([True] * 4), "True True"]
+    assert proc.stdout.split("\n")[:3] == [str([False] * 6), str([True] * 6), "True True"]
 
 
 def test_a_build_killed_midway_does_not_hang_the_next(tmp_path):

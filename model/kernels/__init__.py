@@ -6,6 +6,9 @@
     mxfp4_moe(x [N, H] f32, weights [N, k] f32, experts [N, k] int, gate_up blocks/scales/bias,
               down blocks/scales/bias, down_pad, alpha, limit)                       -> [N, H] f32
         one MoE layer's routed experts (sort, gather, gate_up, clamped SwiGLU, down, weighted sum) in one call
+    mxfp4_moe_routed(x [N, H] f32, router_weight [E, H] bf16, router_bias [E]?, top_k, then as mxfp4_moe)
+                                                                                     -> [N, H] f32
+        the same with the router in the call (bf16_linear's logits, top k, softmax over those k)
     decode_attention(q [B, T, Hq, D] f32, k_cache, v_cache [B, S, Hkv, D] f32, sinks [Hq], k_pos [B, n] int,
                      q_pos [B, T] int, window, scale)                                  -> [B, T, Hq, D] f32
         attention with sink logits over the visible cache slots (model/ops/torch_ops.attention's semantics)
@@ -36,7 +39,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "prefetch", "set_prefetch",
-           "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe", "decode_attention"]
+           "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe", "mxfp4_moe_routed",
+           "decode_attention"]
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 _lock = threading.Lock()
@@ -184,6 +188,9 @@ _lib.define("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 _lib.define("mxfp4_moe(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_blocks, Tensor gate_up_scales, "
             "Tensor gate_up_bias, Tensor down_blocks, Tensor down_scales, Tensor down_bias, int down_pad, "
             "float alpha, float limit) -> Tensor")
+_lib.define("mxfp4_moe_routed(Tensor x, Tensor router_weight, Tensor? router_bias, int top_k, "
+            "Tensor gate_up_blocks, Tensor gate_up_scales, Tensor gate_up_bias, Tensor down_blocks, "
+            "Tensor down_scales, Tensor down_bias, int down_pad, float alpha, float limit) -> Tensor")
 _lib.define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor sinks, Tensor k_pos, Tensor q_pos, "
             "int window, float scale) -> Tensor")
 # Until the library is loaded, each op's implementation is this Python one: it loads the library, whose loading
@@ -192,6 +199,7 @@ _lib.define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor s
 # may be running this very function when the C++ kernels arrive); the C++ refuses tensors not in host memory.
 _LAZY = "CompositeExplicitAutograd"
 _lib.impl("mxfp4_moe", lambda *args: extension().mxfp4_moe(*args), _LAZY)
+_lib.impl("mxfp4_moe_routed", lambda *args: extension().mxfp4_moe_routed(*args), _LAZY)
 _lib.impl("mxfp4_grouped_mm", lambda x, b, s, o, bias=None: extension().mxfp4_grouped_mm(x, b, s, o, bias), _LAZY)
 _lib.impl("bf16_grouped_mm", lambda x, w, o, bias=None: extension().bf16_grouped_mm(x, w, o, bias), _LAZY)
 _lib.impl("bf16_linear", lambda x, w, bias=None: extension().bf16_linear(x, w, bias), _LAZY)
@@ -213,6 +221,11 @@ def _(x, weights, experts, *rest):
     return torch.empty_like(x)
 
 
+@torch.library.register_fake("gptoss::mxfp4_moe_routed", lib=_lib)
+def _(x, *rest):
+    return torch.empty_like(x)
+
+
 @torch.library.register_fake("gptoss::decode_attention", lib=_lib)
 def _(q, k_cache, v_cache, sinks, k_pos, q_pos, window, scale):
     return q.new_empty(q.shape)  # contiguous, as the kernel's
@@ -227,4 +240,5 @@ mxfp4_grouped_mm = torch.ops.gptoss.mxfp4_grouped_mm
 bf16_grouped_mm = torch.ops.gptoss.bf16_grouped_mm
 bf16_linear = torch.ops.gptoss.bf16_linear
 mxfp4_moe = torch.ops.gptoss.mxfp4_moe
+mxfp4_moe_routed = torch.ops.gptoss.mxfp4_moe_routed
 decode_attention = torch.ops.gptoss.decode_attention

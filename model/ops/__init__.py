@@ -16,7 +16,7 @@ import inspect
 from types import SimpleNamespace
 
 OP_NAMES = ("rms_norm", "add_rms_norm", "apply_rope", "cache_write", "attention_lengths", "attention", "linear",
-            "route", "moe")
+            "route", "moe", "routed_moe")
 
 _TABLES = {"torch": "gptoss.model.ops.torch_ops", "npu": "gptoss.model.ops.npu_ops"}
 

@@ -27,6 +27,7 @@ Op by op (docs: Ascend/op-plugin `docs/zh/custom_APIs/torch_npu/<name>.md`; sign
   columns, up = odd columns, exactly GPT-OSS), the portable composition otherwise; then
   `npu_moe_finalize_routing(y, None, None, None, scales=w, expanded_src_to_dst_row=expanded_row_idx,
   export_for_source_row=expert_idx, drop_pad_mode=0)` un-permutes and sums the k weighted rows per token.
+- `routed_moe`   -> `route`, then `moe` (the layer's one call; on CPU the torch table fuses the two).
 
 Attention (FIA v2), and why this argument combination:
 
@@ -284,3 +285,10 @@ def moe(x, weights, experts, gate_up, gate_up_bias, down, down_bias, alpha: floa
                                split_item=3, group_type=0, group_list_type=0)[0]
     return npu.npu_moe_finalize_routing(y, None, None, None, weights.to(y.dtype), src_to_dst, expert_idx,
                                         drop_pad_mode=0)
+
+
+def routed_moe(x, router_weight, router_bias, top_k: int, gate_up, gate_up_bias, down, down_bias, alpha: float,
+               limit: float) -> torch.Tensor:
+    """`route`, then `moe` (the gating op's output feeds init_routing directly)."""
+    weights, experts = route(x, router_weight, router_bias, top_k)
+    return moe(x, weights, experts, gate_up, gate_up_bias, down, down_bias, alpha, limit)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import bf16_linear, decode_attention, mxfp4_grouped_mm, mxfp4_moe
+from ..kernels import bf16_linear, decode_attention, mxfp4_grouped_mm, mxfp4_moe, mxfp4_moe_routed
 from ..weights import PackedMxfp4
 from .grouped_mm import grouped_mm
 
@@ -173,6 +173,18 @@ def moe(
         return mxfp4_moe(x, weights, experts, gate_up.blocks, gate_up.scales, gate_up_bias, down.blocks,
                          down.scales, down_bias, down.pad[0], alpha, limit)
     return moe_by_ops(x, weights, experts, gate_up, gate_up_bias, down, down_bias, alpha, limit)
+
+
+def routed_moe(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, top_k: int, gate_up,
+               gate_up_bias: torch.Tensor, down, down_bias: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """`route`, then `moe`. Published weights on CPU (MXFP4 experts, bf16 router, fp32 activations): one kernel
+    call for the layer, with the same logits as `route`'s (the bf16 linear's) and the same expert order."""
+    if (isinstance(gate_up, PackedMxfp4) and x.dtype == torch.float32 and router_weight.dtype == torch.bfloat16
+            and x.device.type == "cpu"):
+        return mxfp4_moe_routed(x, router_weight, router_bias, top_k, gate_up.blocks, gate_up.scales,
+                                gate_up_bias, down.blocks, down.scales, down_bias, down.pad[0], alpha, limit)
+    weights, experts = route(x, router_weight, router_bias, top_k)
+    return moe(x, weights, experts, gate_up, gate_up_bias, down, down_bias, alpha, limit)
 
 
 def moe_by_ops(x, weights, experts, gate_up, gate_up_bias, down, down_bias, alpha: float, limit: float):

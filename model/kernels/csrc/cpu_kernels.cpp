@@ -1320,6 +1320,44 @@ at::Tensor mxfp4_moe(const at::Tensor& x_, const at::Tensor& weights_, const at:
   return out;
 }
 
+// The router and the routed experts of one MoE layer in one call: logits = x router_weight^T + router_bias (the
+// bf16 linear's arithmetic: the same logits as bf16_linear), each token's top_k logits (largest first; a tie goes
+// to the lower expert), a softmax over those, then mxfp4_moe. One node instead of the router's three.
+at::Tensor mxfp4_moe_routed(const at::Tensor& x_, const at::Tensor& router_weight,
+                            const c10::optional<at::Tensor>& router_bias, int64_t top_k, const at::Tensor& gu_blocks,
+                            const at::Tensor& gu_scales, const at::Tensor& gu_bias, const at::Tensor& dn_blocks,
+                            const at::Tensor& dn_scales, const at::Tensor& dn_bias, int64_t down_pad, double alpha,
+                            double limit) {
+  const int64_t num_experts = gu_blocks.size(0);
+  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(0) == num_experts,
+              "router_weight must be [", num_experts, ", H] (one row per expert), got ", router_weight.sizes());
+  TORCH_CHECK(top_k >= 1 && top_k <= num_experts, "top_k ", top_k, " outside [1, ", num_experts, "]");
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor logits = bf16_linear(x, router_weight, router_bias);
+  const int64_t n = x.size(0);
+  at::Tensor experts = at::empty({n, top_k}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({n, top_k}, x.options());
+  const float* lp = logits.data_ptr<float>();
+  int64_t* ep = experts.data_ptr<int64_t>();
+  float* wp = weights.data_ptr<float>();
+  std::vector<int64_t> ids(num_experts);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* l = lp + t * num_experts;
+    for (int64_t e = 0; e < num_experts; ++e) ids[e] = e;
+    std::partial_sort(ids.begin(), ids.begin() + top_k, ids.end(),
+                      [l](int64_t a, int64_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    const float top = l[ids[0]];
+    float total = 0.f;
+    for (int64_t j = 0; j < top_k; ++j) {
+      ep[t * top_k + j] = ids[j];
+      total += (wp[t * top_k + j] = std::exp(l[ids[j]] - top));
+    }
+    for (int64_t j = 0; j < top_k; ++j) wp[t * top_k + j] /= total;
+  }
+  return mxfp4_moe(x, weights, experts, gu_blocks, gu_scales, gu_bias, dn_blocks, dn_scales, dn_bias, down_pad,
+                   alpha, limit);
+}
+
 // Attention of single-token steps over the cache: q [B, T, Hq, D] at positions q_pos [B, T]; the caches
 // [B, S, Hkv, D] hold at slot j the position k_pos[b, j] (negative: never written) for j < n = k_pos.size(1). A
 // slot is visible to a query at position p when 0 <= k_pos <= p and, with a window, k_pos > p - window (the
@@ -1460,6 +1498,7 @@ void register_cpu_impls() {
   native->impl("bf16_grouped_mm", TORCH_FN(bf16_grouped_mm));
   native->impl("bf16_linear", TORCH_FN(bf16_linear));
   native->impl("mxfp4_moe", TORCH_FN(mxfp4_moe));
+  native->impl("mxfp4_moe_routed", TORCH_FN(mxfp4_moe_routed));
   native->impl("decode_attention", TORCH_FN(decode_attention));
 }
 
@@ -1469,6 +1508,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_grouped_mm", &mxfp4_grouped_mm, "grouped x @ W^T with MXFP4 W [E, M, K/32, 16] (+ bias [E, M])");
   m.def("bf16_grouped_mm", &bf16_grouped_mm, "grouped x @ W^T with bfloat16 W [E, M, K] (+ bias [E, M])");
   m.def("mxfp4_moe", &mxfp4_moe, "the routed experts of one MoE layer (MXFP4 gate_up and down) in one call");
+  m.def("mxfp4_moe_routed", &mxfp4_moe_routed, "mxfp4_moe with its router (bf16 linear, top k, softmax) in the call");
   m.def("bf16_linear", &bf16_linear, "x @ W^T + bias with bfloat16 W [M, K], fp32 x");
   m.def("decode_attention", &decode_attention, "attention of few-token steps over the KV cache (sinks, window)");
   m.def("isa", &isa, "the instruction set the kernels use now");
