@@ -6,7 +6,7 @@ least the longest context, so theirs never wraps; sliding-window layers may get 
 the window plus the longest chunk a step writes, so that they keep only what they can still read."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,7 @@ from .parallel import ShardPlan
 class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def max_batch_size(self) -> int:
@@ -30,10 +31,13 @@ class KVCache:
         return max(k.shape[1] for k in self.keys)
 
     def rows(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The first `n` rows of every layer's buffers (views: writes land in the cache)."""
+        """The first `n` rows of every layer's buffers (views: writes land in the cache). Made once per `n` and
+        kept: every step asks for them, and slicing 2 x layers views costs microseconds each."""
         if n == self.max_batch_size:
             return self.keys, self.values
-        return [k[:n] for k in self.keys], [v[:n] for v in self.values]
+        if n not in self._views:
+            self._views[n] = [k[:n] for k in self.keys], [v[:n] for v in self.values]
+        return self._views[n]
 
     @property
     def nbytes(self) -> int:
