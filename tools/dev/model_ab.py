@@ -65,7 +65,7 @@ def checkout(rev: str) -> tuple[str, Path]:
 def start(args, artifacts: Path, pythonpath: Path | None) -> subprocess.Popen:
     env = dict(os.environ, GPTOSS_PREFETCH="default")
     if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH")) if p)
     # run as a file: a base revision may not have this module, and its package must be the one imported
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--artifacts", str(artifacts),
            "--model", args.model, "--mode", args.mode, "--batch", str(args.batch), "--threads", str(args.threads)]

@@ -521,11 +521,12 @@ GPTOSS_AVX2 inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-// e^x for x <= 0 (softmax terms after subtracting the maximum), within ~2 ulp: 2^n e^r with n = round(x / ln 2),
-// r = x - n ln 2 (ln 2 in two parts), e^r by a degree-7 polynomial (Cephes' expf). Below -87.3 (e^x < 2^-126,
-// where fp32 turns subnormal) it returns e^-87.3: next to the maximum's term of 1 that is nothing.
-GPTOSS_AVX2 inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+// e^x, within 1 ulp of the correctly rounded value for every float in [-87.3, 88] (checked exhaustively against
+// exp in double precision): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts), e^r by Cephes'
+// expf polynomial. x is clamped to that range: below -87.3 (e^x < 2^-126, where fp32 turns subnormal) it returns
+// e^-87.3, nothing next to a softmax maximum's term of 1 or to the 1 of a sigmoid's denominator; above 88, e^88.
+GPTOSS_AVX2 inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -581,7 +582,7 @@ GPTOSS_AVX2 void attend(const Attend& a) {
     const __m256 top_v = _mm256_set1_ps(top);
     __m256 total8 = _mm256_setzero_ps();
     for (int64_t i = 0; i < whole; i += 8) {
-      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + i), top_v));
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sg + i), top_v));
       _mm256_storeu_ps(sg + i, e);
       total8 = _mm256_add_ps(total8, e);
     }
@@ -616,25 +617,6 @@ GPTOSS_AVX2 void attend(const Attend& a) {
   }
 }
 
-// e^x for x in [-87, 88] (the callers clamp): Cephes' range reduction x = n ln2 + r, |r| <= ln2 / 2, and its
-// degree-6 polynomial; within 1 ulp of the correctly rounded e^x for every float in [-87, 88] (checked
-// exhaustively against exp in double precision).
-GPTOSS_AVX2 inline __m256 exp_ps(__m256 x) {
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-}
-
 // lanes 0 1 4 5 2 3 6 7 -> 0 .. 7 (what _mm256_shuffle_ps of two registers leaves, per 128-bit half)
 GPTOSS_AVX2 inline __m256 split(__m256 v) {
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8));
@@ -644,13 +626,13 @@ GPTOSS_AVX2 inline __m256 split(__m256 v) {
 // permute; the tail takes the scalar formula. The result for a column does not depend on the others.
 GPTOSS_AVX2 void swiglu(const float* g, int64_t n, float alpha, float limit, float* out) {
   const __m256 lim = _mm256_set1_ps(limit), neg_lim = _mm256_set1_ps(-limit), one = _mm256_set1_ps(1.f);
-  const __m256 neg_alpha = _mm256_set1_ps(-alpha), lo = _mm256_set1_ps(-87.f), hi = _mm256_set1_ps(88.f);
+  const __m256 neg_alpha = _mm256_set1_ps(-alpha);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 a = _mm256_loadu_ps(g + 2 * j), b = _mm256_loadu_ps(g + 2 * j + 8);
     const __m256 gate = _mm256_min_ps(split(_mm256_shuffle_ps(a, b, 0x88)), lim);
     const __m256 up = _mm256_min_ps(_mm256_max_ps(split(_mm256_shuffle_ps(a, b, 0xDD)), neg_lim), lim);
-    const __m256 e = exp_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(gate, neg_alpha), lo), hi));
+    const __m256 e = exp_ps(_mm256_mul_ps(gate, neg_alpha));
     _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_add_ps(up, one), _mm256_div_ps(gate, _mm256_add_ps(one, e))));
   }
   scalar::swiglu(g + 2 * j, n - j, alpha, limit, out + j);
