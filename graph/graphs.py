@@ -4,6 +4,9 @@ Every backend's builder returns `Graphs` whose callables take the entry point's 
 
     prefill graph: (ids [B, T], start [B], last [B], keys, values) -> logits [B, vocab]
     decode graph:  (ids [B], pos [B], keys, values)                  -> logits [B, vocab]
+    mixed graph:   (ids [B], pos [B], keys, values, chunk_ids [1, T], start [1], last [1], chunk_keys, chunk_values)
+                                                                     -> logits [B + 1, vocab]
+      (a decode step of B rows and one prompt's chunk on the cache's staging row, in one pass over the weights)
 
 The model and the static `kv_len` are bound when the graph is built (a GraphSpec names both shapes).
 """
@@ -18,10 +21,10 @@ from typing import Callable
 
 import torch
 
-from .entry import decode_entry, prefill_entry
+from .entry import decode_entry, mixed_entry, prefill_entry
 from .shapes import GraphSpec, ShapePlan
 
-ENTRIES = {"prefill": prefill_entry, "decode": decode_entry}
+ENTRIES = {"prefill": prefill_entry, "decode": decode_entry, "mixed": mixed_entry}
 
 
 class Graphs:
@@ -47,6 +50,10 @@ class Graphs:
 
     def decode(self, ids, pos, keys, values, kv_len: int):
         return self._fn(GraphSpec("decode", ids.shape[0], 1, kv_len))(ids, pos, keys, values)
+
+    def mixed(self, ids, pos, keys, values, chunk_ids, start, last, chunk_keys, chunk_values, kv_len: int):
+        return self._fn(GraphSpec("mixed", ids.shape[0], chunk_ids.shape[1], kv_len))(
+            ids, pos, keys, values, chunk_ids, start, last, chunk_keys, chunk_values)
 
 
 def bind(entry_fn: Callable, model, kv_len: int) -> Callable:
@@ -81,6 +88,10 @@ def example_inputs(spec: GraphSpec, model, cache) -> tuple:
     row = lambda: torch.zeros(spec.batch, dtype=torch.long, device=dev)  # noqa: E731 (distinct: no aliasing guard)
     if spec.kind == "prefill":
         return torch.zeros(spec.batch, spec.steps, dtype=torch.long, device=dev), row(), row(), keys, values
+    if spec.kind == "mixed":
+        one = lambda: torch.zeros(1, dtype=torch.long, device=dev)  # noqa: E731
+        return (row(), row(), keys, values, torch.zeros(1, spec.steps, dtype=torch.long, device=dev), one(), one(),
+                *cache.staging())
     return row(), row(), keys, values
 
 

@@ -16,7 +16,10 @@ of time and steady-state serving never meets a new shape.
   which starts at a multiple of the chunk, never wraps: one contiguous write). window_cache="full": every layer
   keeps max_seq_len slots;
 - batch: the smallest of `batch_sizes` (default: powers of two up to max_batch_size) that holds the prompts;
-  extra rows are idle padding.
+  extra rows are idle padding;
+- mixed steps (`mixed`, for serving): a prompt's `interleave_chunk`-token chunk and the running rows' decode step
+  run as one graph (decode batch x kv_len), the chunk on a staging row the cache keeps beside the batch's rows;
+  these graphs replace the batch-1 interleave prefills.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class ShapePlan:
     interleave_chunk: int | None = None  # None: prefill_chunk (no graphs of their own)
     window: int = 0  # the sliding layers' window (0: no sliding layers)
     window_cache: str = "ring"  # "ring": sliding layers keep only their window; "full": max_seq_len slots
+    mixed: bool = False  # serving: chunk + decode steps as one graph (see the module docstring)
 
     def __post_init__(self):
         if self.window_cache not in WINDOW_CACHES:
@@ -130,13 +134,17 @@ class ShapePlan:
         step = self.interleave_chunk
         return sorted({(step, self.kv_len(s + step)) for s in range(0, self.slots, step)})
 
+    def mixed_kv_lens(self) -> list[int]:
+        """The kv_lens a mixed step can meet: its chunk ends at interleave_chunk or later."""
+        return [kv for kv in self.kv_lens() if kv >= self.kv_len(self.interleave_chunk)]
+
     # -- as recorded in an artifact manifest (the settings a graph set was built for) ------------------------
     def to_record(self) -> dict:
         return {"max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
                 "prefill_chunk": self.prefill_chunk, "min_chunk": self.min_chunk, "min_kv": self.min_kv,
                 "batch_sizes": self.batch_sizes(), "slot_multiple": self.slot_multiple,
                 "interleave_chunk": self.interleave_chunk, "window": self.window,
-                "window_cache": self.window_cache, "window_slots": self.window_slots}
+                "window_cache": self.window_cache, "window_slots": self.window_slots, "mixed": self.mixed}
 
     @classmethod
     def from_record(cls, record: dict) -> "ShapePlan":
@@ -144,15 +152,18 @@ class ShapePlan:
                    min_chunk=record.get("min_chunk", 16), min_kv=record.get("min_kv", 128),
                    batch_buckets=tuple(record["batch_sizes"]), slot_multiple=record.get("slot_multiple", 1),
                    interleave_chunk=record.get("interleave_chunk"), window=record.get("window", 0),
-                   window_cache=record.get("window_cache", "full"))
+                   window_cache=record.get("window_cache", "full"), mixed=record.get("mixed", False))
 
     def specs(self) -> list["GraphSpec"]:
         """Every graph a runtime with this plan can call."""
         specs = []
         for b in self.batch_sizes():
-            shapes = set(self.prefill_shapes()) | (set(self.interleave_shapes()) if b == 1 else set())
+            interleaved = b == 1 and not self.mixed
+            shapes = set(self.prefill_shapes()) | (set(self.interleave_shapes()) if interleaved else set())
             specs += [GraphSpec("prefill", b, c, kv) for c, kv in sorted(shapes)]
             specs += [GraphSpec("decode", b, 1, kv) for kv in self.kv_lens()]
+            if self.mixed:
+                specs += [GraphSpec("mixed", b, self.interleave_chunk, kv) for kv in self.mixed_kv_lens()]
         return specs
 
 
@@ -160,9 +171,9 @@ class ShapePlan:
 class GraphSpec:
     """One static shape of one entry point."""
 
-    kind: str  # "prefill" or "decode"
-    batch: int
-    steps: int  # tokens per row: the prefill chunk, 1 for decode
+    kind: str  # "prefill", "decode" or "mixed"
+    batch: int  # rows (mixed: decode rows, beside one chunk row)
+    steps: int  # tokens per row: the prefill chunk, 1 for decode (mixed: the chunk's)
     kv_len: int
 
     @property

@@ -32,7 +32,7 @@ from torch import nn
 
 from .artifacts import ArtifactDir, Manifest, artifact_key
 from .backends import get_backend
-from .entry import decode_entry, prefill_entry
+from .entry import decode_entry, mixed_entry, prefill_entry
 from .graphs import Graphs, Progress, example_inputs
 from .shapes import GraphSpec, ShapePlan
 
@@ -99,6 +99,10 @@ class GraphEntry(nn.Module):
 
     def decode(self, ids, pos, keys, values):
         return decode_entry(self.model, ids, pos, keys, values, self.spec.kv_len)
+
+    def mixed(self, ids, pos, keys, values, chunk_ids, start, last, chunk_keys, chunk_values):
+        return mixed_entry(self.model, ids, pos, keys, values, chunk_ids, start, last, chunk_keys, chunk_values,
+                           self.spec.kv_len)
 
     def method(self):
         return getattr(self, self.spec.kind)

@@ -7,7 +7,10 @@
     logits     = Gather(LMHead(RMSNorm(h_L)))
 
 `prefill` runs a chunk of T tokens per sequence starting at `start[b]` and returns the logits at each row's
-`last[b]`; `decode` runs one token per sequence at `pos[b]`. Both write K/V into the cache in place. A layer's
+`last[b]`; `decode` runs one token per sequence at `pos[b]`; `mixed` runs both in one step (decode rows and one
+prompt's chunk, each over its own cache rows), so a serving step reads the weights once. All write K/V into the
+cache in place. Inside, a step is a list of `Tokens` parts: everything but attention runs on all their tokens at
+once, attention per part. A layer's
 cache of S slots is a ring (position p in slot p mod S): sliding layers may get one just longer than their window
 plus a chunk, full layers one longer than the context (which never wraps: the plain linear cache). Positions
 travel as tensor values, never as Python ints, so both functions can be captured as graphs with static shapes;
@@ -16,6 +19,8 @@ Everything backend-specific is behind `self.ops`; everything tensor-parallel is 
 how weights are held (`self.weights`: "dense" or "published", see weights.py) only the op table sees.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,17 +46,36 @@ class Attention(nn.Module):
         self.window = config.sliding_window if config.is_sliding(layer) else 0
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, positions, start, k_cache, v_cache, kv_len: int, lengths=None):
-        batch, steps, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
-        q = self.ops.apply_rope(q.view(batch, steps, self.q_heads, self.head_dim), cos, sin)
-        k = self.ops.apply_rope(k.view(batch, steps, self.kv_heads, self.head_dim), cos, sin)
-        self.ops.cache_write(k_cache, start, k)
-        self.ops.cache_write(v_cache, start, v.view(batch, steps, self.kv_heads, self.head_dim))
-        out = self.ops.attention(q, k_cache, v_cache, self.sinks, positions, self.window, self.scale, kv_len,
-                                 lengths)
-        return self.o_proj(out.reshape(batch, steps, -1))
+    def forward(self, x, parts: list["Tokens"], layer: int, kv_len: int):
+        """x [N, hidden]: the step's tokens, part after part (each part's B x T tokens row-major)."""
+        qkv, outs, offset = self.qkv_proj(x), [], 0
+        for p in parts:
+            batch, steps = p.positions.shape
+            rows = qkv[offset:offset + batch * steps].view(batch, steps, -1)
+            offset += batch * steps
+            q, k, v = rows.split([self.q_heads * self.head_dim, self.kv_heads * self.head_dim,
+                                  self.kv_heads * self.head_dim], dim=-1)
+            q = self.ops.apply_rope(q.reshape(batch, steps, self.q_heads, self.head_dim), p.cos, p.sin)
+            k = self.ops.apply_rope(k.reshape(batch, steps, self.kv_heads, self.head_dim), p.cos, p.sin)
+            self.ops.cache_write(p.keys[layer], p.start, k)
+            self.ops.cache_write(p.values[layer], p.start, v.reshape(batch, steps, self.kv_heads, self.head_dim))
+            out = self.ops.attention(q, p.keys[layer], p.values[layer], self.sinks, p.positions, self.window,
+                                     self.scale, kv_len, p.lengths[layer])
+            outs.append(out.reshape(batch * steps, -1))
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+
+class Tokens(NamedTuple):
+    """One part of a step: B rows of T consecutive positions each, written to and read from their own cache rows
+    (`keys`/`values`: per layer, [B, S, Hkv, D] views of the cache)."""
+    ids: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B, T]
+    start: torch.Tensor  # [B]: positions[:, 0]
+    keys: list
+    values: list
+    cos: torch.Tensor | None = None  # rope tables and per-layer attention lengths, filled in by GptOss.hidden
+    sin: torch.Tensor | None = None
+    lengths: list | None = None
 
 
 class MoE(nn.Module):
@@ -148,18 +172,22 @@ class GptOss(nn.Module):
         logits = self.ops.linear(h, self.lm_head, None)
         return self.parallel.all_gather_last_dim(logits)[..., : self.config.vocab_size]
 
-    def hidden(self, ids, positions, start, k_caches, v_caches, kv_len: int) -> torch.Tensor:
-        """Final-normed hidden states [B, T, H] for tokens `ids` [B, T] at `positions` [B, T]; writes each layer's
-        cache at `start[b] + t` (mod its slot count)."""
+    def hidden(self, parts: list[Tokens], kv_len: int) -> torch.Tensor:
+        """Final-normed hidden states [N, H] of the step's tokens, part after part (each part's [B, T] row-major);
+        writes each layer's cache at `start[b] + t` (mod its slot count) of each part's rows."""
         ops, eps = self.ops, self.config.rms_norm_eps
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype)
-        residual = self.embed(ids)
+        ready = []
+        for p in parts:
+            cos, sin = rope_cos_sin(p.positions, self.inv_freq, self.rope_scale, self.dtype)
+            # once per step and part, not per layer: one entry per cache layout (ring or linear, band or causal)
+            layouts = [(k.shape[1], block.self_attn.window) for k, block in zip(p.keys, self.layers)]
+            by_layout = ops.attention_lengths(p.positions, kv_len, sorted(set(layouts)))
+            ready.append(p._replace(cos=cos, sin=sin, lengths=[by_layout[lay] for lay in layouts]))
+        ids = [p.ids.reshape(-1) for p in parts]
+        residual = self.embed(ids[0] if len(ids) == 1 else torch.cat(ids))
         h = ops.rms_norm(residual, self.layers[0].input_layernorm, eps)
-        # once per step, not per layer: one entry per cache layout (ring or linear cache, band or causal)
-        layouts = [(k.shape[1], block.self_attn.window) for k, block in zip(k_caches, self.layers)]
-        lengths = ops.attention_lengths(positions, kv_len, sorted(set(layouts)))
         for i, block in enumerate(self.layers):
-            a = block.self_attn(h, cos, sin, positions, start, k_caches[i], v_caches[i], kv_len, lengths[layouts[i]])
+            a = block.self_attn(h, ready, i, kv_len)
             h, residual = ops.add_rms_norm(self.parallel.all_reduce(a), residual, block.post_attention_layernorm, eps)
             m = self.parallel.all_reduce(block.mlp(h))
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
@@ -169,13 +197,29 @@ class GptOss(nn.Module):
     # -- entry points (the only functions graph/ captures) ------------------------------------------------
     def prefill(self, ids, start, last, k_caches, v_caches, kv_len: int) -> torch.Tensor:
         """ids [B, T] at positions start[b] + t; returns logits [B, vocab] at token index last[b]."""
-        steps = ids.shape[1]
-        positions = start[:, None] + torch.arange(steps, device=ids.device)
-        h = self.hidden(ids, positions, start, k_caches, v_caches, kv_len)
-        h_last = h.gather(1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
-        return self.logits(h_last)
+        h = self.hidden([self._chunk(ids, start, k_caches, v_caches)], kv_len)
+        return self.logits(self._at(h.view(*ids.shape, -1), last))
 
     def decode(self, ids, pos, k_caches, v_caches, kv_len: int) -> torch.Tensor:
         """ids [B] at positions pos [B]; returns logits [B, vocab]."""
-        h = self.hidden(ids[:, None], pos[:, None], pos, k_caches, v_caches, kv_len)
-        return self.logits(h[:, 0])
+        return self.logits(self.hidden([Tokens(ids[:, None], pos[:, None], pos, k_caches, v_caches)], kv_len))
+
+    def mixed(self, ids, pos, k_caches, v_caches, chunk_ids, start, last, chunk_k_caches, chunk_v_caches,
+              kv_len: int) -> torch.Tensor:
+        """`decode(ids, pos, k_caches, v_caches)` and `prefill(chunk_ids, start, last, chunk_k_caches, ...)` as one
+        step over disjoint cache rows: returns logits [B + C_rows, vocab], the decode rows' then the chunk's."""
+        parts = [Tokens(ids[:, None], pos[:, None], pos, k_caches, v_caches),
+                 self._chunk(chunk_ids, start, chunk_k_caches, chunk_v_caches)]
+        h = self.hidden(parts, kv_len)
+        batch = ids.shape[0]
+        return self.logits(torch.cat((h[:batch], self._at(h[batch:].view(*chunk_ids.shape, -1), last))))
+
+    @staticmethod
+    def _chunk(ids, start, k_caches, v_caches) -> Tokens:
+        positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
+        return Tokens(ids, positions, start, k_caches, v_caches)
+
+    @staticmethod
+    def _at(h, last):
+        """h [B, T, H] at token index last[b] of each row: [B, H]."""
+        return h.gather(1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)

@@ -3,7 +3,11 @@
 
 Every buffer is a ring: position p lives in slot p mod slots (model/ops). Full-attention layers get `slots`, at
 least the longest context, so theirs never wraps; sliding-window layers may get `window_slots`, just enough for
-the window plus the longest chunk a step writes, so that they keep only what they can still read."""
+the window plus the longest chunk a step writes, so that they keep only what they can still read.
+
+A serving cache may keep one more row, the staging row, after the batch's: a prompt prefilled in chunks beside
+running decode steps is written there (one graph runs both, graph/shapes.py's mixed steps), then copied to its
+own row when it ends."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,11 +23,18 @@ from .parallel import ShardPlan
 class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    has_staging: bool = False  # the last row is the staging row
     _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def max_batch_size(self) -> int:
-        return self.keys[0].shape[0]
+        return self.keys[0].shape[0] - self.has_staging
+
+    @property
+    def staging_row(self) -> int:
+        if not self.has_staging:
+            raise RuntimeError("this KV cache has no staging row (allocated without staging=True)")
+        return self.max_batch_size
 
     @property
     def slots(self) -> int:
@@ -33,11 +44,25 @@ class KVCache:
     def rows(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The first `n` rows of every layer's buffers (views: writes land in the cache). Made once per `n` and
         kept: every step asks for them, and slicing 2 x layers views costs microseconds each."""
-        if n == self.max_batch_size:
+        if n == self.keys[0].shape[0]:
             return self.keys, self.values
         if n not in self._views:
             self._views[n] = [k[:n] for k in self.keys], [v[:n] for v in self.values]
         return self._views[n]
+
+    def staging(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The staging row of every layer's buffers, [1, S, Hkv, D] views."""
+        row = self.staging_row
+        if "staging" not in self._views:
+            self._views["staging"] = [k[row:row + 1] for k in self.keys], [v[row:row + 1] for v in self.values]
+        return self._views["staging"]
+
+    def copy_row(self, src: int, dst: int, positions: int) -> None:
+        """Row `dst` of every layer gets row `src`'s first `positions` positions (a ring's whole buffer once
+        they fill it: position p is in slot p mod S)."""
+        for buf in self.keys + self.values:
+            n = min(positions, buf.shape[1])
+            buf[dst, :n].copy_(buf[src, :n])
 
     @property
     def nbytes(self) -> int:
@@ -52,11 +77,12 @@ class KVCache:
     @classmethod
     def allocate(cls, config: GptOssConfig, plan: ShardPlan, max_batch_size: int, slots: int,
                  dtype: torch.dtype, device: torch.device | str | None = None,
-                 window_slots: int | None = None) -> "KVCache":
-        shapes = [(max_batch_size, n, plan.kv_heads, config.head_dim)
+                 window_slots: int | None = None, staging: bool = False) -> "KVCache":
+        shapes = [(max_batch_size + staging, n, plan.kv_heads, config.head_dim)
                   for n in cls.layer_slots(config, slots, window_slots)]
         if torch.device(device or torch.get_default_device()).type == "cpu":  # huge pages, as the weights
             arena = HugePageArena(2 * sum(nbytes(s, dtype) for s in shapes))
-            return cls([arena.empty(s, dtype).zero_() for s in shapes], [arena.empty(s, dtype).zero_() for s in shapes])
+            return cls([arena.empty(s, dtype).zero_() for s in shapes], [arena.empty(s, dtype).zero_() for s in shapes],
+                       staging)
         return cls([torch.zeros(s, dtype=dtype, device=device) for s in shapes],
-                   [torch.zeros(s, dtype=dtype, device=device) for s in shapes])
+                   [torch.zeros(s, dtype=dtype, device=device) for s in shapes], staging)

@@ -82,14 +82,15 @@ def plan_shapes(config: GptOssConfig, settings: Settings) -> ShapePlan:
     return ShapePlan(settings.max_batch_size, settings.max_seq_len, chunk,
                      min_chunk=min(settings.min_prefill_chunk, chunk), batch_buckets=settings.batch_sizes,
                      slot_multiple=get_backend(settings.backend).page_slots, window=window,
-                     window_cache=settings.window_cache, interleave_chunk=min(settings.interleave_chunk, chunk))
+                     window_cache=settings.window_cache, interleave_chunk=min(settings.interleave_chunk, chunk),
+                     mixed=settings.mixed_steps)
 
 
 def allocate_cache(config: GptOssConfig, plan: ShardPlan, shapes: ShapePlan, dtype: torch.dtype,
                    device: torch.device | str | None = None) -> KVCache:
     """The KV cache a runtime with `shapes` allocates (device="meta" sizes it without allocating)."""
     return KVCache.allocate(config, plan, shapes.max_batch_size, shapes.slots, dtype, device,
-                            window_slots=shapes.window_slots)
+                            window_slots=shapes.window_slots, staging=shapes.mixed)
 
 
 class Runtime:

@@ -14,6 +14,12 @@ Every cache row holds at most one request. Each step:
 So a long prompt enters one chunk per step while the running streams keep getting a token every step, and only
 the shapes of the Runtime's ShapePlan ever run: nothing new is traced or compiled while serving.
 
+Mixed steps (a ShapePlan with `mixed`): steps 2 and 3 run as one graph whenever the chunk is a whole
+`interleave_chunk`, so the step reads the weights once for the chunk and the decode rows together. The chunk's
+tokens are written to the cache's staging row (the prompt's earlier positions are copied there first, once), and
+the prompt is copied to its own row when it ends; one prompt at a time is staged, and it keeps the staging row
+until its prompt ends.
+
 Rows in the decode bucket that are not generating (free, or still prefilling) are fed a dummy token whose cache
 write lands where it cannot be read: at position 0 of a free row, or at the next position a prefilling row's
 next chunk overwrites before attending to it.
@@ -104,6 +110,7 @@ class _Row:
     done: int = 0  # prompt tokens prefilled
     pos: int = 0  # next cache position to write while decoding
     next_token: int = 0
+    staged: bool = False  # the prompt is being prefilled on the cache's staging row (mixed steps)
 
     @property
     def prefilling(self) -> bool:
@@ -290,8 +297,15 @@ class Scheduler:
         if together:
             self._prefill_rows(together)
             ran = True
-        elif prefilling:  # the oldest admitted first: lowest id
-            self._prefill_chunk(min(prefilling, key=lambda i: self.rows[i].handle.id))
+        elif prefilling:  # the staged prompt, else the oldest admitted first: lowest id
+            staged = [i for i in prefilling if self.rows[i].staged]
+            i = staged[0] if staged else min(prefilling, key=lambda i: self.rows[i].handle.id)
+            if self._mixes(i, decoding):
+                self._mixed_step(i)
+                with self.metrics.lock:
+                    self.metrics.steps += 1
+                return
+            self._prefill_chunk(i)
             ran = True
         if any(r is not None and not r.prefilling for r in self.rows):
             self._decode_step()
@@ -304,8 +318,8 @@ class Scheduler:
         """Rows whose next chunk can run as one batched prefill, as `Runtime.generate` runs a static batch: when
         no row decodes (so no running stream waits for it) and every prefilling row stands at the same whole
         number of full chunks (a burst of newcomers, all at 0), their chunks share the batch's prefill graph.
-        Otherwise None: one row at a time."""
-        if decoding or len(prefilling) < 2:
+        Otherwise (or while a prompt is on the staging row) None: one row at a time."""
+        if decoding or len(prefilling) < 2 or any(self.rows[i].staged for i in prefilling):
             return None
         done = {self.rows[i].done for i in prefilling}
         if len(done) != 1 or next(iter(done)) % self.rt.shapes.prefill_chunk:
@@ -370,30 +384,75 @@ class Scheduler:
                              shapes.kv_len(row.done + chunk))
         self._prefilled([i], chunk, logits)
 
-    def _decode_step(self) -> None:
-        rt = self.rt
-        top = max(i for i, r in enumerate(self.rows) if r is not None and not r.prefilling)
-        batch = rt.shapes.batch(top + 1)
+    def _decode_inputs(self):
+        """The decode step's rows: (batch bucket, ids, pos, live rows). Rows in the bucket that do not decode get
+        a dummy token whose cache write nothing reads: position 0 of a free row or of a staged one (its own row
+        is overwritten when its prompt is copied in), a prefilling row's next chunk's first position."""
+        decoding = [i for i, r in enumerate(self.rows) if r is not None and not r.prefilling]
+        batch = self.rt.shapes.batch(max(decoding) + 1 if decoding else 1)
         ids = torch.zeros(batch, dtype=torch.long)
         pos = torch.zeros(batch, dtype=torch.long)
-        live = []
         for i in range(batch):
             row = self.rows[i]
-            if row is None:
-                continue
-            if row.prefilling:
-                pos[i] = row.done  # overwritten by this row's next prefill chunk before it is read
-            else:
+            if row is not None and row.prefilling and not row.staged:
+                pos[i] = row.done
+            elif row is not None and not row.prefilling:
                 ids[i], pos[i] = row.next_token, row.pos
-                live.append(i)
+        return batch, ids, pos, decoding
+
+    def _decode_step(self) -> None:
+        rt = self.rt
+        batch, ids, pos, live = self._decode_inputs()
         kv_len = rt.shapes.kv_len(max(self.rows[i].pos for i in live) + 1)
         logits = self._graph("decode", rt.graphs.decode, ids.to(rt.device), pos.to(rt.device),
                              *rt.cache.rows(batch), kv_len)
+        self._decoded(live, logits[live])
+
+    def _decoded(self, live: list[int], logits: torch.Tensor) -> None:
+        """After a decode step (logits[j] is row live[j]'s): each row samples its token."""
+        if not live:
+            return
         for i in live:
             self.rows[i].pos += 1
-        tokens = self._sample(logits[live].float(), [self.rows[i] for i in live])
+        tokens = self._sample(logits.float(), [self.rows[i] for i in live])
         for i, token in zip(live, tokens):
             self._take(i, token)
+
+    def _mixes(self, i: int, decoding: bool) -> bool:
+        """Whether row i's next chunk runs in a mixed step: the plan has them, and the row is staged already, or
+        rows decode and the chunk is a whole interleave chunk (a shorter first chunk ends the prompt: it runs on
+        the row itself, at its own length)."""
+        shapes, row = self.rt.shapes, self.rows[i]
+        if not shapes.mixed:
+            return False
+        if row.staged:
+            return True
+        chunk = shapes.chunk(row.done, len(row.seq.prompt) - row.done, interleaved=True)
+        return decoding and chunk == shapes.interleave_chunk
+
+    def _mixed_step(self, i: int) -> None:
+        """Row i's next chunk (on the staging row) and every decoding row's step, as one graph call."""
+        rt, shapes, row = self.rt, self.rt.shapes, self.rows[i]
+        cache = rt.cache
+        if not row.staged:  # the prompt's positions so far move to the staging row, once
+            cache.copy_row(i, cache.staging_row, row.done)
+            row.staged = True
+        chunk, length = shapes.interleave_chunk, len(row.seq.prompt)
+        batch, ids, pos, live = self._decode_inputs()
+        kv_len = shapes.kv_len(max([row.done + chunk] + [self.rows[j].pos + 1 for j in live]))
+        chunk_ids = row.padded[row.done:row.done + chunk][None]
+        start = torch.tensor([row.done], device=rt.device)
+        last = torch.tensor([min(max(length - 1 - row.done, 0), chunk - 1)], device=rt.device)
+        if self.record_graph_calls:
+            self.graph_calls.append(("mixed", batch, chunk, kv_len))
+        logits = rt.graphs.mixed(ids.to(rt.device), pos.to(rt.device), *cache.rows(batch), chunk_ids, start, last,
+                                 *cache.staging(), kv_len)
+        self._decoded(live, logits[live])
+        self._prefilled([i], chunk, logits[batch:])
+        if not row.prefilling:  # the prompt ended: it moves to its own row (if the request has not ended already)
+            if self.rows[i] is row:
+                cache.copy_row(cache.staging_row, i, length)
+            row.staged = False
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Each row with its own settings and generator; greedy rows in one argmax."""

@@ -18,7 +18,7 @@ from gptoss.graph.shapes import WINDOW_CACHES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FORMATS = ("published", "dense")
 DEFAULTS = {"backend": "eager", "max_batch_size": 8, "max_seq_len": 4096, "prefill_chunk": 256,
-            "min_prefill_chunk": 16, "interleave_chunk": 64, "window_cache": "ring"}
+            "min_prefill_chunk": 16, "interleave_chunk": 64, "window_cache": "ring", "mixed_steps": False}
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class Settings:
     prefill_chunk: int | None = None  # tokens per prefill step (a power of two)
     min_prefill_chunk: int | None = None  # the smallest first-chunk graph (a power of two)
     interleave_chunk: int | None = None  # serving: prompt tokens prefilled per step while others decode (power of 2)
+    mixed_steps: bool | None = None  # serving: such a chunk and the decode step as one graph (default False; the
+    #                                  server's tools turn it on). Costs a cache row and a graph per batch x kv_len
     batch_sizes: tuple[int, ...] | None = None  # batch buckets to build graphs for; default powers of two
     window_cache: str | None = None  # "ring": sliding layers keep only their window (default); "full": max_seq_len
     tp_size: int | None = None  # tensor-parallel size; default WORLD_SIZE (1 outside torchrun)
@@ -53,6 +55,8 @@ class Settings:
             raise ValueError(f"weights {self.weights!r}: choose 'published' or 'dense'")
         if self.window_cache is not None and self.window_cache not in WINDOW_CACHES:
             raise ValueError(f"window_cache {self.window_cache!r}: choose one of {', '.join(WINDOW_CACHES)}")
+        if self.mixed_steps is not None and not isinstance(self.mixed_steps, bool):
+            raise ValueError(f"mixed_steps must be True or False, got {self.mixed_steps!r}")
         if self.backend is not None:
             get_backend(self.backend)  # an unknown name fails here, listing the known ones
         if self.device is not None:
@@ -90,7 +94,7 @@ class Settings:
                             "prefill_chunk": shapes.get("prefill_chunk"), "min_prefill_chunk": shapes.get("min_chunk"),
                             "interleave_chunk": shapes.get("interleave_chunk"),
                             "batch_sizes": tuple(shapes["batch_sizes"]) if "batch_sizes" in shapes else None,
-                            "window_cache": shapes.get("window_cache"),
+                            "window_cache": shapes.get("window_cache"), "mixed_steps": shapes.get("mixed"),
                             "threads": key.get("threads")}
         values = {}
         if self.max_batch_size is None and self.batch_sizes is not None:

@@ -18,6 +18,7 @@ from gptoss.tools.make_checkpoint import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(max_batch_size=4, max_seq_len=128, prefill_chunk=16, batch_sizes=[1, 4])
+SERVING = dict(SETTINGS, mixed_steps=True)  # the compiled runtime also has the server's mixed-step graphs
 PROMPTS = [[5, 17, 300, 2, 9, 44, 12, 8, 3, 1, 400, 41, 7, 7, 9, 10, 11, 600, 3],
            [8, 9], list(range(100, 137)), [900, 3, 5, 7, 11]]
 
@@ -30,7 +31,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, checkpoint):
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    rt = Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=out, progress=False, **SETTINGS)
+    rt = Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=out, progress=False, **SERVING)
     return out, rt
 
 
@@ -126,8 +127,9 @@ def test_manifest_is_human_readable(artifacts):
     assert manifest["key"]["backend"] == "inductor"
     assert manifest["key"]["shapes"]["batch_sizes"] == [1, 4]
     assert manifest["key"]["shapes"]["window_cache"] == "ring" and manifest["key"]["shapes"]["window_slots"] == 23
-    assert sorted(manifest["files"]) == ["decode_b1_t1_kv128", "decode_b4_t1_kv128",
-                                         "prefill_b1_t16_kv128", "prefill_b4_t16_kv128"]
+    assert manifest["key"]["shapes"]["mixed"] is True
+    assert sorted(manifest["files"]) == ["decode_b1_t1_kv128", "decode_b4_t1_kv128", "mixed_b1_t16_kv128",
+                                         "mixed_b4_t16_kv128", "prefill_b1_t16_kv128", "prefill_b4_t16_kv128"]
 
 
 def test_refused_for_another_config(artifacts, tmp_path):
@@ -183,9 +185,9 @@ def test_shape_plan_is_bounded():
 
 
 def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):
-    """The server on the compiled graphs: a newcomer's prompt is prefilled by a batch-1 graph on its own row of
-    the cache (a view at a storage offset) while other rows decode; greedy outputs equal `Runtime.generate` one
-    request at a time, and nothing is traced or compiled while serving."""
+    """The server on the compiled graphs: a newcomer's prompt is prefilled while other rows decode, by a batch-1
+    graph on its own row of the cache (a view at a storage offset) or in mixed steps on the staging row; greedy
+    outputs equal `Runtime.generate` one request at a time, and nothing is traced or compiled while serving."""
     import asyncio
 
     import httpx
@@ -210,6 +212,9 @@ def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):
     rows_prefilled = set()
     prefill_chunk = scheduler._prefill_chunk
     monkeypatch.setattr(scheduler, "_prefill_chunk", lambda i: rows_prefilled.add(i) or prefill_chunk(i))
+    rows_mixed = set()
+    mixed_step = scheduler._mixed_step
+    monkeypatch.setattr(scheduler, "_mixed_step", lambda i: rows_mixed.add(i) or mixed_step(i))
     # one row at a time even for the first burst: every row's view is exercised (the batched burst is tested below)
     monkeypatch.setattr(scheduler, "_prefill_together", lambda *args: None)
 
@@ -233,7 +238,8 @@ def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):
     finally:
         scheduler.stop()
     assert got == [(len(w.token_ids), w.text) for w in want]
-    assert rows_prefilled == {0, 1, 2, 3}  # prefill graphs ran on row views at every storage offset
+    assert rows_prefilled | rows_mixed == {0, 1, 2, 3}  # every row's view (and the staging row's) got a prompt
+    assert rows_prefilled and rows_mixed
     assert builds == []
     assert json.dumps(counters, sort_keys=True, default=str) == before
 

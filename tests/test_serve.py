@@ -49,7 +49,7 @@ def reference(ref: Runtime, prompt, max_tokens: int, **kw):
 def served(ckpt):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    rt = Runtime.from_pretrained(ckpt, progress=False, **SETTINGS)
+    rt = Runtime.from_pretrained(ckpt, progress=False, mixed_steps=True, **SETTINGS)  # as tools.serve runs
     scheduler = Scheduler(rt).start()
     scheduler.record_graph_calls = True
     with LiveServer(create_app(scheduler, NAME)) as server:
@@ -277,8 +277,8 @@ def test_only_planned_shapes_ran(served):
     planned = {(s.kind, s.batch, s.steps, s.kv_len) for s in served.scheduler.rt.shapes.specs()}
     calls = set(served.scheduler.graph_calls)
     assert calls and calls <= planned, calls - planned
-    # newcomers' prompts: one row at a time while others decode, a burst of newcomers together
-    assert 1 in {c[1] for c in calls if c[0] == "prefill"}
+    # newcomers' prompts: in mixed steps beside the decode rows, or (a burst, or alone) in prefills
+    assert {c[0] for c in calls} == {"prefill", "decode", "mixed"}, calls
 
 
 def test_queue_full_gives_429(ckpt, ref):
@@ -294,8 +294,10 @@ def test_queue_full_gives_429(ckpt, ref):
 
 
 # -- the scheduler alone ---------------------------------------------------------------------------------------
-def test_scheduler_mixed_requests_equal_generate(ckpt, ref, one_thread):
-    rt = Runtime.from_pretrained(ckpt, progress=False, **dict(SETTINGS, max_batch_size=4))
+@pytest.mark.parametrize("mixed_steps", [False, True])
+def test_scheduler_mixed_requests_equal_generate(ckpt, ref, one_thread, mixed_steps):
+    rt = Runtime.from_pretrained(ckpt, progress=False,
+                                 **dict(SETTINGS, max_batch_size=4, interleave_chunk=32, mixed_steps=mixed_steps))
     assert sorted({k.shape[1] for k in rt.cache.keys}) == [71, 512] and ref.cache.slots == 512
     rng = random.Random(1)
     reqs = [Request(tuple(rng.randrange(1000) for _ in range(rng.randint(1, 150))), rng.randint(1, 30),
@@ -347,6 +349,42 @@ def test_prompt_interleaved_in_short_chunks(ckpt, ref, one_thread):
     assert plan.chunk(16, 284) == 16 and plan.chunk(64, 236) == 64  # a full chunk only from a full-chunk start
     assert {("prefill", 1, 16, kv) for kv in plan.kv_lens()} <= {(s.kind, s.batch, s.steps, s.kv_len)
                                                                   for s in plan.specs()}
+
+
+def test_prompt_in_mixed_steps(ckpt, ref, one_thread):
+    """With mixed steps, a newcomer's whole interleave chunks and the running rows' decode steps run as one graph
+    (the chunk on the staging row); once nothing decodes, the staged prompt goes on in mixed steps of no decode
+    rows. Outputs equal each request's alone-result, and only planned shapes run."""
+    rt = Runtime.from_pretrained(ckpt, progress=False, **dict(SETTINGS, max_batch_size=4, interleave_chunk=16,
+                                                               mixed_steps=True))
+    assert rt.cache.max_batch_size == 4 and rt.cache.keys[0].shape[0] == 5  # and the staging row
+    scheduler = Scheduler(rt)
+    scheduler.record_graph_calls = True
+    running = [Request(tuple(range(7 + i, 27 + i)), 4 + 2 * i, ignore_eos=True) for i in range(2)]
+    newcomers = [Request(tuple((i * 37) % 1000 for i in range(100)), 5, ignore_eos=True),
+                 Request((3, 1, 4, 1, 5), 3, ignore_eos=True)]
+    got: dict[str, list[int]] = {}
+    for i, r in enumerate(running):
+        scheduler.submit(r, lambda e, i=i: got.setdefault(f"running{i}", []).append(e.token_id))
+    while not all(r is not None and not r.prefilling for r in scheduler.rows[:2]):
+        scheduler.step()
+    before = len(scheduler.graph_calls)
+    for i, r in enumerate(newcomers):
+        scheduler.submit(r, lambda e, i=i: got.setdefault(f"newcomer{i}", []).append(e.token_id))
+    scheduler.run_until_idle()
+    calls = scheduler.graph_calls[before:]
+    # 100 tokens in 16-token chunks: 7 mixed steps, 4 beside the running rows (bucket 2) until they end, 3 with no
+    # decode rows (bucket 1, all dummies); then the 5-token prompt's first chunk (16 tokens: a whole interleave chunk) beside
+    # the first newcomer's decode steps (row 2: bucket 4)
+    assert calls[:8] == [("mixed", 2, 16, 128)] * 4 + [("mixed", 1, 16, 128)] * 3 + [("mixed", 4, 16, 128)], calls
+    assert not any(c[0] == "prefill" for c in calls)
+    planned = {(s.kind, s.batch, s.steps, s.kv_len) for s in rt.shapes.specs()}
+    assert set(scheduler.graph_calls) <= planned
+    assert not any(c[0] == "prefill" and c[1] == 1 and c[2] == 16 and c[3] > 128 for c in planned), \
+        "mixed steps replace the batch-1 interleave prefills"
+    for key, r in [(f"running{i}", r) for i, r in enumerate(running)] + \
+            [(f"newcomer{i}", r) for i, r in enumerate(newcomers)]:
+        assert got[key] == reference(ref, list(r.prompt), r.max_tokens, ignore_eos=True).token_ids, key
 
 
 def test_burst_of_newcomers_prefills_together(ckpt, ref, one_thread):

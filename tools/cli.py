@@ -23,6 +23,9 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
     ap.add_argument("--interleave-chunk", type=int, default=None,
                     help="serving: prompt tokens prefilled per step while other requests decode (a power of two; "
                          "default 64, or the artifacts' setting)")
+    ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=None,
+                    help="serving: a prompt's interleave chunk and the running requests' decode step run as one "
+                         "graph (one pass over the weights; a graph per batch x kv_len and one more cache row)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated batch buckets to build graphs for, e.g. 1,8")
     ap.add_argument("--window-cache", default=None, choices=["ring", "full"],
                     help="ring: sliding-window layers keep only their window (default); full: max_seq_len slots")
@@ -46,7 +49,8 @@ def settings_from_args(args, **fixed) -> Settings:
     return Settings(backend=backend, device=args.device, dtype=args.dtype, weights=args.weights,
                     max_batch_size=args.max_batch_size,
                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, batch_sizes=batch_sizes,
-                    interleave_chunk=args.interleave_chunk, window_cache=args.window_cache,
+                    interleave_chunk=args.interleave_chunk, mixed_steps=args.mixed_steps,
+                    window_cache=args.window_cache,
                     tp_size=args.tp, threads=args.threads, **fixed)
 
 

@@ -189,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--interleave-chunk", type=int, default=64,
                     help="prompt tokens prefilled per step while others decode (= --prefill-chunk: no limit)")
+    ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=True,
+                    help="a prompt's chunk and the decode step as one graph (as tools.serve runs by default)")
     ap.add_argument("--serial", type=int, default=None,
                     help="requests sent one at a time for the ratio (default: all of them, the same work as served)")
     ap.add_argument("--long-prompt", type=int, default=2000)
@@ -210,8 +212,8 @@ def main(argv=None) -> int:
     if args.backend != "eager" and args.artifacts is None:  # the reference runtime below loads the same graphs
         args.artifacts = tempfile.mkdtemp(prefix="load-test-artifacts-")
     settings = dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                    prefill_chunk=args.prefill_chunk, interleave_chunk=args.interleave_chunk, progress=False,
-                    backend=args.backend, artifacts=args.artifacts)
+                    prefill_chunk=args.prefill_chunk, interleave_chunk=args.interleave_chunk,
+                    mixed_steps=args.mixed_steps, progress=False, backend=args.backend, artifacts=args.artifacts)
     rt = Runtime.from_pretrained(model_dir, **settings)
     ref = Runtime(rt.model, model_dir, **settings)  # its own cache: the reference runs one request at a time
     rng = random.Random(args.seed)
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
     figures = {"backend": args.backend, "clients": args.clients, "requests": args.requests,
                "max_batch_size": args.max_batch_size,
                "prefill_chunk": args.prefill_chunk, "interleave_chunk": args.interleave_chunk,
+               "mixed_steps": args.mixed_steps,
                "torch_threads": args.threads, "model": str(model_dir), "frontend": args.frontend}
 
     scheduler = Scheduler(rt)
