@@ -1,4 +1,4 @@
-"""GPT-OSS (OpenAI, 2025) as two static-shape entry points over a static KV cache.
+"""GPT-OSS (OpenAI, 2025) as static-shape entry points over a static KV cache.
 
     h_0        = Embed(ids)
     a_l        = Attn_l(RMSNorm(h_l))                          GQA + learned sinks; sliding band on even layers
@@ -10,11 +10,13 @@
 `last[b]`; `decode` runs one token per sequence at `pos[b]`; `mixed` runs both in one step (decode rows and one
 prompt's chunk, each over its own cache rows), so a serving step reads the weights once. All write K/V into the
 cache in place. Inside, a step is a list of `Tokens` parts: everything but attention runs on all their tokens at
-once, attention per part. A layer's
-cache of S slots is a ring (position p in slot p mod S): sliding layers may get one just longer than their window
-plus a chunk, full layers one longer than the context (which never wraps: the plain linear cache). Positions
-travel as tensor values, never as Python ints, so both functions can be captured as graphs with static shapes;
-the only Python int they take, `kv_len` (how many cache slots attention reads), is a per-graph constant.
+once, attention per part.
+
+A layer's cache of S slots is a ring (position p in slot p mod S): sliding layers may get one just longer than
+their window plus a chunk, full layers one longer than the context (which never wraps: the plain linear cache).
+Positions travel as tensor values, never as Python ints, so every entry point can be captured as graphs with
+static shapes; the only Python int they take, `kv_len` (how many cache slots attention reads), is a per-graph
+constant.
 Everything backend-specific is behind `self.ops`; everything tensor-parallel is in `self.plan`/`self.parallel`;
 how weights are held (`self.weights`: "dense" or "published", see weights.py) only the op table sees.
 """
@@ -207,7 +209,7 @@ class GptOss(nn.Module):
     def mixed(self, ids, pos, k_caches, v_caches, chunk_ids, start, last, chunk_k_caches, chunk_v_caches,
               kv_len: int) -> torch.Tensor:
         """`decode(ids, pos, k_caches, v_caches)` and `prefill(chunk_ids, start, last, chunk_k_caches, ...)` as one
-        step over disjoint cache rows: returns logits [B + C_rows, vocab], the decode rows' then the chunk's."""
+        step over disjoint cache rows: returns logits [B + chunk rows, vocab], the decode rows' then the chunk's."""
         parts = [Tokens(ids[:, None], pos[:, None], pos, k_caches, v_caches),
                  self._chunk(chunk_ids, start, chunk_k_caches, chunk_v_caches)]
         h = self.hidden(parts, kv_len)

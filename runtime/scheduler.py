@@ -21,8 +21,9 @@ the prompt is copied to its own row when it ends; one prompt at a time is staged
 until its prompt ends.
 
 Rows in the decode bucket that are not generating (free, or still prefilling) are fed a dummy token whose cache
-write lands where it cannot be read: at position 0 of a free row, or at the next position a prefilling row's
-next chunk overwrites before attending to it.
+write lands where it cannot be read: at position 0 of a free row or of a staged prompt's row (overwritten when
+the prompt is copied in), or at the next position a prefilling row's next chunk overwrites before attending to
+it.
 
 Tensor parallelism: rank 0 owns the queue. At every step it broadcasts that step's admissions and
 cancellations (a small pickled plan, gloo/nccl/hccl object broadcast); every rank applies the same plan to the
@@ -292,7 +293,7 @@ class Scheduler:
     def _compute(self) -> None:
         prefilling = [i for i, r in enumerate(self.rows) if r is not None and r.prefilling]
         decoding = any(r is not None and not r.prefilling for r in self.rows)
-        ran = False
+        ran = mixed = False
         together = self._prefill_together(prefilling, decoding)
         if together:
             self._prefill_rows(together)
@@ -300,14 +301,13 @@ class Scheduler:
         elif prefilling:  # the staged prompt, else the oldest admitted first: lowest id
             staged = [i for i in prefilling if self.rows[i].staged]
             i = staged[0] if staged else min(prefilling, key=lambda i: self.rows[i].handle.id)
-            if self._mixes(i, decoding):
-                self._mixed_step(i)
-                with self.metrics.lock:
-                    self.metrics.steps += 1
-                return
-            self._prefill_chunk(i)
+            mixed = self._mixes(i, decoding)
+            if mixed:
+                self._mixed_step(i)  # the decode rows' step included
+            else:
+                self._prefill_chunk(i)
             ran = True
-        if any(r is not None and not r.prefilling for r in self.rows):
+        if not mixed and any(r is not None and not r.prefilling for r in self.rows):
             self._decode_step()
             ran = True
         if ran:

@@ -33,8 +33,8 @@ class Settings:
     prefill_chunk: int | None = None  # tokens per prefill step (a power of two)
     min_prefill_chunk: int | None = None  # the smallest first-chunk graph (a power of two)
     interleave_chunk: int | None = None  # serving: prompt tokens prefilled per step while others decode (power of 2)
-    mixed_steps: bool | None = None  # serving: such a chunk and the decode step as one graph (default False; the
-    #                                  server's tools turn it on). Costs a cache row and a graph per batch x kv_len
+    mixed_steps: bool | None = None  # serving: such a chunk and the decode step as one graph (default False).
+    #                                  Costs a cache row and a graph per batch x kv_len; saves a weight pass
     batch_sizes: tuple[int, ...] | None = None  # batch buckets to build graphs for; default powers of two
     window_cache: str | None = None  # "ring": sliding layers keep only their window (default); "full": max_seq_len
     tp_size: int | None = None  # tensor-parallel size; default WORLD_SIZE (1 outside torchrun)

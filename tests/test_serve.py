@@ -386,6 +386,19 @@ def test_prompt_in_mixed_steps(ckpt, ref, one_thread):
             [(f"newcomer{i}", r) for i, r in enumerate(newcomers)]:
         assert got[key] == reference(ref, list(r.prompt), r.max_tokens, ignore_eos=True).token_ids, key
 
+    # a staged prompt cancelled mid-way gives the staging row up: the next prompt is staged and unharmed
+    scheduler.submit(running[1])
+    while not any(r is not None and not r.prefilling for r in scheduler.rows):
+        scheduler.step()
+    victim = scheduler.submit(Request(tuple(range(200, 300)), 5))
+    scheduler.step()
+    assert any(r is not None and r.handle is victim and r.staged for r in scheduler.rows)
+    victim.cancel()
+    after = scheduler.submit(newcomers[0], lambda e: got.setdefault("after", []).append(e.token_id))
+    scheduler.run_until_idle()
+    assert victim.finish_reason == "cancelled"
+    assert got["after"] == got["newcomer0"]
+
 
 def test_burst_of_newcomers_prefills_together(ckpt, ref, one_thread):
     """Requests that arrive together while nothing decodes share one batched prefill per chunk (as a static batch

@@ -28,7 +28,6 @@ from .cli import add_runtime_args, run_cli, settings_from_args
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m gptoss.tools.serve", description=__doc__.split("\n\n")[0])
     add_runtime_args(ap, backend_default="eager")
-    ap.set_defaults(mixed_steps=True)  # serving's default (the runtime's is off: generate never mixes)
     ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: the "
                                                                   "directory's name)")
     ap.add_argument("--artifacts", default=None, help="compiled-graph directory (loaded, or filled on first use)")

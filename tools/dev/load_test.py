@@ -189,8 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--interleave-chunk", type=int, default=64,
                     help="prompt tokens prefilled per step while others decode (= --prefill-chunk: no limit)")
-    ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=True,
-                    help="a prompt's chunk and the decode step as one graph (as tools.serve runs by default)")
+    ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=False,
+                    help="a prompt's chunk and the decode step as one graph (tools.serve's --mixed-steps)")
     ap.add_argument("--serial", type=int, default=None,
                     help="requests sent one at a time for the ratio (default: all of them, the same work as served)")
     ap.add_argument("--long-prompt", type=int, default=2000)
