@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from gptoss.graph import ArtifactMismatch
 from gptoss.runtime import Runtime
 from gptoss.graph import ShapePlan
+from gptoss.graph.shapes import GraphSpec
 from gptoss.tools.make_checkpoint import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,6 +183,17 @@ def test_shape_plan_is_bounded():
     assert len(plan.prefill_shapes()) == 5 + 5  # first chunks, then full chunks at each context bucket
     assert plan.kv_len(129) == 256 and plan.kv_len(1) == 128 and plan.kv_len(8192) == 8192
     assert plan.chunk(0, 3) == 16 and plan.chunk(0, 300) == 256 and plan.chunk(256, 3) == 256
+    # serving with mixed steps: one mixed graph per batch size and kv_len from the chunk's own, in place of the
+    # batch-1 interleave prefills
+    interleaved = ShapePlan(max_batch_size=8, max_seq_len=8192, prefill_chunk=256, interleave_chunk=64)
+    mixed = ShapePlan(max_batch_size=8, max_seq_len=8192, prefill_chunk=256, interleave_chunk=64, mixed=True)
+    assert mixed.mixed_kv_lens() == [128, 256, 512, 1024, 2048, 4096, 8192]
+    assert [s.kind for s in mixed.specs()].count("mixed") == 4 * 7
+    assert "mixed" not in {s.kind for s in interleaved.specs()}
+    b1 = lambda shapes: {GraphSpec("prefill", 1, c, kv) for c, kv in shapes}  # noqa: E731
+    interleave_only = b1(interleaved.interleave_shapes()) - b1(interleaved.prefill_shapes())
+    assert {s for s in mixed.specs() if s.kind != "mixed"} == set(interleaved.specs()) - interleave_only
+    assert ShapePlan.from_record(mixed.to_record()).specs() == mixed.specs()
 
 
 def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):
