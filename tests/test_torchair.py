@@ -198,3 +198,32 @@ def test_manifest_records_options_as_built(emu, small, tmp_path):
     options = json.loads((tmp_path / "tp1-rank0" / "manifest.json").read_text())["key"]["torchair_options"]
     assert options == {"mode": "max-autotune", "experimental_config.frozen_parameter": True,
                        "experimental_config.tiling_schedule_optimize": False}
+
+
+def test_mixed_step_on_the_npu_table(emu, small):
+    """Mixed steps (a decode step and a prompt chunk on the cache's staging row, one graph) build through torchair
+    from the npu op table and give what the two entry points give separately."""
+    from gptoss.model.loader import load_model
+    shapes = ShapePlan(2, 128, 16, min_chunk=16, batch_buckets=(2,), mixed=True)
+    model = load_model(small, ops="npu", ops_mode="ge", dtype=torch.bfloat16)
+    cache = KVCache.allocate(model.config, model.plan, 2, shapes.slots, torch.bfloat16, staging=True)
+    graphs = build_torchair_graphs(model, shapes, cache, Settings(progress=False))
+    assert {s.kind for s in graphs.fns} == {"prefill", "decode", "mixed"}
+    torch.manual_seed(0)
+    zero = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        graphs.prefill(torch.randint(0, 1000, (2, 16)), torch.zeros(2, dtype=torch.long), torch.tensor([4, 15]),
+                       *cache.rows(2), 128)
+        tokens, pos, chunk = torch.randint(0, 1000, (2,)), torch.tensor([5, 16]), torch.randint(0, 1000, (1, 16))
+        before = [t.clone() for t in cache.keys + cache.values]
+        got = graphs.mixed(tokens, pos, *cache.rows(2), chunk, zero, torch.tensor([15]), *cache.staging(), 128)
+        after = [t.clone() for t in cache.keys + cache.values]
+        for t, b in zip(cache.keys + cache.values, before):
+            t.copy_(b)
+        eager = load_model(small, ops="npu", ops_mode="eager", dtype=torch.bfloat16)  # the reference, outside graphs
+        want = torch.cat([eager.decode(tokens, pos, *cache.rows(2), 128),
+                          eager.prefill(chunk, zero, torch.tensor([15]), *cache.staging(), 128)])
+    assert got.shape == (3, model.config.vocab_size)
+    assert (got.float() - want.float()).norm() / want.float().norm() < 2e-2  # bf16: sums may group differently
+    for t, a in zip(cache.keys + cache.values, after):  # the same cache writes, rows and staging row
+        assert torch.allclose(t.float(), a.float(), atol=2e-2, rtol=2e-2)
