@@ -57,19 +57,19 @@ def mixed_vs_separate(rt, batch: int, rounds: int = 10) -> dict:
         rt.graphs.mixed(ids, pos, *cache.rows(batch), chunk_ids, start, last, *cache.staging(),
                         shapes.kv_len(max(128 + chunk, 201)))
 
-    times = {"separate": [], "mixed": []}
+    steps = {"separate": separate, "mixed": mixed}
+    times = {name: [] for name in steps}
     with torch.no_grad():
-        for f in (separate, mixed, separate, mixed):
-            f()
-        for r in range(rounds):
-            for name, f in sorted(times.items(), reverse=r % 2 == 1):
-                fn = separate if name == "separate" else mixed
+        for step in (separate, mixed, separate, mixed):
+            step()
+        for r in range(rounds):  # alternated, each first in every other round
+            for name in sorted(steps, reverse=r % 2 == 1):
                 sync()
                 t = time.perf_counter()
                 for _ in range(5):
-                    fn()
+                    steps[name]()
                 sync()
-                f.append((time.perf_counter() - t) / 5 * 1e3)
+                times[name].append((time.perf_counter() - t) / 5 * 1e3)
     out = {name: statistics.median(v) for name, v in times.items()}
     out["mixed_over_separate"] = out["mixed"] / out["separate"]
     return out
