@@ -72,8 +72,14 @@ def _wrapper(device: torch.device, tp_size: int) -> dict:
     ~0.4 ms of a ~3.8 ms step (measured 0.89x the step time with the C++ wrapper, same compile time; BENCHMARKS.md).
     CUDA keeps the Python wrapper: its decode graphs are replayed as CUDA graphs, which skip the wrapper. So do
     tensor-parallel graphs: torch 2.13's C++ wrapper cannot call the collectives dynamo captures ("arg type Any is
-    not yet supported by custom_op_wrapper")."""
-    return {"cpp_wrapper": device.type == "cpu" and tp_size == 1}
+    not yet supported by custom_op_wrapper").
+
+    Size asserts are off: the generated wrapper would check every custom op's output against its fake
+    implementation's sizes and strides on each call (91 checks a batch-1 decode step), and torch 2.13's check builds
+    a string and a stringstream even when it passes: ~18% of the graph call of a model too small to compute much
+    (the fixed cost of a step; BENCHMARKS.md, session 17). The fake implementations are held to the kernels by the
+    tests instead (tests/test_kernels.py, compiled == eager)."""
+    return {"cpp_wrapper": device.type == "cpu" and tp_size == 1, "size_asserts": False}
 
 
 def build(model, shapes: ShapePlan, cache, settings) -> Graphs:

@@ -207,6 +207,36 @@ def test_fake_implementations_give_shapes_without_running():
         assert torch.ops.gptoss.bf16_linear(x, torch.empty(11, 64, dtype=torch.bfloat16)).shape == (5, 11)
 
 
+def _op_samples():
+    """(op, args) for every gptoss op, at a decode step's shapes and a few rows more."""
+    blocks, scales = _mxfp4(3, 40, 2, seed=5)
+    layer = _moe_weights(8, 64, 64, seed=3)
+    router_w, router_b = torch.randn(8, 64).bfloat16(), torch.randn(8)
+    cache = torch.randn(2, 24, 2, 64)
+    ops = torch.ops.gptoss
+    for n in (1, 5):
+        x = torch.randn(n, 64)
+        yield ops.mxfp4_grouped_mm.default, (x, blocks, scales, torch.tensor([n, n, n], dtype=torch.int32),
+                                             torch.randn(3, 40))
+        yield ops.bf16_grouped_mm.default, (x, torch.randn(2, 11, 64).bfloat16(),
+                                            torch.tensor([0, n], dtype=torch.int32), None)
+        yield ops.bf16_linear.default, (x, torch.randn(11, 64).bfloat16(), torch.randn(11))
+        weights, chosen = torch.full((n, 2), 0.5), torch.stack([torch.randperm(8)[:2] for _ in range(n)])
+        yield ops.mxfp4_moe.default, (x, weights, chosen, *layer, 0, 1.702, 7.0)
+        yield ops.mxfp4_moe_routed.default, (x, router_w, router_b, 2, *layer, 0, 1.702, 7.0)
+    q = torch.randn(2, 1, 8, 64)
+    k_pos = torch.arange(24).repeat(2, 1)
+    yield ops.decode_attention.default, (q, cache, cache.clone(), torch.randn(8), k_pos,
+                                         torch.tensor([[23], [10]]), 0, 0.125)
+
+
+def test_fake_implementations_match_the_kernels():
+    """Every op's fake implementation gives the sizes, strides and dtype its kernel returns (torch.library.opcheck):
+    the compiled graphs rely on them without checking each call (graph/inductor.py turns size asserts off)."""
+    for op, args in _op_samples():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
 def _isa_in_subprocess(value: str) -> subprocess.CompletedProcess:
     code = "from gptoss.model import kernels; print(kernels.isa())"
     env = dict(os.environ, GPTOSS_CPU_ISA=value, PYTHONPATH=os.pathsep.join(sys.path))
