@@ -422,6 +422,7 @@ GPTOSS_AVX2 inline __m256 sum8(const __m256* v) {
 // need not wait on an accumulator's previous FMA (eight only just cover the latency; at 8 rows the two measured
 // within noise of each other). Accumulator (r, i) goes to sums[r * 4 + i].
 constexpr int kBf16TileRows = 4;
+constexpr int64_t kBf16StreamK = 1536;  // longest rows the few-rows path streams (bf16_dot)
 
 template <int R>
 GPTOSS_AVX2 __attribute__((always_inline)) inline void bf16_tile(const uint16_t* const* rows, int64_t k,
@@ -447,6 +448,20 @@ GPTOSS_AVX2 __attribute__((always_inline)) inline void bf16_tile(const uint16_t*
   }
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < W; ++i) sums[r * W + i] = acc[r][i];
+}
+
+// One weight row against one activation row, with bf16_tile's arithmetic for the pair (one accumulator, the low
+// then the high half of each 16 weights), into *sum.
+GPTOSS_AVX2 inline void bf16_row(const uint16_t* row, int64_t k, const float* x, __m256* sum) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t c = 0; c + kBf16Step <= k; c += kBf16Step) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
+    const __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
+    const __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
+    acc = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + c + 8), _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + c), acc));
+  }
+  *sum = acc;
 }
 
 // (weight row, activation row) accumulators waiting to be reduced eight at a time (sum8) and stored, each output
@@ -477,15 +492,34 @@ struct Bf16Sums {
   }
 };
 
-// Tiles of four weight rows by up to three activation rows (four rows as three and one measured the same as two and
-// two). A weight row past m1 repeats the last one and is not stored. In cache, one thread of a Zen 3 VM (46 GMAC/s
-// FMA peak), 2048 x 768 and 512 x 2880, alternated with the kernel before (one weight row by up to four activation
-// rows): 8 rows 21-25 GMAC/s vs 16-19, 1 row 13.5-15 vs 9-12. Other tilings measured no better (BENCHMARKS.md).
+// One activation row and rows of at most kBf16StreamK values (memory-bound): weight rows one at a time, so the
+// weights are one linear stream. Zen 4 VM (AVX2 exposed), one thread, weights from memory: K = 768 16.1-16.6
+// GB/s against 9.8-10.8 in tiles of four, whose four row streams the hardware prefetcher follows worse (two rows side
+// by side: 6.6; a read-only pass 17.4-19.8); K = 1024 14.0-17.1 vs 9.6-12.0, K = 1536 12.5-14.4 vs 10.9-13.0. A
+// row's accumulator is one dependent chain, so a stream runs only as fast as the core overlaps consecutive rows: at
+// K = 2880 (gpt-oss-20b) a row is too long for that (8.6-11.1 vs 8.4-10.2 one thread, 1.05x the time on two), so
+// long rows keep the tiles. So do two or three activation rows (three chains a weight row measured 1.20x the time of
+// the tiles, bench lm_head, two threads): tiles of four weight rows by up to three activation rows (four rows as
+// three and one measured the same as two and two). A weight row past m1 repeats the last one and is not stored. In
+// cache, one thread of a Zen 3 VM (46 GMAC/s FMA peak), 2048 x 768 and 512 x 2880, alternated with the kernel
+// before (one weight row by up to four activation rows): 8 rows 21-25 GMAC/s vs 16-19, 1 row 13.5-15 vs 9-12. Other
+// tilings measured no better (BENCHMARKS.md). Both give each (weight row, activation row) pair the same arithmetic
+// (bf16_row is bf16_tile's), so a row's result does not depend on its batch.
 GPTOSS_AVX2 void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n, float* out,
                           int64_t ldo) {
   constexpr int W = kBf16TileRows;
   const int64_t k = w.k;
   Bf16Sums p;
+  if (n == 1 && k <= kBf16StreamK) {
+    for (int64_t m = m0; m < m1; ++m) {
+      if (p.slots == Bf16Sums::kSlots) p.flush(k);
+      const uint16_t* row = w.w + m * k;
+      bf16_row(row, k, x, p.sums + p.slots);
+      p.add(out + m, row, x);
+    }
+    if (p.slots) p.flush(k);
+    return;
+  }
   for (int64_t m = m0; m < m1; m += W) {
     const int64_t count = std::min<int64_t>(W, m1 - m);
     const uint16_t* rows[W];
