@@ -76,7 +76,7 @@ def test_bf16_grouped_mm(isa, counts, m, k):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 13, 64])
-@pytest.mark.parametrize("m, k", [(33, 100), (130, 64), (1, 7), (130, 1100)])
+@pytest.mark.parametrize("m, k", [(33, 100), (130, 64), (1, 7), (130, 1100), (37, 1700)])
 def test_bf16_linear_matches_upcast_weights(isa, n, m, k):
     w = torch.randn(m, k).bfloat16()
     x = torch.randn(n, k)

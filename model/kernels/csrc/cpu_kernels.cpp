@@ -464,6 +464,23 @@ GPTOSS_AVX2 inline void bf16_row(const uint16_t* row, int64_t k, const float* x,
   *sum = acc;
 }
 
+// Eight weight rows against one activation row, with bf16_tile's arithmetic for each pair, into sums[0..8): eight
+// chains for rows too long to stream one at a time; no software prefetch (it cost a third of the rate here).
+GPTOSS_AVX2 inline void bf16_eight(const uint16_t* const* rows, int64_t k, const float* x, __m256* sums) {
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t c = 0; c + kBf16Step <= k; c += kBf16Step) {
+    const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+    for (int i = 0; i < 8; ++i) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + c));
+      acc[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w)), x1,
+                               _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w)), x0, acc[i]));
+    }
+  }
+  for (int i = 0; i < 8; ++i) sums[i] = acc[i];
+}
+
 // (weight row, activation row) accumulators waiting to be reduced eight at a time (sum8) and stored, each output
 // plus its last k % 16 products in natural order.
 struct Bf16Sums {
@@ -498,9 +515,10 @@ struct Bf16Sums {
 // by side: 6.6; a read-only pass 17.4-19.8); K = 1024 14.0-17.1 vs 9.6-12.0, K = 1536 12.5-14.4 vs 10.9-13.0. A
 // row's accumulator is one dependent chain, so a stream runs only as fast as the core overlaps consecutive rows: at
 // K = 2880 (gpt-oss-20b) a row is too long for that (8.6-11.1 vs 8.4-10.2 one thread, 1.05x the time on two), so
-// long rows keep the tiles. So do two or three activation rows (three chains a weight row measured 1.20x the time of
-// the tiles, bench lm_head, two threads): tiles of four weight rows by up to three activation rows (four rows as
-// three and one measured the same as two and two). A weight row past m1 repeats the last one and is not stored. In
+// long rows go eight at a time (bf16_eight: eight chains, 13.3-13.9 GB/s one thread at K = 2880). Two or three
+// activation rows (streamed, three chains a weight row measured 1.20x the time of the tiles, bench lm_head, two
+// threads) and more: tiles of four weight rows by up to three activation rows (four rows as three and one measured
+// the same as two and two). A weight row past m1 repeats the last one and is not stored. In
 // cache, one thread of a Zen 3 VM (46 GMAC/s FMA peak), 2048 x 768 and 512 x 2880, alternated with the kernel
 // before (one weight row by up to four activation rows): 8 rows 21-25 GMAC/s vs 16-19, 1 row 13.5-15 vs 9-12. Other
 // tilings measured no better (BENCHMARKS.md). Both give each (weight row, activation row) pair the same arithmetic
@@ -516,6 +534,18 @@ GPTOSS_AVX2 void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x,
       const uint16_t* row = w.w + m * k;
       bf16_row(row, k, x, p.sums + p.slots);
       p.add(out + m, row, x);
+    }
+    if (p.slots) p.flush(k);
+    return;
+  }
+  if (n == 1) {
+    for (int64_t m = m0; m < m1; m += 8) {
+      if (p.slots + 8 > Bf16Sums::kSlots) p.flush(k);
+      const int64_t count = std::min<int64_t>(8, m1 - m);
+      const uint16_t* rows[8];
+      for (int64_t i = 0; i < 8; ++i) rows[i] = w.w + (m + std::min(i, count - 1)) * k;
+      bf16_eight(rows, k, x, p.sums + p.slots);
+      for (int64_t i = 0; i < 8; ++i) p.add(i < count ? out + m + i : nullptr, rows[i], x);
     }
     if (p.slots) p.flush(k);
     return;
