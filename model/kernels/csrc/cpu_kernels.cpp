@@ -512,10 +512,10 @@ struct Bf16Sums {
 // One activation row and rows of at most kBf16StreamK values (memory-bound): weight rows one at a time, so the
 // weights are one linear stream. Zen 4 VM (AVX2 exposed), one thread, weights from memory: K = 768 16.1-16.6
 // GB/s against 9.8-10.8 in tiles of four, whose four row streams the hardware prefetcher follows worse (two rows side
-// by side: 6.6; a read-only pass 17.4-19.8); K = 1024 14.0-17.1 vs 9.6-12.0, K = 1536 12.5-14.4 vs 10.9-13.0. A
+// by side: 6.6; a read-only pass 17.4-20.3); K = 1024 14.0-17.1 vs 9.6-12.0, K = 1536 12.5-14.4 vs 10.9-13.0. A
 // row's accumulator is one dependent chain, so a stream runs only as fast as the core overlaps consecutive rows: at
 // K = 2880 (gpt-oss-20b) a row is too long for that (8.6-11.1 vs 8.4-10.2 one thread, 1.05x the time on two), so
-// long rows go eight at a time (bf16_eight: eight chains, 13.3-13.9 GB/s one thread at K = 2880). Two or three
+// long rows go eight at a time (bf16_eight: eight chains, 12.2-13.9 GB/s one thread at K = 2880). Two or three
 // activation rows (streamed, three chains a weight row measured 1.20x the time of the tiles, bench lm_head, two
 // threads) and more: tiles of four weight rows by up to three activation rows (four rows as three and one measured
 // the same as two and two). A weight row past m1 repeats the last one and is not stored. In
