@@ -511,17 +511,18 @@ struct Bf16Sums {
 
 // One activation row and rows of at most kBf16StreamK values (memory-bound): weight rows one at a time, so the weights
 // are one linear stream. Zen 4 VM (AVX2 exposed), one thread, weights from memory: K = 768 16.1-16.6 GB/s against
-// 9.8-10.8 in tiles of four, whose four row streams the hardware prefetcher follows worse (two rows side by side: 6.6;
-// a read-only pass 17.4-20.3); K = 1024 14.0-17.1 vs 9.6-12.0, K = 1536 12.5-14.4 vs 10.9-13.0. A row's accumulator is
-// one dependent chain, so a stream runs only as fast as the core overlaps consecutive rows: at K = 2880 (gpt-oss-20b) a
-// row is too long for that (8.6-11.1 vs 8.4-10.2 one thread, 1.05x the time on two), so long rows go eight at a time
-// (bf16_eight: eight chains, 12.2-13.9 GB/s one thread at K = 2880). Two or three activation rows (streamed, three
-// chains a weight row measured 1.20x the time of the tiles, bench lm_head, two threads) and more take tiles of four
-// weight rows by up to three activation rows (four rows as three and one measured the same as two and two). A weight
-// row past m1 repeats the last one and is not stored. In cache, one thread of a Zen 3 VM (46 GMAC/s FMA peak), 2048 x
-// 768 and 512 x 2880, alternated with the kernel before (one weight row by up to four activation rows): 8 rows 21-25
-// GMAC/s vs 16-19, 1 row 13.5-15 vs 9-12. Other tilings measured no better (BENCHMARKS.md). Both give each (weight row,
-// activation row) pair the same arithmetic (bf16_row is bf16_tile's), so a row's result does not depend on its batch.
+// 9.8-10.8 in tiles of four, whose four row streams the hardware prefetcher seems to follow worse (inferred: no
+// counters; two rows side by side: 6.6; a read-only pass 17.4-20.3); K = 1024 14.0-17.1 vs 9.6-12.0, K = 1536 12.5-14.4
+// vs 10.9-13.0. A row's accumulator is one dependent chain, so a stream can only run as fast as the core overlaps
+// consecutive rows, which long rows seem not to allow: at K = 2880 (gpt-oss-20b) one row at a time measured 8.6-11.1 vs
+// 8.4-10.2 GB/s one thread and 1.05x the time on two, so long rows go eight at a time (bf16_eight: eight chains,
+// 12.2-13.9 GB/s one thread at K = 2880). Two or three activation rows (streamed, a weight row's chains measured 1.20x
+// the time of the tiles for three, bench lm_head, two threads) and more take tiles of four weight rows by up to three
+// activation rows (four rows as three and one measured the same as two and two). A weight row past m1 repeats the last
+// one and is not stored. In cache, one thread of a Zen 3 VM (46 GMAC/s FMA peak), 2048 x 768 and 512 x 2880, alternated
+// with the kernel before (one weight row by up to four activation rows): 8 rows 21-25 GMAC/s vs 16-19, 1 row 13.5-15 vs
+// 9-12. Other tilings measured no better (BENCHMARKS.md). Both give each (weight row, activation row) pair the same
+// arithmetic (bf16_row is bf16_tile's), so a row's result does not depend on its batch.
 GPTOSS_AVX2 void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n, float* out,
                           int64_t ldo) {
   constexpr int W = kBf16TileRows;
