@@ -50,7 +50,7 @@ GROUPS = [  # (rows per expert, output width M, blocks per row G)
     ([0, 0], 9, 1),  # no rows at all
     ([1, 4, 2], 17, 7),  # AVX-512 reads 4 blocks a step, AVX2 2: 7 leaves 3 (AVX-512) and 1 (AVX2) in natural order
     ([2, 3], 9, 8),  # whole steps only
-    ([12, 1, 0, 40], 130, 33),  # sgemm path: 130 outputs x 1056 inputs cross decoded tiles (80 rows each)
+    ([12, 1, 0, 40], 130, 97),  # sgemm path: 130 outputs x 3104 inputs cross decoded tiles (112 rows each)
 ]
 
 
@@ -76,7 +76,7 @@ def test_bf16_grouped_mm(isa, counts, m, k):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 13, 64])
-@pytest.mark.parametrize("m, k", [(33, 100), (130, 64), (1, 7), (130, 1100), (37, 1700)])
+@pytest.mark.parametrize("m, k", [(33, 100), (130, 64), (1, 7), (130, 1100), (37, 1700), (300, 100)])
 def test_bf16_linear_matches_upcast_weights(isa, n, m, k):
     w = torch.randn(m, k).bfloat16()
     x = torch.randn(n, k)
