@@ -1104,8 +1104,8 @@ struct Bf16Experts {
   }
 };
 
-// The many-rows path's decoded tile: one buffer per thread, kept between calls (small enough to stay in L2
-// between its decode and the sgemm that reads it; a fresh allocation each call would pay page faults).
+// The many-rows path's decoded tile: one buffer per thread, kept between calls (a fresh allocation each call would
+// pay page faults).
 float* scratch(int64_t floats) {
   thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
