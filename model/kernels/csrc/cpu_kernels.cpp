@@ -55,10 +55,11 @@ struct Prefetch {
   int64_t mxfp4, bf16;
 };
 Prefetch g_prefetch{8192, 8192};
-// fp32 weights per decoded tile on the sgemm path (1.5 MiB: past a Zen 4's L2, which a tile of 384 KiB fit): the tile
-// is the sgemm's output width, and MKL's rate grows with it (one thread, 40 x 2880 rows by 32 outputs 9.5, by 64
-// 12.4 MAC/cycle). Zen 4 VM, AVX2, kernel_ab against 384 KiB: gpt-oss-20b MoE layer at 256 tokens 0.84-0.90x the
-// time, its fused qkv at 256 rows 0.85-1.01x, bench widths' MoE 0.92-1.10x (median 0.97).
+// fp32 weights per decoded tile on the sgemm path (1.5 MiB: past a Zen 4's L2, which a tile of 384 KiB fit): the
+// tile is the sgemm's output width, and MKL's rate grows with it (one thread: 32 rows x 2880 by 32 outputs 9.5
+// MAC/cycle, 40 rows x 2880 by 64 outputs 12.4). Zen 4 VM, AVX2, kernel_ab against 384 KiB: gpt-oss-20b MoE layer
+// at 256 tokens 0.84-0.90x the time, its fused qkv at 256 rows 0.85-1.01x, bench widths' MoE 0.92-1.10x (median
+// 0.97).
 constexpr int64_t kTileFloats = 384 * 1024;
 
 // fp4 e2m1 code -> 2 * value (an integer, so the table fits int8 for pshufb); scales carry the factor 1/2.
