@@ -5,7 +5,7 @@
 //
 // Two paths per expert, by how many rows it received:
 //   few rows (decode, up to kDecodeRows): each weight row is decoded in registers, shared by four rows at a time;
-//   many rows (prefill): a tile of weight rows is decoded to fp32 (in L2) and one sgemm takes all the rows.
+//   many rows (prefill): a tile of weight rows is decoded to fp32 and one sgemm takes all the rows.
 // Both run in one parallel region per call (see grouped()).
 // The weights are exact in fp32, so every path gives the dense fp32 result up to summation order.
 //
