@@ -183,7 +183,10 @@ class Scheduler:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
-        """Run the loop in a background thread (rank 0 of a server)."""
+        """Run the loop in a background thread (rank 0 of a server). Where the model has already run torch ops
+        in the calling thread with several threads, the two OpenMP pools together outnumber the CPUs and libgomp
+        then sleeps at every barrier instead of spinning: on a 2-core machine stepping this way left the cores
+        ~18% idle. For speed, call `run()` in the thread that loaded the model (as `tools.serve` does)."""
         self._thread = threading.Thread(target=self.run, name="gptoss-scheduler", daemon=True)
         self._thread.start()
         return self

@@ -99,6 +99,40 @@ def test_split_disconnect_frees_row(split):
     assert not split.core._handles and not split.core._ended
 
 
+def test_serve_while_steps_in_the_calling_thread(ckpt, ref):
+    """`serve_while` (the load tool's arrangement, as tools.serve runs): the engine steps in the caller's thread
+    while the work runs beside it; the work's result comes back, its error is raised, and the front end stops."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rt = Runtime.from_pretrained(ckpt, progress=False, **SETTINGS)
+        scheduler = Scheduler(rt)
+        stepped_in = set()
+        compute = scheduler._compute
+        scheduler._compute = lambda: (stepped_in.add(threading.get_ident()), compute())
+
+        def work():
+            r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [5, 17, 300],
+                                                                  "max_tokens": 6, "temperature": 0}, timeout=60)
+            return threading.get_ident(), r.json()["choices"][0]["text"]
+
+        server = SplitServer(scheduler, ckpt, NAME)
+        worker, text = server.serve_while(work)
+        assert text == ref.generate([[5, 17, 300]], max_new_tokens=6)[0].text
+        assert stepped_in == {threading.get_ident()} != {worker}
+        assert server.frontend.process.poll() is not None
+
+        def fails():
+            raise ValueError("the work's own error")
+
+        server = SplitServer(Scheduler(rt), ckpt, NAME)
+        with pytest.raises(ValueError, match="the work's own error"):
+            server.serve_while(fails)
+        assert server.frontend.process.poll() is not None
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- the front end against a scripted engine: the test holds the engine's end of the pipe -------------------------
 class ScriptedEngine:
     def __init__(self, ckpt, max_queue):

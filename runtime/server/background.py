@@ -1,6 +1,6 @@
 """Live servers on a free loopback port for tests and the load tool: `LiveServer` runs uvicorn in a thread of
-this process; `SplitServer` runs the engine in a thread of this process and the front end in a process of its
-own, as `tools.serve` does."""
+this process; `SplitServer` runs the engine in this process (in a thread, or in the caller's thread while other
+work runs beside it: `serve_while`) and the front end in a process of its own, as `tools.serve` does."""
 from __future__ import annotations
 
 import socket
@@ -41,7 +41,15 @@ class LiveServer:
 
 
 class SplitServer:
-    """`scheduler` steps in a thread here (the engine); HTTP is served by a spawned front-end process."""
+    """`scheduler` steps here (the engine); HTTP is served by a spawned front-end process.
+
+    As a context manager the engine steps in a thread of its own. `serve_while(work)` steps it in the caller's
+    thread instead, as `tools.serve` does, while `work` runs in another: what to use for timing. Every thread that
+    runs torch ops keeps its own OpenMP pool, and once the process's pools hold more threads than there are CPUs
+    libgomp stops spinning at barriers (its throttled spin count) and its workers sleep and wake at every parallel
+    region: stepping in a second thread after the model was loaded in the first left a 2-core machine ~18% idle
+    (the scheduler alone, eager, bench preset: 82% CPU and 1.09-1.28x the wall of the same steps in the loading
+    thread)."""
 
     def __init__(self, scheduler, model_dir, name: str, **spec):
         self.spec = FrontendSpec.for_scheduler(scheduler, model_dir, name, port=free_port(), log_level="error",
@@ -71,3 +79,49 @@ class SplitServer:
     def __exit__(self, *exc) -> None:
         self.frontend.stop()
         self.thread.join(30)
+
+    def serve_while(self, work):
+        """Start the front end, run `work()` in a helper thread once it listens, and step the engine in this
+        thread until `work` returns; then stop the front end. Returns what `work` returned (or raises what it
+        raised)."""
+        self.frontend = start_frontend(self.spec)
+        self.core = EngineCore(self.scheduler, self.frontend.conn)
+
+        def when_listening():
+            deadline = time.monotonic() + 120
+            while not self.core.frontend_ready.wait(0.05):
+                if time.monotonic() > deadline or not self.frontend.alive():
+                    raise RuntimeError("the front-end process did not start")
+            return work()
+
+        # the front end's pipe closing ends core.run()
+        return step_while(self.core.run, when_listening, stop=self.frontend.stop, abort=self.frontend.shutdown)
+
+
+def step_while(run, work, stop, abort=None):
+    """`run()` (an engine's loop) in this thread while `work()` runs in a helper thread, which calls `stop()` once
+    `work` has returned or raised, to end `run`. If `run` fails first, `abort()` tells `work` (e.g. the server
+    goes away). Returns what `work` returned, or raises what it raised."""
+    outcome: dict = {}
+
+    def helper() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            stop()
+
+    thread = threading.Thread(target=helper, name="gptoss-step-while", daemon=True)
+    thread.start()
+    try:
+        run()
+    except BaseException:
+        if abort is not None:
+            abort()
+        raise
+    finally:
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -43,7 +43,7 @@ import torch
 from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import Request, Scheduler
 from gptoss.runtime.server import create_app
-from gptoss.runtime.server.background import LiveServer, SplitServer
+from gptoss.runtime.server.background import LiveServer, SplitServer, step_while
 
 
 def pct(values, q):
@@ -160,16 +160,23 @@ def scheduler_alone(rt, requests, outstanding, served_wall) -> dict:
     """The requests through a fresh Scheduler stepped in this thread, at most `outstanding` submitted and not yet
     finished at a time (as the clients keep them): wall time and tokens/s without HTTP."""
     scheduler, pending, handles = Scheduler(rt), list(requests), []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_s()
     while pending or scheduler.busy:
         while pending and sum(not h.done.is_set() for h in handles) < outstanding:
             prompt, n = pending.pop(0)
             handles.append(scheduler.submit(Request(tuple(prompt), n)))
         scheduler.step()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_s() - cpu0
     tokens = scheduler.metrics.tokens_generated
-    return {"wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+    return {"wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2), "cpu_s": round(cpu, 2),
             "served_wall_over_this": round(served_wall / wall, 2)}
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds a process has used (all its threads)."""
+    with open(f"/proc/{pid or os.getpid()}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int | None = None) -> float:
@@ -228,37 +235,52 @@ def main(argv=None) -> int:
 
     scheduler = Scheduler(rt)
     split = args.frontend == "process"
-    server = SplitServer(scheduler, model_dir, "m") if split else LiveServer(create_app(scheduler.start(), "m"))
     spawn = multiprocessing.get_context("spawn")
-    with server, concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients:
-        frontend_pid = server.frontend.process.pid if split else os.getpid()
-        url = server.url
-        clients.submit(served_phase, url, requests[:1], 1).result()  # the client process's imports, not timed
-        results, wall = clients.submit(served_phase, url, requests, args.clients).result()
-        tokens = sum(r[1] for r in results.values())
-        ttfts = [r[2] for r in results.values()]
-        gaps = [g for r in results.values() for g in r[3]]
-        figures["served"] = {"completed": len(results), "tokens": tokens, "wall_s": round(wall, 3),
-                             "tokens_per_s": round(tokens / wall, 2),
-                             "ttft_p50_s": round(pct(ttfts, 0.5), 4), "ttft_p99_s": round(pct(ttfts, 0.99), 4),
-                             "itl_p50_s": round(pct(gaps, 0.5), 4), "itl_p99_s": round(pct(gaps, 0.99), 4)}
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients:
+        def phases(server) -> tuple[dict, float]:  # in a helper thread: the engine steps in this one
+            frontend_pid = server.frontend.process.pid if split else os.getpid()
+            url = server.url
+            clients.submit(served_phase, url, requests[:1], 1).result()  # the client process's imports, not timed
+            pids = {"engine": os.getpid(), "frontend": frontend_pid, "clients": clients.submit(os.getpid).result()}
+            cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+            results, wall = clients.submit(served_phase, url, requests, args.clients).result()
+            cpu = {name: round(cpu_s(pid) - cpu0[name], 2) for name, pid in pids.items()}
+            tokens = sum(r[1] for r in results.values())
+            ttfts = [r[2] for r in results.values()]
+            gaps = [g for r in results.values() for g in r[3]]
+            figures["served"] = {"completed": len(results), "tokens": tokens, "wall_s": round(wall, 3),
+                                 "tokens_per_s": round(tokens / wall, 2),
+                                 "ttft_p50_s": round(pct(ttfts, 0.5), 4), "ttft_p99_s": round(pct(ttfts, 0.99), 4),
+                                 "itl_p50_s": round(pct(gaps, 0.5), 4), "itl_p99_s": round(pct(gaps, 0.99), 4),
+                                 # CPU seconds each process used during the phase (the front end is this process
+                                 # with --frontend thread); the engine's include its torch threads
+                                 "cpu_s": cpu if split else {k: v for k, v in cpu.items() if k != "frontend"}}
 
-        # one at a time through the server
-        serial = requests[:args.serial] if args.serial else requests
-        serial_tokens, serial_wall = clients.submit(serial_phase, url, serial).result()
-        serial_rate = serial_tokens / serial_wall
-        figures["one_at_a_time"] = {"requests": len(serial), "tokens_per_s": round(serial_rate, 2),
-                                    "served_speedup": round(tokens / wall / serial_rate, 2)}
+            # one at a time through the server
+            serial = requests[:args.serial] if args.serial else requests
+            serial_tokens, serial_wall = clients.submit(serial_phase, url, serial).result()
+            serial_rate = serial_tokens / serial_wall
+            figures["one_at_a_time"] = {"requests": len(serial), "tokens_per_s": round(serial_rate, 2),
+                                        "served_speedup": round(tokens / wall / serial_rate, 2)}
 
-        short = [[rng.randrange(vocab) for _ in range(8)] for _ in range(4)]
-        long_prompt = [rng.randrange(vocab) for _ in range(args.long_prompt)]
-        figures["stall"] = clients.submit(stall_phase, url, short, long_prompt).result()
+            short = [[rng.randrange(vocab) for _ in range(8)] for _ in range(4)]
+            long_prompt = [rng.randrange(vocab) for _ in range(args.long_prompt)]
+            figures["stall"] = clients.submit(stall_phase, url, short, long_prompt).result()
 
-        figures["memory"] = memory_probe(vocab, rng, scheduler, args,
-                                         lambda reqs: clients.submit(served_phase, url, reqs, args.clients).result(),
-                                         frontend_pid, getattr(server, "core", None))
-    if not split:
-        scheduler.stop()
+            figures["memory"] = memory_probe(
+                vocab, rng, scheduler, args, lambda reqs: clients.submit(served_phase, url, reqs, args.clients).result(),
+                frontend_pid, getattr(server, "core", None))
+            return results, wall
+
+        # The engine steps in this thread, which loaded the model, as in tools.serve (SplitServer explains why)
+        if split:
+            server = SplitServer(scheduler, model_dir, "m")
+            results, wall = server.serve_while(lambda: phases(server))
+        else:
+            with LiveServer(create_app(scheduler, "m")) as server:
+                results, wall = step_while(scheduler.run, lambda: phases(server),
+                                           stop=lambda: scheduler.stop(timeout=0))
+        tokens = figures["served"]["tokens"]
     figures["scheduler_alone"] = scheduler_alone(rt, requests, args.clients, wall)
 
     # correctness and the static-batch baseline, after the server is idle (no competition for the cores)
