@@ -90,39 +90,80 @@ def attention(
     `attention_lengths` (computed here when not given). The sink joins each head's softmax as one more logit and is
     then dropped. Returns [B, T, Hq, D].
 
-    Single-token steps on CPU (fp32) run the CPU kernel (kernels.decode_attention: each visible slot read once
-    for all the heads that share it, straight from the cache); everything else `attention_by_ops`.
+    On CPU, single-token fp32 steps run the CPU kernel (kernels.decode_attention: each visible slot read once for
+    all the heads that share it, straight from the cache) and longer ones ATen's fused kernel
+    (`attention_flash_cpu`); elsewhere `attention_by_ops`.
     """
     k_pos = slot_positions(q_pos, kv_len, k_cache.shape[1]) if lengths is None else lengths  # [B, n]
-    if q.shape[1] == 1 and q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32:
-        return decode_attention(q, k_cache, v_cache, sinks, k_pos, q_pos, window, scale)
+    if q.device.type == "cpu":
+        if q.shape[1] == 1 and q.dtype == k_cache.dtype == torch.float32:
+            return decode_attention(q, k_cache, v_cache, sinks, k_pos, q_pos, window, scale)
+        return attention_flash_cpu(q, k_cache, v_cache, sinks, q_pos, window, scale, k_pos)
     return attention_by_ops(q, k_cache, v_cache, sinks, q_pos, window, scale, k_pos)
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, T, n]: whether the key in slot j is visible to the query at q_pos[b, t]: written, not above it, and
+    (window > 0) within the window."""
+    k_pos = k_pos[:, None, :]
+    visible = (k_pos <= q_pos[..., None]) & (k_pos >= 0)
+    if window > 0:
+        visible = visible & (k_pos > q_pos[..., None] - window)
+    return visible
+
+
+def _group_rows(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, T, Hq, D] -> [B, Hkv, G*T, D]: a kv head's G query heads as G*T rows (row g*T + t), so its keys and
+    values are read as they are, not broadcast (and copied) G times."""
+    batch, steps, q_heads, dim = q.shape
+    group = q_heads // kv_heads
+    return q.view(batch, steps, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * steps,
+                                                                                      dim)
+
+
+def _ungroup_rows(out: torch.Tensor, steps: int) -> torch.Tensor:
+    """The inverse of `_group_rows`: [B, Hkv, G*T, D] -> [B, T, Hq, D]."""
+    batch, kv_heads, rows, dim = out.shape
+    group = rows // steps
+    return out.view(batch, kv_heads, group, steps, dim).permute(0, 3, 1, 2, 4).reshape(batch, steps,
+                                                                                       kv_heads * group, dim)
 
 
 def attention_by_ops(q, k_cache, v_cache, sinks, q_pos, window: int, scale: float, k_pos) -> torch.Tensor:
     """`attention` as tensor ops (any device and dtype), given the slot positions k_pos [B, n]."""
-    batch, steps, q_heads, dim = q.shape
-    slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    batch, steps, q_heads, _ = q.shape
+    kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
     n = k_pos.shape[1]
     k = k_cache[:, :n].permute(0, 2, 1, 3)  # [B, Hkv, S, D]
     v = v_cache[:, :n].permute(0, 2, 1, 3)
-    # a kv head's G query heads as G*T rows of one matmul: its keys and values are read as they are, not
-    # broadcast (and copied) G times
-    qg = q.view(batch, steps, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
-    qg = qg.reshape(batch, kv_heads, group * steps, dim)  # [B, Hkv, G*T, D]
-
-    scores = (torch.matmul(qg, k.transpose(-1, -2)) * scale).view(batch, kv_heads, group, steps, n)
-    k_pos = k_pos[:, None, :]  # [B, 1, S]
-    visible = (k_pos <= q_pos[..., None]) & (k_pos >= 0)  # [B, T, S]
-    if window > 0:
-        visible = visible & (k_pos > q_pos[..., None] - window)
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-
+    scores = (torch.matmul(_group_rows(q, kv_heads), k.transpose(-1, -2)) * scale).view(batch, kv_heads, group,
+                                                                                         steps, n)
+    scores = scores.masked_fill(~_visible(q_pos, k_pos, window)[:, None, None], float("-inf"))
     sink = sinks.to(scores.dtype).view(1, kv_heads, group, 1, 1).expand(batch, -1, -1, steps, 1)
     probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
     out = torch.matmul(probs.to(v.dtype).reshape(batch, kv_heads, group * steps, n), v)  # [B, Hkv, G*T, D]
-    return out.view(batch, kv_heads, group, steps, dim).permute(0, 3, 1, 2, 4).reshape(batch, steps, q_heads, dim)
+    return _ungroup_rows(out, steps)
+
+
+def attention_flash_cpu(q, k_cache, v_cache, sinks, q_pos, window: int, scale: float, k_pos) -> torch.Tensor:
+    """`attention` through ATen's fused CPU kernel, which never forms the scores as a tensor and returns each
+    row's log-sum-exp over its visible keys: the sink then joins the softmax exactly as
+    out * Z / (Z + e^sink) = out * sigmoid(lse - sink). Prefill chunks of 64-256 rows against 256-2048 keys took
+    0.24-0.64x the time of `attention_by_ops` (bench heads, two threads, Zen 4 AVX2)."""
+    batch, steps, q_heads, _ = q.shape
+    kv_heads = k_cache.shape[2]
+    group = q_heads // kv_heads
+    n = k_pos.shape[1]
+    k = k_cache[:, :n].permute(0, 2, 1, 3)  # [B, Hkv, S, D]
+    v = v_cache[:, :n].permute(0, 2, 1, 3)
+    # one additive mask for all kv heads, its T rows repeated for the group's G heads (rows g*T + t)
+    mask = torch.zeros(batch, steps, n, dtype=q.dtype, device=q.device)
+    mask = mask.masked_fill_(~_visible(q_pos, k_pos, window), float("-inf"))[:, None].repeat(1, 1, group, 1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _group_rows(q, kv_heads), k, v, 0.0, False, attn_mask=mask, scale=scale)
+    sink = sinks.to(lse.dtype).view(1, kv_heads, group, 1).expand(batch, -1, -1, steps).reshape(lse.shape)
+    return _ungroup_rows(out * torch.sigmoid(lse - sink)[..., None].to(out.dtype), steps)
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int):
