@@ -27,7 +27,7 @@ import torch
 from gptoss.model import kernels
 from gptoss.runtime import Runtime
 from gptoss.tools.dev import llama_peer
-from gptoss.tools.dev.bench import active_weight_bytes, copy_bandwidth
+from gptoss.tools.dev.bench import active_weight_bytes, copy_bandwidth, last_level_cache_bytes
 
 PROMPT, SHORT, DECODE = 512, 32, 32
 PEER_KEYS = {"decode_b1": "decode_b1_tok_s", "decode_b8": "decode_b8_tok_s", "prefill512": "prefill_tok_s"}
@@ -110,8 +110,9 @@ def main(argv=None) -> int:
                             for k, f in this_round.items() if k != "copy_GBps")
         print(f"round {r + 1}/{args.rounds}: copy {copy / 1e9:.1f} GB/s; {engines}", flush=True)
 
+    cache = last_level_cache_bytes()
     report = {"isa": isa, "prefetch": kernels.prefetch(), "threads": args.threads, "copy_GBps": bandwidth / 1e9,
-              "results": [], "rounds": rounds}
+              "last_level_cache_bytes": cache, "results": [], "rounds": rounds}
     print(f"\nCPU kernels: {isa} (this CPU runs {kernels.available_isas()}), prefetch {kernels.prefetch()}; "
           f"{args.threads} threads; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -128,6 +129,11 @@ def main(argv=None) -> int:
         report["results"].append(row)
         print(f"{weights:<10} {backend:<9} {nbytes / 1e6:9.1f} {res['decode_b1']:10.1f} {res['decode_b8']:10.1f} "
               f"{res['prefill512']:11.1f} {eff:10.1%}   [{isa}]{ratios}")
+    largest = max(active_weight_bytes(rt.model) for rt in runtimes.values())
+    if cache and largest <= cache:
+        print(f"note: a token's weights ({largest / 1e6:.1f} MB at most) fit in this CPU's {cache / 2**20:.0f} MiB "
+              f"last-level cache, so a decode step may read them from the cache: bandwidth efficiency here is not a "
+              f"memory figure (the copy bandwidth is: its buffers are twice the cache)")
     if peer:
         report["peer"] = peer
         print(f"{'llama.cpp':<10} {'mxfp4':<9} {'':>9} {peer['decode_b1']:10.1f} {peer['decode_b8']:10.1f} "
