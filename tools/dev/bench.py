@@ -29,11 +29,11 @@ from gptoss.runtime import Runtime, Settings
 PROMPT_LEN, SHORT_PROMPT = 512, 32
 
 
-def last_level_cache_bytes() -> int:
+def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
     """The largest CPU cache this machine reports (sysfs), 0 when it says nothing. Some VMs report hundreds of
     MiB of L3 (seen: 480 MiB), enough to hold a small model's whole decode step."""
     sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+    for f in Path(cache_dir).glob("index*/size"):
         text = f.read_text().strip()
         unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
         try:
