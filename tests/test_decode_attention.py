@@ -29,6 +29,7 @@ def _case(batch, slots, kv_heads, group, dim, positions, kv_len, seed=0):
     (1, 16, 1, 4, 8, [9], 16, 4),             # a head of 8
     (2, 700, 2, 8, 64, [650, 699], 700, 0),   # many chunks of visible slots, merged
     (1, 700, 3, 2, 64, [690], 700, 300),      # a window spanning chunks
+    (2, 200, 1, 16, 80, [150, 199], 200, 0),  # two sets of eight heads, a head of 5 x 16 values (AVX-512's loops)
 ])
 def test_matches_the_op_by_op_attention(isa, batch, slots, kv_heads, group, dim, positions, kv_len, window):
     q, k, v, sinks, q_pos, k_pos = _case(batch, slots, kv_heads, group, dim, positions, kv_len)

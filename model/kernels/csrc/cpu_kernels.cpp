@@ -620,6 +620,32 @@ GPTOSS_AVX2 inline __m256 exp_ps(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
+// Each head's scores (a.scores, [group, count]) -> e^(s - max) / total in place, with a.maxima and a.totals.
+GPTOSS_AVX2 inline void attend_softmax(const Attend& a) {
+  const int64_t n = a.count;
+  for (int64_t g = 0; g < a.group; ++g) {
+    float* sg = a.scores + g * n;
+    const int64_t whole = n - n % 8;
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < whole; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(sg + i));
+    float top = hmax(top8);
+    for (int64_t i = whole; i < n; ++i) top = std::max(top, sg[i]);
+    const __m256 top_v = _mm256_set1_ps(top);
+    __m256 total8 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 8) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sg + i), top_v));
+      _mm256_storeu_ps(sg + i, e);
+      total8 = _mm256_add_ps(total8, e);
+    }
+    float total = hsum(total8);
+    for (int64_t i = whole; i < n; ++i) total += (sg[i] = std::exp(sg[i] - top));
+    const __m256 total_v = _mm256_set1_ps(total);
+    for (int64_t i = 0; i < whole; i += 8) _mm256_storeu_ps(sg + i, _mm256_div_ps(_mm256_loadu_ps(sg + i), total_v));
+    for (int64_t i = whole; i < n; ++i) sg[i] /= total;
+    a.maxima[g] = top, a.totals[g] = total;
+  }
+}
+
 // attend_body with the loops written out for head sizes that are a multiple of 8. Scores: each key row against
 // eight heads at once, eight accumulators reduced together (sum8); one head at a time with its own reduction ran
 // ~330 cycles a slot for eight heads (one kv head, 4k slots, one thread). Values: eight heads' accumulators for one
@@ -650,27 +676,7 @@ GPTOSS_AVX2 void attend(const Attend& a) {
       a.scores[g * n + i] = hsum(acc) * a.scale;
     }
   }
-  for (int64_t g = 0; g < a.group; ++g) {
-    float* sg = a.scores + g * n;
-    const int64_t whole = n - n % 8;
-    __m256 top8 = _mm256_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < whole; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(sg + i));
-    float top = hmax(top8);
-    for (int64_t i = whole; i < n; ++i) top = std::max(top, sg[i]);
-    const __m256 top_v = _mm256_set1_ps(top);
-    __m256 total8 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < whole; i += 8) {
-      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sg + i), top_v));
-      _mm256_storeu_ps(sg + i, e);
-      total8 = _mm256_add_ps(total8, e);
-    }
-    float total = hsum(total8);
-    for (int64_t i = whole; i < n; ++i) total += (sg[i] = std::exp(sg[i] - top));
-    const __m256 total_v = _mm256_set1_ps(total);
-    for (int64_t i = 0; i < whole; i += 8) _mm256_storeu_ps(sg + i, _mm256_div_ps(_mm256_loadu_ps(sg + i), total_v));
-    for (int64_t i = whole; i < n; ++i) sg[i] /= total;
-    a.maxima[g] = top, a.totals[g] = total;
-  }
+  attend_softmax(a);
   int64_t g = 0;
   for (; g + 8 <= a.group; g += 8) {  // eight heads by eight values: each value vector feeds eight FMAs
     const float* p = a.scores + g * n;
@@ -1023,6 +1029,46 @@ GPTOSS_AVX512 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst
   for (; i < total; ++i) dst[i] = bf16_to_float(src[i]);
 }
 
+// avx2::attend's three phases with 16-float vectors for head sizes that are a multiple of 16 (others take the
+// AVX2 path): scores of eight heads against each key row (eight accumulators, halved to 256 bits and reduced
+// together), the AVX2 softmax, then eight heads by sixteen values over the chunk's slots.
+GPTOSS_AVX512 void attend(const Attend& a) {
+  const int64_t n = a.count, dim = a.dim;
+  if (dim % 16 != 0 || a.group % 8 != 0) return avx2::attend(a);
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* kr = a.k + a.slots[i] * a.slot_stride;
+    for (int64_t g = 0; g < a.group; g += 8) {
+      __m512 acc[8];
+      for (int h = 0; h < 8; ++h) acc[h] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 16) {
+        const __m512 kc = _mm512_loadu_ps(kr + d);
+        for (int h = 0; h < 8; ++h) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(a.q + (g + h) * dim + d), kc, acc[h]);
+      }
+      __m256 half[8];
+      for (int h = 0; h < 8; ++h)
+        half[h] = _mm256_add_ps(_mm512_castps512_ps256(acc[h]),
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[h]), 1)));
+      alignas(32) float dots[8];
+      _mm256_store_ps(dots, _mm256_mul_ps(avx2::sum8(half), scale));
+      for (int h = 0; h < 8; ++h) a.scores[(g + h) * n + i] = dots[h];
+    }
+  }
+  avx2::attend_softmax(a);
+  for (int64_t g = 0; g < a.group; g += 8) {  // eight heads by sixteen values: each value vector feeds eight FMAs
+    const float* p = a.scores + g * n;
+    for (int64_t d = 0; d < dim; d += 16) {
+      __m512 acc[8];
+      for (int h = 0; h < 8; ++h) acc[h] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        const __m512 vc = _mm512_loadu_ps(a.v + a.slots[i] * a.slot_stride + d);
+        for (int h = 0; h < 8; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * n + i]), vc, acc[h]);
+      }
+      for (int h = 0; h < 8; ++h) _mm512_storeu_ps(a.out + (g + h) * dim + d, acc[h]);
+    }
+  }
+}
+
 }  // namespace avx512
 #endif  // GPTOSS_X86
 
@@ -1033,7 +1079,7 @@ const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot_layout,
                     avx2::bf16_dot, avx2::bf16_decode, avx2::attend, avx2::swiglu, {1024, 1024}, true, false};
 const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
-                      avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx2::attend, avx2::swiglu,
+                      avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx512::attend, avx2::swiglu,
                       {8192, 8192}, true, true};
 #endif
 
