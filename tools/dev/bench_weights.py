@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         report["results"].append(row)
         print(f"{weights:<10} {backend:<9} {nbytes / 1e6:9.1f} {res['decode_b1']:10.1f} {res['decode_b8']:10.1f} "
               f"{res['prefill512']:11.1f} {eff:10.1%}   [{isa}]{ratios}")
-    largest = max(active_weight_bytes(rt.model) for rt in runtimes.values())
+    largest = max(row["bytes_per_token"] for row in report["results"])
     if cache and largest <= cache:
         print(f"note: a token's weights ({largest / 1e6:.1f} MB at most) fit in this CPU's {cache / 2**20:.0f} MiB "
               f"last-level cache, so a decode step may read them from the cache: bandwidth efficiency here is not a "

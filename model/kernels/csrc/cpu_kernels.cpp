@@ -1029,8 +1029,8 @@ GPTOSS_AVX512 void bf16_decode(const Bf16& w, int64_t m0, int64_t m1, float* dst
   for (; i < total; ++i) dst[i] = bf16_to_float(src[i]);
 }
 
-// avx2::attend's three phases with 16-float vectors for head sizes that are a multiple of 16 (others take the
-// AVX2 path): scores of eight heads against each key row (eight accumulators, halved to 256 bits and reduced
+// avx2::attend's three phases with 16-float vectors, for head sizes that are a multiple of 16 and query groups of
+// whole sets of eight heads (others take the AVX2 path): scores of eight heads against each key row (eight accumulators, halved to 256 bits and reduced
 // together), the AVX2 softmax, then eight heads by sixteen values over the chunk's slots.
 GPTOSS_AVX512 void attend(const Attend& a) {
   const int64_t n = a.count, dim = a.dim;
