@@ -68,7 +68,7 @@ def small_checkpoint(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("small"), **CONFIGS["gqa-yarn"])
 
 
-@pytest.fixture(params=("avx512", "avx2", "scalar"))
+@pytest.fixture(params=("amx", "avx512", "avx2", "scalar"))
 def isa(request):
     """Each CPU-kernel instruction-set path this CPU runs, forced for the test (model/kernels)."""
     from gptoss.model import kernels

@@ -76,7 +76,8 @@ def test_bf16_grouped_mm(isa, counts, m, k):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 13, 64])
-@pytest.mark.parametrize("m, k", [(33, 100), (130, 64), (1, 7), (130, 1100), (37, 1700), (300, 100)])
+@pytest.mark.parametrize("m, k", [(33, 100), (130, 64), (1, 7), (130, 1100), (37, 1700), (300, 100),
+                                  (37, 1600), (300, 96)])  # K = 32 j: AMX tiles, a partial last tile of rows
 def test_bf16_linear_matches_upcast_weights(isa, n, m, k):
     w = torch.randn(m, k).bfloat16()
     x = torch.randn(n, k)
@@ -273,7 +274,7 @@ def test_prefetch_distance_changes_speed_not_results():
 
 def test_tune_prefetch_keeps_the_fastest_candidate(isa):
     """Only the kernels whose loops read a distance on this path are timed; the others keep their values."""
-    timed = {"avx512": {"mxfp4", "bf16"}, "avx2": {"mxfp4"}, "scalar": set()}[isa]
+    timed = {"amx": {"mxfp4", "bf16"}, "avx512": {"mxfp4", "bf16"}, "avx2": {"mxfp4"}, "scalar": set()}[isa]
     before = kernels.prefetch()
     try:
         table = kernels.tune_prefetch(candidates=(0, 1024, 4096), footprint_mb=4, rounds=1)

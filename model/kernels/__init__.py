@@ -18,8 +18,9 @@ fake implementations) are registered when this module is imported, which importi
 capture them as opaque nodes and saved graphs find them in a new process. The C++ kernels become the ops' CPU
 implementations when the library loads (on the first call of an op or of `extension()`). The C++ (csrc/) is compiled
 on first use through torch's extension builder and cached under a name keyed by the sources' hash, so an edit
-rebuilds it and an unchanged source loads the cached library. The instruction set (AVX-512, AVX2, portable) is
-chosen at run time; `GPTOSS_CPU_ISA=avx2|scalar` or `set_isa` forces a lower one.
+rebuilds it and an unchanged source loads the cached library. The instruction set (AMX, AVX-512, AVX2, portable)
+is chosen at run time ("amx" is AVX-512 with prefill's matrix products on AMX tiles); `GPTOSS_CPU_ISA=avx512` (or
+avx2, scalar) or `set_isa` forces a lower one.
 
 How far ahead the gemvs prefetch weights is measured, not assumed: machines differ by 2x on it (a Xeon VM wanted
 8 KiB on both gemvs, a Zen 4 VM none on bf16 and 2-4 KiB on MXFP4). When the library loads, `tune_prefetch` times
@@ -120,7 +121,7 @@ def _ninja_on_path() -> None:
 
 
 def isa() -> str:
-    """The instruction set the kernels use now: 'avx512', 'avx2' or 'scalar'."""
+    """The instruction set the kernels use now: 'amx', 'avx512', 'avx2' or 'scalar'."""
     return extension().isa()
 
 

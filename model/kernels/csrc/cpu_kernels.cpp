@@ -5,13 +5,14 @@
 //
 // Two paths per expert, by how many rows it received:
 //   few rows (decode, up to kDecodeRows): each weight row is decoded in registers, shared by four rows at a time;
-//   many rows (prefill): a tile of weight rows is decoded to fp32 and one sgemm takes all the rows.
+//   many rows (prefill): a tile of weight rows is decoded to fp32 and one sgemm takes all the rows; on AMX, the
+//   weights are decoded to bf16 (exact) and multiplied on tiles with each activation cut into three bf16 parts.
 // Both run in one parallel region per call (see grouped()).
 // The weights are exact in fp32, so every path gives the dense fp32 result up to summation order.
 //
 // Instruction sets: each kernel exists for AVX-512 (F+BW+VL), AVX2+FMA and portable C++, compiled into this one
-// file with per-function target attributes and chosen at run time from what the CPU supports; GPTOSS_CPU_ISA
-// (avx512 | avx2 | scalar) or set_isa() forces a lower path.
+// file with per-function target attributes and chosen at run time from what the CPU supports; "amx" is AVX-512
+// with the many-rows path on AMX tiles. GPTOSS_CPU_ISA (avx512 | avx2 | scalar) or set_isa() forces a lower path.
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -28,7 +29,12 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define GPTOSS_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -187,6 +193,27 @@ inline void attend_body(const Attend& a) {
   }
 }
 
+// The many-rows path on matrix tiles: weights as bf16 rows (exact), activations cut into kTileParts bf16 parts
+// (split), C += A B on 16 x 16 fp32 tiles (see amx:: for the layouts and why the result is the fp32 one).
+constexpr int64_t kTileRows = 16;  // weight rows a tile multiplies at once; activation rows per split block
+constexpr int64_t kTileStep = 32;  // K values a tile row holds; K must be a multiple of it
+constexpr int64_t kTileParts = 3;  // bf16 parts an fp32 activation is cut into
+struct TileKernels {
+  void (*configure)();  // before the first tile instruction of a thread's work, per call
+  void (*release)();
+  // up to kTileRows activation rows -> their split block (split_words(rows, k) words per kTileRows rows)
+  void (*split)(const float* x, int64_t ldx, int64_t rows, int64_t k, uint16_t* dst);
+  // MXFP4 weight rows [m0, m1) -> bf16 rows of K, zero rows up to the next multiple of kTileRows
+  void (*mxfp4_decode)(const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* dst);
+  // out[r * ldo + i] = x[r] . a[i] for r < n, i < mt (a's rows padded to a multiple of kTileRows, lda apart)
+  void (*gemm)(const uint16_t* a, int64_t lda, int64_t mt, const uint16_t* xs, int64_t n, int64_t k, float* out,
+               int64_t ldo);
+};
+
+inline int64_t split_words(int64_t rows, int64_t k) {
+  return (rows + kTileRows - 1) / kTileRows * (k / kTileStep) * kTileParts * kTileRows * kTileStep;
+}
+
 struct Kernels {
   const char* name;
   DotLayout mxfp4_dot_layout;
@@ -199,6 +226,7 @@ struct Kernels {
   SwigluFn swiglu;
   Prefetch prefetch;  // starting distances for this path (see g_prefetch)
   bool prefetches_mxfp4, prefetches_bf16;  // whether this path's loops read those distances at all
+  const struct TileKernels* tiles;  // the many-rows path on matrix tiles (AMX), or nullptr: decode fp32 for sgemm
 };
 
 // ---- portable ----
@@ -1070,17 +1098,225 @@ GPTOSS_AVX512 void attend(const Attend& a) {
 }
 
 }  // namespace avx512
+
+// ---- AMX (tiles of bf16, fp32 sums) ----
+// The many-rows path without sgemm: C += A B on 16 x 16 fp32 tiles, A 16 weight rows by 32 bf16 values, B 32
+// activation values (as 16 pairs) by 16 activation rows. The weights are exact in bf16 (an MXFP4 value times its
+// power-of-two scale has at most 2 significant bits; bf16 weights are themselves), and each fp32 activation is cut
+// into three bf16 parts whose sum is exactly it (8 significant bits each: x1 = bf16(x), x2 = bf16(x - x1),
+// x3 = x - x1 - x2). A bf16 product is exact in fp32, so W x = W x1 + W x2 + W x3 with every product exact and
+// fp32 sums: the dense fp32 result up to summation order, like sgemm. The tiles flush subnormal inputs to zero: a
+// part below 2^-126 (an activation under ~2^-110, or a weight with scale 2^-127) counts as zero, an error far
+// below the fp32 rounding of any sum it enters.
+#define GPTOSS_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma")))
+namespace amx {
+
+constexpr int64_t kRows = kTileRows;    // rows of a tile (weight rows in A, activation rows in B's columns)
+constexpr int64_t kStep = kTileStep;    // bf16 values a tile row holds (64 bytes)
+constexpr int64_t kParts = kTileParts;  // bf16 parts an activation is cut into
+constexpr int64_t kTileWords = kRows * kStep;  // bf16 words in one A or B tile
+static_assert(kRows == 16 && kStep == 32, "one AMX tile: 16 rows of 64 bytes");
+
+// The CPU has AMX-TILE, AMX-BF16 and AVX512-BF16, and Linux lets this process use the tile registers (they are
+// off until asked for: arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA).
+bool usable() {
+#if defined(__linux__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool avx512_bf16 = a & (1u << 5);
+  if (!(tile && bf16 && avx512_bf16 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")))
+    return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+// Every tile 16 rows of 64 bytes (palette 1); the tile configuration is per thread, so each thread sets it before
+// its first tile instruction of a call.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = kRows;
+  }
+};
+
+GPTOSS_AMX void configure() {
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+}
+
+GPTOSS_AMX void release() { _tile_release(); }
+
+GPTOSS_AMX inline __m512 widen(__m256i bf16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
+// 16 registers of 16 32-bit lanes, transposed in place: r[i] lane j <-> r[j] lane i.
+GPTOSS_AMX inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4 i + q], 128-bit lane L: lane value 4 L + q of rows 4 i .. 4 i + 3
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x88), v1 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xDD);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xDD);
+    r[q] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + q] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[8 + q] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    r[12 + q] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+}
+
+// Up to 16 activation rows (x, ldx apart; K a multiple of 32) -> their B tiles: for each step of 32 values, the
+// three parts' tiles one after another, each 16 pairs of values (tile rows) by the 16 activation rows (missing
+// rows are zeros): dst[((s * 3 + p) * 16 + pair) * 32 + 2 * row + h] = part p of x[row][32 s + 2 pair + h].
+GPTOSS_AMX void split_tile(const float* x, int64_t ldx, int64_t rows, int64_t k, uint16_t* dst) {
+  for (int64_t s = 0; s < k / kStep; ++s) {
+    __m512i part[kParts][kRows];
+    for (int64_t r = 0; r < kRows; ++r) {
+      if (r >= rows) {
+        for (int p = 0; p < kParts; ++p) part[p][r] = _mm512_setzero_si512();
+        continue;
+      }
+      __m256i bits[2][kParts];
+      for (int half = 0; half < 2; ++half) {
+        __m512 rest = _mm512_loadu_ps(x + r * ldx + s * kStep + 16 * half);
+        for (int p = 0; p < kParts; ++p) {
+          bits[half][p] = (__m256i)_mm512_cvtneps_pbh(rest);
+          rest = _mm512_sub_ps(rest, widen(bits[half][p]));
+        }
+      }
+      for (int p = 0; p < kParts; ++p)
+        part[p][r] = _mm512_inserti64x4(_mm512_castsi256_si512(bits[0][p]), bits[1][p], 1);
+    }
+    for (int p = 0; p < kParts; ++p) {
+      transpose16(part[p]);
+      uint16_t* tile = dst + (s * kParts + p) * kTileWords;
+      for (int64_t pair = 0; pair < kRows; ++pair) _mm512_storeu_si512(tile + pair * kStep, part[p][pair]);
+    }
+  }
+}
+
+// Weight rows [m0, m1) of an MXFP4 matrix as bf16 rows of K (exact: see above), rows from m1 up to the next
+// multiple of 16 zero.
+GPTOSS_AMX void mxfp4_decode(const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* dst) {
+  const int64_t k = w.groups * kBlock;
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* b = w.blocks + m * w.groups * kBlockBytes;
+    const uint8_t* s = w.scales + m * w.groups;
+    for (int64_t g = 0; g < w.groups; ++g, dst += kBlock) {
+      __m512 v[2];
+      avx512::decode_block(b + g * kBlockBytes, v);
+      const __m512 scale = _mm512_set1_ps(kHalfScale.v[s[g]]);
+      const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_mul_ps(v[1], scale), _mm512_mul_ps(v[0], scale));
+      _mm512_storeu_si512(dst, (__m512i)h);
+    }
+  }
+  const int64_t padded = (m1 - m0 + kRows - 1) / kRows * kRows;
+  std::memset(dst, 0, (padded - (m1 - m0)) * k * sizeof(uint16_t));
+}
+
+// C tiles (Wr weight tiles by Xr activation tiles, Wr * Xr <= 4) over all of K: per step of 32 values the weight
+// tiles are loaded once and each part's activation tiles once, Wr * Xr * 3 products. A product's latency is ~3
+// times its issue interval (Sapphire Rapids), so four accumulators keep the unit busy where one or two wait.
+// Tile registers: C 0-3, A 4-5, B 6-7.
+template <int Wr, int Xr>
+GPTOSS_AMX __attribute__((always_inline)) inline void tile_block(const uint16_t* a, int64_t lda,
+                                                                 const uint16_t* b, int64_t tile_words,
+                                                                 int64_t steps) {
+  const int64_t stride = lda * static_cast<int64_t>(sizeof(uint16_t));
+  for (int64_t s = 0; s < steps; ++s, b += kParts * kTileWords) {
+    _tile_loadd(4, a + s * kStep, stride);
+    if (Wr == 2) _tile_loadd(5, a + kRows * lda + s * kStep, stride);
+    for (int p = 0; p < kParts; ++p) {
+      _tile_loadd(6, b + p * kTileWords, 64);
+      if (Xr == 2) _tile_loadd(7, b + tile_words + p * kTileWords, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (Wr == 2) _tile_dpbf16ps(1, 5, 6);
+      if (Xr == 2) _tile_dpbf16ps(2, 4, 7);
+      if (Wr == 2 && Xr == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+// out[r * ldo + i] = sum_k x[r][k] a[i * lda + k] for r < n, i < mt, with a's rows padded to a multiple of 16
+// (readable; padding rows are not stored) and x in split_tile() form (`xs`, one block per 16 rows): blocks of two
+// weight tiles by two activation tiles, fewer at the edges. The activation tiles go in bands of about 1 MiB that
+// stay in L2 while every weight tile passes over them (all of a band's rows re-read per weight tile pair).
+constexpr int64_t kBandBytes = 1 << 20;
+
+GPTOSS_AMX void gemm(const uint16_t* a, int64_t lda, int64_t mt, const uint16_t* xs, int64_t n, int64_t k,
+                     float* out, int64_t ldo) {
+  const int64_t steps = k / kStep, tile_words = steps * kParts * kTileWords;
+  const int64_t x_tiles = (n + kRows - 1) / kRows;
+  const int64_t band = std::max<int64_t>(2, kBandBytes / (tile_words * 2) / 2 * 2);
+  alignas(64) float c[4][kRows][kRows];  // c[t][i][r]: tile t = 2 * activation tile + weight tile
+  for (int64_t j0 = 0; j0 < x_tiles; j0 += band)
+  for (int64_t mb = 0; mb < mt; mb += 2 * kRows) {
+    const int wr = mt - mb > kRows ? 2 : 1;
+    for (int64_t j = j0; j < std::min(x_tiles, j0 + band); j += 2) {
+      const int xr = std::min(x_tiles, j0 + band) - j > 1 ? 2 : 1;
+      const uint16_t* b = xs + j * tile_words;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint16_t* at = a + mb * lda;
+      if (wr == 2 && xr == 2) tile_block<2, 2>(at, lda, b, tile_words, steps);
+      else if (wr == 2) tile_block<2, 1>(at, lda, b, tile_words, steps);
+      else if (xr == 2) tile_block<1, 2>(at, lda, b, tile_words, steps);
+      else tile_block<1, 1>(at, lda, b, tile_words, steps);
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      const int64_t cols = std::min(wr * kRows, mt - mb);
+      for (int xt = 0; xt < xr; ++xt) {
+        const int64_t rows = std::min(kRows, n - (j + xt) * kRows);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* o = out + ((j + xt) * kRows + r) * ldo + mb;
+          for (int64_t i = 0; i < cols; ++i) o[i] = c[2 * xt + i / kRows][i % kRows][r];
+        }
+      }
+    }
+  }
+}
+
+const TileKernels kTiles{configure, release, split_tile, mxfp4_decode, gemm};
+
+}  // namespace amx
 #endif  // GPTOSS_X86
 
 // -- instruction-set selection -------------------------------------------------------------------------------------
 const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, nullptr, scalar::bf16_dot,
-                      scalar::bf16_decode, scalar::attend, scalar::swiglu, {0, 0}, false, false};
+                      scalar::bf16_decode, scalar::attend, scalar::swiglu, {0, 0}, false, false, nullptr};
 #ifdef GPTOSS_X86
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot_layout,
-                    avx2::bf16_dot, avx2::bf16_decode, avx2::attend, avx2::swiglu, {1024, 1024}, true, false};
+                    avx2::bf16_dot, avx2::bf16_decode, avx2::attend, avx2::swiglu, {1024, 1024}, true, false, nullptr};
 const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
                       avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx512::attend, avx2::swiglu,
-                      {8192, 8192}, true, true};
+                      {8192, 8192}, true, true, nullptr};
+// AVX-512 with the many-rows path on AMX tiles.
+const Kernels kAmx{"amx", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
+                   avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx512::attend, avx2::swiglu,
+                   {8192, 8192}, true, true, &amx::kTiles};
 #endif
 
 // The instruction sets this CPU runs, best first.
@@ -1088,6 +1324,7 @@ std::vector<const Kernels*> supported() {
   std::vector<const Kernels*> out;
 #ifdef GPTOSS_X86
   __builtin_cpu_init();
+  if (amx::usable()) out.push_back(&kAmx);
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
     out.push_back(&kAvx512);
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(&kAvx2);
@@ -1134,6 +1371,13 @@ struct Mxfp4Experts {
   static void decode(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, float* dst) {
     ks.mxfp4_decode(w, m0, m1, dst);
   }
+  // Weight rows [m0, m1) as bf16 rows `ld` apart, padded to a multiple of kTileRows: decoded into buf.
+  static const uint16_t* tile_rows(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* buf,
+                                   int64_t& ld) {
+    ks.tiles->mxfp4_decode(w, m0, m1, buf);
+    ld = w.groups * kBlock;
+    return buf;
+  }
 };
 
 struct Bf16Experts {
@@ -1149,6 +1393,16 @@ struct Bf16Experts {
   static void decode(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, float* dst) {
     ks.bf16_decode(w, m0, m1, dst);
   }
+  // The weights themselves when the rows fill whole tiles; a last partial tile is copied into buf and zero-padded.
+  static const uint16_t* tile_rows(const Kernels&, const Bf16& w, int64_t m0, int64_t m1, uint16_t* buf,
+                                   int64_t& ld) {
+    ld = w.k;
+    if ((m1 - m0) % kTileRows == 0) return w.w + m0 * w.k;
+    const int64_t padded = (m1 - m0 + kTileRows - 1) / kTileRows * kTileRows;
+    std::memcpy(buf, w.w + m0 * w.k, (m1 - m0) * w.k * sizeof(uint16_t));
+    std::memset(buf + (m1 - m0) * w.k, 0, (padded - (m1 - m0)) * w.k * sizeof(uint16_t));
+    return buf;
+  }
 };
 
 // The many-rows path's decoded tile: one buffer per thread, kept between calls (a fresh allocation each call would
@@ -1156,6 +1410,14 @@ struct Bf16Experts {
 float* scratch(int64_t floats) {
   thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// The same for bf16 words: `slot` 0 holds a worker's weight tile, slot 1 the calling thread's split activations.
+uint16_t* scratch_words(int64_t words, int slot) {
+  thread_local std::vector<uint16_t> buffers[2];
+  std::vector<uint16_t>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < words) buffer.resize(words);
   return buffer.data();
 }
 
@@ -1195,6 +1457,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
     if (ends[e] > start) groups.push_back({e, start, ends[e] - start});
     start = ends[e];
   }
+  const TileKernels* tk = k % kTileStep == 0 ? ks.tiles : nullptr;
   const int64_t tile_rows = std::max<int64_t>(16, std::min<int64_t>(256, kTileFloats / k) / 16 * 16);
   std::vector<Item> items;
   for (int pass = 0; pass < 2; ++pass)  // the sgemm items first: the small dot items then fill the tail
@@ -1205,6 +1468,30 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
       for (int64_t m0 = 0; m0 < m; m0 += step) items.push_back({gi, m0, std::min(m, m0 + step)});
     }
   if (items.empty()) return;
+
+  // The many-rows path on tiles (K a whole number of tile steps): each such group's rows split once, here.
+  std::vector<int64_t> split_at(groups.size(), -1);
+  uint16_t* xs = nullptr;
+  if (tk) {
+    std::vector<std::pair<int64_t, int64_t>> blocks;  // (group, first row) of each kTileRows rows to split
+    int64_t words = 0;
+    for (size_t gi = 0; gi < groups.size(); ++gi)
+      if (groups[gi].rows > kDecodeRows) {
+        split_at[gi] = words;
+        words += split_words(groups[gi].rows, k);
+        for (int64_t r = 0; r < groups[gi].rows; r += kTileRows) blocks.push_back({gi, r});
+      }
+    xs = scratch_words(words, 1);
+    const int64_t block_words = split_words(kTileRows, k);
+    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 8, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const Group& g = groups[blocks[b].first];
+        const int64_t r = blocks[b].second;
+        tk->split(xp + (g.start + r) * k, k, std::min(kTileRows, g.rows - r), k,
+                  xs + split_at[blocks[b].first] + r / kTileRows * block_words);
+      }
+    });
+  }
 
   // The rows the dot kernel reads, in its activation order where it has one (reordered once, not per item).
   const float* xdot = xp;
@@ -1223,6 +1510,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     float* tile = nullptr;
+    uint16_t* words = nullptr;
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
       const Item& it = items[i];
       const Group& g = groups[it.group];
@@ -1231,6 +1519,14 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
       float* o = op + g.start * m + it.m0;
       if (g.rows <= kDecodeRows) {
         W::dot(ks, ex, it.m0, it.m1, xdot + g.start * k, k, g.rows, op + g.start * m, m);
+      } else if (tk) {
+        if (!words) {
+          words = scratch_words((tile_rows + kTileRows) * k, 0);
+          tk->configure();
+        }
+        int64_t ld = 0;
+        const uint16_t* a = W::tile_rows(ks, ex, it.m0, it.m1, words, ld);
+        tk->gemm(a, ld, mt, xs + split_at[it.group], g.rows, k, o, m);
       } else {
         if (!tile) tile = scratch(tile_rows * k);
         W::decode(ks, ex, it.m0, it.m1, tile);
@@ -1245,6 +1541,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
       }
       finished(g, it.m0, it.m1);
     }
+    if (words) tk->release();
   });
 }
 
@@ -1339,6 +1636,16 @@ at::Tensor bf16_linear(const at::Tensor& x_, const at::Tensor& weight, const c10
   return grouped(x, w, {x.size(0)}, bias);
 }
 
+// mxfp4_moe's intermediates (`slot` 0-3), in per-thread buffers kept between calls: at prefill sizes they are tens
+// of MB, which malloc maps afresh on every call (past its mmap threshold), and faulting in and clearing those pages
+// took ~20% of a 2,048-token MoE call at bench widths (perf). The buffers hold the largest call's size.
+at::Tensor kept(int slot, int64_t rows, int64_t cols) {
+  thread_local std::vector<float> buffers[4];
+  std::vector<float>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < rows * cols) buffer.resize(rows * cols);
+  return at::from_blob(buffer.data(), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+
 // The routed experts of one MoE layer in one call, published weights: y[t] = sum_j weights[t, j] *
 // down_e(swiglu(gate_up_e(x[t]))) with e = experts[t, j]. The (token, expert) pairs are counting-sorted by expert
 // (stable), gathered, multiplied by gate_up, activated (clamped SwiGLU on interleaved gate/up columns, applied to
@@ -1386,18 +1693,18 @@ at::Tensor mxfp4_moe(const at::Tensor& x_, const at::Tensor& weights_, const at:
   }
 
   const float* xp = x.data_ptr<float>();
-  at::Tensor rows = at::empty({pairs, h}, x.options());
+  at::Tensor rows = kept(0, pairs, h);
   float* rp = rows.data_ptr<float>();
   at::parallel_for(0, pairs, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) std::memcpy(rp + r * h, xp + (order[r] / k) * h, h * sizeof(float));
   });
   // The activation of each finished gate_up block (an even column range: whole gate/up pairs), written onto down's
   // block grid: `down_pad` zero columns before the slice, the rest after.
-  at::Tensor act = at::empty({pairs, down_k}, x.options());
+  at::Tensor act = kept(1, pairs, down_k);
   float* ap = act.data_ptr<float>();
   const float a = static_cast<float>(alpha), lim = static_cast<float>(limit);
   const SwigluFn swiglu = kernels().swiglu;
-  const at::Tensor gu = at::empty({pairs, 2 * inter}, x.options());
+  const at::Tensor gu = kept(2, pairs, 2 * inter);
   const float* gp = gu.data_ptr<float>();
   const auto activate = [&](const Group& g, int64_t m0, int64_t m1) {
     for (int64_t r = g.start; r < g.start + g.rows; ++r) {
@@ -1408,7 +1715,8 @@ at::Tensor mxfp4_moe(const at::Tensor& x_, const at::Tensor& weights_, const at:
     }
   };
   grouped_into(rows, gate_up, ends, gu_bias, gu, activate);
-  const at::Tensor y = grouped(act, down, ends, dn_bias);
+  const at::Tensor y = kept(3, pairs, h);
+  grouped_into(act, down, ends, dn_bias, y);
 
   at::Tensor out = at::empty({n, h}, x.options());
   const float* yp = y.data_ptr<float>();
