@@ -18,7 +18,7 @@ from gptoss.graph.shapes import WINDOW_CACHES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FORMATS = ("published", "dense")
 DEFAULTS = {"backend": "eager", "max_batch_size": 8, "max_seq_len": 4096, "prefill_chunk": 256,
-            "min_prefill_chunk": 16, "interleave_chunk": 64, "window_cache": "ring", "mixed_steps": False}
+            "min_prefill_chunk": 16, "interleave_chunk": 256, "window_cache": "ring", "mixed_steps": False}
 
 
 @dataclass(frozen=True)

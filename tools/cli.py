@@ -22,7 +22,8 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
     ap.add_argument("--prefill-chunk", type=int, default=None, help="default 256 (or the artifacts' setting)")
     ap.add_argument("--interleave-chunk", type=int, default=None,
                     help="serving: prompt tokens prefilled per step while other requests decode (a power of two; "
-                         "default 64, or the artifacts' setting)")
+                         "default 256, or the artifacts' setting; smaller: shorter stalls of the running streams, "
+                         "less throughput, see BENCHMARKS.md)")
     ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=None,
                     help="serving: a prompt's interleave chunk and the running requests' decode step run as one "
                          "graph (one pass over the weights; a graph per batch x kv_len and one more cache row). "

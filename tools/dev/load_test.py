@@ -194,8 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=2304)
     ap.add_argument("--prefill-chunk", type=int, default=256)
-    ap.add_argument("--interleave-chunk", type=int, default=64,
-                    help="prompt tokens prefilled per step while others decode (= --prefill-chunk: no limit)")
+    ap.add_argument("--interleave-chunk", type=int, default=None,
+                    help="prompt tokens prefilled per step while others decode (default: the server's, 256)")
     ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=False,
                     help="a prompt's chunk and the decode step as one graph (tools.serve's --mixed-steps)")
     ap.add_argument("--serial", type=int, default=None,
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
                   rng.randint(1, args.max_tokens)) for _ in range(args.requests)]
     figures = {"backend": args.backend, "clients": args.clients, "requests": args.requests,
                "max_batch_size": args.max_batch_size,
-               "prefill_chunk": args.prefill_chunk, "interleave_chunk": args.interleave_chunk,
+               "prefill_chunk": args.prefill_chunk, "interleave_chunk": rt.shapes.interleave_chunk,
                "mixed_steps": args.mixed_steps,
                "torch_threads": args.threads, "model": str(model_dir), "frontend": args.frontend}
 

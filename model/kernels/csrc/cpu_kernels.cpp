@@ -1637,8 +1637,10 @@ at::Tensor bf16_linear(const at::Tensor& x_, const at::Tensor& weight, const c10
 }
 
 // mxfp4_moe's intermediates (`slot` 0-3), in per-thread buffers kept between calls: at prefill sizes they are tens
-// of MB, which malloc maps afresh on every call (past its mmap threshold), and faulting in and clearing those pages
-// took ~20% of a 2,048-token MoE call at bench widths (perf). The buffers hold the largest call's size.
+// to hundreds of MB, and glibc maps a block above 32 MiB afresh on every call even when told to keep freed memory
+// (model/host_memory.py); faulting in and clearing those pages took ~20% of a 2,048-token MoE call at bench
+// widths (perf, the op alone). Each thread that calls the op holds its largest call's intermediates (gpt-oss-20b,
+// a batch-8 x 256-token prefill chunk: ~470 MB, memory that call needed anyway).
 at::Tensor kept(int slot, int64_t rows, int64_t cols) {
   thread_local std::vector<float> buffers[4];
   std::vector<float>& buffer = buffers[slot];
