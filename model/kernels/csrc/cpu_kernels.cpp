@@ -201,9 +201,11 @@ constexpr int64_t kTileParts = 3;  // bf16 parts an fp32 activation is cut into
 struct TileKernels {
   void (*configure)();  // before the first tile instruction of a thread's work, per call
   void (*release)();
-  // up to kTileRows activation rows -> their split block (split_words(rows, k) words per kTileRows rows)
-  void (*split)(const float* x, int64_t ldx, int64_t rows, int64_t k, uint16_t* dst);
-  // MXFP4 weight rows [m0, m1) -> bf16 rows of K, zero rows up to the next multiple of kTileRows
+  // up to kTileRows activation rows -> their split block (split_words(rows, k) words per kTileRows rows); `quads`:
+  // in mxfp4_decode's order
+  void (*split)(const float* x, int64_t ldx, int64_t rows, int64_t k, bool quads, uint16_t* dst);
+  // MXFP4 weight rows [m0, m1) -> bf16 rows of K in the MXFP4 dot_layout's order, zero rows up to the next
+  // multiple of kTileRows
   void (*mxfp4_decode)(const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* dst);
   // out[r * ldo + i] = x[r] . a[i] for r < n, i < mt (a's rows padded to a multiple of kTileRows, lda apart)
   void (*gemm)(const uint16_t* a, int64_t lda, int64_t mt, const uint16_t* xs, int64_t n, int64_t k, float* out,
@@ -1184,49 +1186,104 @@ GPTOSS_AMX inline void transpose16(__m512i r[16]) {
   }
 }
 
+// One activation step of 32 values (x) -> its three bf16 parts, each 16 pairs of values in one register.
+GPTOSS_AMX inline void split_step(const float* x, __m512i parts[kParts]) {
+  __m256i bits[2][kParts];
+  for (int half = 0; half < 2; ++half) {
+    __m512 rest = _mm512_loadu_ps(x + 16 * half);
+    for (int p = 0; p < kParts; ++p) {
+      bits[half][p] = (__m256i)_mm512_cvtneps_pbh(rest);
+      rest = _mm512_sub_ps(rest, widen(bits[half][p]));
+    }
+  }
+  for (int p = 0; p < kParts; ++p)
+    parts[p] = _mm512_inserti64x4(_mm512_castsi256_si512(bits[0][p]), bits[1][p], 1);
+}
+
+// mxfp4_decode's quad order on bf16 words: output step t (of a quad's four), word w, holds the quad's value
+// 8 (w mod 16) + 2 t + w / 16 (avx512::mxfp4_dot_layout). Each output step draws from all four natural steps:
+// two two-register word permutes (steps 0-1 and 2-3) and a blend.
+struct QuadOrder {
+  alignas(64) uint16_t index[4][32];
+  uint32_t upper[4];  // words taken from steps 2-3
+  QuadOrder() {
+    for (int t = 0; t < 4; ++t) {
+      upper[t] = 0;
+      for (int w = 0; w < 32; ++w) {
+        const int value = 8 * (w % 16) + 2 * t + w / 16, step = value / 32;
+        index[t][w] = static_cast<uint16_t>((step % 2) * 32 + value % 32);
+        if (step >= 2) upper[t] |= 1u << w;
+      }
+    }
+  }
+};
+const QuadOrder kQuadOrder;
+
 // Up to 16 activation rows (x, ldx apart; K a multiple of 32) -> their B tiles: for each step of 32 values, the
 // three parts' tiles one after another, each 16 pairs of values (tile rows) by the 16 activation rows (missing
-// rows are zeros): dst[((s * 3 + p) * 16 + pair) * 32 + 2 * row + h] = part p of x[row][32 s + 2 pair + h].
-GPTOSS_AMX void split_tile(const float* x, int64_t ldx, int64_t rows, int64_t k, uint16_t* dst) {
-  for (int64_t s = 0; s < k / kStep; ++s) {
-    __m512i part[kParts][kRows];
+// rows are zeros): dst[((s * 3 + p) * 16 + pair) * 32 + 2 * row + h] = part p of value 2 pair + h of step s.
+// `quads`: the values of each whole quad of steps in QuadOrder (for MXFP4 weights from mxfp4_decode).
+GPTOSS_AMX void split_tile(const float* x, int64_t ldx, int64_t rows, int64_t k, bool quads, uint16_t* dst) {
+  const int64_t steps = k / kStep, quad_steps = quads ? steps - steps % 4 : 0;
+  __m512i index[4];
+  for (int t = 0; t < 4; ++t) index[t] = _mm512_load_si512(kQuadOrder.index[t]);
+  for (int64_t s = 0; s < steps;) {
+    const int64_t count = s < quad_steps ? 4 : 1;  // steps taken together
+    __m512i part[4][kParts][kRows];
     for (int64_t r = 0; r < kRows; ++r) {
       if (r >= rows) {
-        for (int p = 0; p < kParts; ++p) part[p][r] = _mm512_setzero_si512();
+        for (int64_t t = 0; t < count; ++t)
+          for (int p = 0; p < kParts; ++p) part[t][p][r] = _mm512_setzero_si512();
         continue;
       }
-      __m256i bits[2][kParts];
-      for (int half = 0; half < 2; ++half) {
-        __m512 rest = _mm512_loadu_ps(x + r * ldx + s * kStep + 16 * half);
-        for (int p = 0; p < kParts; ++p) {
-          bits[half][p] = (__m256i)_mm512_cvtneps_pbh(rest);
-          rest = _mm512_sub_ps(rest, widen(bits[half][p]));
+      __m512i natural[4][kParts];
+      for (int64_t t = 0; t < count; ++t) split_step(x + r * ldx + (s + t) * kStep, natural[t]);
+      for (int p = 0; p < kParts; ++p) {
+        if (count == 1) {
+          part[0][p][r] = natural[0][p];
+          continue;
         }
+        for (int t = 0; t < 4; ++t)
+          part[t][p][r] = _mm512_mask_blend_epi16(
+              kQuadOrder.upper[t], _mm512_permutex2var_epi16(natural[0][p], index[t], natural[1][p]),
+              _mm512_permutex2var_epi16(natural[2][p], index[t], natural[3][p]));
       }
-      for (int p = 0; p < kParts; ++p)
-        part[p][r] = _mm512_inserti64x4(_mm512_castsi256_si512(bits[0][p]), bits[1][p], 1);
     }
-    for (int p = 0; p < kParts; ++p) {
-      transpose16(part[p]);
-      uint16_t* tile = dst + (s * kParts + p) * kTileWords;
-      for (int64_t pair = 0; pair < kRows; ++pair) _mm512_storeu_si512(tile + pair * kStep, part[p][pair]);
-    }
+    for (int64_t t = 0; t < count; ++t, ++s)
+      for (int p = 0; p < kParts; ++p) {
+        transpose16(part[t][p]);
+        uint16_t* tile = dst + (s * kParts + p) * kTileWords;
+        for (int64_t pair = 0; pair < kRows; ++pair) _mm512_storeu_si512(tile + pair * kStep, part[t][p][pair]);
+      }
   }
 }
 
-// Weight rows [m0, m1) of an MXFP4 matrix as bf16 rows of K (exact: see above), rows from m1 up to the next
-// multiple of 16 zero.
+// Weight rows [m0, m1) of an MXFP4 matrix as bf16 rows of K (exact: see above) in avx512::mxfp4_dot_layout's order
+// (decode_quad's: within a quad of blocks, value 8 i + j at position 16 j + i; the last groups % 4 blocks in natural
+// order), rows from m1 up to the next multiple of 16 zero. The activations are split in the same order, so the
+// products pair up unchanged; a quad's lane i belongs to its block i / 4, whose scale multiplies the lane.
 GPTOSS_AMX void mxfp4_decode(const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* dst) {
-  const int64_t k = w.groups * kBlock;
-  for (int64_t m = m0; m < m1; ++m) {
+  const int64_t k = w.groups * kBlock, quad_end = w.groups - w.groups % 4;
+  const __m512 table = avx512::fp4_table();
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t m = m0; m < m1; ++m, dst += k) {
     const uint8_t* b = w.blocks + m * w.groups * kBlockBytes;
     const uint8_t* s = w.scales + m * w.groups;
-    for (int64_t g = 0; g < w.groups; ++g, dst += kBlock) {
+    for (int64_t q = 0; q < quad_end; q += 4) {
+      const __m512 scale = _mm512_permutexvar_ps(spread, avx512::half_scales(s + q, 4));
+      __m512 v[8];
+      avx512::decode_quad(b + q * kBlockBytes, table, v);
+      for (int t = 0; t < 4; ++t) {
+        const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_mul_ps(v[2 * t + 1], scale), _mm512_mul_ps(v[2 * t], scale));
+        _mm512_storeu_si512(dst + q * kBlock + t * kStep, (__m512i)h);
+      }
+    }
+    for (int64_t g = quad_end; g < w.groups; ++g) {
       __m512 v[2];
       avx512::decode_block(b + g * kBlockBytes, v);
       const __m512 scale = _mm512_set1_ps(kHalfScale.v[s[g]]);
       const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_mul_ps(v[1], scale), _mm512_mul_ps(v[0], scale));
-      _mm512_storeu_si512(dst, (__m512i)h);
+      _mm512_storeu_si512(dst + g * kBlock, (__m512i)h);
     }
   }
   const int64_t padded = (m1 - m0 + kRows - 1) / kRows * kRows;
@@ -1371,6 +1428,7 @@ struct Mxfp4Experts {
   static void decode(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, float* dst) {
     ks.mxfp4_decode(w, m0, m1, dst);
   }
+  static constexpr bool kTileQuads = true;  // tile_rows() decodes in quad order
   // Weight rows [m0, m1) as bf16 rows `ld` apart, padded to a multiple of kTileRows: decoded into buf.
   static const uint16_t* tile_rows(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* buf,
                                    int64_t& ld) {
@@ -1393,6 +1451,7 @@ struct Bf16Experts {
   static void decode(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, float* dst) {
     ks.bf16_decode(w, m0, m1, dst);
   }
+  static constexpr bool kTileQuads = false;  // natural order
   // The weights themselves when the rows fill whole tiles; a last partial tile is copied into buf and zero-padded.
   static const uint16_t* tile_rows(const Kernels&, const Bf16& w, int64_t m0, int64_t m1, uint16_t* buf,
                                    int64_t& ld) {
@@ -1487,7 +1546,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
       for (int64_t b = b0; b < b1; ++b) {
         const Group& g = groups[blocks[b].first];
         const int64_t r = blocks[b].second;
-        tk->split(xp + (g.start + r) * k, k, std::min(kTileRows, g.rows - r), k,
+        tk->split(xp + (g.start + r) * k, k, std::min(kTileRows, g.rows - r), k, W::kTileQuads,
                   xs + split_at[blocks[b].first] + r / kTileRows * block_words);
       }
     });
