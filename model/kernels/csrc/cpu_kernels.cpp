@@ -228,7 +228,7 @@ struct Kernels {
   SwigluFn swiglu;
   Prefetch prefetch;  // starting distances for this path (see g_prefetch)
   bool prefetches_mxfp4, prefetches_bf16;  // whether this path's loops read those distances at all
-  const struct TileKernels* tiles;  // the many-rows path on matrix tiles (AMX), or nullptr: decode fp32 for sgemm
+  const TileKernels* tiles;  // the many-rows path on matrix tiles (AMX), or nullptr: decode fp32 for sgemm
 };
 
 // ---- portable ----
@@ -1371,9 +1371,12 @@ const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx
                       avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx512::attend, avx2::swiglu,
                       {8192, 8192}, true, true, nullptr};
 // AVX-512 with the many-rows path on AMX tiles.
-const Kernels kAmx{"amx", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
-                   avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx512::attend, avx2::swiglu,
-                   {8192, 8192}, true, true, &amx::kTiles};
+Kernels with_tiles(Kernels ks, const char* name, const TileKernels* tiles) {
+  ks.name = name;
+  ks.tiles = tiles;
+  return ks;
+}
+const Kernels kAmx = with_tiles(kAvx512, "amx", &amx::kTiles);
 #endif
 
 // The instruction sets this CPU runs, best first.
@@ -1495,7 +1498,8 @@ struct Item {
 // item from a shared counter, so an expert's rows, a big and a small expert, and a thread the OS preempted all
 // balance without a barrier per expert. Few rows: the register-decode dot. Many rows: the block's weights are
 // decoded into the thread's fp32 tile and one sgemm (single-threaded: we are inside the parallel region) takes
-// all of the expert's rows. `finished(group, m0, m1)` runs on an item's thread once its block (bias included) is
+// all of the expert's rows; with tile kernels (AMX), the rows are split once before the region and each block's
+// weights are decoded to bf16 (or read in place) for the tile product. `finished(group, m0, m1)` runs on an item's thread once its block (bias included) is
 // written, while the block is still in that core's cache.
 struct NoEpilogue {
   void operator()(const Group&, int64_t, int64_t) const {}
@@ -1519,7 +1523,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
   const TileKernels* tk = k % kTileStep == 0 ? ks.tiles : nullptr;
   const int64_t tile_rows = std::max<int64_t>(16, std::min<int64_t>(256, kTileFloats / k) / 16 * 16);
   std::vector<Item> items;
-  for (int pass = 0; pass < 2; ++pass)  // the sgemm items first: the small dot items then fill the tail
+  for (int pass = 0; pass < 2; ++pass)  // the many-rows items first: the small dot items then fill the tail
     for (int64_t gi = 0; gi < static_cast<int64_t>(groups.size()); ++gi) {
       const bool many = groups[gi].rows > kDecodeRows;
       if (many != (pass == 0)) continue;
