@@ -6,7 +6,10 @@ of time and steady-state serving never meets a new shape.
 - prefill chunk length: a prompt that fits in one chunk runs at the smallest power of two from `min_chunk` to
   `prefill_chunk` that covers it; a longer one runs as full `prefill_chunk`s; while other requests decode, the
   serving scheduler prefills at most `interleave_chunk` tokens per step (batch-1 graphs of that length at every
-  kv_len), so that one step of the running streams never waits for a whole `prefill_chunk`;
+  kv_len), so that one step of the running streams never waits for a whole `prefill_chunk`. A batch-1 prompt's
+  last chunk is cut the same way as a first one (the smallest power of two that covers the rest), so a 300-token
+  prompt costs a 256- and a 64-token chunk, not two of 256: every chunk still starts at a multiple of its length
+  and ends inside the cache's slots;
 - attention reads `kv_len` cache slots: a power of two from `min_kv` up to the slot count, the smallest that
   covers the furthest position in the step, so decode work follows the actual context, not max_seq_len;
 - sliding-window layers (window_cache="ring"): a ring of `window_slots`, the window plus the longest chunk a step
@@ -18,8 +21,8 @@ of time and steady-state serving never meets a new shape.
 - batch: the smallest of `batch_sizes` (default: powers of two up to max_batch_size) that holds the prompts;
   extra rows are idle padding;
 - mixed steps (`mixed`, for serving): a prompt's `interleave_chunk`-token chunk and the running rows' decode step
-  run as one graph (decode batch x kv_len), the chunk on a staging row the cache keeps beside the batch's rows;
-  these graphs replace the batch-1 interleave prefills.
+  run as one graph (decode batch x the chunk's kv_len: the decode rows read their whole cache), the chunk on a
+  staging row the cache keeps beside the batch's rows; these graphs replace the batch-1 interleave prefills.
 """
 from __future__ import annotations
 
@@ -90,17 +93,16 @@ class ShapePlan:
     def batch(self, n: int) -> int:
         return min(b for b in self.batch_sizes() if b >= n)
 
-    def chunk(self, start: int, remaining: int, *, interleaved: bool = False) -> int:
-        """The length of the prefill chunk that starts at `start` with `remaining` prompt tokens left.
-        `interleaved` (batch 1, while other rows decode): at most `interleave_chunk`. A prompt begun in small
-        chunks continues in them until its start is a whole number of full chunks again, so that every chunk
-        ends inside the cache's slots."""
-        if start == 0:
-            first = min(max(_next_pow2(remaining), self.min_chunk), self.prefill_chunk)
-            return min(first, self.interleave_chunk) if interleaved else first
-        if interleaved or start % self.prefill_chunk:
-            return self.interleave_chunk
-        return self.prefill_chunk
+    def chunk(self, start: int, remaining: int, *, interleaved: bool = False, batch: int = 1) -> int:
+        """The length of the prefill chunk that starts at `start` with `remaining` prompt tokens left, for a
+        graph of `batch` rows. `interleaved` (batch 1, while other rows decode): at most `interleave_chunk`. A
+        prompt begun in small chunks continues in them until its start is a whole number of full chunks again,
+        so that every chunk ends inside the cache's slots. A first chunk, and a batch-1 prompt's last one, is
+        the smallest power of two (`min_chunk` at least) that covers the rest of the prompt."""
+        step = self.interleave_chunk if interleaved or start % self.prefill_chunk else self.prefill_chunk
+        if start and batch > 1:
+            return step
+        return min(max(_next_pow2(remaining), self.min_chunk), step)
 
     def kv_len(self, needed: int) -> int:
         return min(max(_next_pow2(needed), self.min_kv), self.slots)
@@ -127,6 +129,18 @@ class ShapePlan:
         pairs = {(c, self.kv_len(c)) for c in self.chunk_sizes()}
         pairs |= {(self.prefill_chunk, self.kv_len(s + self.prefill_chunk))
                   for s in range(self.prefill_chunk, self.slots, self.prefill_chunk)}
+        return sorted(pairs)
+
+    def tail_shapes(self) -> list[tuple[int, int]]:
+        """(chunk, kv_len) pairs of a batch-1 prompt's last chunk: any chunk size no longer than the step at any
+        start a batch-1 chunk can have (a multiple of `interleave_chunk`). With mixed steps a whole interleave
+        chunk inside a full chunk runs in a mixed graph (its prompt is on the staging row), only shorter ones
+        apart."""
+        pairs = set()
+        for s in range(0, self.slots, self.interleave_chunk):
+            step = self.prefill_chunk if s % self.prefill_chunk == 0 else self.interleave_chunk
+            mixed_only = self.interleave_chunk if self.mixed and s % self.prefill_chunk else None
+            pairs |= {(c, self.kv_len(s + c)) for c in self.chunk_sizes() if c <= step and c != mixed_only}
         return sorted(pairs)
 
     def interleave_shapes(self) -> list[tuple[int, int]]:
@@ -158,8 +172,11 @@ class ShapePlan:
         """Every graph a runtime with this plan can call."""
         specs = []
         for b in self.batch_sizes():
-            interleaved = b == 1 and not self.mixed
-            shapes = set(self.prefill_shapes()) | (set(self.interleave_shapes()) if interleaved else set())
+            shapes = set(self.prefill_shapes())
+            if b == 1:
+                shapes |= set(self.tail_shapes())
+                if not self.mixed:
+                    shapes |= set(self.interleave_shapes())
             specs += [GraphSpec("prefill", b, c, kv) for c, kv in sorted(shapes)]
             specs += [GraphSpec("decode", b, 1, kv) for kv in self.kv_lens()]
             if self.mixed:

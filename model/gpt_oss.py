@@ -62,7 +62,7 @@ class Attention(nn.Module):
             self.ops.cache_write(p.keys[layer], p.start, k)
             self.ops.cache_write(p.values[layer], p.start, v.reshape(batch, steps, self.kv_heads, self.head_dim))
             out = self.ops.attention(q, p.keys[layer], p.values[layer], self.sinks, p.positions, self.window,
-                                     self.scale, kv_len, p.lengths[layer])
+                                     self.scale, p.kv_len or kv_len, p.lengths[layer])
             outs.append(out.reshape(batch * steps, -1))
         return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
@@ -78,6 +78,7 @@ class Tokens(NamedTuple):
     cos: torch.Tensor | None = None  # rope tables and per-layer attention lengths, filled in by GptOss.hidden
     sin: torch.Tensor | None = None
     lengths: list | None = None
+    kv_len: int | None = None  # cache slots this part's attention reads (None: the step's kv_len)
 
 
 class MoE(nn.Module):
@@ -183,7 +184,7 @@ class GptOss(nn.Module):
             cos, sin = rope_cos_sin(p.positions, self.inv_freq, self.rope_scale, self.dtype)
             # once per step and part, not per layer: one entry per cache layout (ring or linear, band or causal)
             layouts = [(k.shape[1], block.self_attn.window) for k, block in zip(p.keys, self.layers)]
-            by_layout = ops.attention_lengths(p.positions, kv_len, sorted(set(layouts)))
+            by_layout = ops.attention_lengths(p.positions, p.kv_len or kv_len, sorted(set(layouts)))
             ready.append(p._replace(cos=cos, sin=sin, lengths=[by_layout[lay] for lay in layouts]))
         ids = [p.ids.reshape(-1) for p in parts]
         residual = self.embed(ids[0] if len(ids) == 1 else torch.cat(ids))
@@ -209,8 +210,11 @@ class GptOss(nn.Module):
     def mixed(self, ids, pos, k_caches, v_caches, chunk_ids, start, last, chunk_k_caches, chunk_v_caches,
               kv_len: int) -> torch.Tensor:
         """`decode(ids, pos, k_caches, v_caches)` and `prefill(chunk_ids, start, last, chunk_k_caches, ...)` as one
-        step over disjoint cache rows: returns logits [B + chunk rows, vocab], the decode rows' then the chunk's."""
-        parts = [Tokens(ids[:, None], pos[:, None], pos, k_caches, v_caches),
+        step over disjoint cache rows: returns logits [B + chunk rows, vocab], the decode rows' then the chunk's.
+        `kv_len` is the chunk's; the decode rows read their whole cache (a single-token step's attention costs what
+        its visible keys cost on CPU), so the chunk never attends over slots only a decode row needs."""
+        whole = max(k.shape[1] for k in k_caches)
+        parts = [Tokens(ids[:, None], pos[:, None], pos, k_caches, v_caches, kv_len=whole),
                  self._chunk(chunk_ids, start, chunk_k_caches, chunk_v_caches)]
         h = self.hidden(parts, kv_len)
         batch = ids.shape[0]

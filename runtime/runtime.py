@@ -298,7 +298,7 @@ class Runtime:
         out = torch.empty(rows, self.config.vocab_size, dtype=torch.float32, device=self.device)
         done = 0
         while done < longest:
-            chunk = self.shapes.chunk(done, longest - done)
+            chunk = self.shapes.chunk(done, longest - done, batch=rows)
             # a row whose prompt has ended re-runs at its next position, not further on: a ring cache keeps only
             # the window, and padding written further on would overwrite it (decode overwrites these slots first)
             start = torch.full((rows,), done, dtype=torch.long, device=self.device).minimum(lengths)

@@ -336,7 +336,7 @@ class Scheduler:
         rt, shapes = self.rt, self.rt.shapes
         done = self.rows[rows[0]].done
         batch = shapes.batch(max(rows) + 1)
-        chunk = shapes.chunk(done, max(len(self.rows[i].seq.prompt) for i in rows) - done)
+        chunk = shapes.chunk(done, max(len(self.rows[i].seq.prompt) for i in rows) - done, batch=batch)
         ids = torch.zeros(batch, chunk, dtype=torch.long, device=rt.device)
         start = torch.zeros(batch, dtype=torch.long)
         last = torch.zeros(batch, dtype=torch.long)
@@ -374,6 +374,8 @@ class Scheduler:
         return fn(ids, *args)
 
     def _prefill_chunk(self, i: int) -> None:
+        """Row i's next chunk as a batch-1 prefill on its own row of the cache, or on the staging row where its
+        prompt is staged (mixed steps: a last chunk shorter than a mixed step's runs apart, at its own length)."""
         row, rt = self.rows[i], self.rt
         shapes, length = rt.shapes, len(row.seq.prompt)
         others_decode = any(r is not None and not r.prefilling for j, r in enumerate(self.rows) if j != i)
@@ -381,11 +383,16 @@ class Scheduler:
         ids = row.padded[row.done:row.done + chunk].clone()[None]
         start = torch.tensor([row.done], device=rt.device)
         last = torch.tensor([min(max(length - 1 - row.done, 0), chunk - 1)], device=rt.device)
-        keys = [k[i:i + 1] for k in rt.cache.keys]  # this row of the cache, written in place
-        values = [v[i:i + 1] for v in rt.cache.values]
+        if row.staged:
+            keys, values = rt.cache.staging()
+        else:
+            keys = [k[i:i + 1] for k in rt.cache.keys]  # this row of the cache, written in place
+            values = [v[i:i + 1] for v in rt.cache.values]
         logits = self._graph("prefill", rt.graphs.prefill, ids, start, last, keys, values,
                              shapes.kv_len(row.done + chunk))
         self._prefilled([i], chunk, logits)
+        if row.staged and not row.prefilling:
+            self._unstage(i, row)
 
     def _decode_inputs(self):
         """The decode step's rows: (batch bucket, ids, pos, live rows). Rows in the bucket that do not decode get
@@ -422,16 +429,14 @@ class Scheduler:
             self._take(i, token)
 
     def _mixes(self, i: int, decoding: bool) -> bool:
-        """Whether row i's next chunk runs in a mixed step: the plan has them, and the row is staged already, or
-        rows decode and the chunk is a whole interleave chunk (a shorter first chunk ends the prompt: it runs on
-        the row itself, at its own length)."""
+        """Whether row i's next chunk runs in a mixed step: the plan has them, the chunk is a whole interleave chunk
+        (a shorter one ends the prompt: it runs apart, at its own length), and the row is staged already or rows
+        decode."""
         shapes, row = self.rt.shapes, self.rows[i]
         if not shapes.mixed:
             return False
-        if row.staged:
-            return True
         chunk = shapes.chunk(row.done, len(row.seq.prompt) - row.done, interleaved=True)
-        return decoding and chunk == shapes.interleave_chunk
+        return chunk == shapes.interleave_chunk and (row.staged or decoding)
 
     def _mixed_step(self, i: int) -> None:
         """Row i's next chunk (on the staging row) and every decoding row's step, as one graph call."""
@@ -442,7 +447,7 @@ class Scheduler:
             row.staged = True
         chunk, length = shapes.interleave_chunk, len(row.seq.prompt)
         batch, ids, pos, live = self._decode_inputs()
-        kv_len = shapes.kv_len(max([row.done + chunk] + [self.rows[j].pos + 1 for j in live]))
+        kv_len = shapes.kv_len(row.done + chunk)  # the chunk's: the decode rows read their whole cache
         chunk_ids = row.padded[row.done:row.done + chunk][None]
         start = torch.tensor([row.done], device=rt.device)
         last = torch.tensor([min(max(length - 1 - row.done, 0), chunk - 1)], device=rt.device)
@@ -452,10 +457,15 @@ class Scheduler:
                                  *cache.staging(), kv_len)
         self._decoded(live, logits[live])
         self._prefilled([i], chunk, logits[batch:])
-        if not row.prefilling:  # the prompt ended: it moves to its own row (if the request has not ended already)
-            if self.rows[i] is row:
-                cache.copy_row(cache.staging_row, i, length)
-            row.staged = False
+        if not row.prefilling:
+            self._unstage(i, row)
+
+    def _unstage(self, i: int, row: _Row) -> None:
+        """Row i's staged prompt has ended: it moves to its own row (if the request has not ended already)."""
+        cache = self.rt.cache
+        if self.rows[i] is row:
+            cache.copy_row(cache.staging_row, i, len(row.seq.prompt))
+        row.staged = False
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Each row with its own settings and generator; greedy rows in one argmax."""

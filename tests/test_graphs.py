@@ -182,7 +182,10 @@ def test_shape_plan_is_bounded():
     assert plan.chunk_sizes() == [16, 32, 64, 128, 256]
     assert len(plan.prefill_shapes()) == 5 + 5  # first chunks, then full chunks at each context bucket
     assert plan.kv_len(129) == 256 and plan.kv_len(1) == 128 and plan.kv_len(8192) == 8192
-    assert plan.chunk(0, 3) == 16 and plan.chunk(0, 300) == 256 and plan.chunk(256, 3) == 256
+    assert plan.chunk(0, 3) == 16 and plan.chunk(0, 300) == 256
+    # a batch-1 prompt's last chunk is cut to what is left (a 300-token prompt: 256 + 64); a batch of several keeps
+    # full chunks after the first (their tails differ)
+    assert plan.chunk(256, 44) == 64 and plan.chunk(256, 3) == 16 and plan.chunk(256, 3, batch=8) == 256
     # serving with mixed steps: one mixed graph per batch size and kv_len from the chunk's own, in place of the
     # batch-1 interleave prefills
     interleaved = ShapePlan(max_batch_size=8, max_seq_len=8192, prefill_chunk=256, interleave_chunk=64)
@@ -191,9 +194,40 @@ def test_shape_plan_is_bounded():
     assert [s.kind for s in mixed.specs()].count("mixed") == 4 * 7
     assert "mixed" not in {s.kind for s in interleaved.specs()}
     b1 = lambda shapes: {GraphSpec("prefill", 1, c, kv) for c, kv in shapes}  # noqa: E731
-    interleave_only = b1(interleaved.interleave_shapes()) - b1(interleaved.prefill_shapes())
-    assert {s for s in mixed.specs() if s.kind != "mixed"} == set(interleaved.specs()) - interleave_only
+    # mixed plans drop the batch-1 prefills that start inside a full chunk (those prompts are on the staging row)
+    interleave_only = (b1(interleaved.interleave_shapes()) | b1(interleaved.tail_shapes())) - \
+        b1(interleaved.prefill_shapes()) - b1(mixed.tail_shapes())
+    assert interleave_only and {s for s in mixed.specs() if s.kind != "mixed"} == \
+        set(interleaved.specs()) - interleave_only
     assert ShapePlan.from_record(mixed.to_record()).specs() == mixed.specs()
+
+
+@pytest.mark.parametrize("interleave, mixed", [(None, False), (64, False), (64, True), (16, False)])
+def test_every_chunk_is_planned_and_in_the_cache(interleave, mixed):
+    """Whatever the path a prompt's chunks take (alone, interleaved, switching between them, a batch), each chunk
+    starts at a multiple of its own length (a paged ring never sees one wrap), ends inside the cache's slots, and
+    has a graph in the plan."""
+    plan = ShapePlan(max_batch_size=4, max_seq_len=1000, prefill_chunk=256, interleave_chunk=interleave,
+                     mixed=mixed, window=128)
+    planned = {(s.batch, s.steps, s.kv_len) for s in plan.specs() if s.kind == "prefill"}
+    for length in list(range(1, 600, 7)) + [255, 256, 257, 511, 512, 513, 999]:
+        for pattern in ("alone", "interleaved", "switching", "batch"):
+            done = step = 0
+            staged = False
+            while done < length:
+                interleaved = pattern == "interleaved" or (pattern == "switching" and step % 2 == 1)
+                batch = 4 if pattern == "batch" else 1
+                if mixed and batch == 1:  # the scheduler's rule (Scheduler._mixes): whole interleave chunks
+                    c = plan.chunk(done, length - done, interleaved=True)
+                    if c == plan.interleave_chunk and (staged or interleaved):
+                        assert done % c == 0 and done + c <= plan.slots
+                        assert plan.kv_len(done + c) in plan.mixed_kv_lens(), (length, pattern, done)
+                        done, step, staged = done + c, step + 1, True
+                        continue
+                c = plan.chunk(done, length - done, interleaved=interleaved and batch == 1, batch=batch)
+                assert done % c == 0 and done + c <= plan.slots, (length, pattern, done, c)
+                assert (batch, c, plan.kv_len(done + c)) in planned, (length, pattern, done, c)
+                done, step = done + c, step + 1
 
 
 def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):

@@ -26,8 +26,8 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
                          "less throughput, see BENCHMARKS.md)")
     ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=None,
                     help="serving: a prompt's interleave chunk and the running requests' decode step run as one "
-                         "graph (one pass over the weights; a graph per batch x kv_len and one more cache row). "
-                         "Default off: on CPU, where both are compute-bound, it measured no faster (BENCHMARKS.md)")
+                         "graph (a graph per batch x kv_len and one more cache row). Off by default (a runtime that "
+                         "never serves would pay for it); a CPU server gained ~5%% throughput (BENCHMARKS.md)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated batch buckets to build graphs for, e.g. 1,8")
     ap.add_argument("--window-cache", default=None, choices=["ring", "full"],
                     help="ring: sliding-window layers keep only their window (default); full: max_seq_len slots")

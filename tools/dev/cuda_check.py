@@ -7,7 +7,7 @@
    and max |Δlogits| of the next-token logits after 16 prefixes of one sequence (bf16: reported, not asserted);
 3. decode tokens/s at batch 1 and 8 on the bench checkpoint, eager vs compiled+CUDA graphs;
 4. a serving step, compiled: a 64-token prompt chunk and a decode step of 1 or 8 rows as two graphs, or as one
-   mixed graph (--mixed-steps; on CPU both are compute-bound and it measured no faster);
+   mixed graph (--mixed-steps; on an AMX CPU it saved ~5% of a serving run, BENCHMARKS.md);
 5. writes a JSON report to --out (default: $OUT if set, else the current directory).
 """
 from __future__ import annotations
