@@ -100,6 +100,31 @@ def test_bf16_rows_do_not_depend_on_the_batch(isa, k):
         assert torch.equal(kernels.bf16_linear(x[:n], w), alone[:n]), n
 
 
+def test_mxfp4_weights_read_back_exactly_at_every_scale(isa):
+    """One-hot activation rows read every weight back, one product each: every path decodes each code at each
+    scale byte to exactly its value, extreme scales included (scale bytes 0 and 1 give subnormal factors; the amx
+    path builds bf16 words directly for scales 2..252 and goes through fp32 outside them, and its tiles flush
+    subnormal weights, below 2^-126, to zero). Scales up to 252: larger ones overflow fp32 for the biggest codes."""
+    g = torch.Generator().manual_seed(7)
+    groups, m = 12, 9
+    blocks = torch.randint(0, 256, (1, m, groups, 16), dtype=torch.uint8, generator=g)
+    choices = torch.tensor([0, 1, 2, 3, 64, 127, 128, 200, 251, 252], dtype=torch.uint8)
+    scales = choices[torch.randint(0, len(choices), (1, m, groups), generator=g)]
+    scales[0, 0, :4] = torch.tensor([2, 252, 3, 251], dtype=torch.uint8)  # a quad just inside the word range
+    scales[0, 1, :4] = torch.tensor([1, 100, 100, 100], dtype=torch.uint8)  # one scale outside it
+    k = groups * 32
+    ends = lambda n: torch.tensor([n], dtype=torch.int32)  # noqa: E731
+    want = dequantize_mxfp4(blocks[0], scales[0]).float().reshape(m, k).T
+    # up to 16 rows: the register decode (no flush); all k rows at once: the many-rows path
+    few = torch.cat([kernels.mxfp4_grouped_mm(torch.eye(k)[r:r + 16], blocks, scales, ends(16))
+                     for r in range(0, k, 16)])
+    assert torch.equal(few, want)
+    out = kernels.mxfp4_grouped_mm(torch.eye(k), blocks, scales, ends(k))
+    if isa == "amx":
+        want = torch.where(want.abs() < 2.0 ** -126, torch.zeros_like(want), want)
+    assert torch.equal(out, want)
+
+
 def test_mxfp4_rows_do_not_depend_on_the_batch(isa):
     """The same for the MXFP4 register path: one expert's rows, alone or in batches up to 16 (an odd number of
     blocks, so the last one takes the natural-order tail)."""

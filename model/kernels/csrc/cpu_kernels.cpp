@@ -790,14 +790,16 @@ void mxfp4_dot_layout(const float* x, int64_t k, float* dst) {
 }
 
 // Up to 16 scale bytes -> their fp32 factors 2^(s - 128) (halved: the table holds twice the values), built in the
-// exponent field; s = 0 gives 2^-128, a subnormal the exponent field cannot hold: its bits are set directly.
+// exponent field; s = 0 and 1 give 2^-128 and 2^-127, subnormals the exponent field cannot hold: their bits are
+// set directly (mantissa bit 21 + s).
 GPTOSS_AVX512 inline __m512 half_scales(const uint8_t* s, int64_t count) {
   const __m128i bytes = count == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s))
                                      : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), s);
   const __m512i e = _mm512_cvtepu8_epi32(bytes);
   const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
-  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(normal, _mm512_testn_epi32_mask(e, e),
-                                                   _mm512_set1_epi32(1 << 22)));
+  const __m512i subnormal = _mm512_sllv_epi32(_mm512_set1_epi32(1 << 21), e);
+  return _mm512_castsi512_ps(
+      _mm512_mask_mov_epi32(normal, _mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2)), subnormal));
 }
 
 constexpr int64_t kSumRows = 16;  // weight rows whose sums are reduced together
@@ -1201,8 +1203,8 @@ GPTOSS_AMX inline void split_step(const float* x, __m512i parts[kParts]) {
 }
 
 // mxfp4_decode's quad order on bf16 words: output step t (of a quad's four), word w, holds the quad's value
-// 8 (w mod 16) + 2 t + w / 16 (avx512::mxfp4_dot_layout). Each output step draws from all four natural steps:
-// two two-register word permutes (steps 0-1 and 2-3) and a blend.
+// 4 w + t (the code in bits 4 t .. 4 t + 3 of the quad's 16-bit word w). Each output step draws from all four
+// natural steps: two two-register word permutes (steps 0-1 and 2-3) and a blend.
 struct QuadOrder {
   alignas(64) uint16_t index[4][32];
   uint32_t upper[4];  // words taken from steps 2-3
@@ -1210,7 +1212,7 @@ struct QuadOrder {
     for (int t = 0; t < 4; ++t) {
       upper[t] = 0;
       for (int w = 0; w < 32; ++w) {
-        const int value = 8 * (w % 16) + 2 * t + w / 16, step = value / 32;
+        const int value = 4 * w + t, step = value / 32;
         index[t][w] = static_cast<uint16_t>((step % 2) * 32 + value % 32);
         if (step >= 2) upper[t] |= 1u << w;
       }
@@ -1258,25 +1260,71 @@ GPTOSS_AMX void split_tile(const float* x, int64_t ldx, int64_t rows, int64_t k,
   }
 }
 
-// Weight rows [m0, m1) of an MXFP4 matrix as bf16 rows of K (exact: see above) in avx512::mxfp4_dot_layout's order
-// (decode_quad's: within a quad of blocks, value 8 i + j at position 16 j + i; the last groups % 4 blocks in natural
-// order), rows from m1 up to the next multiple of 16 zero. The activations are split in the same order, so the
-// products pair up unchanged; a quad's lane i belongs to its block i / 4, whose scale multiplies the lane.
+// A quad of blocks straight to bf16 words in QuadOrder, for rows whose scales s all lie in 2..252 (an exponent
+// field then stays within 1..254): output step t takes the code in bits 4 t .. 4 t + 3 of each 16-bit word of the
+// quad (a shift and a mask), looks its word for twice its value up (vpermw reads a word's low 5 bits), and adds
+// s - 128 to the exponent field of every nonzero word. Exact: the word is the fp32 value's top half.
+struct QuadWords {
+  alignas(64) uint16_t twice[32];  // bf16 of kTwiceFp4[code]
+  alignas(64) uint8_t spread[64];  // pshufb: word w <- its block's scale byte, w / 8 (each 128-bit lane: one block)
+  QuadWords() : twice(), spread() {
+    for (int c = 0; c < 16; ++c) twice[c] = static_cast<uint16_t>(kTwiceFp4Bf16Hi[c] << 8 | kTwiceFp4Bf16Lo[c]);
+    for (int w = 0; w < 32; ++w) {
+      spread[2 * w] = static_cast<uint8_t>(w / 8);
+      spread[2 * w + 1] = 0x80;
+    }
+  }
+};
+const QuadWords kQuadWords;
+
+// Whether every scale of a row lies in the word decoder's range.
+inline bool row_in_word_range(const uint8_t* s, int64_t count) {
+  uint8_t lo = 255, hi = 0;
+  for (int64_t i = 0; i < count; ++i) lo = std::min(lo, s[i]), hi = std::max(hi, s[i]);
+  return lo >= 2 && hi <= 252;
+}
+
+GPTOSS_AMX inline void decode_quad_words(const uint8_t* b, const uint8_t* s, __m512i twice, __m512i spread,
+                                         uint16_t* dst) {
+  int32_t four;
+  std::memcpy(&four, s, sizeof four);
+  const __m512i exponent = _mm512_slli_epi16(
+      _mm512_sub_epi16(_mm512_shuffle_epi8(_mm512_set1_epi32(four), spread), _mm512_set1_epi16(128)), 7);
+  const __m512i nibble = _mm512_set1_epi16(0x000F), magnitude = _mm512_set1_epi16(0x7FFF);
+  const __m512i codes = _mm512_loadu_si512(b);
+  for (int t = 0; t < 4; ++t) {
+    const __m512i code = _mm512_and_si512(t ? _mm512_srli_epi16(codes, 4 * t) : codes, nibble);
+    const __m512i value = _mm512_permutexvar_epi16(code, twice);
+    _mm512_storeu_si512(dst + t * kStep,
+                        _mm512_mask_add_epi16(value, _mm512_test_epi16_mask(value, magnitude), value, exponent));
+  }
+}
+
+// The same quad through fp32 (any scale: subnormal factors for s = 0, 1; infinities past the largest), for the rare
+// row the word decoder does not take. Every value is exact in bf16, so its fp32 bits' top half is its bf16.
+inline void decode_quad_scalar(const uint8_t* b, const uint8_t* s, uint16_t* dst) {
+  for (int v = 0; v < 4 * kBlock; ++v) {
+    const uint8_t byte = b[v / 2];
+    const float x = kTwiceFp4[v % 2 ? byte >> 4 : byte & 0x0F] * kHalfScale.v[s[v / kBlock]];
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    dst[(v % 4) * kStep + v / 4] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
+// Weight rows [m0, m1) of an MXFP4 matrix as bf16 rows of K (exact: see above) in QuadOrder (within a quad of blocks,
+// value 4 w + t at position 32 t + w; the last groups % 4 blocks in natural order), rows from m1 up to the next
+// multiple of 16 zero. The activations are split in the same order, so the products pair up unchanged.
 GPTOSS_AMX void mxfp4_decode(const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* dst) {
   const int64_t k = w.groups * kBlock, quad_end = w.groups - w.groups % 4;
-  const __m512 table = avx512::fp4_table();
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i twice = _mm512_load_si512(kQuadWords.twice), spread = _mm512_load_si512(kQuadWords.spread);
   for (int64_t m = m0; m < m1; ++m, dst += k) {
     const uint8_t* b = w.blocks + m * w.groups * kBlockBytes;
     const uint8_t* s = w.scales + m * w.groups;
+    const bool words = row_in_word_range(s, w.groups);  // almost every row
     for (int64_t q = 0; q < quad_end; q += 4) {
-      const __m512 scale = _mm512_permutexvar_ps(spread, avx512::half_scales(s + q, 4));
-      __m512 v[8];
-      avx512::decode_quad(b + q * kBlockBytes, table, v);
-      for (int t = 0; t < 4; ++t) {
-        const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_mul_ps(v[2 * t + 1], scale), _mm512_mul_ps(v[2 * t], scale));
-        _mm512_storeu_si512(dst + q * kBlock + t * kStep, (__m512i)h);
-      }
+      if (words) decode_quad_words(b + q * kBlockBytes, s + q, twice, spread, dst + q * kBlock);
+      else decode_quad_scalar(b + q * kBlockBytes, s + q, dst + q * kBlock);
     }
     for (int64_t g = quad_end; g < w.groups; ++g) {
       __m512 v[2];
