@@ -3,6 +3,11 @@
     python -m gptoss.tools.dev.kernel_ab --base HEAD~1 [--op moe|linear] [--shape 20b|bench] [--rows 1]
                                          [--threads 2] [--rounds 7]
 
+Both sides are compiled the same way as modules of their own (the working tree's too, not the loaded extension),
+and the order alternates each round. Even so, two builds of the same source have measured up to ~20% apart on
+one machine (code placement): run `--base HEAD` on a clean tree first; the A/A spread it prints is the smallest
+difference this machine can tell.
+
 `--op moe`: one MoE layer (top-4 of 32 experts, gate_up + SwiGLU + down, MXFP4) at a preset's widths.
 `--op linear`: one bf16 linear layer, the preset's lm_head (bench, 16384 x 768) or its fused qkv (20b, 5120 x 2880).
 `--rows` tokens; the weights cycle through 1 GiB so they come from memory, as in a decode step. Each round times 30
@@ -27,14 +32,18 @@ LINEAR_SHAPES = {"20b": (5120, 2880), "bench": (16384, 768)}
 EXPERTS, TOP_K = 32, 4
 
 
-def build_revision(rev: str):
-    """The kernels' C++ as committed at `rev`, compiled as its own extension module."""
+def build_revision(rev: str | None, side: str = "base"):
+    """The kernels' C++ as committed at `rev` (None: the working tree's), compiled as an extension module of its
+    own; `side` keeps two builds of the same source apart."""
     root = Path(__file__).resolve().parents[2]
-    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:model/kernels/csrc/cpu_kernels.cpp"],
-                         check=True, capture_output=True).stdout
+    if rev is None:
+        src = (root / "model/kernels/csrc/cpu_kernels.cpp").read_bytes()
+    else:
+        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:model/kernels/csrc/cpu_kernels.cpp"],
+                             check=True, capture_output=True).stdout
     path = Path(tempfile.mkdtemp()) / "cpu_kernels.cpp"
     path.write_bytes(src)
-    return kernels.build_library("gptoss_kernels_ab_" + hashlib.sha256(src).hexdigest()[:12], [path])
+    return kernels.build_library(f"gptoss_kernels_ab_{side}_" + hashlib.sha256(src).hexdigest()[:12], [path])
 
 
 def copies_in_a_gib(nbytes: int) -> int:
@@ -92,15 +101,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base, new = build_revision(args.base), kernels.extension()
-    base.set_prefetch(*new.prefetch())  # the distances tuned at load for the new build; the base has its defaults
+    base, new = build_revision(args.base), build_revision(None, "new")
+    for module in (base, new):  # the distances tuned for this machine when the extension loaded
+        module.set_prefetch(*kernels.extension().prefetch())
     g = torch.Generator().manual_seed(0)
     run = (moe_layer if args.op == "moe" else linear_layer)(args.shape, args.rows, g)
     expected = run(base)
     torch.testing.assert_close(run(new, advance=False), expected, rtol=1e-4, atol=1e-4)
     medians: dict[str, list[float]] = {"base": [], "new": []}
-    for _ in range(args.rounds):
-        for name, module in (("base", base), ("new", new)):
+    for r in range(args.rounds):
+        for name, module in (("base", base), ("new", new))[:: 1 if r % 2 == 0 else -1]:
             times = []
             for _ in range(30):
                 t0 = time.perf_counter()
