@@ -68,14 +68,22 @@ def small_checkpoint(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("small"), **CONFIGS["gqa-yarn"])
 
 
-@pytest.fixture(params=("amx", "avx512", "avx2", "scalar"))
+@pytest.fixture(params=(("amx", None), ("avx512", "own"), ("avx512", "mkl"), ("avx2", None), ("scalar", None)),
+                ids=("amx", "avx512-own-sgemm", "avx512-mkl-sgemm", "avx2", "scalar"))
 def isa(request):
-    """Each CPU-kernel instruction-set path this CPU runs, forced for the test (model/kernels)."""
+    """Each CPU-kernel instruction-set path this CPU runs, forced for the test (model/kernels); the AVX-512 path
+    with each of its many-rows products (its own sgemm and MKL's, whichever this CPU would pick)."""
     from gptoss.model import kernels
-    if request.param not in kernels.available_isas():
-        pytest.skip(f"this CPU does not run the {request.param} path (it runs {kernels.available_isas()})")
+    name, sgemm = request.param
+    if name not in kernels.available_isas():
+        pytest.skip(f"this CPU does not run the {name} path (it runs {kernels.available_isas()})")
     before = kernels.isa()
-    kernels.set_isa(request.param)
-    assert kernels.isa() == request.param
-    yield request.param
+    kernels.set_isa(name)
+    assert kernels.isa() == name
+    if sgemm:
+        kernels.set_sgemm(sgemm)
+        assert kernels.sgemm() == sgemm
+    yield name
     kernels.set_isa(before)
+    if sgemm:
+        kernels.set_sgemm("auto")

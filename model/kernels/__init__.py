@@ -20,7 +20,8 @@ implementations when the library loads (on the first call of an op or of `extens
 on first use through torch's extension builder and cached under a name keyed by the sources' hash, so an edit
 rebuilds it and an unchanged source loads the cached library. The instruction set (AMX, AVX-512, AVX2, portable)
 is chosen at run time ("amx" is AVX-512 with prefill's matrix products on AMX tiles); `GPTOSS_CPU_ISA=avx512` (or
-avx2, scalar) or `set_isa` forces a lower one.
+avx2, scalar) or `set_isa` forces a lower one. Off AMX, prefill's fp32 products run on MKL's sgemm on Intel CPUs
+and on the AVX-512 path's own elsewhere, where MKL takes its AVX2 code (`GPTOSS_SGEMM=own|mkl` or `set_sgemm`).
 
 How far ahead the gemvs prefetch weights is measured, not assumed: machines differ by 2x on it (a Xeon VM wanted
 8 KiB on both gemvs, a Zen 4 VM none on bf16 and 2-4 KiB on MXFP4). When the library loads, `tune_prefetch` times
@@ -39,9 +40,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "prefetch", "set_prefetch",
-           "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe", "mxfp4_moe_routed",
-           "decode_attention"]
+__all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "sgemm", "set_sgemm", "prefetch",
+           "set_prefetch", "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe",
+           "mxfp4_moe_routed", "decode_attention"]
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 _lock = threading.Lock()
@@ -134,6 +135,18 @@ def set_isa(name: str) -> None:
     """Use `name` (one of available_isas(), or 'best') from now on in this process. The prefetch distances go back
     to that instruction set's starting values (`tune_prefetch` measures them again)."""
     extension().set_isa(name)
+
+
+def sgemm() -> str:
+    """The fp32 product of the many-rows path (prefill) off AMX tiles now: 'own' (the instruction set's AVX-512
+    kernel) or 'mkl' (torch's sgemm)."""
+    return extension().sgemm()
+
+
+def set_sgemm(name: str) -> None:
+    """'own', 'mkl' or 'auto' (the default: own where the CPU is not Intel's, whose MKL runs its AVX2 code there;
+    only the AVX-512 path has its own). `GPTOSS_SGEMM` sets it at load."""
+    extension().set_sgemm(name)
 
 
 def prefetch() -> dict[str, int]:

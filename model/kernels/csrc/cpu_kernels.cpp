@@ -132,6 +132,23 @@ using Bf16Decode = void (*)(const Bf16&, int64_t m0, int64_t m1, float* dst);
 
 // Reorders one activation row of K values into the order a dot kernel reads them in (nullptr: natural order).
 using DotLayout = void (*)(const float* x, int64_t k, float* dst);
+// out[r * ldo + i] = x[r] . t[i] for r < n, i < mt: the activations packed by pack_rows (k-major, rows padded to
+// kPackRows), t mt rows of k fp32 followed by zero rows up to a multiple of kGemmCols; acc: scratch of
+// round_up(mt, kGemmCols) * padded_rows(n) floats.
+using GemmNt = void (*)(const float* xt, int64_t n, const float* t, int64_t mt, int64_t k, float* out, int64_t ldo,
+                        float* acc);
+constexpr int64_t kPackRows = 16;  // activation rows per vector of the own sgemm
+constexpr int64_t kGemmCols = 8;   // weight rows (output columns) per block of the own sgemm
+inline int64_t padded_rows(int64_t n) { return (n + kPackRows - 1) / kPackRows * kPackRows; }
+
+// x [n, k] (rows ldx apart) -> dst [k, padded_rows(n)]: each step of k holds the n rows' values, then zeros.
+inline void pack_rows(const float* x, int64_t ldx, int64_t n, int64_t k, float* dst) {
+  const int64_t np = padded_rows(n);
+  for (int64_t c = 0; c < k; ++c, dst += np) {
+    for (int64_t r = 0; r < n; ++r) dst[r] = x[r * ldx + c];
+    for (int64_t r = n; r < np; ++r) dst[r] = 0.f;
+  }
+}
 
 // Decode attention for one (row, kv head) over some of its visible slots (one chunk): the `group` query heads that
 // share the kv head, over `count` slots. Without the sink: the chunk's part, merged with the others' and the sink
@@ -229,6 +246,7 @@ struct Kernels {
   Prefetch prefetch;  // starting distances for this path (see g_prefetch)
   bool prefetches_mxfp4, prefetches_bf16;  // whether this path's loops read those distances at all
   const TileKernels* tiles;  // the many-rows path on matrix tiles (AMX), or nullptr: decode fp32 for sgemm
+  GemmNt gemm_nt;            // this path's own sgemm for the fp32 tiles, or nullptr: MKL's (see g_own_gemm)
 };
 
 // ---- portable ----
@@ -1101,6 +1119,54 @@ GPTOSS_AVX512 void attend(const Attend& a) {
   }
 }
 
+// The many-rows path's product without MKL, which takes its AVX2 code on CPUs not made by Intel (Zen 5 VM: sgemm
+// 55-58 G MAC/s a core at these shapes, where AVX-512 FMAs peak at 140). Each step of k multiplies V vectors of 16
+// activation rows (xt, packed k-major) by kGemmCols weights broadcast from the tile's rows, into V x 8
+// accumulators; k goes in chunks of kGemmK so that a chunk of the rows stays in L1 while the weight rows pass.
+// Every (row, weight row) pair sums its products in k order whatever n is, so a row's result does not depend on
+// its batch.
+constexpr int64_t kGemmK = 128;
+
+template <int V>
+GPTOSS_AVX512 __attribute__((always_inline)) inline void gemm_block(const float* xt, int64_t np, const float* t,
+                                                                    int64_t ldt, int64_t kc, float* acc, bool first) {
+  __m512 a[V][kGemmCols];
+  for (int v = 0; v < V; ++v)
+    for (int j = 0; j < kGemmCols; ++j)
+      a[v][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + j * np + 16 * v);
+  for (int64_t c = 0; c < kc; ++c) {
+    __m512 x[V];
+    for (int v = 0; v < V; ++v) x[v] = _mm512_loadu_ps(xt + c * np + 16 * v);
+    for (int j = 0; j < kGemmCols; ++j) {
+      const __m512 w = _mm512_set1_ps(t[j * ldt + c]);
+      for (int v = 0; v < V; ++v) a[v][j] = _mm512_fmadd_ps(x[v], w, a[v][j]);
+    }
+  }
+  for (int v = 0; v < V; ++v)
+    for (int j = 0; j < kGemmCols; ++j) _mm512_storeu_ps(acc + j * np + 16 * v, a[v][j]);
+}
+
+GPTOSS_AVX512 void gemm_nt(const float* xt, int64_t n, const float* t, int64_t mt, int64_t k, float* out,
+                           int64_t ldo, float* acc) {
+  const int64_t np = padded_rows(n), cols = (mt + kGemmCols - 1) / kGemmCols * kGemmCols;
+  for (int64_t k0 = 0; k0 < k; k0 += kGemmK) {
+    const int64_t kc = std::min(kGemmK, k - k0);
+    for (int64_t r0 = 0; r0 < np; r0 += 3 * 16) {
+      const int64_t vectors = std::min<int64_t>(3, (np - r0) / 16);
+      for (int64_t j0 = 0; j0 < cols; j0 += kGemmCols) {
+        const float* x = xt + k0 * np + r0;
+        const float* w = t + j0 * k + k0;
+        float* a = acc + j0 * np + r0;
+        if (vectors == 3) gemm_block<3>(x, np, w, k, kc, a, k0 == 0);
+        else if (vectors == 2) gemm_block<2>(x, np, w, k, kc, a, k0 == 0);
+        else gemm_block<1>(x, np, w, k, kc, a, k0 == 0);
+      }
+    }
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j < mt; ++j) out[r * ldo + j] = acc[j * np + r];
+}
+
 }  // namespace avx512
 
 // ---- AMX (tiles of bf16, fp32 sums) ----
@@ -1411,13 +1477,14 @@ const TileKernels kTiles{configure, release, split_tile, mxfp4_decode, gemm};
 
 // -- instruction-set selection -------------------------------------------------------------------------------------
 const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, nullptr, scalar::bf16_dot,
-                      scalar::bf16_decode, scalar::attend, scalar::swiglu, {0, 0}, false, false, nullptr};
+                      scalar::bf16_decode, scalar::attend, scalar::swiglu, {0, 0}, false, false, nullptr, nullptr};
 #ifdef GPTOSS_X86
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot_layout,
-                    avx2::bf16_dot, avx2::bf16_decode, avx2::attend, avx2::swiglu, {1024, 1024}, true, false, nullptr};
+                    avx2::bf16_dot, avx2::bf16_decode, avx2::attend, avx2::swiglu, {1024, 1024}, true, false, nullptr,
+                    nullptr};
 const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
                       avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx512::attend, avx2::swiglu,
-                      {8192, 8192}, true, true, nullptr};
+                      {8192, 8192}, true, true, nullptr, avx512::gemm_nt};
 // AVX-512 with the many-rows path on AMX tiles.
 Kernels with_tiles(Kernels ks, const char* name, const TileKernels* tiles) {
   ks.name = name;
@@ -1453,10 +1520,40 @@ const Kernels* choose(const std::string& name) {
 
 const Kernels* g_kernels = nullptr;
 
+// Whether the fp32 tiles of the many-rows path go through the instruction set's own sgemm (gemm_nt) instead of
+// MKL's. MKL dispatches on the vendor: on Intel CPUs it runs its AVX-512 code (and there is the one to beat), on
+// others its AVX2 code, at half the AVX-512 FMA rate where the core has full-width units (Zen 5). So: own by
+// default where the CPU is not Intel's; GPTOSS_SGEMM=own|mkl or set_sgemm() choose either on any CPU.
+bool cpu_is_intel() {
+#ifdef GPTOSS_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  char vendor[13] = {};
+  std::memcpy(vendor, &b, 4), std::memcpy(vendor + 4, &d, 4), std::memcpy(vendor + 8, &c, 4);
+  return std::string(vendor) == "GenuineIntel";
+#else
+  return false;
+#endif
+}
+
+std::string g_sgemm = "auto";  // "auto", "own" or "mkl"
+
+bool own_gemm(const Kernels& ks) {
+  if (!ks.gemm_nt) return false;
+  return g_sgemm == "own" || (g_sgemm == "auto" && !cpu_is_intel());
+}
+
 const Kernels& kernels() {
   if (!g_kernels) {
     const char* env = std::getenv("GPTOSS_CPU_ISA");
     g_kernels = choose(env ? env : "");
+    const char* sgemm = std::getenv("GPTOSS_SGEMM");
+    if (sgemm && *sgemm) {
+      const std::string name(sgemm);
+      TORCH_CHECK(name == "own" || name == "mkl" || name == "auto", "GPTOSS_SGEMM='", name,
+                  "': expected own, mkl or auto");
+      g_sgemm = name;
+    }
     g_prefetch = g_kernels->prefetch;
   }
   return *g_kernels;
@@ -1517,8 +1614,10 @@ struct Bf16Experts {
 
 // The many-rows path's decoded tile: one buffer per thread, kept between calls (a fresh allocation each call would
 // pay page faults).
-float* scratch(int64_t floats) {
-  thread_local std::vector<float> buffer;
+// `slot` 0: a worker's weight tile; 1: its sums (own sgemm); 2: the calling thread's packed activations.
+float* scratch(int64_t floats, int slot = 0) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& buffer = buffers[slot];
   if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
   return buffer.data();
 }
@@ -1604,6 +1703,26 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
     });
   }
 
+  // The many-rows path on the instruction set's own sgemm: each such group's rows packed once, here.
+  const bool own = !tk && own_gemm(ks);
+  std::vector<int64_t> packed_at(groups.size(), -1);
+  float* xt = nullptr;
+  int64_t widest = 0;  // padded rows of the biggest such group
+  if (own) {
+    int64_t floats = 0;
+    for (size_t gi = 0; gi < groups.size(); ++gi)
+      if (groups[gi].rows > kDecodeRows) {
+        packed_at[gi] = floats;
+        floats += padded_rows(groups[gi].rows) * k;
+        widest = std::max(widest, padded_rows(groups[gi].rows));
+      }
+    xt = scratch(floats, 2);
+    at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t gi = g0; gi < g1; ++gi)
+        if (packed_at[gi] >= 0) pack_rows(xp + groups[gi].start * k, k, groups[gi].rows, k, xt + packed_at[gi]);
+    });
+  }
+
   // The rows the dot kernel reads, in its activation order where it has one (reordered once, not per item).
   const float* xdot = xp;
   at::Tensor reordered;
@@ -1638,6 +1757,12 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
         int64_t ld = 0;
         const uint16_t* a = W::tile_rows(ks, ex, it.m0, it.m1, words, ld);
         tk->gemm(a, ld, mt, xs + split_at[it.group], g.rows, k, o, m);
+      } else if (own) {
+        if (!tile) tile = scratch(tile_rows * k);
+        W::decode(ks, ex, it.m0, it.m1, tile);
+        const int64_t cols = (mt + kGemmCols - 1) / kGemmCols * kGemmCols;  // zero rows up to a whole block
+        std::fill(tile + mt * k, tile + cols * k, 0.f);
+        ks.gemm_nt(xt + packed_at[it.group], g.rows, tile, mt, k, o, m, scratch(tile_rows * widest, 1));
       } else {
         if (!tile) tile = scratch(tile_rows * k);
         W::decode(ks, ex, it.m0, it.m1, tile);
@@ -1994,6 +2119,15 @@ void set_isa(const std::string& name) {
   g_prefetch = g_kernels->prefetch;
 }
 
+// The many-rows path's sgemm now: "own" (this instruction set's gemm_nt) or "mkl".
+std::string sgemm() { return own_gemm(kernels()) ? "own" : "mkl"; }
+
+void set_sgemm(const std::string& name) {
+  TORCH_CHECK(name == "own" || name == "mkl" || name == "auto", "sgemm '", name, "': expected own, mkl or auto");
+  kernels();
+  g_sgemm = name;
+}
+
 std::vector<int64_t> prefetch() {
   kernels();
   return {g_prefetch.mxfp4, g_prefetch.bf16};
@@ -2044,6 +2178,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isas", &available_isas, "instruction sets this CPU runs, best first");
   m.def("set_isa", &set_isa, "use this instruction set from now on (one of available_isas(), or 'best'); resets the "
         "prefetch distances to its starting values");
+  m.def("sgemm", &sgemm, "the many-rows path's fp32 product now: own (this instruction set's) or mkl");
+  m.def("set_sgemm", &set_sgemm, "own, mkl or auto (own where the CPU is not Intel's and the instruction set has one)");
   m.def("prefetch", &prefetch, "the gemv prefetch distances in bytes now: [mxfp4, bf16]");
   m.def("prefetched", &prefetched, "the kernels whose loops read a prefetch distance on this instruction set");
   m.def("set_prefetch", &set_prefetch, "set the gemv prefetch distances in bytes (mxfp4, bf16)");
