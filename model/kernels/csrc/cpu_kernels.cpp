@@ -1119,6 +1119,31 @@ GPTOSS_AVX512 void attend(const Attend& a) {
   }
 }
 
+// 16 registers of 16 32-bit lanes, transposed in place: r[i] lane j <-> r[j] lane i.
+GPTOSS_AVX512 inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4 i + q], 128-bit lane L: lane value 4 L + q of rows 4 i .. 4 i + 3
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x88), v1 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xDD);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xDD);
+    r[q] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + q] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[8 + q] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    r[12 + q] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+}
+
 // The many-rows path's product without MKL, which takes its AVX2 code on CPUs not made by Intel (Zen 5 VM: sgemm
 // 55-58 G MAC/s a core at these shapes, where AVX-512 FMAs peak at 140). Each step of k multiplies V vectors of 16
 // activation rows (xt, packed k-major) by kGemmCols weights broadcast from the tile's rows, into V x 8
@@ -1163,8 +1188,18 @@ GPTOSS_AVX512 void gemm_nt(const float* xt, int64_t n, const float* t, int64_t m
       }
     }
   }
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t j = 0; j < mt; ++j) out[r * ldo + j] = acc[j * np + r];
+  // acc [weight row][row] -> out [row][weight row], 16 x 16 at a time (the rows past mt in acc are not read out)
+  for (int64_t j0 = 0; j0 < mt; j0 += 16) {
+    const __mmask16 keep = static_cast<__mmask16>(mt - j0 >= 16 ? 0xFFFF : (1u << (mt - j0)) - 1);
+    for (int64_t r0 = 0; r0 < n; r0 += 16) {
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i)
+        v[i] = j0 + i < cols ? _mm512_loadu_si512(acc + (j0 + i) * np + r0) : _mm512_setzero_si512();
+      transpose16(v);
+      for (int64_t i = 0; i < std::min<int64_t>(16, n - r0); ++i)
+        _mm512_mask_storeu_ps(out + (r0 + i) * ldo + j0, keep, _mm512_castsi512_ps(v[i]));
+    }
+  }
 }
 
 }  // namespace avx512
@@ -1227,31 +1262,6 @@ GPTOSS_AMX void release() { _tile_release(); }
 
 GPTOSS_AMX inline __m512 widen(__m256i bf16) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
-}
-
-// 16 registers of 16 32-bit lanes, transposed in place: r[i] lane j <-> r[j] lane i.
-GPTOSS_AMX inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  // u[4 i + q], 128-bit lane L: lane value 4 L + q of rows 4 i .. 4 i + 3
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int q = 0; q < 4; ++q) {
-    const __m512i v0 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x88), v1 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xDD);
-    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x88);
-    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xDD);
-    r[q] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    r[4 + q] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    r[8 + q] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
-    r[12 + q] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
-  }
 }
 
 // One activation step of 32 values (x) -> its three bf16 parts, each 16 pairs of values in one register.
@@ -1319,7 +1329,7 @@ GPTOSS_AMX void split_tile(const float* x, int64_t ldx, int64_t rows, int64_t k,
     }
     for (int64_t t = 0; t < count; ++t, ++s)
       for (int p = 0; p < kParts; ++p) {
-        transpose16(part[t][p]);
+        avx512::transpose16(part[t][p]);
         uint16_t* tile = dst + (s * kParts + p) * kTileWords;
         for (int64_t pair = 0; pair < kRows; ++pair) _mm512_storeu_si512(tile + pair * kStep, part[t][p][pair]);
       }
