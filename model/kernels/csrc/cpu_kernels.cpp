@@ -1679,12 +1679,22 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
   }
   const TileKernels* tk = k % kTileStep == 0 ? ks.tiles : nullptr;
   const int64_t tile_rows = std::max<int64_t>(16, std::min<int64_t>(256, kTileFloats / k) / 16 * 16);
+  // A layer with few many-rows items (a linear layer: M / tile_rows of them) would leave a thread idle while the
+  // last ones run (1280 outputs: 5 items for 2 threads): tiles get narrower until each thread has four, or 16 rows.
+  int64_t many_step = tile_rows;
+  const auto many_items = [&](int64_t step) {
+    int64_t count = 0;
+    for (const Group& g : groups) count += g.rows > kDecodeRows ? (m + step - 1) / step : 0;
+    return count;
+  };
+  while (many_step > 16 && many_items(many_step) < 4 * at::get_num_threads())
+    many_step = std::max<int64_t>(16, many_step / 2 / 16 * 16);
   std::vector<Item> items;
   for (int pass = 0; pass < 2; ++pass)  // the many-rows items first: the small dot items then fill the tail
     for (int64_t gi = 0; gi < static_cast<int64_t>(groups.size()); ++gi) {
       const bool many = groups[gi].rows > kDecodeRows;
       if (many != (pass == 0)) continue;
-      const int64_t step = many ? tile_rows : kDotRows;
+      const int64_t step = many ? many_step : kDotRows;
       for (int64_t m0 = 0; m0 < m; m0 += step) items.push_back({gi, m0, std::min(m, m0 + step)});
     }
   if (items.empty()) return;
