@@ -4,7 +4,8 @@
 //       rows ends[e-1] .. ends[e] of x (sorted by expert) multiply expert e's W^T; a linear layer is E = 1.
 //
 // Two paths per expert, by how many rows it received:
-//   few rows (decode, up to kDecodeRows): each weight row is decoded in registers, shared by four rows at a time;
+//   few rows (decode, up to kDecodeRows; MXFP4 up to 24 where the many-rows path is the own sgemm): each weight
+//   row is decoded in registers, shared by four rows at a time;
 //   many rows (prefill): a tile of weight rows is decoded to fp32 and one sgemm takes all the rows; on AMX, the
 //   weights are decoded to bf16 (exact) and multiplied on tiles with each activation cut into three bf16 parts.
 // Both run in one parallel region per call (see grouped()).
@@ -1586,6 +1587,11 @@ struct Mxfp4Experts {
   static void decode(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, float* dst) {
     ks.mxfp4_decode(w, m0, m1, dst);
   }
+  // Where the many-rows path is the own sgemm, the register path keeps up to 24 rows: the sgemm pads rows to 16
+  // (17-24 rows: a third to a half of its products on zeros), and the register decode measured faster up to 24
+  // (Zen 5 VM, 32 experts 1536 x 768 from memory, 2 threads: 17 rows 0.70-0.85x the time, 20 0.77-0.96x, 24
+  // 0.86-0.97x; 28 rows 1.01-1.27x).
+  static constexpr int64_t kOwnGemmFewRows = 24;
   static constexpr bool kTileQuads = true;  // tile_rows() decodes in quad order
   // Weight rows [m0, m1) as bf16 rows `ld` apart, padded to a multiple of kTileRows: decoded into buf.
   static const uint16_t* tile_rows(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* buf,
@@ -1609,6 +1615,8 @@ struct Bf16Experts {
   static void decode(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, float* dst) {
     ks.bf16_decode(w, m0, m1, dst);
   }
+  // bf16 weights keep kDecodeRows on every path (at K = 2880 the own sgemm is ahead from 24 rows on).
+  static constexpr int64_t kOwnGemmFewRows = kDecodeRows;
   static constexpr bool kTileQuads = false;  // natural order
   // The weights themselves when the rows fill whole tiles; a last partial tile is copied into buf and zero-padded.
   static const uint16_t* tile_rows(const Kernels&, const Bf16& w, int64_t m0, int64_t m1, uint16_t* buf,
@@ -1678,13 +1686,15 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
     start = ends[e];
   }
   const TileKernels* tk = k % kTileStep == 0 ? ks.tiles : nullptr;
+  const bool own = !tk && own_gemm(ks);  // the many-rows path on this instruction set's own sgemm
+  const int64_t few = own ? W::kOwnGemmFewRows : kDecodeRows;  // rows an expert takes on the register path
   const int64_t tile_rows = std::max<int64_t>(16, std::min<int64_t>(256, kTileFloats / k) / 16 * 16);
   // A layer with few many-rows items (a linear layer: M / tile_rows of them) would leave a thread idle while the
   // last ones run (1280 outputs: 5 items for 2 threads): tiles get narrower until each thread has four, or 16 rows.
   int64_t many_step = tile_rows;
   const auto many_items = [&](int64_t step) {
     int64_t count = 0;
-    for (const Group& g : groups) count += g.rows > kDecodeRows ? (m + step - 1) / step : 0;
+    for (const Group& g : groups) count += g.rows > few ? (m + step - 1) / step : 0;
     return count;
   };
   while (many_step > 16 && many_items(many_step) < 4 * at::get_num_threads())
@@ -1692,7 +1702,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
   std::vector<Item> items;
   for (int pass = 0; pass < 2; ++pass)  // the many-rows items first: the small dot items then fill the tail
     for (int64_t gi = 0; gi < static_cast<int64_t>(groups.size()); ++gi) {
-      const bool many = groups[gi].rows > kDecodeRows;
+      const bool many = groups[gi].rows > few;
       if (many != (pass == 0)) continue;
       const int64_t step = many ? many_step : kDotRows;
       for (int64_t m0 = 0; m0 < m; m0 += step) items.push_back({gi, m0, std::min(m, m0 + step)});
@@ -1706,7 +1716,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
     std::vector<std::pair<int64_t, int64_t>> blocks;  // (group, first row) of each kTileRows rows to split
     int64_t words = 0;
     for (size_t gi = 0; gi < groups.size(); ++gi)
-      if (groups[gi].rows > kDecodeRows) {
+      if (groups[gi].rows > few) {
         split_at[gi] = words;
         words += split_words(groups[gi].rows, k);
         for (int64_t r = 0; r < groups[gi].rows; r += kTileRows) blocks.push_back({gi, r});
@@ -1724,14 +1734,13 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
   }
 
   // The many-rows path on the instruction set's own sgemm: each such group's rows packed once, here.
-  const bool own = !tk && own_gemm(ks);
   std::vector<int64_t> packed_at(groups.size(), -1);
   float* xt = nullptr;
   int64_t widest = 0;  // padded rows of the biggest such group
   if (own) {
     int64_t floats = 0;
     for (size_t gi = 0; gi < groups.size(); ++gi)
-      if (groups[gi].rows > kDecodeRows) {
+      if (groups[gi].rows > few) {
         packed_at[gi] = floats;
         floats += padded_rows(groups[gi].rows) * k;
         widest = std::max(widest, padded_rows(groups[gi].rows));
@@ -1750,7 +1759,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
     reordered = at::empty_like(x);
     float* rp = reordered.data_ptr<float>();
     for (const Group& g : groups)
-      if (g.rows <= kDecodeRows)
+      if (g.rows <= few)
         for (int64_t r = g.start; r < g.start + g.rows; ++r) layout(xp + r * k, k, rp + r * k);
     xdot = rp;
   }
@@ -1767,7 +1776,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
       const auto ex = w.expert(g.expert);
       const int64_t mt = it.m1 - it.m0;
       float* o = op + g.start * m + it.m0;
-      if (g.rows <= kDecodeRows) {
+      if (g.rows <= few) {
         W::dot(ks, ex, it.m0, it.m1, xdot + g.start * k, k, g.rows, op + g.start * m, m);
       } else if (tk) {
         if (!words) {
