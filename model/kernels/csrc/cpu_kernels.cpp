@@ -1733,7 +1733,14 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
     });
   }
 
-  // The many-rows path on the instruction set's own sgemm: each such group's rows packed once, here.
+  // The many-rows path on the instruction set's own sgemm: each such group's rows packed once, here. The sgemm
+  // pads rows to 16; up to kSgemmTail rows past a multiple of 16 go to the register path instead, which costs a
+  // decode of the weights and a few products per row where padding would cost 12 or more rows of products.
+  constexpr int64_t kSgemmTail = 4;
+  const auto sgemm_rows = [&](const Group& g) {
+    const int64_t tail = g.rows % kPackRows;
+    return own && g.rows > few && tail <= kSgemmTail ? g.rows - tail : g.rows;
+  };
   std::vector<int64_t> packed_at(groups.size(), -1);
   float* xt = nullptr;
   int64_t widest = 0;  // padded rows of the biggest such group
@@ -1742,13 +1749,14 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
     for (size_t gi = 0; gi < groups.size(); ++gi)
       if (groups[gi].rows > few) {
         packed_at[gi] = floats;
-        floats += padded_rows(groups[gi].rows) * k;
-        widest = std::max(widest, padded_rows(groups[gi].rows));
+        floats += padded_rows(sgemm_rows(groups[gi])) * k;
+        widest = std::max(widest, padded_rows(sgemm_rows(groups[gi])));
       }
     xt = scratch(floats, 2);
     at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t g0, int64_t g1) {
       for (int64_t gi = g0; gi < g1; ++gi)
-        if (packed_at[gi] >= 0) pack_rows(xp + groups[gi].start * k, k, groups[gi].rows, k, xt + packed_at[gi]);
+        if (packed_at[gi] >= 0)
+          pack_rows(xp + groups[gi].start * k, k, sgemm_rows(groups[gi]), k, xt + packed_at[gi]);
     });
   }
 
@@ -1758,9 +1766,10 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
   if (const auto layout = W::dot_layout(ks)) {
     reordered = at::empty_like(x);
     float* rp = reordered.data_ptr<float>();
-    for (const Group& g : groups)
-      if (g.rows <= few)
-        for (int64_t r = g.start; r < g.start + g.rows; ++r) layout(xp + r * k, k, rp + r * k);
+    for (const Group& g : groups) {
+      const int64_t first = g.rows <= few ? 0 : sgemm_rows(g);  // the rows the register path takes
+      for (int64_t r = g.start + first; r < g.start + g.rows; ++r) layout(xp + r * k, k, rp + r * k);
+    }
     xdot = rp;
   }
 
@@ -1791,7 +1800,10 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
         W::decode(ks, ex, it.m0, it.m1, tile);
         const int64_t cols = (mt + kGemmCols - 1) / kGemmCols * kGemmCols;  // zero rows up to a whole block
         std::fill(tile + mt * k, tile + cols * k, 0.f);
-        ks.gemm_nt(xt + packed_at[it.group], g.rows, tile, mt, k, o, m, scratch(tile_rows * widest, 1));
+        const int64_t main = sgemm_rows(g);
+        ks.gemm_nt(xt + packed_at[it.group], main, tile, mt, k, o, m, scratch(tile_rows * widest, 1));
+        if (main < g.rows)
+          W::dot(ks, ex, it.m0, it.m1, xdot + (g.start + main) * k, k, g.rows - main, op + (g.start + main) * m, m);
       } else {
         if (!tile) tile = scratch(tile_rows * k);
         W::decode(ks, ex, it.m0, it.m1, tile);
