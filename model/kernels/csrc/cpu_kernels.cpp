@@ -247,7 +247,7 @@ struct Kernels {
   Prefetch prefetch;  // starting distances for this path (see g_prefetch)
   bool prefetches_mxfp4, prefetches_bf16;  // whether this path's loops read those distances at all
   const TileKernels* tiles;  // the many-rows path on matrix tiles (AMX), or nullptr: decode fp32 for sgemm
-  GemmNt gemm_nt;            // this path's own sgemm for the fp32 tiles, or nullptr: MKL's (see g_own_gemm)
+  GemmNt gemm_nt;            // this path's own sgemm for the fp32 tiles, or nullptr: MKL's (see own_gemm)
 };
 
 // ---- portable ----
