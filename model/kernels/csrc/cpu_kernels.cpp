@@ -1591,7 +1591,7 @@ struct Mxfp4Experts {
   // (17-24 rows: a third to a half of its products on zeros), and the register decode measured faster up to 24
   // (Zen 5 VM, 32 experts 1536 x 768 from memory, 2 threads: 17 rows 0.70-0.85x the time, 20 0.77-0.96x, 24
   // 0.86-0.97x; 28 rows 1.01-1.27x).
-  static constexpr int64_t kOwnGemmFewRows = 24;
+  static int64_t own_gemm_few_rows(int64_t) { return 24; }
   static constexpr bool kTileQuads = true;  // tile_rows() decodes in quad order
   // Weight rows [m0, m1) as bf16 rows `ld` apart, padded to a multiple of kTileRows: decoded into buf.
   static const uint16_t* tile_rows(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* buf,
@@ -1615,8 +1615,11 @@ struct Bf16Experts {
   static void decode(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, float* dst) {
     ks.bf16_decode(w, m0, m1, dst);
   }
-  // bf16 weights keep kDecodeRows on every path (at K = 2880 the own sgemm is ahead from 24 rows on).
-  static constexpr int64_t kOwnGemmFewRows = kDecodeRows;
+  // bf16 weights against the own sgemm: the register tiles (bf16 read in place, no decode, no padding) keep up to
+  // 256 rows where K <= 1024, and kDecodeRows beyond (Zen 5 VM, 2 threads, register / own time at 256 rows:
+  // 1280 x 768 0.83-0.92x, 768 x 1024 0.68-0.84x; 1280 x 1536 1.10-1.15x, 2048 x 2048 1.16-1.45x; 512 rows
+  // 1280 x 768 1.09-1.18x).
+  static int64_t own_gemm_few_rows(int64_t k) { return k <= 1024 ? 256 : kDecodeRows; }
   static constexpr bool kTileQuads = false;  // natural order
   // The weights themselves when the rows fill whole tiles; a last partial tile is copied into buf and zero-padded.
   static const uint16_t* tile_rows(const Kernels&, const Bf16& w, int64_t m0, int64_t m1, uint16_t* buf,
@@ -1687,7 +1690,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
   }
   const TileKernels* tk = k % kTileStep == 0 ? ks.tiles : nullptr;
   const bool own = !tk && own_gemm(ks);  // the many-rows path on this instruction set's own sgemm
-  const int64_t few = own ? W::kOwnGemmFewRows : kDecodeRows;  // rows an expert takes on the register path
+  const int64_t few = own ? W::own_gemm_few_rows(k) : kDecodeRows;  // rows an expert takes on the register path
   const int64_t tile_rows = std::max<int64_t>(16, std::min<int64_t>(256, kTileFloats / k) / 16 * 16);
   // A layer with few many-rows items (a linear layer: M / tile_rows of them) would leave a thread idle while the
   // last ones run (1280 outputs: 5 items for 2 threads): tiles get narrower until each thread has four, or 16 rows.
