@@ -27,7 +27,8 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
     ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=None,
                     help="serving: a prompt's interleave chunk and the running requests' decode step run as one "
                          "graph (a graph per batch x kv_len and one more cache row). Off by default (a runtime that "
-                         "never serves would pay for it); a CPU server gained ~5%% throughput (BENCHMARKS.md)")
+                         "never serves would pay for it); an AMX CPU server gained ~5%% throughput, a Zen 5 one "
+                         "nothing measurable (BENCHMARKS.md)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated batch buckets to build graphs for, e.g. 1,8")
     ap.add_argument("--window-cache", default=None, choices=["ring", "full"],
                     help="ring: sliding-window layers keep only their window (default); full: max_seq_len slots")
