@@ -1550,8 +1550,9 @@ bool cpu_is_intel() {
 std::string g_sgemm = "auto";  // "auto", "own" or "mkl"
 
 bool own_gemm(const Kernels& ks) {
+  static const bool intel = cpu_is_intel();  // once: CPUID leaves a VM for its hypervisor
   if (!ks.gemm_nt) return false;
-  return g_sgemm == "own" || (g_sgemm == "auto" && !cpu_is_intel());
+  return g_sgemm == "own" || (g_sgemm == "auto" && !intel);
 }
 
 const Kernels& kernels() {
