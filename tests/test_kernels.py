@@ -136,6 +136,16 @@ def test_mxfp4_rows_do_not_depend_on_the_batch(isa):
         assert torch.equal(kernels.mxfp4_grouped_mm(x[:n], blocks, scales, ends(n)), alone[:n]), n
 
 
+def test_set_sgemm_refuses_what_it_cannot_do(isa):
+    with pytest.raises(RuntimeError, match="expected own, mkl or auto"):
+        kernels.set_sgemm("blas")
+    if isa in ("avx2", "scalar"):
+        with pytest.raises(RuntimeError, match="only the AVX-512 path has its own sgemm"):
+            kernels.set_sgemm("own")
+    kernels.set_sgemm("mkl")
+    assert kernels.sgemm() == "mkl"
+
+
 def test_many_rows_do_not_depend_on_the_batch_on_the_own_sgemm(isa):
     """The AVX-512 path's own sgemm sums each (activation row, weight row) pair in k order whatever the number of
     rows, so beyond the register path too (MXFP4 experts take it from 25 rows on there) a row's outputs are the same

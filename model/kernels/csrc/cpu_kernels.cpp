@@ -2170,7 +2170,8 @@ std::string sgemm() { return own_gemm(kernels()) ? "own" : "mkl"; }
 
 void set_sgemm(const std::string& name) {
   TORCH_CHECK(name == "own" || name == "mkl" || name == "auto", "sgemm '", name, "': expected own, mkl or auto");
-  kernels();
+  TORCH_CHECK(name != "own" || kernels().gemm_nt, "sgemm 'own': the ", kernels().name,
+              " path has none (only the AVX-512 path has its own sgemm)");
   g_sgemm = name;
 }
 
