@@ -65,6 +65,28 @@ def test_mxfp4_grouped_mm(isa, counts, m, groups, with_bias):
     _check(got, x, dequantize_mxfp4(blocks, scales), ends, bias)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_every_item_is_computed_once_whatever_the_thread_count(isa, threads):
+    """Threads start on contiguous shares of a call's items and take from each other's when theirs are done: with
+    more threads than items, shares of one item, and uneven shares, every output is written once and right (an
+    item computed twice would add its bias twice)."""
+    counts, m, groups = [3, 0, 1, 40, 2], 300, 5  # 3 x 128-column items per expert with rows, both paths
+    blocks, scales = _mxfp4(len(counts), m, groups, seed=7)
+    x = torch.randn(sum(counts), groups * 32, generator=torch.Generator().manual_seed(2))
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    bias = torch.randn(len(counts), m)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.mxfp4_grouped_mm(x, blocks, scales, torch.tensor(ends, dtype=torch.int32), bias)
+        single = kernels.mxfp4_grouped_mm(x[:1], blocks[:1], scales[:1], torch.tensor([1], dtype=torch.int32),
+                                          bias[:1])
+    finally:
+        torch.set_num_threads(before)
+    _check(got, x, dequantize_mxfp4(blocks, scales), ends, bias)
+    assert torch.equal(single[0], got[0])  # and a row's result does not depend on who computed it
+
+
 @pytest.mark.parametrize("counts, m, k", [([0, 1, 4, 17], 13, 37), ([3], 130, 96), ([1, 0, 9], 5, 8)])
 def test_bf16_grouped_mm(isa, counts, m, k):
     w = torch.randn(len(counts), m, k).bfloat16()
