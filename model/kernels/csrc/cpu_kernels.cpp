@@ -1611,11 +1611,12 @@ struct Mxfp4Experts {
   static void decode(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, float* dst) {
     ks.mxfp4_decode(w, m0, m1, dst);
   }
-  // Where the many-rows path is the own sgemm, the register path keeps up to 24 rows: the sgemm pads rows to 16
-  // (17-24 rows: a third to a half of its products on zeros), and the register decode measured faster up to 24
-  // (Zen 5 VM, 32 experts 1536 x 768 from memory, 2 threads: 17 rows 0.70-0.85x the time, 20 0.77-0.96x, 24
-  // 0.86-0.97x; 28 rows 1.01-1.27x).
-  static int64_t own_gemm_few_rows(int64_t) { return 24; }
+  // Where the many-rows path is the own sgemm, the register path keeps up to 24 rows where K <= 1024: the sgemm
+  // pads rows to 16 (17-24 rows: a third to a half of its products on zeros), and the register decode measured
+  // faster up to 24 (Zen 5 VM, 32 experts 1536 x 768 from memory, 2 threads: 17 rows 0.70-0.85x the time, 20
+  // 0.77-0.96x, 24 0.86-0.97x; 28 rows 1.01-1.27x). At gpt-oss-20b's K = 2880 the sgemm takes them (its MoE layer
+  // at 256 tokens, ~32 rows an expert: 16 against 24, 0.96-0.99x the time).
+  static int64_t own_gemm_few_rows(int64_t k) { return k <= 1024 ? 24 : 16; }
   static constexpr bool kTileQuads = true;  // tile_rows() decodes in quad order
   // Weight rows [m0, m1) as bf16 rows `ld` apart, padded to a multiple of kTileRows: decoded into buf.
   static const uint16_t* tile_rows(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* buf,
