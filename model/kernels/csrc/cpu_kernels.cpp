@@ -183,7 +183,9 @@ using SwigluFn = void (*)(const float* gate_up, int64_t n, float alpha, float li
 // from memory: 1.51 -> 0.73-0.75 ms (22-24 GB/s); 8 rows 12.0 -> 5.5-5.8 ms; 4 or 32 slots ahead were slower, 16
 // the same.
 constexpr int64_t kAttendAhead = 8;
-// (Callers check i < count themselves: with that test inside, GCC 12 -O3 dropped the prefetches altogether.)
+// (Callers test the bounds themselves, against their local n, in each of the three score loops: with the test
+// inside this function, or in a helper reading a.count, GCC 12 -O3 dropped the prefetches altogether. Check the
+// disassembly for prefetcht0 after an edit.)
 inline void prefetch_slot(const Attend& a, int64_t i) {
   const char* kr = reinterpret_cast<const char*>(a.k + a.slots[i] * a.slot_stride);
   const char* vr = reinterpret_cast<const char*>(a.v + a.slots[i] * a.slot_stride);
@@ -1706,12 +1708,13 @@ inline int64_t take(std::vector<Share>& shares, int64_t self) {
 // x [N, K] fp32 contiguous, rows sorted by expert with cumulative row ends `ends`; bias [E, M] fp32 or undefined.
 //
 // The whole call is one parallel region: items are (group, block of output columns); each thread takes its own
-// contiguous share of them in order, then what is left of the others' (take), so an expert's rows, a big and a
-// small expert, and a thread the OS preempted all balance without a barrier per expert. Few rows: the register-decode dot. Many rows: the block's weights are
-// decoded into the thread's fp32 tile and one sgemm (single-threaded: we are inside the parallel region) takes
-// all of the expert's rows; with tile kernels (AMX), the rows are split once before the region and each block's
-// weights are decoded to bf16 (or read in place) for the tile product. `finished(group, m0, m1)` runs on an item's thread once its block (bias included) is
-// written, while the block is still in that core's cache.
+// contiguous share of them in order, then what is left of the others' (take), so an expert's rows, a big and a small
+// expert, and a thread the OS preempted all balance without a barrier per expert. Few rows: the register-decode dot.
+// Many rows: the block's weights are decoded into the thread's fp32 tile and one sgemm (single-threaded: we are inside
+// the parallel region) takes all of the expert's rows; with tile kernels (AMX), the rows are split once before the
+// region and each block's weights are decoded to bf16 (or read in place) for the tile product. `finished(group, m0,
+// m1)` runs on an item's thread once its block (bias included) is written, while the block is still in that core's
+// cache.
 struct NoEpilogue {
   void operator()(const Group&, int64_t, int64_t) const {}
 };
