@@ -302,6 +302,8 @@ def _op_samples():
     k_pos = torch.arange(24).repeat(2, 1)
     yield ops.decode_attention.default, (q, cache, cache.clone(), torch.randn(8), k_pos,
                                          torch.tensor([[23], [10]]), 0, 0.125)
+    yield ops.prefill_attention.default, (torch.randn(2, 5, 8, 64), cache, cache.clone(), torch.randn(8), k_pos,
+                                          torch.tensor([[19], [6]]) + torch.arange(5), 0, 0.125)
 
 
 def test_fake_implementations_match_the_kernels():
@@ -387,7 +389,8 @@ def test_loading_the_library_makes_the_cpp_kernels_the_ops_cpu_implementations()
     code = """
 import torch
 from gptoss.model import kernels
-names = ("bf16_linear", "bf16_grouped_mm", "mxfp4_grouped_mm", "mxfp4_moe", "mxfp4_moe_routed", "decode_attention")
+names = ("bf16_linear", "bf16_grouped_mm", "mxfp4_grouped_mm", "mxfp4_moe", "mxfp4_moe_routed", "decode_attention",
+         "prefill_attention")
 has_cpu = lambda: [torch._C._dispatch_has_kernel_for_dispatch_key(f"gptoss::{n}", "CPU") for n in names]
 print(has_cpu())
 x, w = torch.randn(3, 64), torch.randn(5, 64).bfloat16()
@@ -398,7 +401,7 @@ print(torch.equal(first, kernels.bf16_linear(x, w)), torch.equal(first, kernels.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[:3] == [str([False] * 6), str([True] * 6), "True True"]
+    assert proc.stdout.split("\n")[:3] == [str([False] * 7), str([True] * 7), "True True"]
 
 
 def test_a_build_killed_midway_does_not_hang_the_next(tmp_path):

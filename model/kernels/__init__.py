@@ -11,7 +11,10 @@
         the same with the router in the call (bf16_linear's logits, top k, softmax over those k)
     decode_attention(q [B, T, Hq, D] f32, k_cache, v_cache [B, S, Hkv, D] f32, sinks [Hq], k_pos [B, n] int,
                      q_pos [B, T] int, window, scale)                                  -> [B, T, Hq, D] f32
-        attention with sink logits over the visible cache slots (model/ops/torch_ops.attention's semantics)
+        attention with sink logits over the visible cache slots (model/ops/torch_ops.attention's semantics) for
+        single-token steps (each query row on its own)
+    prefill_attention(the same arguments)                                             -> [B, T, Hq, D] f32
+        the same semantics for chunks of several tokens (tiles of query rows against blocks of keys)
 
 Rows of x are sorted by expert; `offs[e]` is the cumulative end of expert e's rows. The ops (schemas and shape-only
 fake implementations) are registered when this module is imported, which importing `gptoss.model` does, so graphs
@@ -42,16 +45,17 @@ import torch
 
 __all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "sgemm", "set_sgemm", "prefetch",
            "set_prefetch", "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe",
-           "mxfp4_moe_routed", "decode_attention"]
+           "mxfp4_moe_routed", "decode_attention", "prefill_attention"]
 
-SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(sorted(CSRC.glob("*.cpp")))  # compiled; the headers beside them count in the hash too
 _lock = threading.Lock()
 _module = None
 
 
 def source_hash() -> str:
     h = hashlib.sha256(torch.__version__.encode())
-    for path in SOURCES:
+    for path in sorted(CSRC.glob("*.[ch]*")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -205,8 +209,9 @@ _lib.define("mxfp4_moe(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_
 _lib.define("mxfp4_moe_routed(Tensor x, Tensor router_weight, Tensor? router_bias, int top_k, "
             "Tensor gate_up_blocks, Tensor gate_up_scales, Tensor gate_up_bias, Tensor down_blocks, "
             "Tensor down_scales, Tensor down_bias, int down_pad, float alpha, float limit) -> Tensor")
-_lib.define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor sinks, Tensor k_pos, Tensor q_pos, "
-            "int window, float scale) -> Tensor")
+for _name in ("decode_attention", "prefill_attention"):
+    _lib.define(f"{_name}(Tensor q, Tensor k_cache, Tensor v_cache, Tensor sinks, Tensor k_pos, Tensor q_pos, "
+                "int window, float scale) -> Tensor")
 # Until the library is loaded, each op's implementation is this Python one: it loads the library, whose loading
 # registers the C++ kernels as the ops' CPU implementations (they take precedence over these from then on), and
 # passes the call on. Registered for every backend rather than CPU so that nothing is ever deregistered (a call
@@ -218,6 +223,7 @@ _lib.impl("mxfp4_grouped_mm", lambda x, b, s, o, bias=None: extension().mxfp4_gr
 _lib.impl("bf16_grouped_mm", lambda x, w, o, bias=None: extension().bf16_grouped_mm(x, w, o, bias), _LAZY)
 _lib.impl("bf16_linear", lambda x, w, bias=None: extension().bf16_linear(x, w, bias), _LAZY)
 _lib.impl("decode_attention", lambda *args: extension().decode_attention(*args), _LAZY)
+_lib.impl("prefill_attention", lambda *args: extension().prefill_attention(*args), _LAZY)
 
 
 @torch.library.register_fake("gptoss::mxfp4_grouped_mm", lib=_lib)
@@ -241,8 +247,9 @@ def _(x, *rest):
 
 
 @torch.library.register_fake("gptoss::decode_attention", lib=_lib)
+@torch.library.register_fake("gptoss::prefill_attention", lib=_lib)
 def _(q, k_cache, v_cache, sinks, k_pos, q_pos, window, scale):
-    return q.new_empty(q.shape)  # contiguous, as the kernel's
+    return q.new_empty(q.shape)  # contiguous, as the kernels'
 
 
 @torch.library.register_fake("gptoss::bf16_linear", lib=_lib)
@@ -256,3 +263,4 @@ bf16_linear = torch.ops.gptoss.bf16_linear
 mxfp4_moe = torch.ops.gptoss.mxfp4_moe
 mxfp4_moe_routed = torch.ops.gptoss.mxfp4_moe_routed
 decode_attention = torch.ops.gptoss.decode_attention
+prefill_attention = torch.ops.gptoss.prefill_attention

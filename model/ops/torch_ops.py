@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import bf16_linear, decode_attention, mxfp4_grouped_mm, mxfp4_moe, mxfp4_moe_routed
+from ..kernels import (bf16_linear, decode_attention, mxfp4_grouped_mm, mxfp4_moe, mxfp4_moe_routed,
+                       prefill_attention)
 from ..weights import PackedMxfp4
 from .grouped_mm import grouped_mm
 
@@ -90,14 +91,16 @@ def attention(
     `attention_lengths` (computed here when not given). The sink joins each head's softmax as one more logit and is
     then dropped. Returns [B, T, Hq, D].
 
-    On CPU, single-token fp32 steps run the CPU kernel (kernels.decode_attention: each visible slot read once for
-    all the heads that share it, straight from the cache) and longer ones ATen's fused kernel
-    (`attention_flash_cpu`); elsewhere `attention_by_ops`.
+    On CPU in fp32 the project's kernels read the cache in place: single-token steps kernels.decode_attention
+    (each visible slot read once for all the heads that share it), chunks kernels.prefill_attention (tiles of
+    query rows against blocks of keys, the blocks no row sees skipped); other dtypes take ATen's fused kernel
+    (`attention_flash_cpu`). Elsewhere `attention_by_ops`.
     """
     k_pos = slot_positions(q_pos, kv_len, k_cache.shape[1]) if lengths is None else lengths  # [B, n]
     if q.device.type == "cpu":
-        if q.shape[1] == 1 and q.dtype == k_cache.dtype == torch.float32:
-            return decode_attention(q, k_cache, v_cache, sinks, k_pos, q_pos, window, scale)
+        if q.dtype == k_cache.dtype == torch.float32:
+            kernel = decode_attention if q.shape[1] == 1 else prefill_attention
+            return kernel(q, k_cache, v_cache, sinks, k_pos, q_pos, window, scale)
         return attention_flash_cpu(q, k_cache, v_cache, sinks, q_pos, window, scale, k_pos)
     return attention_by_ops(q, k_cache, v_cache, sinks, q_pos, window, scale, k_pos)
 

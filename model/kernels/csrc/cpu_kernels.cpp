@@ -15,6 +15,8 @@
 // file with per-function target attributes and chosen at run time from what the CPU supports; "amx" is AVX-512
 // with the many-rows path on AMX tiles. GPTOSS_CPU_ISA (avx512 | avx2 | scalar) or set_isa() forces a lower path.
 
+#include "kernels.h"
+
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -2129,25 +2131,12 @@ constexpr int64_t kChunk = 128;
 at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& sinks_, const at::Tensor& k_pos_, const at::Tensor& q_pos_,
                             int64_t window, double scale) {
-  for (const auto* t : {&q_, &k_cache, &v_cache, &sinks_, &k_pos_, &q_pos_}) check_cpu(*t, "attention inputs");
-  TORCH_CHECK(q_.dim() == 4 && k_cache.dim() == 4 && q_.scalar_type() == at::kFloat &&
-                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "q [B, T, Hq, D] and caches [B, S, Hkv, D] must be float32, got ", q_.sizes(), " and ", k_cache.sizes());
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "key and value caches must be contiguous and of one shape, got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
+  gptoss::check_attention_inputs(q_, k_cache, v_cache, sinks_, k_pos_, q_pos_);
   const int64_t batch = q_.size(0), steps = q_.size(1), q_heads = q_.size(2), dim = q_.size(3);
   const int64_t slots = k_cache.size(1), kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == batch && k_cache.size(3) == dim && kv_heads > 0 && q_heads % kv_heads == 0,
-              "q ", q_.sizes(), " does not match the caches ", k_cache.sizes());
   const at::Tensor k_pos = k_pos_.to(at::kLong).contiguous(), q_pos = q_pos_.to(at::kLong).contiguous();
   const at::Tensor sinks = sinks_.to(at::kFloat).contiguous(), q = q_.contiguous();
   const int64_t n = k_pos.size(1);
-  TORCH_CHECK(k_pos.dim() == 2 && k_pos.size(0) == batch && n <= slots, "k_pos must be [", batch, ", n <= ", slots,
-              "], got ", k_pos.sizes());
-  TORCH_CHECK(q_pos.sizes() == at::IntArrayRef({batch, steps}) && sinks.numel() == q_heads,
-              "q_pos must be [", batch, ", ", steps, "] and sinks [", q_heads, "], got ", q_pos.sizes(), " and ",
-              sinks.sizes());
   const int64_t group = q_heads / kv_heads, rows = batch * steps;
 
   // each row's visible slots, and its chunks' places in the partial results
@@ -2265,9 +2254,36 @@ void register_cpu_impls() {
   native->impl("mxfp4_moe", TORCH_FN(mxfp4_moe));
   native->impl("mxfp4_moe_routed", TORCH_FN(mxfp4_moe_routed));
   native->impl("decode_attention", TORCH_FN(decode_attention));
+  native->impl("prefill_attention", TORCH_FN(gptoss::prefill_attention));
 }
 
 }  // namespace
+
+namespace gptoss {
+
+const char* active_isa() { return kernels().name; }
+
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& sinks, const at::Tensor& k_pos, const at::Tensor& q_pos) {
+  for (const auto* t : {&q, &k_cache, &v_cache, &sinks, &k_pos, &q_pos}) check_cpu(*t, "attention inputs");
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && q.scalar_type() == at::kFloat &&
+                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "q [B, T, Hq, D] and caches [B, S, Hkv, D] must be float32, got ", q.sizes(), " and ", k_cache.sizes());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "key and value caches must be contiguous and of one shape, got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t batch = q.size(0), steps = q.size(1), q_heads = q.size(2), dim = q.size(3);
+  const int64_t slots = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == batch && k_cache.size(3) == dim && kv_heads > 0 && q_heads % kv_heads == 0,
+              "q ", q.sizes(), " does not match the caches ", k_cache.sizes());
+  TORCH_CHECK(k_pos.dim() == 2 && k_pos.size(0) == batch && k_pos.size(1) <= slots, "k_pos must be [", batch,
+              ", n <= ", slots, "], got ", k_pos.sizes());
+  TORCH_CHECK(q_pos.sizes() == at::IntArrayRef({batch, steps}) && sinks.numel() == q_heads,
+              "q_pos must be [", batch, ", ", steps, "] and sinks [", q_heads, "], got ", q_pos.sizes(), " and ",
+              sinks.sizes());
+}
+
+}  // namespace gptoss
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_grouped_mm", &mxfp4_grouped_mm, "grouped x @ W^T with MXFP4 W [E, M, K/32, 16] (+ bias [E, M])");
@@ -2275,7 +2291,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_moe", &mxfp4_moe, "the routed experts of one MoE layer (MXFP4 gate_up and down) in one call");
   m.def("mxfp4_moe_routed", &mxfp4_moe_routed, "mxfp4_moe with its router (bf16 linear, top k, softmax) in the call");
   m.def("bf16_linear", &bf16_linear, "x @ W^T + bias with bfloat16 W [M, K], fp32 x");
-  m.def("decode_attention", &decode_attention, "attention of few-token steps over the KV cache (sinks, window)");
+  m.def("decode_attention", &decode_attention, "attention of single-token steps over the KV cache (sinks, window)");
+  m.def("prefill_attention", &gptoss::prefill_attention, "attention of several-token chunks over the KV cache (sinks, "
+        "window)");
   m.def("isa", &isa, "the instruction set the kernels use now");
   m.def("available_isas", &available_isas, "instruction sets this CPU runs, best first");
   m.def("set_isa", &set_isa, "use this instruction set from now on (one of available_isas(), or 'best'); resets the "

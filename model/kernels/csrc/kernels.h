@@ -1,0 +1,22 @@
+// What the kernel sources share across their files: the instruction set chosen at run time (cpu_kernels.cpp owns
+// the choice) and the attention ops' common input checks.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace gptoss {
+
+// The instruction set the kernels use now: "amx", "avx512", "avx2" or "scalar" (cpu_kernels.cpp).
+const char* active_isa();
+
+// The attention ops' inputs: q [B, T, Hq, D] and contiguous caches [B, S, Hkv, D], all float32 on the CPU, k_pos
+// [B, n <= S], q_pos [B, T], sinks [Hq]. Refuses anything else with the problem named.
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& sinks, const at::Tensor& k_pos, const at::Tensor& q_pos);
+
+// Attention of chunks of several tokens (prefill) over the cache, with sinks and windows: attention.cpp.
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& sinks, const at::Tensor& k_pos, const at::Tensor& q_pos,
+                             int64_t window, double scale);
+
+}  // namespace gptoss
