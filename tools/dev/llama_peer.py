@@ -245,15 +245,15 @@ def cpu_isa() -> str:
 
 def measure(model_dir: str | Path, threads: int, kind: str = "mxfp4", decode_tokens: int = 32,
             batches: tuple[int, ...] = (1, 8), rounds: int = 3, venv: Path = DEFAULT_VENV, log=print,
-            cache_dir: Path | None = None) -> dict:
-    """llama.cpp on ``model_dir`` (GGUF ``kind``) in a child process: prefill of a 512-token prompt and greedy
-    decode at each batch, ``threads`` threads. Returns ``{"prefill_tok_s", "decode_b1_tok_s", ...}`` plus the
-    engine's details."""
+            cache_dir: Path | None = None, prompt_len: int = PROMPT_LEN) -> dict:
+    """llama.cpp on ``model_dir`` (GGUF ``kind``) in a child process: prefill of a ``prompt_len``-token prompt
+    (512 by default) and greedy decode at each batch, ``threads`` threads. Returns ``{"prefill_tok_s",
+    "decode_b1_tok_s", ...}`` plus the engine's details."""
     gguf = gguf_path(model_dir, kind, venv, log, cache_dir)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     job = {
         "job": "bench", "gguf": str(gguf), "threads": threads, "rounds": rounds, "decode_tokens": decode_tokens,
-        "prefill_ids": _prompts(vocab, 1, PROMPT_LEN)[0],
+        "prefill_ids": _prompts(vocab, 1, prompt_len)[0],
         "decode_prompts": [_prompts(vocab, b, SHORT_PROMPT) for b in batches],
     }  # fmt: skip
     res = _run_worker(job, venv)
@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", choices=sorted(KINDS), action="append", help="GGUF kind(s) to measure (default mxfp4)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="prefill repetitions (best is kept)")
+    ap.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="tokens of the timed prefill")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--check-logits", action="store_true", help="compare fp32 logits with the F32 GGUF instead")
     ap.add_argument("--json", type=Path, help="also write the result here")
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         result = compare_logits(args.model, args.threads, venv=args.venv, log=log)
     else:
         result = {k: measure(args.model, args.threads, k, args.decode_tokens, rounds=args.rounds, venv=args.venv,
-                             log=log) for k in (args.kind or ["mxfp4"])}  # fmt: skip
+                             log=log, prompt_len=args.prompt_len) for k in (args.kind or ["mxfp4"])}  # fmt: skip
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
