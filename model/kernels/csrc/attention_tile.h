@@ -2,7 +2,7 @@
 // body inside each instruction set's namespace, under that set's target options, with V defined there. Not a
 // header to include anywhere else (no include guard on purpose).
 //
-// A tile is up to 4 W query rows (some heads sharing one kv head, at some positions), one row per vector lane, so
+// A tile is up to V::kVectors * W query rows (some heads sharing one kv head, at some positions), one row per vector lane, so
 // the kernel never transposes a key or value row: with the rows along lanes,
 //   scores^T[j, r] = sum_d k[j, d] q^T[d, r]   (a key's element broadcast, times a vector of rows' q elements)
 //   out^T[d, r]   += sum_j v[j, d] p^T[j, r]   (a value's element broadcast, times a vector of rows' weights)
@@ -145,11 +145,12 @@ void attend_tile(const PrefillTile& a, float* scratch) {
   }
 }
 
+// Tiles of up to V::kVectors vectors of rows (at most 4).
 void attend_tile_any(const PrefillTile& a, float* scratch) {
   switch ((a.heads * a.steps + V::W - 1) / V::W) {
     case 1: return attend_tile<1>(a, scratch);
-    case 2: return attend_tile<2>(a, scratch);
-    case 3: return attend_tile<3>(a, scratch);
-    default: return attend_tile<4>(a, scratch);
+    case 2: return attend_tile<std::min(2, V::kVectors)>(a, scratch);
+    case 3: return attend_tile<std::min(3, V::kVectors)>(a, scratch);
+    default: return attend_tile<std::min(4, V::kVectors)>(a, scratch);
   }
 }
