@@ -5,12 +5,12 @@
 //                     window, scale) -> [B, T, Hq, D]
 //
 // Slot j < n of row b's cache holds position k_pos[b, j] (negative: never written); it is visible to a query at p
-// when 0 <= k_pos <= p and, with a window, k_pos > p - window. A work item is one tile: up to 4 W query rows on AVX-512 and the portable path, 2 W on AVX2 (W
-// floats a vector) of one batch row and one kv head, heads of its group times consecutive positions, over the
-// cache read in place (attention_tile.h has the arithmetic). Key blocks whose positions no row of a tile can see
-// are skipped, so a chunk under a sliding window reads about the window, and a causal chunk the slots before it.
-// ATen's fused kernel, which this replaces for fp32, took an additive mask over every slot and ran MKL's AVX2 sgemm
-// on AMD's AVX-512 cores.
+// when 0 <= k_pos <= p and, with a window, k_pos > p - window. A work item is one tile: up to V::kVectors vectors
+// of query rows (64 rows on AVX-512, 16 on AVX2) of one batch row and one kv head, heads of its group times
+// consecutive positions, over the cache read in place (attention_tile.h has the arithmetic). Key blocks whose
+// positions no row of a tile can see are skipped, so a chunk under a sliding window reads about the window, and a
+// causal chunk the slots before it. ATen's fused kernel, which this replaces for fp32, took an additive mask over
+// every slot and ran MKL's AVX2 sgemm on AMD's AVX-512 cores.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>

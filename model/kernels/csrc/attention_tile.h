@@ -2,8 +2,8 @@
 // body inside each instruction set's namespace, under that set's target options, with V defined there. Not a
 // header to include anywhere else (no include guard on purpose).
 //
-// A tile is up to V::kVectors * W query rows (some heads sharing one kv head, at some positions), one row per vector lane, so
-// the kernel never transposes a key or value row: with the rows along lanes,
+// A tile is up to V::kVectors * W query rows (some heads sharing one kv head, at some positions), one row per
+// vector lane, so the kernel never transposes a key or value row: with the rows along lanes,
 //   scores^T[j, r] = sum_d k[j, d] q^T[d, r]   (a key's element broadcast, times a vector of rows' q elements)
 //   out^T[d, r]   += sum_j v[j, d] p^T[j, r]   (a value's element broadcast, times a vector of rows' weights)
 // and the softmax's per-row maximum and total are lane-wise maxima and sums over j. Keys go in blocks of
