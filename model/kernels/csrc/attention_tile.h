@@ -14,8 +14,10 @@
 // leaves the row's state as it was bit for bit (its maximum stays, e^0 = 1, no weight), so skipping it changes
 // nothing.
 
-// e^x within a few ulp on [-87.3, 88] (2^n e^r, Cephes' expf polynomial; see avx2::exp_ps in cpu_kernels.cpp),
-// clamped to that range: below it e^-87.3, which the callers mask to 0 where it stands for -inf.
+// e^x by the same range reduction and Cephes expf polynomial as avx2::exp_ps in cpu_kernels.cpp (that one was
+// checked within 1 ulp on [-87.3, 88]; this generic copy was not checked exhaustively), clamped to that range:
+// below it e^-87.3, which the callers mask to 0 where it stands for -inf. e^0 is exactly 1, which keeps a block
+// no row sees a no-op.
 inline typename V::T exp_v(typename V::T x) {
   x = V::min(V::max(x, V::set1(-87.3f)), V::set1(88.f));
   const typename V::T n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
@@ -89,8 +91,7 @@ void attend_tile(const PrefillTile& a, float* scratch) {
   for (int64_t r = 0; r < Rp; ++r) {
     const int64_t g = r / a.steps, t = r % a.steps;
     const bool real = r < rows;
-    const float* qr = a.q + t * a.q_row + g * dim;
-    for (int64_t d = 0; d < dim; ++d) qt[d * Rp + r] = real ? qr[d] * a.scale : 0.f;
+    for (int64_t d = 0; d < dim; ++d) qt[d * Rp + r] = real ? a.q[t * a.q_row + g * dim + d] * a.scale : 0.f;
     for (int64_t d = 0; d < dim; ++d) ot[d * Rp + r] = 0.f;
     top[r] = real ? a.sinks[g] : 0.f;
     total[r] = 1.f;
