@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="eager,inductor")
     ap.add_argument("--weights", default="published,dense", help="weight formats to measure (comma-separated)")
     ap.add_argument("--peer", action="store_true", help="also measure llama.cpp (MXFP4 GGUF) in every round")
+    ap.add_argument("--peer-build", choices=sorted(llama_peer.BUILDS), default="native",
+                    help="the llama.cpp build --peer runs (avx2: beside GPTOSS_CPU_ISA=avx2 on an AVX-512 machine)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -100,8 +102,9 @@ def main(argv=None) -> int:
                 best[key][name] = max(best[key].get(name, 0.0), value)
         if args.peer:
             theirs = llama_peer.measure(args.model, args.threads, "mxfp4", DECODE, rounds=1,
+                                        venv=llama_peer.venv_for(args.peer_build),
                                         log=lambda m: print(m, file=sys.stderr))
-            peer["engine"] = theirs["engine"]
+            peer["engine"], peer["built_for"] = theirs["engine"], theirs["built_for"]
             this_round["llama.cpp"] = {name: theirs[key] for name, key in PEER_KEYS.items()}
             for name, key in PEER_KEYS.items():
                 peer[name] = max(peer.get(name, 0.0), theirs[key])
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
     if peer:
         report["peer"] = peer
         print(f"{'llama.cpp':<10} {'mxfp4':<9} {'':>9} {peer['decode_b1']:10.1f} {peer['decode_b8']:10.1f} "
-              f"{peer['prefill512']:11.1f} {'':>10}   [{llama_peer.cpu_isa()}] {peer['engine']}")
+              f"{peer['prefill512']:11.1f} {'':>10}   [{peer['built_for']}] {peer['engine']}")
         print("ratios to llama.cpp round by round (same round, best of neither):")
         for i, rnd in enumerate(rounds):
             for key in runtimes:

@@ -2,10 +2,11 @@
 
     python -m gptoss.tools.dev.llama_peer --model checkpoints/bench --threads 2 [--kind mxfp4|f32] [--json out]
     python -m gptoss.tools.dev.llama_peer --model DIR --check-logits      # fp32 logits vs the F32 GGUF
+    python -m gptoss.tools.dev.llama_peer --model DIR --build avx2        # llama.cpp without AVX-512
 
 llama.cpp lives in its own virtualenv (``build/llama-venv``; never a dependency of this project): the first call
 creates it, downloads the ``llama-cpp-python`` sdist (pinned: :data:`LLAMA_CPP_PYTHON`), builds it for this CPU
-(``GGML_NATIVE``; minutes on 2 cores) and keeps the llama.cpp source of that sdist for its ``convert_hf_to_gguf.py``
+(``GGML_NATIVE``; minutes on 2 cores; ``--build avx2``: AVX2 only, in ``build/llama-venv-avx2``) and keeps the llama.cpp source of that sdist for its ``convert_hf_to_gguf.py``
 and ``gguf-py``.  Everything llama.cpp computes runs in a child process of that virtualenv
 (:mod:`gptoss.tools.dev.llama_worker`), one at a time, so a benchmark can interleave rounds of both engines
 without them ever computing at once.
@@ -35,6 +36,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +46,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = ROOT / "build" / "llama-venv"
+# llama.cpp builds: "native" (GGML_NATIVE: every extension this CPU has) or "avx2" (AVX2 + FMA + F16C, no AVX-512),
+# the peer of this project's forced AVX2 path (GPTOSS_CPU_ISA=avx2) on a machine that has AVX-512. Each build lives
+# in its own virtualenv. Later -D flags win in CMake, so "avx2" overrides the native default.
+BUILDS = {
+    "native": ("-DGGML_NATIVE=ON", DEFAULT_VENV),
+    "avx2": ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+             "-DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF "
+             "-DGGML_AVX512_BF16=OFF", ROOT / "build" / "llama-venv-avx2"),
+}
 LLAMA_CPP_PYTHON = "0.3.36"
 # The converter's own needs (the runtime's venv is not used for anything llama.cpp does); torch pinned: an open
 # range pulls a CUDA build of several GB.
@@ -74,8 +85,20 @@ def llama_cpp_source(venv: Path = DEFAULT_VENV) -> Path:
     return venv / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
 
 
+def venv_for(build: str) -> Path:
+    if build not in BUILDS:
+        raise PeerError(f"unknown llama.cpp build {build!r} (known: {', '.join(BUILDS)})")
+    return BUILDS[build][1]
+
+
+def _build_flags(venv: Path) -> str:
+    """The CMake flags of the build that lives in ``venv`` (a venv of no known build gets the native one)."""
+    return next((flags for flags, path in BUILDS.values() if Path(path) == Path(venv)), BUILDS["native"][0])
+
+
 def ensure_venv(venv: Path = DEFAULT_VENV, log=print) -> Path:
-    """Create the llama.cpp virtualenv if it is not complete; returns its python."""
+    """Create the llama.cpp virtualenv if it is not complete; returns its python. The build's CMake flags follow
+    from the venv (:data:`BUILDS`); CMAKE_ARGS in the environment come after them, so they win."""
     py = _venv_python(venv)
     stamp = venv / f".llama-cpp-python-{LLAMA_CPP_PYTHON}"
     if stamp.exists() and llama_cpp_source(venv).joinpath("convert_hf_to_gguf.py").exists():
@@ -96,9 +119,10 @@ def ensure_venv(venv: Path = DEFAULT_VENV, log=print) -> Path:
     if not llama_cpp_source(venv).exists():
         with tarfile.open(sdist) as tar:
             tar.extractall(src, filter="data")
-    log(f"building llama-cpp-python {LLAMA_CPP_PYTHON} for this CPU (GGML_NATIVE; several minutes)")
+    flags = _build_flags(venv)
+    log(f"building llama-cpp-python {LLAMA_CPP_PYTHON} ({flags}; several minutes)")
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
-    env["CMAKE_ARGS"] = "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF " + env.get("CMAKE_ARGS", "")
+    env["CMAKE_ARGS"] = f"{flags} -DLLAVA_BUILD=OFF " + env.get("CMAKE_ARGS", "")
     subprocess.run([str(py), "-m", "pip", "install", "-q", str(sdist)], check=True, env=env)
     subprocess.run([str(py), "-m", "pip", "install", "-q", *CONVERTER_DEPS], check=True)
     stamp.touch()
@@ -243,6 +267,17 @@ def cpu_isa() -> str:
     return platform.machine()
 
 
+def built_isa(system_info: str) -> str:
+    """The widest x86 vector extension a llama.cpp build uses, from its system info ("AVX512 = 1 | ...")."""
+    on = {m.group(1) for m in re.finditer(r"(\w+) = 1", system_info)}
+    if "AVX512" in on:
+        return "AVX-512 with bf16" if "AVX512_BF16" in on else "AVX-512"
+    for name in ("AVX2", "AVX", "SSE3"):
+        if name in on:
+            return name
+    return "unknown"
+
+
 def measure(model_dir: str | Path, threads: int, kind: str = "mxfp4", decode_tokens: int = 32,
             batches: tuple[int, ...] = (1, 8), rounds: int = 3, venv: Path = DEFAULT_VENV, log=print,
             cache_dir: Path | None = None, prompt_len: int = PROMPT_LEN) -> dict:
@@ -258,7 +293,8 @@ def measure(model_dir: str | Path, threads: int, kind: str = "mxfp4", decode_tok
     }  # fmt: skip
     res = _run_worker(job, venv)
     res.update(engine=f"llama.cpp (llama-cpp-python {res.pop('llama_cpp_python')})", gguf=str(gguf), kind=kind,
-               cpu=cpu_isa(), gguf_bytes=gguf.stat().st_size)  # fmt: skip
+               cpu=cpu_isa(), built_for=built_isa(res.get("system_info", "")),
+               gguf_bytes=gguf.stat().st_size)  # fmt: skip
     for b in batches:
         res.pop(f"decode_b{b}_tokens")
     return res
@@ -308,11 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="prefill repetitions (best is kept)")
     ap.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="tokens of the timed prefill")
-    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument("--build", choices=sorted(BUILDS), default="native",
+                    help="llama.cpp build: native (this CPU's extensions) or avx2 (no AVX-512); each its own venv")
+    ap.add_argument("--venv", type=Path, help="the virtualenv (default: the build's, see BUILDS)")
     ap.add_argument("--check-logits", action="store_true", help="compare fp32 logits with the F32 GGUF instead")
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout is the JSON)
+    args.venv = args.venv or venv_for(args.build)
     if args.check_logits:
         result = compare_logits(args.model, args.threads, venv=args.venv, log=log)
     else:
