@@ -9,7 +9,11 @@ of time and steady-state serving never meets a new shape.
   kv_len), so that one step of the running streams never waits for a whole `prefill_chunk`. A batch-1 prompt's
   last chunk is cut the same way as a first one (the smallest power of two that covers the rest), so a 300-token
   prompt costs a 256- and a 64-token chunk, not two of 256: every chunk still starts at a multiple of its length
-  and ends inside the cache's slots;
+  and ends inside the cache's slots. With a `granule` (a power of two), such first and last chunks round up to a
+  multiple of it instead (300 tokens: 256 + 48 with granule 16): less padding computed, more chunk lengths (the
+  eager backend, which builds no graphs, takes granule 16; see runtime.settings). A chunk that starts at a
+  multiple of the step it runs in and is no longer than that step still ends inside the cache and never wraps a
+  ring;
 - attention reads `kv_len` cache slots: a power of two from `min_kv` up to the slot count, the smallest that
   covers the furthest position in the step, so decode work follows the actual context, not max_seq_len;
 - sliding-window layers (window_cache="ring"): a ring of `window_slots`, the window plus the longest chunk a step
@@ -50,6 +54,7 @@ class ShapePlan:
     window: int = 0  # the sliding layers' window (0: no sliding layers)
     window_cache: str = "ring"  # "ring": sliding layers keep only their window; "full": max_seq_len slots
     mixed: bool = False  # serving: chunk + decode steps as one graph (see the module docstring)
+    granule: int = 0  # first/last chunks round up to a multiple of this; 0: to a power of two
 
     def __post_init__(self):
         if self.window_cache not in WINDOW_CACHES:
@@ -62,6 +67,10 @@ class ShapePlan:
         for name in ("prefill_chunk", "min_chunk"):
             if _next_pow2(getattr(self, name)) != getattr(self, name):
                 raise ValueError(f"{name} must be a power of two, got {getattr(self, name)}")
+        if self.granule and (self.granule < 1 or _next_pow2(self.granule) != self.granule
+                             or self.granule > self.prefill_chunk):
+            raise ValueError(f"granule must be 0 (powers of two) or a power of two up to prefill_chunk="
+                             f"{self.prefill_chunk}, got {self.granule}")
         if self.interleave_chunk is None:
             object.__setattr__(self, "interleave_chunk", self.prefill_chunk)
         if not 1 <= self.interleave_chunk <= self.prefill_chunk or \
@@ -98,11 +107,13 @@ class ShapePlan:
         graph of `batch` rows. `interleaved` (batch 1, while other rows decode): at most `interleave_chunk`. A
         prompt begun in small chunks continues in them until its start is a whole number of full chunks again,
         so that every chunk ends inside the cache's slots. A first chunk, and a batch-1 prompt's last one, is
-        the smallest power of two (`min_chunk` at least) that covers the rest of the prompt."""
+        the smallest power of two (`min_chunk` at least) that covers the rest of the prompt, or with a `granule`
+        the smallest multiple of it."""
         step = self.interleave_chunk if interleaved or start % self.prefill_chunk else self.prefill_chunk
         if start and batch > 1:
             return step
-        return min(max(_next_pow2(remaining), self.min_chunk), step)
+        cover = -(-remaining // self.granule) * self.granule if self.granule else _next_pow2(remaining)
+        return min(max(cover, self.min_chunk), step)
 
     def kv_len(self, needed: int) -> int:
         return min(max(_next_pow2(needed), self.min_kv), self.slots)
@@ -158,7 +169,8 @@ class ShapePlan:
                 "prefill_chunk": self.prefill_chunk, "min_chunk": self.min_chunk, "min_kv": self.min_kv,
                 "batch_sizes": self.batch_sizes(), "slot_multiple": self.slot_multiple,
                 "interleave_chunk": self.interleave_chunk, "window": self.window,
-                "window_cache": self.window_cache, "window_slots": self.window_slots, "mixed": self.mixed}
+                "window_cache": self.window_cache, "window_slots": self.window_slots, "mixed": self.mixed,
+                **({"granule": self.granule} if self.granule else {})}  # absent: what graph sets built before it had
 
     @classmethod
     def from_record(cls, record: dict) -> "ShapePlan":
@@ -166,7 +178,8 @@ class ShapePlan:
                    min_chunk=record.get("min_chunk", 16), min_kv=record.get("min_kv", 128),
                    batch_buckets=tuple(record["batch_sizes"]), slot_multiple=record.get("slot_multiple", 1),
                    interleave_chunk=record.get("interleave_chunk"), window=record.get("window", 0),
-                   window_cache=record.get("window_cache", "full"), mixed=record.get("mixed", False))
+                   window_cache=record.get("window_cache", "full"), mixed=record.get("mixed", False),
+                   granule=record.get("granule", 0))
 
     def specs(self) -> list["GraphSpec"]:
         """Every graph a runtime with this plan can call."""

@@ -32,6 +32,9 @@ class Settings:
     max_seq_len: int | None = None
     prefill_chunk: int | None = None  # tokens per prefill step (a power of two)
     min_prefill_chunk: int | None = None  # the smallest first-chunk graph (a power of two)
+    prefill_granule: int | None = None  # a prompt's first/last chunk rounds up to a multiple of this (a power of
+    #                                     two; 0: to a power of two). Default: 16 on eager (no graphs to build, so
+    #                                     less padding costs nothing), else 0 (fewer graphs)
     interleave_chunk: int | None = None  # serving: prompt tokens prefilled per step while others decode (power of 2)
     mixed_steps: bool | None = None  # serving: such a chunk and the decode step as one graph (default False).
     #                                  Costs a cache row and a graph per batch x kv_len; saves a weight pass
@@ -65,6 +68,10 @@ class Settings:
             object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
         if self.artifacts is not None:
             object.__setattr__(self, "artifacts", str(self.artifacts))
+        if self.prefill_granule is not None and (
+                not isinstance(self.prefill_granule, int) or isinstance(self.prefill_granule, bool)
+                or self.prefill_granule < 0 or self.prefill_granule & (self.prefill_granule - 1)):
+            raise ValueError(f"prefill_granule must be 0 or a power of two, got {self.prefill_granule!r}")
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "min_prefill_chunk", "interleave_chunk",
                      "tp_size", "threads"):
             value = getattr(self, name)
@@ -95,6 +102,7 @@ class Settings:
                             "interleave_chunk": shapes.get("interleave_chunk"),
                             "batch_sizes": tuple(shapes["batch_sizes"]) if "batch_sizes" in shapes else None,
                             "window_cache": shapes.get("window_cache"), "mixed_steps": shapes.get("mixed"),
+                            "prefill_granule": shapes.get("granule", 0),
                             "threads": key.get("threads")}
         values = {}
         if self.max_batch_size is None and self.batch_sizes is not None:
@@ -106,6 +114,8 @@ class Settings:
                 value = DEFAULTS.get(name)
             values[name] = value
         backend = get_backend(values["backend"])
+        if values["prefill_granule"] is None:  # eager builds no graphs: more chunk lengths cost nothing
+            values["prefill_granule"] = values["min_prefill_chunk"] if not backend.compiles else 0
         values["device"] = values["device"] or backend.devices[0]
         device_type = torch.device(values["device"]).type
         backend.check_device(device_type)

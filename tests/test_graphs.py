@@ -154,6 +154,22 @@ def test_refused_for_the_other_window_cache(artifacts, checkpoint):
     assert Settings(artifacts=str(artifacts[0])).resolve().window_cache == "ring"
 
 
+def test_prefill_granule_follows_the_backend(artifacts, checkpoint):
+    """Eager, which builds no graphs, cuts first and last chunks to multiples of 16; compiled backends keep powers
+    of two unless asked (more graphs); artifacts built without a granule refuse a run that asks for one."""
+    from gptoss.runtime import Settings
+    assert Settings(backend="eager").resolve().prefill_granule == 16
+    assert Settings(backend="inductor").resolve().prefill_granule == 0
+    assert Settings(artifacts=str(artifacts[0])).resolve().prefill_granule == 0
+    assert Settings(backend="eager", prefill_granule=0).resolve().prefill_granule == 0
+    for bad in (3, -1, True):
+        with pytest.raises(ValueError, match="prefill_granule"):
+            Settings(prefill_granule=bad)
+    with pytest.raises(ArtifactMismatch, match="shapes"):
+        Runtime.from_pretrained(checkpoint, backend="inductor", artifacts=artifacts[0], progress=False,
+                                compile_missing=False, prefill_granule=16, **SETTINGS)
+
+
 def test_refused_for_other_model_code(artifacts, checkpoint, tmp_path):
     import shutil
     copy = tmp_path / "art"
@@ -200,16 +216,32 @@ def test_shape_plan_is_bounded():
     assert interleave_only and {s for s in mixed.specs() if s.kind != "mixed"} == \
         set(interleaved.specs()) - interleave_only
     assert ShapePlan.from_record(mixed.to_record()).specs() == mixed.specs()
+    # a granule: first and last chunks round up to a multiple of it (300 tokens: 256 + 48, not 256 + 64)
+    fine = ShapePlan(max_batch_size=8, max_seq_len=8192, prefill_chunk=256, granule=16)
+    assert fine.chunk_sizes() == list(range(16, 257, 16))
+    assert fine.chunk(256, 44) == 48 and fine.chunk(0, 3) == 16 and fine.chunk(0, 100) == 112
+    assert fine.chunk(256, 44, batch=8) == 256 and fine.chunk(0, 300) == 256
+    assert ShapePlan.from_record(fine.to_record()).specs() == fine.specs() and "granule" not in plan.to_record()
+    for bad in (3, 512, -16):
+        with pytest.raises(ValueError, match="granule"):
+            ShapePlan(max_batch_size=8, max_seq_len=8192, prefill_chunk=256, granule=bad)
 
 
-@pytest.mark.parametrize("interleave, mixed", [(None, False), (64, False), (64, True), (16, False)])
-def test_every_chunk_is_planned_and_in_the_cache(interleave, mixed):
+@pytest.mark.parametrize("interleave, mixed, granule", [(None, False, 0), (64, False, 0), (64, True, 0),
+                                                        (16, False, 0), (None, False, 16), (64, True, 16),
+                                                        (64, False, 32)])
+def test_every_chunk_is_planned_and_in_the_cache(interleave, mixed, granule):
     """Whatever the path a prompt's chunks take (alone, interleaved, switching between them, a batch), each chunk
-    starts at a multiple of its own length (a paged ring never sees one wrap), ends inside the cache's slots, and
-    has a graph in the plan."""
+    lies inside one whole prefill chunk of positions (a ring, a whole number of them, never sees one wrap) and
+    starts at a multiple of its own length unless a granule cut it, ends inside the cache's slots, and has a graph
+    in the plan."""
     plan = ShapePlan(max_batch_size=4, max_seq_len=1000, prefill_chunk=256, interleave_chunk=interleave,
-                     mixed=mixed, window=128)
+                     mixed=mixed, window=128, granule=granule)
     planned = {(s.batch, s.steps, s.kv_len) for s in plan.specs() if s.kind == "prefill"}
+
+    def placed(done, c):
+        aligned = done % c == 0 or (granule and c % granule == 0)
+        return aligned and done // 256 == (done + c - 1) // 256 and done + c <= plan.slots
     for length in list(range(1, 600, 7)) + [255, 256, 257, 511, 512, 513, 999]:
         for pattern in ("alone", "interleaved", "switching", "batch"):
             done = step = 0
@@ -220,12 +252,12 @@ def test_every_chunk_is_planned_and_in_the_cache(interleave, mixed):
                 if mixed and batch == 1:  # the scheduler's rule (Scheduler._mixes): whole interleave chunks
                     c = plan.chunk(done, length - done, interleaved=True)
                     if c == plan.interleave_chunk and (staged or interleaved):
-                        assert done % c == 0 and done + c <= plan.slots
+                        assert placed(done, c)
                         assert plan.kv_len(done + c) in plan.mixed_kv_lens(), (length, pattern, done)
                         done, step, staged = done + c, step + 1, True
                         continue
                 c = plan.chunk(done, length - done, interleaved=interleaved and batch == 1, batch=batch)
-                assert done % c == 0 and done + c <= plan.slots, (length, pattern, done, c)
+                assert placed(done, c), (length, pattern, done, c)
                 assert (batch, c, plan.kv_len(done + c)) in planned, (length, pattern, done, c)
                 done, step = done + c, step + 1
 

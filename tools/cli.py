@@ -20,6 +20,9 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
     ap.add_argument("--max-batch-size", type=int, default=None, help="default 8 (or the artifacts' setting)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="default 4096 (or the artifacts' setting)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="default 256 (or the artifacts' setting)")
+    ap.add_argument("--prefill-granule", type=int, default=None,
+                    help="a prompt's first and last chunk round up to a multiple of this (a power of two; 0: to a "
+                         "power of two). Default 16 on eager (less padding computed), else 0 (fewer graphs)")
     ap.add_argument("--interleave-chunk", type=int, default=None,
                     help="serving: prompt tokens prefilled per step while other requests decode (a power of two; "
                          "default 256, or the artifacts' setting; smaller: shorter stalls of the running streams, "
@@ -53,6 +56,7 @@ def settings_from_args(args, **fixed) -> Settings:
                     max_batch_size=args.max_batch_size,
                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, batch_sizes=batch_sizes,
                     interleave_chunk=args.interleave_chunk, mixed_steps=args.mixed_steps,
+                    prefill_granule=args.prefill_granule,
                     window_cache=args.window_cache,
                     tp_size=args.tp, threads=args.threads, **fixed)
 
