@@ -198,6 +198,8 @@ def main(argv=None) -> int:
                     help="prompt tokens prefilled per step while others decode (default: the server's, 256)")
     ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=False,
                     help="a prompt's chunk and the decode step as one graph (tools.serve's --mixed-steps)")
+    ap.add_argument("--prefill-granule", type=int, default=None,
+                    help="first/last chunks round up to a multiple of this (0: powers of two; default: the backend's)")
     ap.add_argument("--serial", type=int, default=None,
                     help="requests sent one at a time for the ratio (default: all of them, the same work as served)")
     ap.add_argument("--long-prompt", type=int, default=2000)
@@ -220,7 +222,8 @@ def main(argv=None) -> int:
         args.artifacts = tempfile.mkdtemp(prefix="load-test-artifacts-")
     settings = dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                     prefill_chunk=args.prefill_chunk, interleave_chunk=args.interleave_chunk,
-                    mixed_steps=args.mixed_steps, progress=False, backend=args.backend, artifacts=args.artifacts)
+                    mixed_steps=args.mixed_steps, prefill_granule=args.prefill_granule, progress=False,
+                    backend=args.backend, artifacts=args.artifacts)
     rt = Runtime.from_pretrained(model_dir, **settings)
     ref = Runtime(rt.model, model_dir, **settings)  # its own cache: the reference runs one request at a time
     rng = random.Random(args.seed)
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
     figures = {"backend": args.backend, "clients": args.clients, "requests": args.requests,
                "max_batch_size": args.max_batch_size,
                "prefill_chunk": args.prefill_chunk, "interleave_chunk": rt.shapes.interleave_chunk,
-               "mixed_steps": args.mixed_steps,
+               "mixed_steps": args.mixed_steps, "prefill_granule": rt.shapes.granule,
                "torch_threads": args.threads, "model": str(model_dir), "frontend": args.frontend}
 
     scheduler = Scheduler(rt)
