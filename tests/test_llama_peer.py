@@ -47,6 +47,22 @@ def test_cpu_isa_is_named():
     assert llama_peer.cpu_isa()
 
 
+def test_builds_have_their_own_venv_and_flags():
+    """Each llama.cpp build lives in its own venv with its CMake flags; the ISA a build used is read from its
+    system info, not from the machine (an AVX2 build on an AVX-512 machine says AVX2)."""
+    assert llama_peer.venv_for("native") == llama_peer.DEFAULT_VENV != llama_peer.venv_for("avx2")
+    flags = llama_peer._build_flags(llama_peer.venv_for("avx2")).split()
+    assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_AVX2=ON" in flags and "-DGGML_AVX512=OFF" in flags
+    assert llama_peer._build_flags(llama_peer.DEFAULT_VENV) == "-DGGML_NATIVE=ON"
+    with pytest.raises(llama_peer.PeerError, match="unknown llama.cpp build 'avx9'"):
+        llama_peer.venv_for("avx9")
+    avx2 = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | REPACK = 1 |"
+    assert llama_peer.built_isa(avx2) == "AVX2"
+    assert llama_peer.built_isa("CPU : AVX2 = 1 | AVX512 = 1 | AVX512_BF16 = 1 |") == "AVX-512 with bf16"
+    assert llama_peer.built_isa("CPU : AVX512 = 1 | AVX512_VNNI = 1 |") == "AVX-512"
+    assert llama_peer.built_isa("") == "unknown"
+
+
 _VENV_READY = llama_peer.DEFAULT_VENV.joinpath(f".llama-cpp-python-{llama_peer.LLAMA_CPP_PYTHON}").exists()
 needs_llama = pytest.mark.skipif(not _VENV_READY, reason="llama.cpp virtualenv not built (build/llama-venv)")
 
