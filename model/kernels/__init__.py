@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def build_library(name: str, sources, python_module: bool = True):
     with open(directory / "build.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)
+        if not (directory / f"{name}.so").exists():
+            print(f"compiling {name} once for this machine (~30 s; cached in {directory})", file=sys.stderr,
+                  flush=True)
         # -fopenmp: at::parallel_for runs on torch's OpenMP pool (the same libgomp, already loaded).
         return cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(directory),
                                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
