@@ -122,9 +122,10 @@ class Runtime:
         self.eos_ids = stop_token_ids(model_dir, self.config.eos_token_ids) if model_dir else set(
             self.config.eos_token_ids)
         self.backend = settings.backend
-        if self.device.type == "cpu" and model.weights == "published":
-            # the CPU kernels are compiled once per machine (~30 s on 2 cores), here rather than inside the first
-            # step: a first prefill's timing is the model's, not the compiler's
+        if self.device.type == "cpu" and (model.weights == "published" or self.dtype == torch.float32):
+            # the CPU kernels (published weights' matmuls; fp32 attention in any weight form) are compiled once
+            # per machine (~30 s on 2 cores), here rather than inside the first step: a first prefill's timing is
+            # the model's, not the compiler's
             from gptoss.model import kernels
             kernels.extension()
         self.graphs = backend.build(model, self.shapes, self.cache, settings)
