@@ -108,13 +108,14 @@ def test_bf16_linear_matches_upcast_weights(isa, n, m, k):
     _check(kernels.bf16_linear(x, w), x, w.float()[None], [n])
 
 
-@pytest.mark.parametrize("k", [1100, 1700])
+@pytest.mark.parametrize("k", [100, 1100, 1700])
 def test_bf16_rows_do_not_depend_on_the_batch(isa, k):
     """Up to kDecodeRows (16) activation rows take the register path, whose kernels give each (weight row,
     activation row) pair the same arithmetic whatever the batch: AVX-512 streams weight rows for up to three rows
-    and takes tiles of two and four weight rows beyond; AVX2 streams them for one row when K <= 1536 and
-    otherwise takes tiles of four weight rows by up to three activation rows. So a row's outputs are bit for bit
-    the same in any batch up to 16 (K with a tail that is not a whole step, M not a multiple of 4)."""
+    and takes tiles of two and four weight rows beyond; AVX2 streams them for one row (two chains in registers)
+    and takes tiles of four weight rows by up to three activation rows beyond (the same two chains, one pass each
+    per block of 256 weights). So a row's outputs are bit for bit the same in any batch up to 16 (K with a tail
+    that is not a whole step, shorter than a block or ending inside one; M not a multiple of 4)."""
     w = torch.randn(133, k).bfloat16()
     x = torch.randn(16, k)
     alone = torch.cat([kernels.bf16_linear(x[i:i + 1], w) for i in range(16)])

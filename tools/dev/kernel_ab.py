@@ -33,17 +33,24 @@ EXPERTS, TOP_K = 32, 4
 
 
 def build_revision(rev: str | None, side: str = "base"):
-    """The kernels' C++ as committed at `rev` (None: the working tree's), compiled as an extension module of its
-    own; `side` keeps two builds of the same source apart."""
+    """The kernels' C++ sources (csrc/, headers included) as committed at `rev` (None: the working tree's),
+    compiled as an extension module of its own; `side` keeps two builds of the same source apart."""
+    csrc = "model/kernels/csrc"
     root = Path(__file__).resolve().parents[2]
     if rev is None:
-        src = (root / "model/kernels/csrc/cpu_kernels.cpp").read_bytes()
+        files = {p.name: p.read_bytes() for p in sorted((root / csrc).iterdir()) if p.is_file()}
     else:
-        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:model/kernels/csrc/cpu_kernels.cpp"],
-                             check=True, capture_output=True).stdout
-    path = Path(tempfile.mkdtemp()) / "cpu_kernels.cpp"
-    path.write_bytes(src)
-    return kernels.build_library(f"gptoss_kernels_ab_{side}_" + hashlib.sha256(src).hexdigest()[:12], [path])
+        names = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", f"{rev}:{csrc}"], check=True,
+                               capture_output=True, text=True).stdout.split()
+        files = {name: subprocess.run(["git", "-C", str(root), "show", f"{rev}:{csrc}/{name}"], check=True,
+                                      capture_output=True).stdout for name in names}
+    directory = Path(tempfile.mkdtemp())
+    digest = hashlib.sha256()
+    for name, text in sorted(files.items()):
+        (directory / name).write_bytes(text)
+        digest.update(name.encode() + text)
+    sources = sorted(directory / name for name in files if name.endswith(".cpp"))
+    return kernels.build_library(f"gptoss_kernels_ab_{side}_" + digest.hexdigest()[:12], sources)
 
 
 def copies_in_a_gib(nbytes: int) -> int:

@@ -500,77 +500,77 @@ GPTOSS_AVX2 inline __m256 sum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// A tile of four weight rows (adjacent in memory: one stream) against R (1..3) activation rows in bf16_dot_layout
-// order: each weight vector is widened once and used by the R rows, each activation vector (an FMA's memory
-// operand) by the four weight rows; one accumulator per (weight row, activation row), updated by the low then the
-// high half of each 16 weights. Every pair takes the same operations in the same order whatever R is, so a row's
-// result does not depend on the other rows of its batch. Three rows make twelve accumulators, so the FMA units
-// need not wait on an accumulator's previous FMA (eight only just cover the latency; at 8 rows the two measured
-// within noise of each other). Accumulator (r, i) goes to sums[r * 4 + i].
+// The arithmetic of one (weight row, activation row) pair, whichever path takes it: two accumulators, one over the
+// low and one over the high words of each 16 weights (bf16_dot_layout order), in order of k, added at the end. Two
+// chains, not one: a one-row gemv is one pair, and one chain of 2 K / 16 dependent FMAs held it to ~8 bytes of
+// weights per FMA latency (Zen 5 VM, AVX2, bench lm_head from memory: 34 GB/s on two threads; the AVX-512 path's
+// chain, on vectors twice as wide, 49). Splitting the row into halves side by side instead (two streams) measured
+// 1.9x the time: these machines stream one forward run of addresses per thread far better than two. Every pair
+// takes the same operations in the same order whatever else is in the call, so a row's result does not depend on
+// the other rows of its batch.
+//
+// A tile of four weight rows (adjacent in memory: one stream) against R (1..3) activation rows: twelve pairs at
+// R = 3, so twelve chains keep the FMA units busy, but 24 accumulators would not fit sixteen registers. So the tile
+// runs in blocks of kBf16Block weights, each block twice, the low words then the high (the block is in L1 for its
+// second pass), with the twelve accumulators of one pass in registers and the other pass's parked in memory. Two
+// accumulators per pair in registers (tiles of two weight rows) measured 1.2x the time at 8 rows, 2880 wide.
+// Pair (r, i) goes to sums[r * 4 + i].
 constexpr int kBf16TileRows = 4;
-constexpr int64_t kBf16StreamK = 1536;  // longest rows a one-row gemv reads one at a time (bf16_dot)
+constexpr int64_t kBf16Block = 256;
+
+// One pass of a tile's block: the low (Part 0) or high (Part 1) words of weights [c0, c1) of each row into acc.
+template <int R, int W, int Part>
+GPTOSS_AVX2 __attribute__((always_inline)) inline void bf16_tile_pass(const uint16_t* const* rows, int64_t c0,
+                                                                      int64_t c1, const float* x, int64_t ldx,
+                                                                      const char* next_tile, __m256 (&acc)[R][W]) {
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t c = c0; c < c1; c += kBf16Step) {
+    if (Part == 0) {  // the next tile, as one linear stream: two lines a step (the tile reads 128 bytes a step)
+      _mm_prefetch(next_tile + W * 2 * c, _MM_HINT_T0);
+      _mm_prefetch(next_tile + W * 2 * c + 64, _MM_HINT_T0);
+    }
+    for (int i = 0; i < W; ++i) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + c));
+      const __m256 v = _mm256_castsi256_ps(Part ? _mm256_unpackhi_epi16(zero, w) : _mm256_unpacklo_epi16(zero, w));
+      for (int r = 0; r < R; ++r) acc[r][i] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + r * ldx + c + 8 * Part), acc[r][i]);
+    }
+  }
+}
 
 template <int R>
 GPTOSS_AVX2 __attribute__((always_inline)) inline void bf16_tile(const uint16_t* const* rows, int64_t k,
                                                                  const float* x, int64_t ldx, __m256* sums) {
   constexpr int W = kBf16TileRows;
-  __m256 acc[R][W];
+  __m256 lo[R][W], hi[R][W];
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < W; ++i) acc[r][i] = _mm256_setzero_ps();
-  const __m256i zero = _mm256_setzero_si256();
+    for (int i = 0; i < W; ++i) lo[r][i] = hi[r][i] = _mm256_setzero_ps();
   const char* next_tile = reinterpret_cast<const char*>(rows[0]) + W * 2 * k;
-  for (int64_t c = 0; c + kBf16Step <= k; c += kBf16Step) {
-    // the next tile, as one linear stream: two lines a step (the tile reads 128 bytes a step)
-    _mm_prefetch(next_tile + W * 2 * c, _MM_HINT_T0);
-    _mm_prefetch(next_tile + W * 2 * c + 64, _MM_HINT_T0);
-    for (int i = 0; i < W; ++i) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + c));
-      const __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
-      const __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
-      for (int r = 0; r < R; ++r)
-        acc[r][i] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + r * ldx + c + 8),
-                                    _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + r * ldx + c), acc[r][i]));
-    }
+  const int64_t end = k - k % kBf16Step;
+  for (int64_t block = 0; block < end; block += kBf16Block) {
+    const int64_t block_end = std::min(end, block + kBf16Block);
+    bf16_tile_pass<R, W, 0>(rows, block, block_end, x, ldx, next_tile, lo);
+    bf16_tile_pass<R, W, 1>(rows, block, block_end, x, ldx, next_tile, hi);
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < W; ++i) sums[r * W + i] = acc[r][i];
+    for (int i = 0; i < W; ++i) sums[r * W + i] = _mm256_add_ps(lo[r][i], hi[r][i]);
 }
 
-// One weight row against one activation row, with bf16_tile's arithmetic for the pair (one accumulator, the low
-// then the high half of each 16 weights), into *sum.
+// One weight row against one activation row, the tile's arithmetic (both chains in registers), into *sum.
 GPTOSS_AVX2 inline void bf16_row(const uint16_t* row, int64_t k, const float* x, __m256* sum) {
-  __m256 acc = _mm256_setzero_ps();
+  __m256 lo_acc = _mm256_setzero_ps(), hi_acc = _mm256_setzero_ps();
   const __m256i zero = _mm256_setzero_si256();
   for (int64_t c = 0; c + kBf16Step <= k; c += kBf16Step) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
-    const __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
-    const __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
-    acc = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + c + 8), _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + c), acc));
+    lo_acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w)), _mm256_loadu_ps(x + c), lo_acc);
+    hi_acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w)), _mm256_loadu_ps(x + c + 8), hi_acc);
   }
-  *sum = acc;
-}
-
-// Eight weight rows against one activation row, with bf16_tile's arithmetic for each pair, into sums[0..8): eight
-// chains for rows too long to stream one at a time; no software prefetch (it cost a third of the rate here).
-GPTOSS_AVX2 inline void bf16_eight(const uint16_t* const* rows, int64_t k, const float* x, __m256* sums) {
-  __m256 acc[8];
-  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-  const __m256i zero = _mm256_setzero_si256();
-  for (int64_t c = 0; c + kBf16Step <= k; c += kBf16Step) {
-    const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
-    for (int i = 0; i < 8; ++i) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + c));
-      acc[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w)), x1,
-                               _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w)), x0, acc[i]));
-    }
-  }
-  for (int i = 0; i < 8; ++i) sums[i] = acc[i];
+  *sum = _mm256_add_ps(lo_acc, hi_acc);
 }
 
 // (weight row, activation row) accumulators waiting to be reduced eight at a time (sum8) and stored, each output
 // plus its last k % 16 products in natural order.
 struct Bf16Sums {
-  static constexpr int kSlots = 24;  // two tiles of three rows
+  static constexpr int kSlots = 24;  // two tiles of three activation rows
   __m256 sums[kSlots];
   float* dst[kSlots];  // nullptr: a repeated weight row, not stored
   const uint16_t* wrow[kSlots];
@@ -595,43 +595,26 @@ struct Bf16Sums {
   }
 };
 
-// One activation row and rows of at most kBf16StreamK values (memory-bound): weight rows one at a time, so the weights
-// are one linear stream. Zen 4 VM (AVX2 exposed), one thread, weights from memory: K = 768 16.1-16.6 GB/s against
-// 9.8-10.8 in tiles of four, whose four row streams the hardware prefetcher seems to follow worse (inferred: no
-// counters; two rows side by side: 6.6; a read-only pass 17.4-20.3); K = 1024 14.0-17.1 vs 9.6-12.0, K = 1536 12.5-14.4
-// vs 10.9-13.0. A row's accumulator is one dependent chain, so a stream can only run as fast as the core overlaps
-// consecutive rows, which long rows seem not to allow: at K = 2880 (gpt-oss-20b) one row at a time measured 8.6-11.1 vs
-// 8.4-10.2 GB/s one thread and 1.05x the time on two, so long rows go eight at a time (bf16_eight: eight chains,
-// 12.2-13.9 GB/s one thread at K = 2880). Two or three activation rows (streamed, a weight row's chains measured 1.20x
-// the time of the tiles for three, bench lm_head, two threads) and more take tiles of four weight rows by up to three
-// activation rows (four rows as three and one measured the same as two and two). A weight row past m1 repeats the last
-// one and is not stored. In cache, one thread of a Zen 3 VM (46 GMAC/s FMA peak), 2048 x 768 and 512 x 2880, alternated
-// with the kernel before (one weight row by up to four activation rows): 8 rows 21-25 GMAC/s vs 16-19, 1 row 13.5-15 vs
-// 9-12. Other tilings measured no better (BENCHMARKS.md). Both give each (weight row, activation row) pair the same
-// arithmetic (bf16_row is bf16_tile's), so a row's result does not depend on its batch.
+// One activation row (memory-bound): weight rows one at a time, so the weights are one linear stream; the row's two
+// chains (bf16_row) let it run at any K. Zen 5 VM, two threads, weights from memory, against one chain a row (and
+// eight rows side by side past K = 1536): bench lm_head 0.88-1.05x the time (median 0.91), gpt-oss-20b's qkv
+// (5120 x 2880) 0.85-0.88x; several rows side by side, each with two chains, measured 1.2-1.9x (each row is its own
+// stream). More activation rows take tiles of four weight rows by up to three activation rows (bf16_tile), 0.90-0.99x
+// the time of the one-chain tiles at 8 rows x 768 but 1.11-1.14x at 8 x 2880 and 1.06-1.09x at 3 x 2880 (the price
+// of the second chain in a tile; not understood further without counters). A weight row past m1 repeats the last one
+// and is not stored. Both give each (weight row, activation row) pair the same arithmetic, so a row's result does not
+// depend on its batch.
 GPTOSS_AVX2 void bf16_dot(const Bf16& w, int64_t m0, int64_t m1, const float* x, int64_t ldx, int64_t n, float* out,
                           int64_t ldo) {
   constexpr int W = kBf16TileRows;
   const int64_t k = w.k;
   Bf16Sums p;
-  if (n == 1 && k <= kBf16StreamK) {
+  if (n == 1) {
     for (int64_t m = m0; m < m1; ++m) {
       if (p.slots == Bf16Sums::kSlots) p.flush(k);
       const uint16_t* row = w.w + m * k;
       bf16_row(row, k, x, p.sums + p.slots);
       p.add(out + m, row, x);
-    }
-    if (p.slots) p.flush(k);
-    return;
-  }
-  if (n == 1) {
-    for (int64_t m = m0; m < m1; m += 8) {
-      if (p.slots + 8 > Bf16Sums::kSlots) p.flush(k);
-      const int64_t count = std::min<int64_t>(8, m1 - m);
-      const uint16_t* rows[8];
-      for (int64_t i = 0; i < 8; ++i) rows[i] = w.w + (m + std::min(i, count - 1)) * k;
-      bf16_eight(rows, k, x, p.sums + p.slots);
-      for (int64_t i = 0; i < 8; ++i) p.add(i < count ? out + m + i : nullptr, rows[i], x);
     }
     if (p.slots) p.flush(k);
     return;
