@@ -15,6 +15,11 @@
         single-token steps (each query row on its own)
     prefill_attention(the same arguments)                                             -> [B, T, Hq, D] f32
         the same semantics for chunks of several tokens (tiles of query rows against blocks of keys)
+    rms_norm(x [..., H] f32, weight [H] f32, eps)                                      -> like x
+    add_rms_norm(x, residual [..., H] f32, weight [H] f32, eps)                        -> (rms_norm(x + residual), x + residual)
+    rope(x [B, T, H, D] f32, cos [B, T, D/2], sin [B, T, D/2])                         -> [B, T, H, D] f32
+    cache_write(cache [B, S, H, D] f32, start [B] int, values [B, T, H, D] f32)        -> None, in place
+        the small per-layer ops of an eager step, one call each (model/ops/torch_ops: the same semantics)
 
 Rows of x are sorted by expert; `offs[e]` is the cumulative end of expert e's rows. The ops (schemas and shape-only
 fake implementations) are registered when this module is imported, which importing `gptoss.model` does, so graphs
@@ -46,7 +51,8 @@ import torch
 
 __all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "sgemm", "set_sgemm", "prefetch",
            "set_prefetch", "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe",
-           "mxfp4_moe_routed", "decode_attention", "prefill_attention"]
+           "mxfp4_moe_routed", "decode_attention", "prefill_attention", "rms_norm", "add_rms_norm", "rope",
+           "cache_write"]
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(sorted(CSRC.glob("*.cpp")))  # compiled; the headers beside them count in the hash too
@@ -216,6 +222,10 @@ _lib.define("mxfp4_moe_routed(Tensor x, Tensor router_weight, Tensor? router_bia
 for _name in ("decode_attention", "prefill_attention"):
     _lib.define(f"{_name}(Tensor q, Tensor k_cache, Tensor v_cache, Tensor sinks, Tensor k_pos, Tensor q_pos, "
                 "int window, float scale) -> Tensor")
+_lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_lib.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)")
+_lib.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
+_lib.define("cache_write(Tensor(a!) cache, Tensor start, Tensor values) -> ()")
 # Until the library is loaded, each op's implementation is this Python one: it loads the library, whose loading
 # registers the C++ kernels as the ops' CPU implementations (they take precedence over these from then on), and
 # passes the call on. Registered for every backend rather than CPU so that nothing is ever deregistered (a call
@@ -228,6 +238,10 @@ _lib.impl("bf16_grouped_mm", lambda x, w, o, bias=None: extension().bf16_grouped
 _lib.impl("bf16_linear", lambda x, w, bias=None: extension().bf16_linear(x, w, bias), _LAZY)
 _lib.impl("decode_attention", lambda *args: extension().decode_attention(*args), _LAZY)
 _lib.impl("prefill_attention", lambda *args: extension().prefill_attention(*args), _LAZY)
+_lib.impl("rms_norm", lambda *args: extension().rms_norm(*args), _LAZY)
+_lib.impl("add_rms_norm", lambda *args: extension().add_rms_norm(*args), _LAZY)
+_lib.impl("rope", lambda *args: extension().rope(*args), _LAZY)
+_lib.impl("cache_write", lambda *args: extension().cache_write(*args), _LAZY)
 
 
 @torch.library.register_fake("gptoss::mxfp4_grouped_mm", lib=_lib)
@@ -261,6 +275,27 @@ def _(x, weight, bias=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.register_fake("gptoss::rms_norm", lib=_lib)
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("gptoss::add_rms_norm", lib=_lib)
+def _(x, residual, weight, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("gptoss::rope", lib=_lib)
+def _(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("gptoss::cache_write", lib=_lib)
+def _(cache, start, values):
+    return None
+
+
 mxfp4_grouped_mm = torch.ops.gptoss.mxfp4_grouped_mm
 bf16_grouped_mm = torch.ops.gptoss.bf16_grouped_mm
 bf16_linear = torch.ops.gptoss.bf16_linear
@@ -268,3 +303,7 @@ mxfp4_moe = torch.ops.gptoss.mxfp4_moe
 mxfp4_moe_routed = torch.ops.gptoss.mxfp4_moe_routed
 decode_attention = torch.ops.gptoss.decode_attention
 prefill_attention = torch.ops.gptoss.prefill_attention
+rms_norm = torch.ops.gptoss.rms_norm
+add_rms_norm = torch.ops.gptoss.add_rms_norm
+rope = torch.ops.gptoss.rope
+cache_write = torch.ops.gptoss.cache_write

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..kernels import (bf16_linear, decode_attention, mxfp4_grouped_mm, mxfp4_moe, mxfp4_moe_routed,
                        prefill_attention)
 from ..weights import PackedMxfp4
@@ -26,7 +27,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight.to(x.dtype), bias)
 
 
+def _one_call(*tensors: torch.Tensor) -> bool:
+    """Whether the small per-layer ops take the CPU kernels' single calls (model/kernels: rms_norm, add_rms_norm,
+    rope, cache_write): fp32 on the CPU, run eagerly. Eagerly each torch form is 6-10 ATen calls of a few
+    microseconds, ~0.3 ms a layer on a 2-core VM; a graph being compiled keeps the torch forms, which the compiler
+    fuses with their neighbours."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.compiler.is_compiling())
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _one_call(x, weight):
+        return kernels.rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.float() * xf).to(x.dtype)
@@ -34,12 +46,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """(rms_norm(x + residual), x + residual): the sum becomes the new residual stream."""
+    if _one_call(x, residual, weight) and x.shape == residual.shape:
+        return kernels.add_rms_norm(x, residual, weight, eps)
     summed = x + residual
     return rms_norm(summed, weight, eps), summed
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D]; cos/sin [B, T, D/2]. Half-split rotation."""
+    if _one_call(x, cos, sin):
+        return kernels.rope(x, cos, sin)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -49,6 +65,9 @@ def cache_write(cache: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> 
     """In place: cache[b, (start[b] + t) mod S] = new[b, t] for every row b. A cache of S slots is a ring: position
     p lives in slot p mod S (a cache longer than the context never wraps, and is the plain linear cache).
     cache [B, S, H, D], start [B] int, new [B, T, H, D]."""
+    if _one_call(cache, new) and start.device.type == "cpu" and cache.is_contiguous():
+        kernels.cache_write(cache, start, new)
+        return
     batch, steps = new.shape[:2]
     rows = torch.arange(batch, device=new.device)[:, None].expand(batch, steps)
     cols = torch.remainder(start[:, None].to(torch.long) + torch.arange(steps, device=new.device), cache.shape[1])

@@ -2238,6 +2238,10 @@ void register_cpu_impls() {
   native->impl("mxfp4_moe_routed", TORCH_FN(mxfp4_moe_routed));
   native->impl("decode_attention", TORCH_FN(decode_attention));
   native->impl("prefill_attention", TORCH_FN(gptoss::prefill_attention));
+  native->impl("rms_norm", TORCH_FN(gptoss::rms_norm));
+  native->impl("add_rms_norm", TORCH_FN(gptoss::add_rms_norm));
+  native->impl("rope", TORCH_FN(gptoss::rope));
+  native->impl("cache_write", TORCH_FN(gptoss::cache_write));
 }
 
 }  // namespace
@@ -2277,6 +2281,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "attention of single-token steps over the KV cache (sinks, window)");
   m.def("prefill_attention", &gptoss::prefill_attention, "attention of several-token chunks over the KV cache (sinks, "
         "window)");
+  m.def("rms_norm", &gptoss::rms_norm, "RMSNorm of each row (float32)");
+  m.def("add_rms_norm", &gptoss::add_rms_norm, "(RMSNorm(x + residual), x + residual) (float32)");
+  m.def("rope", &gptoss::rope, "half-split rotary embedding of x [B, T, H, D] by cos/sin [B, T, D/2]");
+  m.def("cache_write", &gptoss::cache_write, "in place: cache[b, (start[b] + t) mod S] = values[b, t]");
   m.def("isa", &isa, "the instruction set the kernels use now");
   m.def("available_isas", &available_isas, "instruction sets this CPU runs, best first");
   m.def("set_isa", &set_isa, "use this instruction set from now on (one of available_isas(), or 'best'); resets the "

@@ -19,4 +19,11 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
                              const at::Tensor& sinks, const at::Tensor& k_pos, const at::Tensor& q_pos,
                              int64_t window, double scale);
 
+// The small per-layer ops of a step (step_ops.cpp): RMSNorm, the residual add with RMSNorm, RoPE, the KV cache write.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps);
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+void cache_write(at::Tensor cache, const at::Tensor& start, const at::Tensor& values);
+
 }  // namespace gptoss
