@@ -16,7 +16,7 @@
     prefill_attention(the same arguments)                                             -> [B, T, Hq, D] f32
         the same semantics for chunks of several tokens (tiles of query rows against blocks of keys)
     rms_norm(x [..., H] f32, weight [H] f32, eps)                                      -> like x
-    add_rms_norm(x, residual [..., H] f32, weight [H] f32, eps)                        -> (rms_norm(x + residual), x + residual)
+    add_rms_norm(x, residual [..., H] f32, weight [H] f32, eps)     -> (rms_norm(x + residual), x + residual)
     rope(x [B, T, H, D] f32, cos [B, T, D/2], sin [B, T, D/2])                         -> [B, T, H, D] f32
     cache_write(cache [B, S, H, D] f32, start [B] int, values [B, T, H, D] f32)        -> None, in place
         the small per-layer ops of an eager step, one call each (model/ops/torch_ops: the same semantics)

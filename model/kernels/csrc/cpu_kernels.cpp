@@ -532,7 +532,8 @@ GPTOSS_AVX2 __attribute__((always_inline)) inline void bf16_tile_pass(const uint
     for (int i = 0; i < W; ++i) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + c));
       const __m256 v = _mm256_castsi256_ps(Part ? _mm256_unpackhi_epi16(zero, w) : _mm256_unpacklo_epi16(zero, w));
-      for (int r = 0; r < R; ++r) acc[r][i] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + r * ldx + c + 8 * Part), acc[r][i]);
+      for (int r = 0; r < R; ++r)
+        acc[r][i] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + r * ldx + c + 8 * Part), acc[r][i]);
     }
   }
 }
