@@ -78,6 +78,10 @@ def test_bad_inputs_are_refused_with_the_problem_named():
         kernels.rope(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3), torch.randn(1, 2, 3))
     with pytest.raises(RuntimeError, match="negative"):
         kernels.cache_write(torch.zeros(1, 4, 1, 8), torch.tensor([-1]), torch.randn(1, 1, 1, 8))
+    with pytest.raises(RuntimeError, match="S > 0"):
+        kernels.cache_write(torch.zeros(1, 0, 1, 8), torch.tensor([0]), torch.randn(1, 1, 1, 8))
+    with pytest.raises(RuntimeError, match=r"values must be \[B, T, H, D\]"):
+        kernels.cache_write(torch.zeros(1, 4, 1, 8), torch.tensor([0]), torch.randn(8))
     with pytest.raises(RuntimeError, match="do not fit the cache"):
         kernels.cache_write(torch.zeros(1, 4, 1, 8), torch.tensor([0]), torch.randn(1, 1, 2, 8))
 

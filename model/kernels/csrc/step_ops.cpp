@@ -112,10 +112,11 @@ void cache_write(at::Tensor cache, const at::Tensor& start_, const at::Tensor& v
   check_float_cpu(cache, "cache_write's cache");
   check_float_cpu(values_, "cache_write's values");
   TORCH_CHECK(start_.device().is_cpu(), "cache_write's start must be a CPU tensor");
-  TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous(),
-              "cache_write: the cache must be a contiguous [B, S, H, D], got ", cache.sizes());
+  TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous() && cache.size(1) > 0,
+              "cache_write: the cache must be a contiguous [B, S, H, D] with S > 0, got ", cache.sizes());
+  TORCH_CHECK(values_.dim() == 4, "cache_write: values must be [B, T, H, D], got ", values_.sizes());
   const int64_t batch = values_.size(0), steps = values_.size(1), slots = cache.size(1);
-  TORCH_CHECK(values_.dim() == 4 && cache.size(0) == batch && values_.size(2) == cache.size(2) &&
+  TORCH_CHECK(cache.size(0) == batch && values_.size(2) == cache.size(2) &&
                   values_.size(3) == cache.size(3) && start_.numel() == batch,
               "cache_write: values ", values_.sizes(), " and start ", start_.sizes(), " do not fit the cache ",
               cache.sizes());
