@@ -7,9 +7,9 @@
 llama.cpp lives in its own virtualenv (``build/llama-venv``; never a dependency of this project): the first call
 creates it, downloads the ``llama-cpp-python`` sdist (pinned: :data:`LLAMA_CPP_PYTHON`), builds it for this CPU
 (``GGML_NATIVE``; minutes on 2 cores; ``--build avx2``: AVX2 only, in ``build/llama-venv-avx2``) and keeps the
-llama.cpp source of that sdist for its ``convert_hf_to_gguf.py`` and ``gguf-py``.  Everything llama.cpp computes runs in a child process of that virtualenv
-(:mod:`gptoss.tools.dev.llama_worker`), one at a time, so a benchmark can interleave rounds of both engines
-without them ever computing at once.
+llama.cpp source of that sdist for its ``convert_hf_to_gguf.py`` and ``gguf-py``.  Everything llama.cpp computes
+runs in a child process of that virtualenv (:mod:`gptoss.tools.dev.llama_worker`), one at a time, so a benchmark
+can interleave rounds of both engines without them ever computing at once.
 
 GGUF kinds, as llama.cpp converts GPT-OSS:
 

@@ -502,10 +502,11 @@ GPTOSS_AVX2 inline __m256 sum8(const __m256* v) {
 
 // The arithmetic of one (weight row, activation row) pair, whichever path takes it: two accumulators, one over the
 // low and one over the high words of each 16 weights (bf16_dot_layout order), in order of k, added at the end. Two
-// chains, not one: a one-row gemv is one pair, and one chain of 2 K / 16 dependent FMAs held it to ~8 bytes of
-// weights per FMA latency (Zen 5 VM, AVX2, bench lm_head from memory: 34 GB/s on two threads; the AVX-512 path's
-// chain, on vectors twice as wide, 49). Splitting the row into halves side by side instead (two streams) measured
-// 1.9x the time: these machines stream one forward run of addresses per thread far better than two. Every pair
+// chains, not one: a one-row gemv is one pair, and one chain of 2 K / 16 dependent FMAs allows ~8 bytes of weights
+// per FMA latency, ~33 GB/s on two threads at 4.15 GHz (Zen 5 VM, AVX2: the bench step's bf16 linears took 0.98 ms
+// against 0.665 on the AVX-512 path, whose chain is half as long). Splitting the row into halves side by side
+// instead (two streams) measured 1.8-2.1x the time (inferred: these machines stream one forward run of addresses
+// per thread far better than two). Every pair
 // takes the same operations in the same order whatever else is in the call, so a row's result does not depend on
 // the other rows of its batch.
 //

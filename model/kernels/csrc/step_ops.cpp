@@ -1,6 +1,6 @@
 // The small per-layer ops of a step, each one call: RMSNorm (with the residual add), RoPE, and the KV cache write.
-// In eager mode each was 6-10 ATen ops of a few microseconds each (~0.3 ms a layer on these 2-core VMs, as much as a
-// bench layer's matmuls at batch 1); compiled graphs fuse them themselves and keep the torch forms (model/ops).
+// In eager mode each was 6-10 ATen ops (18-19 us a call at batch 8 on a 2-core Zen 5 VM, ~0.11 ms a layer for the
+// six calls; these take 4-8 us); compiled graphs fuse them themselves and keep the torch forms (model/ops).
 // Plain C++ (the compiler's baseline vectors, no FMA contraction): RoPE and the residual add round exactly as the
 // torch forms do; RMSNorm's mean differs from torch's only in summation order. Rows are independent, so a row's
 // result does not depend on its batch.
@@ -19,8 +19,9 @@ void check_float_cpu(const at::Tensor& t, const char* what) {
 
 constexpr int64_t kRowGrain = 16;  // rows per parallel task: a decode step's few rows stay on one thread
 
-// y = x / sqrt(mean(x^2) + eps) * w for each row of n values (the squares summed in 16 float lanes, which the
-// compiler keeps in vectors, then the lanes in double).
+// y = x / sqrt(mean(x^2) + eps) * w for each row of n values (the squares summed in 16 float lanes, so the compiler
+// can keep them in vectors: 11.7 -> 8.0 us for add_rms_norm at 8 x 768 against one double sum; then the lanes in
+// double).
 void norm_row(const float* x, const float* w, float eps, int64_t n, float* y) {
   constexpr int kLanes = 16;
   float lanes[kLanes] = {};
