@@ -218,8 +218,11 @@ def test_small_load_equals_generate(served, ref):
 
 
 def test_no_per_request_leak(served):
-    """100 short requests through the server leave no object behind per request: no Python type (tensors,
-    handles, events, queues, ...) grows by as many objects as half the requests, and the scheduler keeps nothing."""
+    """Short requests through the server leave no object behind per request: no Python type (tensors, handles,
+    events, queues, ...) grows by as many objects as half the requests in each of two rounds of 100, and the
+    scheduler keeps nothing. Two rounds because a per-request leak grows in both, while the process's own one-time
+    changes do not: after the compiled-graph tests in the same process, 67 weak references (each with a C callback)
+    appeared once while the server sat idle, with or without requests."""
     import collections
     import gc
 
@@ -251,9 +254,12 @@ def test_no_per_request_leak(served):
         return collections.Counter({k: min(first[k], second[k]) for k in first})
 
     run(24)  # warm-up: caches, connection pools, lazily built tables
-    before = settled_census()
-    run(100)
-    grown = {k: v for k, v in (settled_census() - before).items() if v >= 50}
+    counts = [settled_census()]
+    for _ in range(2):
+        run(100)
+        counts.append(settled_census())
+    first, second = counts[1] - counts[0], counts[2] - counts[1]
+    grown = {k: (first[k], second[k]) for k in first if first[k] >= 50 and second[k] >= 50}
     assert not grown, grown
     assert not served.scheduler._handles and not served.scheduler._waiting and not served.scheduler.busy
 
