@@ -329,6 +329,18 @@ def test_env_var_forces_a_lower_path():
     assert proc.returncode != 0 and "GPTOSS_CPU_ISA='avx9000' is not available on this CPU" in proc.stderr
 
 
+def test_fma_rates_name_the_vector_widths_this_cpu_runs():
+    """The benchmarks' machine probe: a positive rate for each width the CPU runs, and none for the others."""
+    rates = kernels.fma_rates()
+    isas = kernels.available_isas()
+    assert set(rates) <= {"avx2", "avx512"}
+    assert ("avx2" in rates) == ("avx2" in isas)
+    if "avx512" in isas:
+        assert "avx512" in rates
+    # two to hundreds of multiply-adds per ns on any core with FMA units: a broken loop would read 0 or inf
+    assert all(1.0 < rate < 1000.0 for rate in rates.values()), rates
+
+
 def test_prefetch_distance_changes_speed_not_results():
     blocks, scales = _mxfp4(2, 33, 5, seed=3)
     x = torch.randn(6, 5 * 32)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "sgemm", "set_sgemm", "prefetch",
+__all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "fma_rates", "sgemm", "set_sgemm", "prefetch",
            "set_prefetch", "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe",
            "mxfp4_moe_routed", "decode_attention", "prefill_attention", "rms_norm", "add_rms_norm", "rope",
            "cache_write"]
@@ -143,6 +143,13 @@ def isa() -> str:
 def available_isas() -> list[str]:
     """The instruction sets this CPU runs, best first."""
     return list(extension().available_isas())
+
+
+def fma_rates() -> dict[str, float]:
+    """fp32 multiply-adds one core completes per ns at each vector width this CPU runs, e.g. {"avx2": 58.3,
+    "avx512": 58.4} (empty off x86; ~20 ms): the ceiling of the kernels' arithmetic, for benchmark reports. Where
+    the two are equal, 512-bit operations run at half the 256-bit rate."""
+    return dict(extension().fma_rates())
 
 
 def set_isa(name: str) -> None:

@@ -57,6 +57,15 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
     return 2 * src.numel() * 4 / best
 
 
+def fma_summary() -> str:
+    """One core's fp32 multiply-add rate at each vector width (the kernels' probe), for a report's header: machines
+    that report the same CPU differ by 2x here, which moves compute-bound figures such as an MXFP4 decode's."""
+    from gptoss.model import kernels
+    rates = kernels.fma_rates()
+    return "fp32 FMA a core: " + (", ".join(f"{isa} {rate:.1f}" for isa, rate in rates.items()) + " G MAC/s"
+                                   if rates else "not measured off x86")
+
+
 def active_weight_bytes(model) -> int:
     """Weights read to decode one token at batch 1: everything but the unrouted experts and embedding rows."""
     c, total = model.config, 0

@@ -22,7 +22,7 @@ from gptoss.model import kernels
 from gptoss.model.config import GptOssConfig
 from gptoss.model.mxfp4 import dequantize_mxfp4
 from gptoss.model.ops.grouped_mm import grouped_mm
-from gptoss.tools.dev.bench import copy_bandwidth
+from gptoss.tools.dev.bench import copy_bandwidth, fma_summary
 
 
 def best_time(fn, repeats: int) -> float:
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
 
     print(f"CPU kernels: {kernels.isa()} (this CPU runs {kernels.available_isas()}), prefetch {kernels.prefetch()}; "
           f"{args.threads} threads; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; load averages {os.getloadavg()}")
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {fma_summary()}; load averages {os.getloadavg()}")
     print("decode shapes (weights from memory):")
     for name, (_, nbytes, _) in decode.items():
         t = best[name]

@@ -27,7 +27,7 @@ import torch
 from gptoss.model import kernels
 from gptoss.runtime import Runtime
 from gptoss.tools.dev import llama_peer
-from gptoss.tools.dev.bench import active_weight_bytes, copy_bandwidth, last_level_cache_bytes
+from gptoss.tools.dev.bench import active_weight_bytes, copy_bandwidth, fma_summary, last_level_cache_bytes
 
 PROMPT, SHORT, DECODE = 512, 32, 32
 PEER_KEYS = {"decode_b1": "decode_b1_tok_s", "decode_b8": "decode_b8_tok_s", "prefill512": "prefill_tok_s"}
@@ -115,10 +115,11 @@ def main(argv=None) -> int:
 
     cache = last_level_cache_bytes()
     report = {"isa": isa, "prefetch": kernels.prefetch(), "threads": args.threads, "copy_GBps": bandwidth / 1e9,
+              "fma_GMACps_a_core": kernels.fma_rates(),
               "last_level_cache_bytes": cache, "results": [], "rounds": rounds}
     print(f"\nCPU kernels: {isa} (this CPU runs {kernels.available_isas()}), prefetch {kernels.prefetch()}; "
           f"{args.threads} threads; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {fma_summary()}")
     print(f"{'weights':<10} {'backend':<9} {'MB/token':>9} {'decode b1':>10} {'decode b8':>10} {'prefill512':>11} "
           f"{'bw eff b1':>10}")
     for (weights, backend), res in best.items():

@@ -1158,8 +1158,9 @@ GPTOSS_AVX512 inline void transpose16(__m512i r[16]) {
 }
 
 // The many-rows path's product without MKL, which takes its AVX2 code on CPUs not made by Intel (Zen 5 VM: sgemm
-// 55-58 G MAC/s a core at these shapes, where AVX-512 FMAs peak at 140). Each step of k multiplies V vectors of 16
-// activation rows (xt, packed k-major) by kGemmCols weights broadcast from the tile's rows, into V x 8
+// 55-58 G MAC/s a core at these shapes, where AVX-512 FMAs peaked at 140 that day; another day's host of the same
+// reported model ran them at half rate, 59, as fast as 256-bit ones: fma_rates). Each step of k multiplies V
+// vectors of 16 activation rows (xt, packed k-major) by kGemmCols weights broadcast from the tile's rows, into V x 8
 // accumulators; k goes in chunks of kGemmK so that a chunk of the rows stays in L1 while the weight rows pass.
 // Every (row, weight row) pair sums its products in k order whatever n is, so a row's result does not depend on
 // its batch.
@@ -2288,6 +2289,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &gptoss::rope, "half-split rotary embedding of x [B, T, H, D] by cos/sin [B, T, D/2]");
   m.def("cache_write", &gptoss::cache_write, "in place: cache[b, (start[b] + t) mod S] = values[b, t]");
   m.def("isa", &isa, "the instruction set the kernels use now");
+  m.def("fma_rates", &gptoss::fma_rates, "fp32 multiply-adds per ns on one core at each vector width this CPU runs");
   m.def("available_isas", &available_isas, "instruction sets this CPU runs, best first");
   m.def("set_isa", &set_isa, "use this instruction set from now on (one of available_isas(), or 'best'); resets the "
         "prefetch distances to its starting values");

@@ -26,4 +26,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 void cache_write(at::Tensor cache, const at::Tensor& start, const at::Tensor& values);
 
+// fp32 multiply-adds one core completes per ns at each vector width this CPU runs, ("avx2" | "avx512", rate):
+// probe.cpp. A machine fact for benchmark reports, not used to choose kernels.
+std::vector<std::pair<std::string, double>> fma_rates();
+
 }  // namespace gptoss
