@@ -30,13 +30,20 @@ ENTRIES = {"prefill": prefill_entry, "decode": decode_entry, "mixed": mixed_entr
 class Graphs:
     """`prefill`/`decode` pick the graph built for the inputs' shape and the requested kv_len."""
 
-    def __init__(self, backend: str, fns: dict[GraphSpec, Callable]):
+    def __init__(self, backend: str, fns: dict[GraphSpec, Callable], eager: frozenset = frozenset()):
         self.backend, self.fns = backend, fns
+        self.eager = eager  # the specs a compiling backend left to the entry points as Python (compiled="decode")
         self.compile_seconds = 0.0
         self.loaded_from: Path | None = None  # the artifact directory the graphs were loaded from, if any
 
     def __len__(self) -> int:
+        """The shapes this set runs, compiled or not (see `compiled`)."""
         return len(self.fns)
+
+    @property
+    def compiled(self) -> int:
+        """How many of them are compiled graphs (none on the eager backend)."""
+        return 0 if self.backend == "eager" else len(self.fns) - len(self.eager)
 
     def _fn(self, spec: GraphSpec) -> Callable:
         fn = self.fns.get(spec)

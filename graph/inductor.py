@@ -83,27 +83,32 @@ def _wrapper(device: torch.device, tp_size: int) -> dict:
 
 
 def build(model, shapes: ShapePlan, cache, settings) -> Graphs:
-    """Graphs for every shape of `shapes`, compiled now or loaded from `settings.artifacts` (see ArtifactDir)."""
-    specs = shapes.specs()
+    """Graphs for every shape of `shapes` (`settings.compiled="decode"`: the decode shapes; the others run the entry
+    points eagerly), compiled now or loaded from `settings.artifacts` (see ArtifactDir)."""
+    decode_only = settings.compiled == "decode"
+    specs = [s for s in shapes.specs() if not decode_only or s.kind == "decode"]
+    eager = {s: bind(ENTRIES[s.kind], model, s.kv_len) for s in shapes.specs() if s not in specs}
     device = model.device
     wrapper = _wrapper(device, model.parallel.tp_size)
     directory = None
     if settings.artifacts is not None:
         directory = ArtifactDir(settings.artifacts, model.parallel.tp_size, model.parallel.rank)
-        # inductor's CPU kernels bake the OpenMP thread count in
-        wanted = artifact_key(model, "inductor", shapes, threads=torch.get_num_threads(), **wrapper)
+        # inductor's CPU kernels bake the OpenMP thread count in; a decode-only set names what it compiled (a full
+        # set's key stays as it was before the option existed)
+        only = {"compiled": "decode", "graphs": [s.to_json() for s in specs]} if decode_only else {}
+        wanted = artifact_key(model, "inductor", shapes, threads=torch.get_num_threads(), **wrapper, **only)
         manifest = directory.open(wanted, rebuild=settings.rebuild, compile_missing=settings.compile_missing)
         if manifest is not None:
-            fns = {}
+            fns = dict(eager)
             with _inductor_cache(directory.inductor), inductor_config.patch(wrapper):
                 for spec in specs:
                     with open(directory.path / manifest.files[spec.name], "rb") as f:
                         fns[spec] = bind(torch.compiler.load_compiled_function(f), model, spec.kv_len)
-            graphs = Graphs("inductor", wrap_decode_graphs(fns, device))
+            graphs = Graphs("inductor", wrap_decode_graphs(fns, device), frozenset(eager))
             graphs.loaded_from = directory.path
             return graphs
 
-    fns, progress = {}, Progress(len(specs), settings.progress)
+    fns, progress = dict(eager), Progress(len(specs), settings.progress)
     with _inductor_cache(directory.inductor if directory else None), inductor_config.patch(wrapper), \
             torch.no_grad():
         for i, spec in enumerate(specs):
@@ -115,7 +120,7 @@ def build(model, shapes: ShapePlan, cache, settings) -> Graphs:
                 compiled.save_compiled_function(str(directory.inductor_graph(spec.name)))
             fns[spec] = bind(compiled, model, spec.kv_len)
         progress(len(specs), "done")
-    graphs = Graphs("inductor", wrap_decode_graphs(fns, device))
+    graphs = Graphs("inductor", wrap_decode_graphs(fns, device), frozenset(eager))
     graphs.compile_seconds = progress.seconds
     if directory is not None:
         if device.type == "cpu":

@@ -18,7 +18,9 @@ from gptoss.graph.shapes import WINDOW_CACHES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FORMATS = ("published", "dense")
 DEFAULTS = {"backend": "eager", "max_batch_size": 8, "max_seq_len": 4096, "prefill_chunk": 256,
-            "min_prefill_chunk": 16, "interleave_chunk": 256, "window_cache": "ring", "mixed_steps": False}
+            "min_prefill_chunk": 16, "interleave_chunk": 256, "window_cache": "ring", "mixed_steps": False,
+            "compiled": "all"}
+COMPILED = ("all", "decode")  # which entry points a compiling backend builds graphs for
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class Settings:
     mixed_steps: bool | None = None  # serving: such a chunk and the decode step as one graph (default False).
     #                                  Costs a cache row and a graph per batch x kv_len; saves a weight pass
     batch_sizes: tuple[int, ...] | None = None  # batch buckets to build graphs for; default powers of two
+    compiled: str | None = None  # inductor: "all" entry points (default) or "decode" only: prefill chunks and
+    #                              mixed steps then run eagerly (no prompt graphs to build, prompts padded only to
+    #                              the granule) while decode steps, where eager's Python costs most, replay graphs
     window_cache: str | None = None  # "ring": sliding layers keep only their window (default); "full": max_seq_len
     tp_size: int | None = None  # tensor-parallel size; default WORLD_SIZE (1 outside torchrun)
     artifacts: str | None = None  # artifact root directory (graphs built once, loaded by later processes)
@@ -58,6 +63,8 @@ class Settings:
             raise ValueError(f"weights {self.weights!r}: choose 'published' or 'dense'")
         if self.window_cache is not None and self.window_cache not in WINDOW_CACHES:
             raise ValueError(f"window_cache {self.window_cache!r}: choose one of {', '.join(WINDOW_CACHES)}")
+        if self.compiled is not None and self.compiled not in COMPILED:
+            raise ValueError(f"compiled {self.compiled!r}: choose one of {', '.join(COMPILED)}")
         if self.mixed_steps is not None and not isinstance(self.mixed_steps, bool):
             raise ValueError(f"mixed_steps must be True or False, got {self.mixed_steps!r}")
         if self.backend is not None:
@@ -103,6 +110,7 @@ class Settings:
                             "batch_sizes": tuple(shapes["batch_sizes"]) if "batch_sizes" in shapes else None,
                             "window_cache": shapes.get("window_cache"), "mixed_steps": shapes.get("mixed"),
                             "prefill_granule": shapes.get("granule", 0),
+                            "compiled": key.get("compiled", "all"),
                             "threads": key.get("threads")}
         values = {}
         if self.max_batch_size is None and self.batch_sizes is not None:
@@ -114,8 +122,12 @@ class Settings:
                 value = DEFAULTS.get(name)
             values[name] = value
         backend = get_backend(values["backend"])
-        if values["prefill_granule"] is None:  # eager builds no graphs: more chunk lengths cost nothing
-            values["prefill_granule"] = values["min_prefill_chunk"] if not backend.compiles else 0
+        if values["compiled"] != "all" and backend.name != "inductor":
+            raise ValueError(f"compiled={values['compiled']!r} is an inductor option; backend '{backend.name}' "
+                             f"{'compiles every entry point' if backend.compiles else 'compiles nothing'}")
+        prompts_compiled = backend.compiles and values["compiled"] == "all"
+        if values["prefill_granule"] is None:  # prompts run eagerly: more chunk lengths cost nothing
+            values["prefill_granule"] = values["min_prefill_chunk"] if not prompts_compiled else 0
         values["device"] = values["device"] or backend.devices[0]
         device_type = torch.device(values["device"]).type
         backend.check_device(device_type)

@@ -170,6 +170,44 @@ def test_prefill_granule_follows_the_backend(artifacts, checkpoint):
                                 compile_missing=False, prefill_granule=16, **SETTINGS)
 
 
+def test_decode_only_graphs(checkpoint, eager, tmp_path, monkeypatch):
+    """compiled="decode": graphs for the decode shapes only, prompts run eagerly (granule 16, as on eager); results
+    equal eager's; the artifact directory records the choice, and a later runtime loads it without compiling."""
+    from gptoss.runtime import Settings
+    settings = dict(SETTINGS, batch_sizes=[1])
+    rt = Runtime.from_pretrained(checkpoint, backend="inductor", compiled="decode", artifacts=tmp_path,
+                                 progress=False, **settings)
+    specs = rt.shapes.specs()
+    assert rt.graphs.compiled == sum(s.kind == "decode" for s in specs) >= 1
+    assert rt.graphs.eager == {s for s in specs if s.kind != "decode"} and rt.graphs.eager
+    assert rt.settings.prefill_granule == 16
+    got, want = _step_logits(rt, PROMPTS[:1], 30), _step_logits(eager, PROMPTS[:1], 30)
+    assert (got - want).abs().max() <= 1e-4
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    expected = [r.token_ids for r in rt.generate(PROMPTS[:2], max_new_tokens=12)]
+    assert expected == [r.token_ids for r in eager.generate(PROMPTS[:2], max_new_tokens=12)]
+
+    recorded = Settings(artifacts=str(tmp_path)).resolve()
+    assert (recorded.backend, recorded.compiled, recorded.prefill_granule) == ("inductor", "decode", 16)
+    from torch._inductor import cpp_builder
+    original = cpp_builder.CppBuilder.build
+    builds = []
+    monkeypatch.setattr(cpp_builder.CppBuilder, "build",
+                        lambda self: builds.append(1) if not self._preprocessing else original(self))
+    again = Runtime.from_pretrained(checkpoint, artifacts=tmp_path, compile_missing=False, progress=False,
+                                    **settings)
+    assert again.graphs.loaded_from is not None and again.graphs.compiled == rt.graphs.compiled
+    assert [r.token_ids for r in again.generate(PROMPTS[:2], max_new_tokens=12)] == expected
+    assert builds == []
+    with pytest.raises(ArtifactMismatch):  # a full set is another set of graphs
+        Runtime.from_pretrained(checkpoint, backend="inductor", compiled="all", artifacts=tmp_path,
+                                compile_missing=False, progress=False, **settings)
+    with pytest.raises(ValueError, match="inductor option"):
+        Settings(backend="eager", compiled="decode").resolve()
+    with pytest.raises(ValueError, match="compiled"):
+        Settings(compiled="prefill")
+
+
 def test_refused_for_other_model_code(artifacts, checkpoint, tmp_path):
     import shutil
     copy = tmp_path / "art"

@@ -33,6 +33,9 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
                          "never serves would pay for it); an AMX CPU server gained ~5%% throughput, a Zen 5 one "
                          "nothing measurable (BENCHMARKS.md)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated batch buckets to build graphs for, e.g. 1,8")
+    ap.add_argument("--compiled", default=None, choices=["all", "decode"],
+                    help="inductor: graphs for every entry point (default) or for decode steps only, prompts then "
+                         "running eagerly (fewer graphs to build, prompts padded only to --prefill-granule)")
     ap.add_argument("--window-cache", default=None, choices=["ring", "full"],
                     help="ring: sliding-window layers keep only their window (default); full: max_seq_len slots")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (run under torchrun)")
@@ -56,7 +59,7 @@ def settings_from_args(args, **fixed) -> Settings:
                     max_batch_size=args.max_batch_size,
                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, batch_sizes=batch_sizes,
                     interleave_chunk=args.interleave_chunk, mixed_steps=args.mixed_steps,
-                    prefill_granule=args.prefill_granule,
+                    prefill_granule=args.prefill_granule, compiled=args.compiled,
                     window_cache=args.window_cache,
                     tp_size=args.tp, threads=args.threads, **fixed)
 

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     how = f"compiled in {rt.graphs.compile_seconds:.1f}s" if rt.graphs.loaded_from is None else "already up to date"
     if rt.is_main_process:  # under torchrun every rank builds its own graphs
         per_rank = f" per rank, {rt.settings.tp_size} ranks" if rt.settings.tp_size > 1 else ""
-        print(f"{len(rt.graphs)} {rt.backend} graphs{per_rank} for {args.model} in {args.out}: {how} "
+        eager = f" ({len(rt.graphs.eager)} prompt shapes left to run eagerly)" if rt.graphs.eager else ""
+        print(f"{rt.graphs.compiled} {rt.backend} graphs{per_rank}{eager} for {args.model} in {args.out}: {how} "
               f"(total {time.perf_counter() - t0:.1f}s)")
     return 0
 

@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="eager", help="eager | inductor (graphs compiled first, or loaded from "
                                                         "--artifacts)")
     ap.add_argument("--artifacts", default=None)
+    ap.add_argument("--compiled", default=None, choices=["all", "decode"],
+                    help="inductor: every entry point compiled (default) or decode steps only")
     ap.add_argument("--frontend", choices=("process", "thread"), default="process",
                     help="HTTP in a process of its own (as tools.serve runs it) or in a thread beside the engine")
     ap.add_argument("--seed", type=int, default=0)
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     settings = dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                     prefill_chunk=args.prefill_chunk, interleave_chunk=args.interleave_chunk,
                     mixed_steps=args.mixed_steps, prefill_granule=args.prefill_granule, progress=False,
-                    backend=args.backend, artifacts=args.artifacts)
+                    backend=args.backend, artifacts=args.artifacts, compiled=args.compiled)
     rt = Runtime.from_pretrained(model_dir, **settings)
     ref = Runtime(rt.model, model_dir, **settings)  # its own cache: the reference runs one request at a time
     rng = random.Random(args.seed)
@@ -234,7 +236,8 @@ def main(argv=None) -> int:
                "max_batch_size": args.max_batch_size,
                "prefill_chunk": args.prefill_chunk, "interleave_chunk": rt.shapes.interleave_chunk,
                "mixed_steps": args.mixed_steps, "prefill_granule": rt.shapes.granule,
-               "torch_threads": args.threads, "model": str(model_dir), "frontend": args.frontend}
+               "torch_threads": args.threads, "model": str(model_dir), "frontend": args.frontend,
+               "compiled": rt.settings.compiled}
 
     scheduler = Scheduler(rt)
     split = args.frontend == "process"
