@@ -49,10 +49,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "fma_rates", "sgemm", "set_sgemm", "prefetch",
-           "set_prefetch", "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear", "mxfp4_moe",
-           "mxfp4_moe_routed", "decode_attention", "prefill_attention", "rms_norm", "add_rms_norm", "rope",
-           "cache_write"]
+__all__ = ["extension", "build_library", "isa", "available_isas", "set_isa", "fma_rates", "sgemm", "set_sgemm",
+           "prefetch", "set_prefetch", "tune_prefetch", "mxfp4_grouped_mm", "bf16_grouped_mm", "bf16_linear",
+           "mxfp4_moe", "mxfp4_moe_routed", "decode_attention", "prefill_attention", "rms_norm", "add_rms_norm",
+           "rope", "cache_write"]
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(sorted(CSRC.glob("*.cpp")))  # compiled; the headers beside them count in the hash too
