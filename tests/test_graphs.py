@@ -172,9 +172,11 @@ def test_prefill_granule_follows_the_backend(artifacts, checkpoint):
 
 def test_decode_only_graphs(checkpoint, eager, tmp_path, monkeypatch):
     """compiled="decode": graphs for the decode shapes only, prompts run eagerly (granule 16, as on eager); results
-    equal eager's; the artifact directory records the choice, and a later runtime loads it without compiling."""
+    equal eager's, also served (a newcomer's chunks in eager mixed steps beside compiled decode steps); the
+    artifact directory records the choice, and a later runtime loads it without compiling."""
     from gptoss.runtime import Settings
-    settings = dict(SETTINGS, batch_sizes=[1])
+    from gptoss.runtime.scheduler import Request, Scheduler
+    settings = dict(SETTINGS, batch_sizes=[1, 2], mixed_steps=True, interleave_chunk=8)
     rt = Runtime.from_pretrained(checkpoint, backend="inductor", compiled="decode", artifacts=tmp_path,
                                  progress=False, **settings)
     specs = rt.shapes.specs()
@@ -186,6 +188,19 @@ def test_decode_only_graphs(checkpoint, eager, tmp_path, monkeypatch):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     expected = [r.token_ids for r in rt.generate(PROMPTS[:2], max_new_tokens=12)]
     assert expected == [r.token_ids for r in eager.generate(PROMPTS[:2], max_new_tokens=12)]
+
+    scheduler, got_served = Scheduler(rt), {0: [], 1: []}
+    mixed_step = scheduler._mixed_step
+    mixed = []
+    monkeypatch.setattr(scheduler, "_mixed_step", lambda i: mixed.append(i) or mixed_step(i))
+    scheduler.submit(Request(tuple(PROMPTS[0]), 30, ignore_eos=True), lambda e: got_served[0].append(e.token_id))
+    for _ in range(4):
+        scheduler.step()
+    scheduler.submit(Request(tuple(PROMPTS[2]), 10, ignore_eos=True), lambda e: got_served[1].append(e.token_id))
+    scheduler.run_until_idle()
+    assert mixed  # the newcomer's 37-token prompt went in 8-token chunks beside the running row's decode steps
+    for i, (prompt, n) in enumerate(((PROMPTS[0], 30), (PROMPTS[2], 10))):
+        assert got_served[i] == rt.generate([prompt], max_new_tokens=n, ignore_eos=True)[0].token_ids
 
     recorded = Settings(artifacts=str(tmp_path)).resolve()
     assert (recorded.backend, recorded.compiled, recorded.prefill_granule) == ("inductor", "decode", 16)
