@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     report = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
               "threads": args.threads, "settings": settings.to_dict()}
     report["copy_GBps"] = copy_bandwidth() / 1e9
+    report["fma"] = fma_summary()
 
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = str(Path(tmp) / "artifacts")
@@ -215,7 +216,8 @@ def print_table(r: dict) -> None:
     rows = [("this runtime, eager", r["eager"]), ("this runtime, compiled (inductor)", r["compiled"])]
     if "transformers" in r:
         rows.append(("transformers GptOssForCausalLM", r["transformers"]))
-    print(f"machine: {r['machine']}; threads {r['threads']}; copy bandwidth {r['copy_GBps']:.1f} GB/s")
+    print(f"machine: {r['machine']}; threads {r['threads']}; copy bandwidth {r['copy_GBps']:.1f} GB/s; "
+          f"{r.get('fma', 'fp32 FMA a core: not measured')}")
     print("| engine | prefill 512 tok/s | decode b1 tok/s | decode b8 tok/s |")
     print("|---|---|---|---|")
     for name, v in rows:
