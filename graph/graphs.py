@@ -32,7 +32,7 @@ class Graphs:
 
     def __init__(self, backend: str, fns: dict[GraphSpec, Callable], eager: frozenset = frozenset()):
         self.backend, self.fns = backend, fns
-        self.eager = eager  # the specs a compiling backend left to the entry points as Python (compiled="decode")
+        self.eager = eager  # the specs that run the entry points as Python (all on eager; compiled="decode")
         self.compile_seconds = 0.0
         self.loaded_from: Path | None = None  # the artifact directory the graphs were loaded from, if any
 
@@ -42,8 +42,8 @@ class Graphs:
 
     @property
     def compiled(self) -> int:
-        """How many of them are compiled graphs (none on the eager backend)."""
-        return 0 if self.backend == "eager" else len(self.fns) - len(self.eager)
+        """How many of them are compiled graphs."""
+        return len(self.fns) - len(self.eager)
 
     def _fn(self, spec: GraphSpec) -> Callable:
         fn = self.fns.get(spec)
@@ -104,7 +104,8 @@ def example_inputs(spec: GraphSpec, model, cache) -> tuple:
 
 def build_eager(model, shapes: ShapePlan, cache, settings) -> Graphs:
     """No capture: each shape runs the entry point as Python (the reference, and for debugging)."""
-    return Graphs("eager", {s: bind(ENTRIES[s.kind], model, s.kv_len) for s in shapes.specs()})
+    fns = {s: bind(ENTRIES[s.kind], model, s.kv_len) for s in shapes.specs()}
+    return Graphs("eager", fns, frozenset(fns))
 
 
 class Progress:

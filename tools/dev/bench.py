@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from gptoss.model import kernels
 from gptoss.runtime import Runtime, Settings
 
 PROMPT_LEN, SHORT_PROMPT = 512, 32
@@ -57,13 +58,12 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def fma_summary() -> str:
-    """One core's fp32 multiply-add rate at each vector width (the kernels' probe), for a report's header: machines
-    that report the same CPU differ by 2x here, which moves compute-bound figures such as an MXFP4 decode's."""
-    from gptoss.model import kernels
-    rates = kernels.fma_rates()
+def fma_summary(rates: dict[str, float]) -> str:
+    """One core's fp32 multiply-add rates at each vector width (`kernels.fma_rates()`), for a report's header:
+    machines that report the same CPU differ by 2x here, which moves compute-bound figures such as an MXFP4
+    decode's."""
     return "fp32 FMA a core: " + (", ".join(f"{isa} {rate:.1f}" for isa, rate in rates.items()) + " G MAC/s"
-                                   if rates else "not measured off x86")
+                                   if rates else "not measured")
 
 
 def active_weight_bytes(model) -> int:
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     report = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
               "threads": args.threads, "settings": settings.to_dict()}
     report["copy_GBps"] = copy_bandwidth() / 1e9
-    report["fma"] = fma_summary()
+    report["fma_GMACps_a_core"] = kernels.fma_rates()
 
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = str(Path(tmp) / "artifacts")
@@ -217,7 +217,7 @@ def print_table(r: dict) -> None:
     if "transformers" in r:
         rows.append(("transformers GptOssForCausalLM", r["transformers"]))
     print(f"machine: {r['machine']}; threads {r['threads']}; copy bandwidth {r['copy_GBps']:.1f} GB/s; "
-          f"{r.get('fma', 'fp32 FMA a core: not measured')}")
+          f"{fma_summary(r.get('fma_GMACps_a_core', {}))}")
     print("| engine | prefill 512 tok/s | decode b1 tok/s | decode b8 tok/s |")
     print("|---|---|---|---|")
     for name, v in rows:

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
 
     print(f"CPU kernels: {kernels.isa()} (this CPU runs {kernels.available_isas()}), prefetch {kernels.prefetch()}; "
           f"{args.threads} threads; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {fma_summary()}; load averages {os.getloadavg()}")
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {fma_summary(kernels.fma_rates())}; "
+          f"load averages {os.getloadavg()}")
     print("decode shapes (weights from memory):")
     for name, (_, nbytes, _) in decode.items():
         t = best[name]

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
               "last_level_cache_bytes": cache, "results": [], "rounds": rounds}
     print(f"\nCPU kernels: {isa} (this CPU runs {kernels.available_isas()}), prefetch {kernels.prefetch()}; "
           f"{args.threads} threads; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {fma_summary()}")
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {fma_summary(report['fma_GMACps_a_core'])}")
     print(f"{'weights':<10} {'backend':<9} {'MB/token':>9} {'decode b1':>10} {'decode b8':>10} {'prefill512':>11} "
           f"{'bw eff b1':>10}")
     for (weights, backend), res in best.items():

@@ -506,9 +506,8 @@ GPTOSS_AVX2 inline __m256 sum8(const __m256* v) {
 // per FMA latency, ~33 GB/s on two threads at 4.15 GHz (Zen 5 VM, AVX2: the bench step's bf16 linears took 0.98 ms
 // against 0.665 on the AVX-512 path, whose chain is half as long). Splitting the row into halves side by side
 // instead (two streams) measured 1.8-2.1x the time (inferred: these machines stream one forward run of addresses
-// per thread far better than two). Every pair
-// takes the same operations in the same order whatever else is in the call, so a row's result does not depend on
-// the other rows of its batch.
+// per thread far better than two). Every pair takes the same operations in the same order whatever else is in the
+// call, so a row's result does not depend on the other rows of its batch.
 //
 // A tile of four weight rows (adjacent in memory: one stream) against R (1..3) activation rows: twelve pairs at
 // R = 3, so twelve chains keep the FMA units busy, but 24 accumulators would not fit sixteen registers. So the tile
