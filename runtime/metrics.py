@@ -40,6 +40,7 @@ class ServingMetrics:
         self.running_rows = 0
         self.tokens_generated = 0
         self.prompt_tokens = 0
+        self.prompt_tokens_reused = 0
         self.requests_finished = 0
         self.requests_rejected = 0
         self.steps = 0
@@ -62,7 +63,10 @@ class ServingMetrics:
                     ("running_rows", "gauge", "cache rows holding a request (prefilling or decoding)",
                      self.running_rows),
                     ("generated_tokens_total", "counter", "tokens generated", self.tokens_generated),
-                    ("prompt_tokens_total", "counter", "prompt tokens prefilled", self.prompt_tokens),
+                    ("prompt_tokens_total", "counter", "prompt tokens of requests that got a first token",
+                     self.prompt_tokens),
+                    ("prompt_tokens_reused_total", "counter",
+                     "prompt tokens not prefilled: their K/V were still in a free cache row", self.prompt_tokens_reused),
                     ("requests_finished_total", "counter", "requests that ended (any reason)",
                      self.requests_finished),
                     ("requests_rejected_total", "counter", "requests refused with 429 (queue full)",

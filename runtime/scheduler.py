@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from .metrics import ServingMetrics
+from .prefix_reuse import PrefixReuse
 from .runtime import Runtime, TokenEvent, _Sequence, parse_stop
 from .sampling import greedy, sample, validate_sampling
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -112,6 +113,7 @@ class _Row:
     pos: int = 0  # next cache position to write while decoding
     next_token: int = 0
     staged: bool = False  # the prompt is being prefilled on the cache's staging row (mixed steps)
+    written: int = 0  # one past the highest position of this request written (on its row or the staging row)
 
     @property
     def prefilling(self) -> bool:
@@ -126,9 +128,11 @@ class _Plan:
 
 
 class Scheduler:
-    def __init__(self, runtime: Runtime, *, max_queue: int | None = None, idle_heartbeat_s: float = 1.0):
+    def __init__(self, runtime: Runtime, *, max_queue: int | None = None, idle_heartbeat_s: float = 1.0,
+                 reuse_prefixes: bool = True):
         self.rt = runtime
         self.rows: list[_Row | None] = [None] * runtime.shapes.max_batch_size
+        self.reuse = PrefixReuse(runtime.cache, runtime.shapes, enabled=reuse_prefixes)
         self.max_queue = 4 * runtime.shapes.max_batch_size if max_queue is None else max_queue
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
@@ -272,8 +276,12 @@ class Scheduler:
             handle = self._handles.get(rid) or Handle(rid, request, None)  # other ranks: no client to tell
             if self.on_admit is not None and rid in self._handles:
                 self.on_admit(handle)
-            free = self.rows.index(None)
+            free, start = self.reuse.choose([i for i, r in enumerate(self.rows) if r is None], request.prompt)
             self.rows[free] = self._new_row(handle)
+            self.rows[free].done = self.rows[free].written = start
+            if start:
+                with self.metrics.lock:
+                    self.metrics.prompt_tokens_reused += start
             with self.metrics.lock:
                 self.metrics.running_rows = sum(r is not None for r in self.rows)
 
@@ -345,6 +353,12 @@ class Scheduler:
             ids[i] = row.padded[done:done + chunk]
             start[i] = done
             last[i] = min(max(len(row.seq.prompt) - 1 - done, 0), chunk - 1)
+            row.written = max(row.written, done + chunk)
+            self.reuse.wrote(i, done + chunk)
+        for i in range(batch):
+            if self.rows[i] is None:  # its dummy chunk overwrites positions 0 .. chunk - 1
+                self.reuse.forget(i)
+                self.reuse.wrote(i, chunk)
         keys, values = rt.cache.rows(batch)
         logits = self._graph("prefill", rt.graphs.prefill, ids, start.to(rt.device), last.to(rt.device), keys,
                              values, shapes.kv_len(done + chunk))
@@ -358,6 +372,8 @@ class Scheduler:
             self.rows[i].done += chunk
             if not self.rows[i].prefilling:
                 finished.append(j)
+                if not self.rows[i].staged:  # (a staged prompt reaches its row when it is copied there)
+                    self.reuse.prompt_done(i, len(self.rows[i].seq.prompt))
         if not finished:
             return
         ended = [rows[j] for j in finished]
@@ -388,6 +404,8 @@ class Scheduler:
         else:
             keys = [k[i:i + 1] for k in rt.cache.keys]  # this row of the cache, written in place
             values = [v[i:i + 1] for v in rt.cache.values]
+            self.reuse.wrote(i, row.done + chunk)
+        row.written = max(row.written, row.done + chunk)
         logits = self._graph("prefill", rt.graphs.prefill, ids, start, last, keys, values,
                              shapes.kv_len(row.done + chunk))
         self._prefilled([i], chunk, logits)
@@ -404,10 +422,14 @@ class Scheduler:
         pos = torch.zeros(batch, dtype=torch.long)
         for i in range(batch):
             row = self.rows[i]
-            if row is not None and row.prefilling and not row.staged:
+            if row is None:
+                pos[i] = self.reuse.idle_position(i)
+            elif row.prefilling and not row.staged:
                 pos[i] = row.done
-            elif row is not None and not row.prefilling:
+            elif not row.prefilling:
                 ids[i], pos[i] = row.next_token, row.pos
+                row.written = max(row.written, row.pos + 1)
+            self.reuse.wrote(i, int(pos[i]) + 1)
         return batch, ids, pos, decoding
 
     def _decode_step(self) -> None:
@@ -446,6 +468,7 @@ class Scheduler:
             cache.copy_row(i, cache.staging_row, row.done)
             row.staged = True
         chunk, length = shapes.interleave_chunk, len(row.seq.prompt)
+        row.written = max(row.written, row.done + chunk)
         batch, ids, pos, live = self._decode_inputs()
         kv_len = shapes.kv_len(row.done + chunk)  # the chunk's: the decode rows read their whole cache
         chunk_ids = row.padded[row.done:row.done + chunk][None]
@@ -465,6 +488,8 @@ class Scheduler:
         cache = self.rt.cache
         if self.rows[i] is row:
             cache.copy_row(cache.staging_row, i, len(row.seq.prompt))
+            self.reuse.wrote(i, row.written)
+            self.reuse.prompt_done(i, len(row.seq.prompt))
         row.staged = False
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -492,15 +517,27 @@ class Scheduler:
         if h.on_event is not None:
             h.on_event(event)
         if event.finish_reason is not None:
-            self.rows[i] = None
+            self._free(i)
             self._done(h, event.finish_reason)
 
     def _release(self, i: int, reason: str) -> None:
         h = self.rows[i].handle
-        self.rows[i] = None
+        self._free(i)
         if h.on_event is not None:
             h.on_event(TokenEvent(h.id, -1, "", reason))
         self._done(h, reason)
+
+    def _free(self, i: int) -> None:
+        """Row i's request ends: the row is free, and keeps the K/V of the tokens it holds for a later prompt."""
+        row = self.rows[i]
+        if row.staged:  # its prompt never reached the row
+            held = []
+        elif row.prefilling:
+            held = row.seq.prompt[:row.done]
+        else:
+            held = (row.seq.prompt + row.seq.tokens)[:row.pos]
+        self.reuse.released(i, held)
+        self.rows[i] = None
 
     def _done(self, h: Handle, reason: str) -> None:
         with self.metrics.lock:
