@@ -93,6 +93,7 @@ class Handle:
         self.cancelled = False
         self.arrived = time.perf_counter()
         self.last_token_at: float | None = None
+        self.reused = 0  # prompt tokens it did not prefill: their K/V were still in its row (prefix_reuse.py)
         self.finish_reason: str | None = None
         self.done = threading.Event()
 
@@ -274,9 +275,10 @@ class Scheduler:
                     self._release(i, "cancelled")
         for rid, request in plan.admit:
             handle = self._handles.get(rid) or Handle(rid, request, None)  # other ranks: no client to tell
+            free, start = self.reuse.choose([i for i, r in enumerate(self.rows) if r is None], request.prompt)
+            handle.reused = start
             if self.on_admit is not None and rid in self._handles:
                 self.on_admit(handle)
-            free, start = self.reuse.choose([i for i, r in enumerate(self.rows) if r is None], request.prompt)
             self.rows[free] = self._new_row(handle)
             self.rows[free].done = self.rows[free].written = start
             if start:

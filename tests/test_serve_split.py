@@ -159,7 +159,7 @@ def test_frontend_bounds_the_queue_until_the_engine_admits(ckpt):
                 full = await http.post(url, json=body)
                 assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
                 # the engine admits the first: a place frees in the queue, though it has not finished
-                engine.conn.send(("step", [], [submits[0][1]]))
+                engine.conn.send(("step", [], [(submits[0][1], 0)]))
                 third = asyncio.create_task(http.post(url, json=body))
                 assert (await asyncio.to_thread(engine.recv))[0] == "submit"
                 rids = [m[1] for m in submits]
@@ -264,3 +264,21 @@ def test_model_failure_fails_requests_and_health_keeps_serving(ckpt):
         assert again.status_code == 503 and again.json()["error"]["type"] == "server_error"
     server.thread.join(10)
     assert not server.thread.is_alive() and "injected" in str(server.engine_error)
+
+
+def test_split_next_turn_reuses_the_row(split, ref):
+    """A prompt that continues an earlier one (the conversation so far plus a new message) is served from the row
+    that still holds it: usage counts the cached tokens, streamed and whole alike, and the text is unchanged."""
+    client = split.client
+    first = [(7 * i) % 900 + 3 for i in range(70)]
+    reply = client.completions.create(model=NAME, prompt=first, max_tokens=10, temperature=0)
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    turn = first + ref.generate([first], max_new_tokens=10)[0].token_ids + [11, 12, 13, 14, 15, 16]
+    want = ref.generate([turn], max_new_tokens=8)[0]
+    got = client.completions.create(model=NAME, prompt=turn, max_tokens=8, temperature=0)
+    assert got.choices[0].text == want.text
+    assert got.usage.prompt_tokens_details.cached_tokens == 64  # the interleave chunk's multiple below 86
+    chunks = list(client.completions.create(model=NAME, prompt=turn, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 64

@@ -4,7 +4,9 @@
     torchrun --nproc-per-node N -m gptoss.tools.serve --model DIR --tp N ...   # rank 0 serves HTTP
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true` for server-sent
-events), GET /health, GET /metrics (Prometheus text).
+events), GET /health, GET /metrics (Prometheus text). A prompt that begins with tokens a free cache row still holds
+(a conversation's earlier turns) is prefilled from where they end (`usage.prompt_tokens_details.cached_tokens`);
+`--no-prefix-reuse` turns that off.
 
 The model and its scheduler stay in this process (rank 0's); HTTP is served by a front-end process it starts, so
 request parsing and streaming never hold the engine's GIL. Ctrl-C or SIGTERM stops both.
@@ -35,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max-queue", type=int, default=None, help="requests that may wait for a row before 429 "
                                                                   "(default: 4 x --max-batch-size)")
+    ap.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                    help="prefill every prompt from its first token (default: a prompt starts after the tokens a "
+                         "free cache row still holds, e.g. a conversation's earlier turns)")
     ap.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
     ap.add_argument("--log-level", default="warning")
     return ap
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         # a newcomer's prompt is prefilled alone, in its own row: the batch-1 graphs must exist
         settings = settings.replace(batch_sizes=(1, *settings.batch_sizes))
     rt = Runtime.from_pretrained(args.model, settings)
-    scheduler = Scheduler(rt, max_queue=args.max_queue)
+    scheduler = Scheduler(rt, max_queue=args.max_queue, reuse_prefixes=args.prefix_reuse)
     if not rt.is_main_process:  # replay rank 0's schedule until it stops
         scheduler.run()
         return 0

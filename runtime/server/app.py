@@ -75,7 +75,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         rid = f"cmpl-{uuid.uuid4().hex}"
         events, handle = _submit(engine, parsed)
         if parsed.stream:
-            return _sse(_completion_chunks(rid, model_name, parsed, events), handle)
+            return _sse(_completion_chunks(rid, model_name, parsed, events, handle), handle)
         text, tokens, finish = [], 0, None
         async for event in _drain(events, handle, http):
             tokens += event.token_id >= 0
@@ -83,7 +83,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
             finish = event.finish_reason or finish
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish, "logprobs": None}],
-                "usage": _usage(len(parsed.request.prompt), tokens)}
+                "usage": _usage(len(parsed.request.prompt), tokens, handle)}
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
@@ -119,7 +119,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": [{"index": 0, "message": message, "finish_reason": _chat_finish(finish, parser),
                              "logprobs": None}],
-                "usage": _usage(len(parsed.request.prompt), tokens)}
+                "usage": _usage(len(parsed.request.prompt), tokens, handle)}
 
     return app
 
@@ -208,8 +208,10 @@ async def _events(events: asyncio.Queue):
             return
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, handle) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens whose K/V a cache row still held (not prefilled)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": handle.reused}}
 
 
 def _call_id(rid: str, index: int) -> str:
@@ -222,7 +224,7 @@ def _chat_finish(finish: str | None, parser: HarmonyStreamParser) -> str | None:
     return finish
 
 
-async def _completion_chunks(rid, model, parsed: Parsed, events):
+async def _completion_chunks(rid, model, parsed: Parsed, events, handle):
     tokens = 0
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     async for event in _events(events):
@@ -234,7 +236,7 @@ async def _completion_chunks(rid, model, parsed: Parsed, events):
             yield {**base, "choices": [{"index": 0, "text": event.text, "finish_reason": event.finish_reason,
                                         "logprobs": None}]}
     if parsed.include_usage:
-        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens)}
+        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, handle)}
 
 
 async def _chat_chunks(rid, model, parsed: Parsed, events, reply: "_ChatReply", handle):
@@ -268,7 +270,7 @@ async def _chat_chunks(rid, model, parsed: Parsed, events, reply: "_ChatReply", 
             break
     yield chunk({}, _chat_finish(finish, reply.parser))
     if parsed.include_usage:
-        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens)}
+        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, handle)}
 
 
 class _ChatReply:

@@ -24,6 +24,7 @@ class RemoteHandle:
         self.client, self.id, self.request, self.on_event = client, rid, request, on_event
         self.arrived = time.perf_counter()
         self.admitted = False
+        self.reused = 0  # prompt tokens the engine did not prefill (told on admission)
         self.first_token_seen = False
         self.finish_reason: str | None = None
         self._cancel_sent = False
@@ -107,9 +108,10 @@ class EngineClient:
         kind = msg[0]
         if kind == "step":
             _, events, admitted = msg
-            for rid in admitted:
+            for rid, reused in admitted:
                 if rid in self._open:
                     self._open[rid].admitted = True
+                    self._open[rid].reused = reused
             for rid, token_id, text, finish in events:
                 self._deliver(rid, TokenEvent(rid, token_id, text, finish))
         elif kind == "metrics":

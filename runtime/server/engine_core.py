@@ -11,8 +11,8 @@ Apart, the engine's process holds only the scheduler and this link.
 Over a `multiprocessing` pipe:
 - to the engine: ("ready",) once the front end listens, ("submit", rid, Request), ("cancel", rid),
   ("metrics", ticket);
-- to the front end: ("step", [(rid, token_id, text, finish_reason), ...], [admitted rid, ...]) once per
-  scheduler step that produced anything, ("metrics", ticket, ServingMetrics), ("error", message) when the
+- to the front end: ("step", [(rid, token_id, text, finish_reason), ...], [(admitted rid, prompt tokens reused),
+  ...]) once per scheduler step that produced anything, ("metrics", ticket, ServingMetrics), ("error", message) when the
   model failed (every open request has then had its "error" event).
 The front end closing its end stops the engine.
 """
@@ -29,7 +29,7 @@ class EngineCore:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # the outbox and the handle table: reader thread vs scheduler thread
         self._events: list[tuple] = []
-        self._admitted: list[int] = []
+        self._admitted: list[tuple[int, int]] = []
         self._handles: dict[int, Handle] = {}  # rid -> handle, for cancellation, until the request ends
         self._ended: set[int] = set()  # rids that ended before their submit returned (not yet in _handles)
         self.frontend_ready = threading.Event()  # the front end said its port is listening
@@ -61,7 +61,7 @@ class EngineCore:
 
     def _on_admit(self, handle: Handle) -> None:
         with self._lock:
-            self._admitted.append(handle.tag)
+            self._admitted.append((handle.tag, handle.reused))
 
     def _on_event(self, rid: int, event) -> None:
         with self._lock:
