@@ -122,3 +122,11 @@ def test_resume_points(tokens, written_end, saved_at, prompt_len, common, want):
     new = held[:common] + [0] * (prompt_len - common)
     memory = RowMemory(held, written_end, saved_at=saved_at)
     assert reuse._resume_at(memory, new) == want
+
+
+@pytest.mark.parametrize("a,b,want", [([], [1], 0), ([1, 2, 3], [1, 2, 3], 3), ([1, 2, 3], [1, 2], 2),
+                                      (list(range(1000)), list(range(700)) + [0], 700),
+                                      (list(range(600)), list(range(600)) + [5], 600), ([4], [5], 0)])
+def test_common_prefix(a, b, want):
+    from gptoss.runtime.prefix_reuse import common_prefix
+    assert common_prefix(a, b) == want == common_prefix(b, a)

@@ -52,6 +52,13 @@ def test_tp2_server_equals_generate(tmp_path):
         chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=5, temperature=0)
         assert chat.usage.completion_tokens == 5
+        # a next turn resumes on the row that holds the first: every rank picks that row and restores the same
+        first = [(7 * i) % 900 + 3 for i in range(70)]
+        client.completions.create(model="tiny", prompt=first, max_tokens=10, temperature=0)
+        turn = first + ref.generate([first], max_new_tokens=10)[0].token_ids + [11, 12, 13]
+        got = client.completions.create(model="tiny", prompt=turn, max_tokens=8, temperature=0)
+        assert got.choices[0].text == ref.generate([turn], max_new_tokens=8)[0].text
+        assert got.usage.prompt_tokens_details.cached_tokens == 64
     finally:
         proc.terminate()
         try:
