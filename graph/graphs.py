@@ -28,13 +28,22 @@ ENTRIES = {"prefill": prefill_entry, "decode": decode_entry, "mixed": mixed_entr
 
 
 class Graphs:
-    """`prefill`/`decode` pick the graph built for the inputs' shape and the requested kv_len."""
+    """`prefill`/`decode` pick the graph built for the inputs' shape and the requested kv_len.
 
-    def __init__(self, backend: str, fns: dict[GraphSpec, Callable], eager: frozenset = frozenset()):
+    Entry points that run as Python for every shape of the set (all of them on eager; prompts with inductor's
+    compiled="decode") also run at shapes the set does not list, given the `model`: a prompt resumed after
+    tokens a cache row still held (runtime/prefix_reuse.py) starts its chunks off the static grid."""
+
+    def __init__(self, backend: str, fns: dict[GraphSpec, Callable], eager: frozenset = frozenset(), model=None):
         self.backend, self.fns = backend, fns
         self.eager = eager  # the specs that run the entry points as Python (all on eager; compiled="decode")
+        compiled_kinds = {s.kind for s in fns if s not in eager}
+        self.python_kinds = frozenset() if model is None else frozenset({s.kind for s in eager} - compiled_kinds)
+        self._model = model
+        self._unlisted: dict[GraphSpec, Callable] = {}
         self.compile_seconds = 0.0
         self.loaded_from: Path | None = None  # the artifact directory the graphs were loaded from, if any
+        self.calls = 0  # graph calls so far: each writes the cache it is given
 
     def __len__(self) -> int:
         """The shapes this set runs, compiled or not (see `compiled`)."""
@@ -46,19 +55,24 @@ class Graphs:
         return len(self.fns) - len(self.eager)
 
     def _fn(self, spec: GraphSpec) -> Callable:
-        fn = self.fns.get(spec)
+        fn = self.fns.get(spec) or self._unlisted.get(spec)
+        if fn is None and spec.kind in self.python_kinds:
+            fn = self._unlisted[spec] = bind(ENTRIES[spec.kind], self._model, spec.kv_len)
         if fn is None:
             raise KeyError(f"no {self.backend} graph for {spec.name}: the shape set was built for "
                            f"{sorted(s.name for s in self.fns)[:6]}...")
         return fn
 
     def prefill(self, ids, start, last, keys, values, kv_len: int):
+        self.calls += 1
         return self._fn(GraphSpec("prefill", ids.shape[0], ids.shape[1], kv_len))(ids, start, last, keys, values)
 
     def decode(self, ids, pos, keys, values, kv_len: int):
+        self.calls += 1
         return self._fn(GraphSpec("decode", ids.shape[0], 1, kv_len))(ids, pos, keys, values)
 
     def mixed(self, ids, pos, keys, values, chunk_ids, start, last, chunk_keys, chunk_values, kv_len: int):
+        self.calls += 1
         return self._fn(GraphSpec("mixed", ids.shape[0], chunk_ids.shape[1], kv_len))(
             ids, pos, keys, values, chunk_ids, start, last, chunk_keys, chunk_values)
 
@@ -105,7 +119,7 @@ def example_inputs(spec: GraphSpec, model, cache) -> tuple:
 def build_eager(model, shapes: ShapePlan, cache, settings) -> Graphs:
     """No capture: each shape runs the entry point as Python (the reference, and for debugging)."""
     fns = {s: bind(ENTRIES[s.kind], model, s.kv_len) for s in shapes.specs()}
-    return Graphs("eager", fns, frozenset(fns))
+    return Graphs("eager", fns, frozenset(fns), model)
 
 
 class Progress:

@@ -104,7 +104,7 @@ def build(model, shapes: ShapePlan, cache, settings) -> Graphs:
                 for spec in specs:
                     with open(directory.path / manifest.files[spec.name], "rb") as f:
                         fns[spec] = bind(torch.compiler.load_compiled_function(f), model, spec.kv_len)
-            graphs = Graphs("inductor", wrap_decode_graphs(fns, device), frozenset(eager))
+            graphs = Graphs("inductor", wrap_decode_graphs(fns, device), frozenset(eager), model)
             graphs.loaded_from = directory.path
             return graphs
 
@@ -120,7 +120,7 @@ def build(model, shapes: ShapePlan, cache, settings) -> Graphs:
                 compiled.save_compiled_function(str(directory.inductor_graph(spec.name)))
             fns[spec] = bind(compiled, model, spec.kv_len)
         progress(len(specs), "done")
-    graphs = Graphs("inductor", wrap_decode_graphs(fns, device), frozenset(eager))
+    graphs = Graphs("inductor", wrap_decode_graphs(fns, device), frozenset(eager), model)
     graphs.compile_seconds = progress.seconds
     if directory is not None:
         if device.type == "cpu":

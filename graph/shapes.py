@@ -108,12 +108,13 @@ class ShapePlan:
         prompt begun in small chunks continues in them until its start is a whole number of full chunks again,
         so that every chunk ends inside the cache's slots. A first chunk, and a batch-1 prompt's last one, is
         the smallest power of two (`min_chunk` at least) that covers the rest of the prompt, or with a `granule`
-        the smallest multiple of it."""
+        the smallest multiple of it. A start off that grid (a prompt resumed after reused tokens, where prompts run
+        as Python) first runs up to the next multiple of the step."""
         step = self.interleave_chunk if interleaved or start % self.prefill_chunk else self.prefill_chunk
         if start and batch > 1:
             return step
         cover = -(-remaining // self.granule) * self.granule if self.granule else _next_pow2(remaining)
-        return min(max(cover, self.min_chunk), step)
+        return min(max(cover, self.min_chunk), step - start % step)
 
     def kv_len(self, needed: int) -> int:
         return min(max(_next_pow2(needed), self.min_kv), self.slots)

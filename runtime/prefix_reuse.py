@@ -13,9 +13,10 @@ if the row was written no further than L + ring - window since. So when a prompt
 resumption would read are saved (the window's K/V, per sliding layer), and restored when a later prompt resumes
 there after the ring has moved on (a reply longer than the ring's slack, a regenerated reply).
 
-Reuse starts at a multiple of `align` (the interleave chunk, or the prefill chunk with mixed steps), where the
-static shapes let a prompt's chunks begin, and always leaves at least one prompt token to compute the first
-token's logits.
+Where prompts run as Python (eager, or inductor's compiled="decode"), a prompt may resume at any token; with
+compiled prompt graphs, at a multiple of the interleave chunk (of the prefill chunk with mixed steps), where the
+static shapes let a prompt's chunks begin. At least one prompt token is always left to compute the first token's
+logits.
 """
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ def common_prefix(a, b, step: int = 256) -> int:
 class PrefixReuse:
     """The memory of every cache row of a serving scheduler. `enabled=False` keeps none (every prompt from 0)."""
 
-    def __init__(self, cache, shapes, enabled: bool = True):
+    def __init__(self, cache, shapes, enabled: bool = True, any_start: bool = False):
         self.cache, self.enabled = cache, enabled
-        self.align = shapes.prefill_chunk if shapes.mixed else shapes.interleave_chunk
+        # where a resumed prompt's chunks may start: anywhere when prompts run as Python (`any_start`)
+        self.align = 1 if any_start else shapes.prefill_chunk if shapes.mixed else shapes.interleave_chunk
         self.window = shapes.window
         self.ring = shapes.window_slots  # None: no layer keeps less than every position
         self.ring_layers = [] if self.ring is None else [l for l, k in enumerate(cache.keys) if k.shape[1] == self.ring]
@@ -169,6 +171,11 @@ class PrefixReuse:
         position = len(memory.tokens)
         self.wrote(row, position + 1)
         return position
+
+    def forget_all(self) -> None:
+        """Something else wrote the cache (`Runtime.generate` on the scheduler's runtime): no row holds anything."""
+        for row in range(len(self.rows)):
+            self.forget(row)
 
     def forget(self, row: int) -> None:
         """`row`'s first positions were overwritten (a dummy prefill chunk): it holds nothing usable."""

@@ -133,7 +133,9 @@ class Scheduler:
                  reuse_prefixes: bool = True):
         self.rt = runtime
         self.rows: list[_Row | None] = [None] * runtime.shapes.max_batch_size
-        self.reuse = PrefixReuse(runtime.cache, runtime.shapes, enabled=reuse_prefixes)
+        self.reuse = PrefixReuse(runtime.cache, runtime.shapes, enabled=reuse_prefixes,
+                                 any_start="prefill" in runtime.graphs.python_kinds)
+        self._graph_calls = runtime.graphs.calls  # after our last step: more means another caller wrote the cache
         self.max_queue = 4 * runtime.shapes.max_batch_size if max_queue is None else max_queue
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
@@ -269,6 +271,8 @@ class Scheduler:
         return plan
 
     def _apply(self, plan: _Plan) -> None:
+        if self.rt.graphs.calls != self._graph_calls:  # e.g. Runtime.generate ran on this cache between steps
+            self.reuse.forget_all()
         for rid in plan.cancel:
             for i, row in enumerate(self.rows):
                 if row is not None and row.handle.id == rid:
@@ -323,6 +327,7 @@ class Scheduler:
         if not mixed and any(r is not None and not r.prefilling for r in self.rows):
             self._decode_step()
             ran = True
+        self._graph_calls = self.rt.graphs.calls
         if ran:
             with self.metrics.lock:
                 self.metrics.steps += 1

@@ -199,8 +199,18 @@ def test_decode_only_graphs(checkpoint, eager, tmp_path, monkeypatch):
     scheduler.submit(Request(tuple(PROMPTS[2]), 10, ignore_eos=True), lambda e: got_served[1].append(e.token_id))
     scheduler.run_until_idle()
     assert mixed  # the newcomer's 37-token prompt went in 8-token chunks beside the running row's decode steps
+    # a next turn resumes right after what its row holds (prompts run eagerly: any start, off the static grid)
+    turn, out = PROMPTS[0] + got_served[0] + [5, 6], []
+    scheduler.submit(Request(tuple(turn), 6, ignore_eos=True), lambda e: out.append(e.token_id))
+    scheduler.run_until_idle()
+    assert scheduler.metrics.prompt_tokens_reused == len(PROMPTS[0]) + 29  # the reply's last token was never fed
     for i, (prompt, n) in enumerate(((PROMPTS[0], 30), (PROMPTS[2], 10))):
         assert got_served[i] == rt.generate([prompt], max_new_tokens=n, ignore_eos=True)[0].token_ids
+    assert out == rt.generate([turn], max_new_tokens=6, ignore_eos=True)[0].token_ids
+    # generate ran on the scheduler's cache since: the rows hold nothing usable any more
+    scheduler.submit(Request(tuple(turn), 6, ignore_eos=True), lambda e: None)
+    scheduler.run_until_idle()
+    assert scheduler.metrics.prompt_tokens_reused == len(PROMPTS[0]) + 29
 
     recorded = Settings(artifacts=str(tmp_path)).resolve()
     assert (recorded.backend, recorded.compiled, recorded.prefill_granule) == ("inductor", "decode", 16)
@@ -373,6 +383,36 @@ def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):
     assert rows_prefilled and rows_mixed
     assert builds == []
     assert json.dumps(counters, sort_keys=True, default=str) == before
+
+
+def test_prefix_reuse_on_compiled_graphs(artifacts, monkeypatch):
+    """Prompts resumed after the tokens a row still holds run only the set's graphs (they start at a multiple of
+    the prefill chunk here: mixed steps), live and with the rings' saved window put back; outputs equal
+    `Runtime.generate` of the whole prompt, nothing is built or traced."""
+    from gptoss.runtime.scheduler import Request, Scheduler
+
+    rt = artifacts[1]
+    assert rt.shapes.mixed and not rt.graphs.python_kinds
+    first = Request(tuple(PROMPTS[2]), 12, ignore_eos=True)
+    reply = rt.generate([PROMPTS[2]], max_new_tokens=12, ignore_eos=True)[0].token_ids
+    turn = Request(tuple(PROMPTS[2] + reply + [5, 6, 7]), 30, ignore_eos=True)
+    want = rt.generate([list(turn.prompt)], max_new_tokens=30, ignore_eos=True)[0].token_ids
+    builds = []
+    from torch._inductor import cpp_builder
+    original = cpp_builder.CppBuilder.build
+    monkeypatch.setattr(cpp_builder.CppBuilder, "build", lambda self: builds.append(1) or original(self))
+    before = json.dumps(counters, sort_keys=True, default=str)
+    scheduler = Scheduler(rt)
+    assert scheduler.reuse.align == rt.shapes.prefill_chunk == 16
+    got = []
+    for request, reused in ((first, 0), (turn, 48), (turn, 48)):  # live (48 of 48 + 3), then restored
+        out, start = [], scheduler.metrics.prompt_tokens_reused
+        scheduler.submit(request, lambda e, out=out: out.append(e.token_id))
+        scheduler.run_until_idle()
+        assert scheduler.metrics.prompt_tokens_reused - start == reused
+        got.append(out)
+    assert got == [reply, want, want]
+    assert builds == [] and json.dumps(counters, sort_keys=True, default=str) == before
 
 
 def test_burst_prefill_on_compiled_graphs(artifacts, monkeypatch):

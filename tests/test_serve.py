@@ -94,7 +94,10 @@ def test_chat_stream_equals_whole(served, ref):
     reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in parts if c.choices)
     assert content == (whole.choices[0].message.content or "")
     assert reasoning == (getattr(whole.choices[0].message, "reasoning_content", None) or "")
-    assert parts[-1].usage == whole.usage
+    streamed, plain = parts[-1].usage, whole.usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (plain.prompt_tokens, plain.completion_tokens)
+    # the same prompt again: all of it but its last token was still in the row (prompts run eagerly here)
+    assert streamed.prompt_tokens_details.cached_tokens == plain.prompt_tokens - 1
     # the prompt is the checkpoint's template: the same count as rendering it here
     prompt = ref.tokenizer.apply_chat_template(msgs)
     assert whole.usage.prompt_tokens == len(ref.tokenizer.encode(prompt))
