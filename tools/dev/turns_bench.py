@@ -1,7 +1,9 @@
 """A multi-turn conversation through the serving scheduler, with and without prefix reuse: each turn's prompt is
 the conversation so far (system prompt, earlier messages, earlier replies) plus a new message, as a chat client
 sends it. Prints each turn's time to first token, the prompt tokens reused, and whether both runs produced the
-same greedy tokens.
+same greedy tokens. Reused K/V were computed in other steps than a fresh prefill's, so logits agree to rounding;
+where replies differ, the first differing token is explained: the largest |Δlogits| up to there against the gap
+between the two runs' top tokens (a flip at a near tie is rounding, a flip at a wide gap is a bug).
 
     python -m gptoss.tools.dev.turns_bench --model checkpoints/bench --turns 8 [--interleave-chunk 64]
 """
@@ -16,6 +18,35 @@ import torch
 
 from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import Request, Scheduler
+
+
+class _LogitsKept(Scheduler):
+    """Keeps each sampled row's logits (the conversation runs one request at a time: one row a call)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept: list[torch.Tensor] = []
+
+    def _sample(self, logits, rows):
+        self.kept.extend(logits.float().cpu().clone())
+        return super()._sample(logits, rows)
+
+
+def first_difference(on: _LogitsKept, off: _LogitsKept) -> tuple[str, bool]:
+    """Where two runs' greedy tokens first differ, how far apart their logits were and how close the choice; and
+    whether rounding explains it (no difference, or a flip between tokens whose logits were within twice the
+    largest deviation)."""
+    worst = 0.0
+    for k, (a, b) in enumerate(zip(on.kept, off.kept)):
+        worst = max(worst, (a - b).abs().max().item())
+        ta, tb = int(a.argmax()), int(b.argmax())
+        if ta != tb:
+            gap = (b[tb] - b[ta]).item()
+            tie = gap <= 2 * worst
+            return (f"first different token: #{k} of the conversation's sampled tokens ({ta} with reuse, {tb} "
+                    f"without); max |dlogits| up to there {worst:.2e}, the two tokens' logits {gap:.2e} apart "
+                    f"without reuse ({'a near tie: rounding' if tie else 'NOT a near tie'})"), tie
+    return f"no different token in the kept logits; max |dlogits| {worst:.2e}", True
 
 
 def conversation(scheduler: Scheduler, system: list[int], messages: list[list[int]], reply_tokens: int):
@@ -64,9 +95,11 @@ def main(argv=None) -> int:
     messages = [draw(args.message_tokens) for _ in range(args.turns)]
     # a warm-up turn, then each setting once
     conversation(Scheduler(rt), draw(40), [draw(40)], 4)
-    runs = {}
+    runs, kept = {}, {}
     for reuse in (True, False):
-        runs[reuse] = conversation(Scheduler(rt, reuse_prefixes=reuse), system, messages, args.reply_tokens)
+        scheduler = _LogitsKept(rt, reuse_prefixes=reuse)
+        runs[reuse] = conversation(scheduler, system, messages, args.reply_tokens)
+        kept[reuse] = scheduler
     print(f"{args.model}, {args.backend}, {args.threads} threads, interleave chunk {rt.shapes.interleave_chunk}, "
           f"window cache {rt.shapes.window_cache}")
     print("turn  prompt  reused  ttft reuse (s)  ttft no reuse (s)")
@@ -76,12 +109,14 @@ def main(argv=None) -> int:
     same = [t[3] for t in runs[True]] == [t[3] for t in runs[False]]
     print(f"sum of ttft: {total_on:.3f} s with reuse, {total_off:.3f} s without ({total_off / total_on:.2f}x); "
           f"replies identical: {same}")
+    explained, rounding = first_difference(kept[True], kept[False])
+    print(explained)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"turns": [{"prompt": on[0], "reused": on[2], "ttft_reuse_s": on[1], "ttft_no_reuse_s": off[1]}
                                  for on, off in zip(runs[True], runs[False])],
-                       "replies_identical": same, "interleave_chunk": rt.shapes.interleave_chunk}, f, indent=2)
-    return 0 if same else 1
+                       "replies_identical": same, "difference": explained, "interleave_chunk": rt.shapes.interleave_chunk}, f, indent=2)
+    return 0 if rounding else 1
 
 
 if __name__ == "__main__":
