@@ -78,7 +78,8 @@ class _Header:
 class HarmonyStreamParser:
     """Feed the generated token ids one at a time with `push`; call `finish` when generation ends. Each returns
     the deltas that became certain. The whole reply is then in `reasoning`, `content`, `tool_calls`;
-    `ended_with` is "return", "call" or None (cut off)."""
+    `ended_with` is "return", "call" or None (cut off). `last_kind`: where the last pushed token's text went
+    ("reasoning", "content", "tool_arguments"; None for markup)."""
 
     def __init__(self, tokens: HarmonyTokens, decode: Callable[[list[int]], str]):
         self.t, self.decode = tokens, decode
@@ -92,13 +93,16 @@ class HarmonyStreamParser:
         self._kind: str | None = None  # where the current body goes: reasoning / content / tool_arguments
         self._pending_call: HarmonyDelta | None = None  # a call's announcement, sent with its first body delta
         self._done = False
+        self.last_kind: str | None = None
 
     # -- feeding ---------------------------------------------------------------------------------------------
     def push(self, token: int) -> list[HarmonyDelta]:
+        self.last_kind = None
         if self._done:
             return []
         t = self.t
         if self._plain:
+            self.last_kind = "content"
             return self._plain_token(token)
         if self._header is not None:
             return self._header_token(token)
@@ -112,6 +116,7 @@ class HarmonyStreamParser:
             self._header = _Header()
             return out
         self._body.append(token)
+        self.last_kind = self._kind
         return self._body_delta(final=False)
 
     def finish(self) -> list[HarmonyDelta]:

@@ -41,12 +41,15 @@ class GenerationResult:
 
 @dataclass
 class TokenEvent:
-    """One streamed token of prompt `index`; `finish_reason` is set on that prompt's last event."""
+    """One streamed token of prompt `index`; `finish_reason` is set on that prompt's last event. `logprob` and
+    `top_logprobs` ((token id, log-probability), most likely first) where the request asked for them."""
 
     index: int
     token_id: int
     text: str
     finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass

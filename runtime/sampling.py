@@ -13,6 +13,21 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+MAX_LOGPROBS = 20  # alternatives a request may ask for at each token (OpenAI's top_logprobs limit)
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """logits [V] -> the log-probability of `token` and the `top` most likely tokens with theirs (most likely first).
+    Under the model's own distribution: the raw logits' softmax, before temperature, top-k or top-p (as vLLM reports
+    them by default), so the same text gets the same figures whatever the sampling settings."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = float(logprobs[token])
+    if top <= 0:
+        return chosen, ()
+    values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+    return chosen, tuple(zip(ids.tolist(), values.tolist()))
+
+
 def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")

@@ -45,7 +45,7 @@ import torch
 from .metrics import ServingMetrics
 from .prefix_reuse import PrefixReuse
 from .runtime import Runtime, TokenEvent, _Sequence, parse_stop
-from .sampling import greedy, sample, validate_sampling
+from .sampling import MAX_LOGPROBS, greedy, sample, token_logprobs, validate_sampling
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -69,6 +69,10 @@ def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokeniz
     if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or request.max_tokens <= 0:
         raise ValueError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
     validate_sampling(request.temperature, request.top_k, request.top_p)
+    if request.logprobs is not None and (not isinstance(request.logprobs, int) or isinstance(request.logprobs, bool)
+                                         or not 0 <= request.logprobs <= MAX_LOGPROBS):
+        raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None, "
+                         f"got {request.logprobs!r}")
     parse_stop(list(request.stop), vocab_size, tokenizer)
 
 
@@ -82,6 +86,7 @@ class Request:
     seed: int | None = None
     stop: tuple = ()  # strings and/or token ids, as `Runtime.generate` takes them
     ignore_eos: bool = False
+    logprobs: int | None = None  # each token's log-probability and this many alternatives' (None: not computed)
 
 
 class Handle:
@@ -387,9 +392,9 @@ class Scheduler:
         with self.metrics.lock:
             self.metrics.prompt_tokens += sum(len(self.rows[i].seq.prompt) for i in ended)
         tokens = self._sample(logits[finished].float(), [self.rows[i] for i in ended])
-        for i, token in zip(ended, tokens):
+        for j, i, token in zip(finished, ended, tokens):
             self.rows[i].pos = len(self.rows[i].seq.prompt)
-            self._take(i, token)
+            self._take(i, token, logits[j])
 
     def _graph(self, kind: str, fn, ids, *args):
         if self.record_graph_calls:
@@ -454,8 +459,8 @@ class Scheduler:
         for i in live:
             self.rows[i].pos += 1
         tokens = self._sample(logits.float(), [self.rows[i] for i in live])
-        for i, token in zip(live, tokens):
-            self._take(i, token)
+        for j, (i, token) in enumerate(zip(live, tokens)):
+            self._take(i, token, logits[j])
 
     def _mixes(self, i: int, decoding: bool) -> bool:
         """Whether row i's next chunk runs in a mixed step: the plan has them, the chunk is a whole interleave chunk
@@ -508,12 +513,15 @@ class Scheduler:
                 out[j] = sample(logits[j:j + 1], req.temperature, req.top_k, req.top_p, row.generator)[0]
         return self.parallel.broadcast(out).tolist()
 
-    def _take(self, i: int, token: int) -> None:
+    def _take(self, i: int, token: int, logits: torch.Tensor) -> None:
+        """Row i's sampled `token` (from `logits`, its row's): stop checks, text, the event, the metrics."""
         row = self.rows[i]
         event = self.rt._accept(row.seq, token, row.stop_ids, row.stop_strings)
         row.next_token = token
         now = time.perf_counter()
         h = row.handle
+        if h.request.logprobs is not None and h.on_event is not None:  # (only rank 0's handles deliver events)
+            event.logprob, event.top_logprobs = token_logprobs(logits, token, h.request.logprobs)
         with self.metrics.lock:
             self.metrics.tokens_generated += 1
             if h.last_token_at is None:

@@ -10,6 +10,16 @@ from tokenizers import Tokenizer
 
 from gptoss.model.errors import CheckpointError, json_kind, parse_json, read_file, read_json_object
 
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's, o200k's) printable stand-in for each byte: printable Latin-1 bytes stand for
+    themselves, the other 68 take the characters from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(0x100 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _byte_level_chars()
+
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")  # where transformers looks
 
 
@@ -33,6 +43,7 @@ def read_tokenizer(path: Path) -> Tokenizer:
 class TextTokenizer:
     def __init__(self, model_dir: str | Path | None):
         self.model_dir, self._chat = (Path(model_dir) if model_dir is not None else None), None
+        self._specials: set[int] | None = None
         path = self.model_dir / "tokenizer.json" if self.model_dir is not None else None
         self.tokenizer = read_tokenizer(path) if path is not None and path.is_file() else None
 
@@ -96,6 +107,19 @@ class TextTokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token) if self.tokenizer else None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a piece of a character for some byte-level tokens: OpenAI's logprobs
+        report them as bytes). A special token: its text."""
+        tok = self._require()
+        piece = tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._specials is None:
+            self._specials = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        if token_id not in self._specials and all(ch in _BYTE_OF_CHAR for ch in piece):
+            return bytes(_BYTE_OF_CHAR[ch] for ch in piece)
+        return self.decode([token_id]).encode("utf-8")  # not a byte-level piece: its decoded text
 
 
 def stop_token_ids(model_dir: str | Path, config_eos: tuple[int, ...]) -> set[int]:

@@ -85,6 +85,56 @@ def test_completions_equal_generate(served, ref):
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
 
 
+def test_completion_logprobs_are_the_models(served, ref):
+    """Each token's log-probability and its alternatives are the model's: log_softmax of the logits a fresh
+    prefill gives at that point (to rounding: the served tokens came from decode steps), whatever the temperature;
+    streamed chunks carry the same figures, a token whose text is held back going with the next chunk."""
+    prompt = "The small model reads"
+    want = reference(ref, prompt, 6, ignore_eos=True)
+    r = served.client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
+                                         extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    names = [ref.tokenizer.token_bytes(t).decode("utf-8", errors="replace") for t in want.token_ids]
+    assert lp.tokens == names and len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert lp.text_offset == [sum(len(n) for n in names[:k]) for k in range(6)]
+    ids = ref.tokenizer.encode(prompt)
+    for k, token in enumerate(want.token_ids):
+        exact = torch.log_softmax(ref.logits([ids + want.token_ids[:k]])[0], -1)
+        assert lp.token_logprobs[k] == pytest.approx(exact[token].item(), abs=1e-4)
+        values, top = torch.topk(exact, 3)
+        got = lp.top_logprobs[k]
+        assert list(got.values()) == sorted(got.values(), reverse=True)  # most likely first
+        assert list(got.values()) == pytest.approx(values.tolist(), abs=1e-4)
+        assert lp.token_logprobs[k] == pytest.approx(max(got.values()), abs=1e-6)  # greedy took the top one
+    chunks = list(served.client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                                   logprobs=0, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert all(t is None for c in chunks for t in c.choices[0].logprobs.top_logprobs)  # logprobs=0: none asked
+    # sampled at temperature 1.5: the figures stay the model's, not the tempered distribution's
+    hot = served.client.completions.create(model=NAME, prompt=prompt, max_tokens=1, temperature=1.5, seed=3,
+                                           logprobs=2).choices[0].logprobs
+    exact = torch.log_softmax(ref.logits([ids])[0], -1)
+    assert list(hot.top_logprobs[0].values()) == pytest.approx(torch.topk(exact, 2).values.tolist(), abs=1e-4)
+    assert hot.token_logprobs[0] <= max(hot.top_logprobs[0].values()) + 1e-6
+    # not asked: none computed
+    assert served.client.completions.create(model=NAME, prompt=prompt, max_tokens=2).choices[0].logprobs is None
+
+
+def test_logprobs_bad_values(served):
+    for path, extra, param in (("/v1/completions", {"logprobs": 21}, "logprobs"),
+                               ("/v1/completions", {"logprobs": -1}, "logprobs"),
+                               ("/v1/completions", {"logprobs": "3"}, "logprobs"),
+                               ("/v1/chat/completions", {"logprobs": "yes"}, "logprobs"),
+                               ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+                               ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs")):
+        body = {"model": NAME, "max_tokens": 2, **extra}
+        body.update({"prompt": "hi"} if "chat" not in path else {"messages": [{"role": "user", "content": "hi"}]})
+        r = httpx.post(served.url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, extra, r.text)
+    assert served.client.completions.create(model=NAME, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_chat_stream_equals_whole(served, ref):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
     whole = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=70, temperature=0)
@@ -457,7 +507,8 @@ def test_scheduler_rejects_bad_requests(ref):
     scheduler = Scheduler(ref)
     for bad, match in ((Request((), 4), "empty"), (Request((1,) * 512, 4), "context is 512"),
                        (Request((1,), 0), "max_tokens"), (Request((1,), 4, temperature=-1), "temperature"),
-                       (Request((4096,), 4), "vocabulary"), (Request((1,), 4, stop=("",)), "non-empty")):
+                       (Request((4096,), 4), "vocabulary"), (Request((1,), 4, stop=("",)), "non-empty"),
+                       (Request((1,), 4, logprobs=21), "logprobs"), (Request((1,), 4, logprobs=True), "logprobs")):
         with pytest.raises(ValueError, match=match):
             scheduler.submit(bad)
     assert not scheduler.busy
@@ -481,7 +532,8 @@ class ScriptedScheduler:
             for i, t in enumerate(self.tokens):
                 last = i == len(self.tokens) - 1
                 handle.finish_reason = "stop" if last else None
-                on_event(TokenEvent(0, t, "", "stop" if last else None))
+                lp = (-0.01 * i, ((t, -0.01 * i), (i, -5.0))) if request.logprobs is not None else (None, ())
+                on_event(TokenEvent(0, t, "", "stop" if last else None, *lp))
         threading.Thread(target=play, daemon=True).start()
         return handle
 
@@ -514,6 +566,41 @@ def test_chat_tool_call_through_client(ref):
             finish = c.choices[0].finish_reason or finish
         assert (names, args, reasoning, finish) == (["get_weather"], call.function.arguments, "Need the weather.",
                                                     "tool_calls")
+
+
+def test_chat_logprobs_cover_the_content_tokens(ref):
+    """Chat logprobs list the tokens of `content` only (not the harmony markup, the reasoning or tool arguments),
+    in order, their bytes joining to the content; streamed, each content chunk carries its own tokens' entries."""
+    tok = ref.tokenizer
+    special = lambda s: tok.token_id(s)  # noqa: E731
+    head = ([special("<|channel|>")] + tok.encode("analysis") + [special("<|message|>")] + tok.encode("Hmm.") +
+            [special("<|end|>"), special("<|start|>")] + tok.encode("assistant") + [special("<|channel|>")] +
+            tok.encode("final") + [special("<|message|>")])
+    answer = tok.encode("Oslo: 7° and ✓ sunny.")
+    tokens = head + answer + [special("<|return|>")]
+    with LiveServer(create_app(LocalEngine(ScriptedScheduler(ref, tokens)), NAME)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": "Weather?"}]
+        whole = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=80, logprobs=True,
+                                               top_logprobs=2)
+        entries = whole.choices[0].logprobs.content
+        assert whole.choices[0].message.content == "Oslo: 7° and ✓ sunny."
+        assert b"".join(bytes(e.bytes) for e in entries) == "Oslo: 7° and ✓ sunny.".encode()
+        first = len(head)  # the scripted logprob of token i is -0.01 i
+        assert [e.logprob for e in entries] == pytest.approx([-0.01 * (first + k) for k in range(len(answer))])
+        assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in entries)
+        parts = list(client.chat.completions.create(model=NAME, messages=msgs, max_tokens=80, logprobs=True,
+                                                    top_logprobs=2, stream=True))
+        streamed = [e for c in parts if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+        for c in parts:  # a content chunk's entries are exactly its text's tokens (a split character's too)
+            if c.choices and c.choices[0].delta.content:
+                got = b"".join(bytes(e.bytes) for e in c.choices[0].logprobs.content)
+                assert got == c.choices[0].delta.content.encode()
+            elif c.choices and getattr(c.choices[0].delta, "reasoning_content", None):
+                assert c.choices[0].logprobs is None
+        plain = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=80)
+        assert plain.choices[0].logprobs is None
 
 
 def test_stop_text_every_split():

@@ -59,6 +59,13 @@ def test_split_server_equals_generate(split, ref):
         assert streamed == want.text
     chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
     assert chat.usage.completion_tokens == 5
+    # log-probabilities cross the pipe with their tokens
+    want = ref.generate([[5, 17, 300, 2]], max_new_tokens=4)[0]
+    lp = client.completions.create(model=NAME, prompt=[5, 17, 300, 2], max_tokens=4, temperature=0,
+                                   logprobs=2).choices[0].logprobs
+    exact = torch.log_softmax(ref.logits([[5, 17, 300, 2]])[0], -1)
+    assert len(lp.token_logprobs) == len(want.token_ids) and all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.token_logprobs[0] == pytest.approx(exact[want.token_ids[0]].item(), abs=1e-4)
     bad = httpx.post(split.url + "/v1/completions", json={"model": NAME, "prompt": [1] * 300, "max_tokens": 2})
     assert bad.status_code == 400 and "256" in bad.json()["error"]["message"]  # checked in the front end
     metrics = httpx.get(split.url + "/metrics").text  # the engine's counters, fetched over the pipe

@@ -21,6 +21,7 @@ from ..scheduler import QueueFull, Scheduler
 from ..stop_text import StopText
 from .errors import APIError, error_body, error_response
 from .local_engine import LocalEngine
+from .logprobs import ChatLogprobs, CompletionLogprobs, TokenNames
 from .protocol import Parsed, check_model, parse_chat, parse_completion
 
 DEFAULT_MAX_BODY = 4 << 20  # bytes: a 128k-token prompt as JSON token ids fits
@@ -33,6 +34,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         engine = LocalEngine(engine)
     tokenizer, context = engine.tokenizer, engine.context
     harmony = HarmonyTokens.from_tokenizer(tokenizer) if tokenizer.available else None
+    names = TokenNames(tokenizer)
     created = int(time.time())
     app = FastAPI(title="gptoss", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -73,16 +75,20 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         check_model(body, model_name)
         parsed = parse_completion(body, tokenizer, context)
         rid = f"cmpl-{uuid.uuid4().hex}"
+        logprobs = CompletionLogprobs(names) if parsed.request.logprobs is not None else None
         events, handle = _submit(engine, parsed)
         if parsed.stream:
-            return _sse(_completion_chunks(rid, model_name, parsed, events, handle), handle)
+            return _sse(_completion_chunks(rid, model_name, parsed, events, handle, logprobs), handle)
         text, tokens, finish = [], 0, None
         async for event in _drain(events, handle, http):
             tokens += event.token_id >= 0
             text.append(event.text)
             finish = event.finish_reason or finish
+            if logprobs is not None:
+                logprobs.add(event)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish, "logprobs": None}],
+                "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish,
+                             "logprobs": logprobs.take() if logprobs is not None else None}],
                 "usage": _usage(len(parsed.request.prompt), tokens, handle)}
 
     @app.post("/v1/chat/completions")
@@ -95,7 +101,8 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         render = lambda m, t, e: render_chat(tokenizer, m, tools=t, reasoning_effort=e)  # noqa: E731
         parsed = parse_chat(body, tokenizer, context, render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        reply = _ChatReply(HarmonyStreamParser(harmony, tokenizer.decode), parsed.stop_strings)
+        reply = _ChatReply(HarmonyStreamParser(harmony, tokenizer.decode), parsed.stop_strings,
+                           ChatLogprobs(names) if parsed.request.logprobs is not None else None)
         events, handle = _submit(engine, parsed)
         if parsed.stream:
             return _sse(_chat_chunks(rid, model_name, parsed, events, reply, handle), handle)
@@ -118,7 +125,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
                                      for i, c in enumerate(parser.tool_calls)]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": [{"index": 0, "message": message, "finish_reason": _chat_finish(finish, parser),
-                             "logprobs": None}],
+                             "logprobs": reply.logprobs.whole() if reply.logprobs is not None else None}],
                 "usage": _usage(len(parsed.request.prompt), tokens, handle)}
 
     return app
@@ -224,7 +231,7 @@ def _chat_finish(finish: str | None, parser: HarmonyStreamParser) -> str | None:
     return finish
 
 
-async def _completion_chunks(rid, model, parsed: Parsed, events, handle):
+async def _completion_chunks(rid, model, parsed: Parsed, events, handle, logprobs: CompletionLogprobs | None):
     tokens = 0
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     async for event in _events(events):
@@ -232,9 +239,11 @@ async def _completion_chunks(rid, model, parsed: Parsed, events, handle):
             yield event
             return
         tokens += event.token_id >= 0
-        if event.text or event.finish_reason:
+        if logprobs is not None:
+            logprobs.add(event)
+        if event.text or event.finish_reason:  # (a token whose text is held back: its logprobs go with the next)
             yield {**base, "choices": [{"index": 0, "text": event.text, "finish_reason": event.finish_reason,
-                                        "logprobs": None}]}
+                                        "logprobs": logprobs.take() if logprobs is not None else None}]}
     if parsed.include_usage:
         yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, handle)}
 
@@ -243,8 +252,11 @@ async def _chat_chunks(rid, model, parsed: Parsed, events, reply: "_ChatReply", 
     tokens = 0
     base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
 
-    def chunk(delta, finish=None):
-        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    def chunk(delta, finish=None, logprobs=None):
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+
+    def content_logprobs():  # the content tokens' since the last content chunk (their text is in this one)
+        return reply.logprobs.take() if reply.logprobs is not None else None
 
     yield chunk({"role": "assistant", "content": ""})
     finish = None
@@ -258,7 +270,7 @@ async def _chat_chunks(rid, model, parsed: Parsed, events, reply: "_ChatReply", 
             if d.kind == "reasoning":
                 yield chunk({"reasoning_content": d.text})
             elif d.kind == "content":
-                yield chunk({"content": d.text})
+                yield chunk({"content": d.text}, logprobs=content_logprobs())
             elif d.kind == "tool_call":
                 yield chunk({"tool_calls": [{"index": d.index, "id": _call_id(rid, d.index), "type": "function",
                                              "function": {"name": d.name, "arguments": ""}}]})
@@ -268,7 +280,7 @@ async def _chat_chunks(rid, model, parsed: Parsed, events, reply: "_ChatReply", 
             handle.cancel()  # a stop string in the content: the row is freed at the next step
             finish = "stop"
             break
-    yield chunk({}, _chat_finish(finish, reply.parser))
+    yield chunk({}, _chat_finish(finish, reply.parser), content_logprobs())
     if parsed.include_usage:
         yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, handle)}
 
@@ -278,8 +290,8 @@ class _ChatReply:
     client sees: not on the raw text (harmony markup such as `<|channel|>final<|message|>` never stops a reply),
     nor on reasoning or tool-call arguments. The content pieces are one stream, as the client joins them."""
 
-    def __init__(self, parser: HarmonyStreamParser, stop_strings):
-        self.parser, self.stops = parser, StopText(list(stop_strings))
+    def __init__(self, parser: HarmonyStreamParser, stop_strings, logprobs: ChatLogprobs | None = None):
+        self.parser, self.stops, self.logprobs = parser, StopText(list(stop_strings)), logprobs
         self.content = ""
 
     @property
@@ -288,6 +300,8 @@ class _ChatReply:
 
     def feed(self, event) -> list[HarmonyDelta]:
         deltas = self.parser.push(event.token_id) if event.token_id >= 0 else []
+        if self.logprobs is not None and self.parser.last_kind == "content":
+            self.logprobs.add(event)
         if event.finish_reason is not None:
             deltas += self.parser.finish()
         out = []

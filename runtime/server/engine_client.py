@@ -112,8 +112,8 @@ class EngineClient:
                 if rid in self._open:
                     self._open[rid].admitted = True
                     self._open[rid].reused = reused
-            for rid, token_id, text, finish in events:
-                self._deliver(rid, TokenEvent(rid, token_id, text, finish))
+            for rid, token_id, text, finish, *logprobs in events:
+                self._deliver(rid, TokenEvent(rid, token_id, text, finish, *logprobs))
         elif kind == "metrics":
             future = self._tickets.get(msg[1])
             if future is not None and not future.done():

@@ -11,9 +11,9 @@ Apart, the engine's process holds only the scheduler and this link.
 Over a `multiprocessing` pipe:
 - to the engine: ("ready",) once the front end listens, ("submit", rid, Request), ("cancel", rid),
   ("metrics", ticket);
-- to the front end: ("step", [(rid, token_id, text, finish_reason), ...], [(admitted rid, prompt tokens reused),
-  ...]) once per scheduler step that produced anything, ("metrics", ticket, ServingMetrics), ("error", message) when the
-  model failed (every open request has then had its "error" event).
+- to the front end: ("step", [(rid, token_id, text, finish_reason[, logprob, top_logprobs]), ...], [(admitted
+  rid, prompt tokens reused), ...]) once per scheduler step that produced anything, ("metrics", ticket,
+  ServingMetrics), ("error", message) when the model failed (every open request has then had its "error" event).
 The front end closing its end stops the engine.
 """
 from __future__ import annotations
@@ -65,7 +65,10 @@ class EngineCore:
 
     def _on_event(self, rid: int, event) -> None:
         with self._lock:
-            self._events.append((rid, event.token_id, event.text, event.finish_reason))
+            event_tuple = (rid, event.token_id, event.text, event.finish_reason)
+            if event.logprob is not None:  # (only where the request asked: the common event stays small)
+                event_tuple += (event.logprob, event.top_logprobs)
+            self._events.append(event_tuple)
             if event.finish_reason is not None and self._handles.pop(rid, None) is None:
                 self._ended.add(rid)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..sampling import MAX_LOGPROBS
 from ..scheduler import Request
 from .errors import APIError
 
@@ -69,15 +70,34 @@ def _stop(body: dict) -> tuple:
     return tuple(stop) + tuple(ids)
 
 
-def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_names: tuple[str, ...]) -> Request:
+def _completion_logprobs(body: dict) -> int | None:
+    """/v1/completions: `logprobs` is how many alternatives to report at each token (0: the chosen token's only)."""
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return None
+    return _number(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """/v1/chat/completions: `logprobs` true reports each content token's; `top_logprobs` that many alternatives."""
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise _bad(f"'logprobs' must be a boolean, got {wanted!r}", "logprobs")
+    top = _number(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+    if top is not None and not wanted:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_names: tuple[str, ...],
+            logprobs: int | None) -> Request:
     max_tokens = None
     for name in max_tokens_names:
         if body.get(name) is not None:
             max_tokens = _number(body, name, None, lo=1, integer=True)
     if body.get("n", 1) not in (1, None):
         raise _bad("only n=1 is supported", "n")
-    for name, allowed in (("logprobs", (None, False)), ("top_logprobs", (None, 0)), ("echo", (None, False)),
-                          ("best_of", (None, 1)), ("suffix", (None,))):
+    for name, allowed in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None,))):
         if body.get(name) not in allowed:
             raise _bad(f"'{name}' is not supported by this server", name)
     return Request(
@@ -89,6 +109,7 @@ def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_n
         seed=_number(body, "seed", None, integer=True),
         stop=_stop(body),
         ignore_eos=bool(body.get("ignore_eos", False)),
+        logprobs=logprobs,
     )
 
 
@@ -119,7 +140,7 @@ def parse_completion(body: dict, tokenizer, context: int) -> Parsed:
     else:
         raise _bad("'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
     stream, include_usage = _stream(body)
-    return Parsed(_common(body, ids, 16, ("max_tokens",)), stream, include_usage)
+    return Parsed(_common(body, ids, 16, ("max_tokens",), _completion_logprobs(body)), stream, include_usage)
 
 
 def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
@@ -144,7 +165,7 @@ def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
     ids = tokenizer.encode(text)
     stream, include_usage = _stream(body)
     default = max(context - len(ids), 1)  # the rest of the context, as OpenAI does without max_tokens
-    request = _common(body, ids, default, ("max_tokens", "max_completion_tokens"))
+    request = _common(body, ids, default, ("max_tokens", "max_completion_tokens"), _chat_logprobs(body))
     strings = tuple(s for s in request.stop if isinstance(s, str))
     request = replace(request, stop=tuple(s for s in request.stop if not isinstance(s, str)))
     return Parsed(request, stream, include_usage, messages=body["messages"], stop_strings=strings, tools=tools,
