@@ -156,10 +156,10 @@ def memory_probe(vocab, rng, scheduler, args, clients, frontend_pid, core=None) 
             "engine_link_open_handles": None if core is None else len(core._handles) + len(core._ended)}
 
 
-def scheduler_alone(rt, requests, outstanding, served_wall) -> dict:
+def scheduler_alone(rt, requests, outstanding, served_wall, reuse_prefixes: bool = True) -> dict:
     """The requests through a fresh Scheduler stepped in this thread, at most `outstanding` submitted and not yet
     finished at a time (as the clients keep them): wall time and tokens/s without HTTP."""
-    scheduler, pending, handles = Scheduler(rt), list(requests), []
+    scheduler, pending, handles = Scheduler(rt, reuse_prefixes=reuse_prefixes), list(requests), []
     t0, cpu0 = time.perf_counter(), cpu_s()
     while pending or scheduler.busy:
         while pending and sum(not h.done.is_set() for h in handles) < outstanding:
@@ -213,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frontend", choices=("process", "thread"), default="process",
                     help="HTTP in a process of its own (as tools.serve runs it) or in a thread beside the engine")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=True,
+                    help="a free row's K/V serve a later prompt with the same beginning (tools.serve's default)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -237,9 +239,9 @@ def main(argv=None) -> int:
                "prefill_chunk": args.prefill_chunk, "interleave_chunk": rt.shapes.interleave_chunk,
                "mixed_steps": args.mixed_steps, "prefill_granule": rt.shapes.granule,
                "torch_threads": args.threads, "model": str(model_dir), "frontend": args.frontend,
-               "compiled": rt.settings.compiled}
+               "compiled": rt.settings.compiled, "prefix_reuse": args.prefix_reuse}
 
-    scheduler = Scheduler(rt)
+    scheduler = Scheduler(rt, reuse_prefixes=args.prefix_reuse)
     split = args.frontend == "process"
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients:
@@ -287,7 +289,7 @@ def main(argv=None) -> int:
                 results, wall = step_while(scheduler.run, lambda: phases(server),
                                            stop=lambda: scheduler.stop(timeout=0))
         tokens = figures["served"]["tokens"]
-    figures["scheduler_alone"] = scheduler_alone(rt, requests, args.clients, wall)
+    figures["scheduler_alone"] = scheduler_alone(rt, requests, args.clients, wall, args.prefix_reuse)
 
     # correctness and the static-batch baseline, after the server is idle (no competition for the cores)
     mismatched = [i for i, (p, n) in enumerate(requests)
