@@ -78,8 +78,9 @@ class _Header:
 class HarmonyStreamParser:
     """Feed the generated token ids one at a time with `push`; call `finish` when generation ends. Each returns
     the deltas that became certain. The whole reply is then in `reasoning`, `content`, `tool_calls`;
-    `ended_with` is "return", "call" or None (cut off). `last_kind`: where the last pushed token's text went
-    ("reasoning", "content", "tool_arguments"; None for markup)."""
+    `ended_with` is "return", "call" or None (cut off). `content_positions`: which pushed tokens (counted from 0)
+    the last push made part of `content`: that token, or when a header turns out not to be harmony, every token
+    of it."""
 
     def __init__(self, tokens: HarmonyTokens, decode: Callable[[list[int]], str]):
         self.t, self.decode = tokens, decode
@@ -87,22 +88,25 @@ class HarmonyStreamParser:
         self.ended_with: str | None = None
         self._header: _Header | None = _Header()  # the prompt already said <|start|>assistant
         self._raw: list[int] = []  # every token of the current message since its <|start|> (for the fallback)
+        self._raw_at: list[int] = []  # their positions among the pushed tokens
+        self._pushed = 0
         self._plain = False  # gave up on harmony structure: everything is content
         self._body: list[int] = []
         self._body_text = ""  # decoded text of _body already emitted
         self._kind: str | None = None  # where the current body goes: reasoning / content / tool_arguments
         self._pending_call: HarmonyDelta | None = None  # a call's announcement, sent with its first body delta
         self._done = False
-        self.last_kind: str | None = None
+        self.content_positions: list[int] = []
 
     # -- feeding ---------------------------------------------------------------------------------------------
     def push(self, token: int) -> list[HarmonyDelta]:
-        self.last_kind = None
+        self.content_positions, at = [], self._pushed
+        self._pushed += 1
         if self._done:
             return []
         t = self.t
         if self._plain:
-            self.last_kind = "content"
+            self.content_positions = [at]
             return self._plain_token(token)
         if self._header is not None:
             return self._header_token(token)
@@ -116,7 +120,8 @@ class HarmonyStreamParser:
             self._header = _Header()
             return out
         self._body.append(token)
-        self.last_kind = self._kind
+        if self._kind == "content":
+            self.content_positions = [at]
         return self._body_delta(final=False)
 
     def finish(self) -> list[HarmonyDelta]:
@@ -135,6 +140,7 @@ class HarmonyStreamParser:
     def _header_token(self, token: int) -> list[HarmonyDelta]:
         t, h = self.t, self._header
         self._raw.append(token)
+        self._raw_at.append(self._pushed - 1)
         if token == t.message:
             self._open_message(h)
             return []
@@ -146,7 +152,7 @@ class HarmonyStreamParser:
             h.parts = [("role", [])]  # a repeated <|start|>: the header begins again
         elif token in (t.end, t.return_, t.call):  # a message with no body
             self._header = _Header()
-            self._raw = []
+            self._raw, self._raw_at = [], []
             if token != t.end:
                 self.ended_with, self._done = ("return" if token == t.return_ else "call"), True
             return []
@@ -172,13 +178,14 @@ class HarmonyStreamParser:
         else:
             self._kind = "reasoning" if channel == "analysis" else "content"
             self._pending_call = None
-        self._header, self._raw, self._body, self._body_text = None, [], [], ""
+        self._header, self._raw, self._raw_at, self._body, self._body_text = None, [], [], [], ""
 
     def _give_up(self) -> list[HarmonyDelta]:
         """Not harmony after all: show every token of the reply from here on as content."""
         self._plain, self._kind, self._pending_call = True, "content", None
         self._body, self._body_text = list(self._raw), ""
-        self._header, self._raw = None, []
+        self.content_positions = list(self._raw_at)
+        self._header, self._raw, self._raw_at = None, [], []
         return self._body_delta(final=False)
 
     def _plain_token(self, token: int) -> list[HarmonyDelta]:

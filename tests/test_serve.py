@@ -603,6 +603,20 @@ def test_chat_logprobs_cover_the_content_tokens(ref):
         assert plain.choices[0].logprobs is None
 
 
+def test_chat_logprobs_of_a_reply_that_is_not_harmony(served):
+    """The random model's reply is not harmony: after the header limit every token so far becomes content, and so
+    do their log-probabilities (entries for the whole content, bytes joined equal to it)."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    whole = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=80, temperature=0,
+                                                  logprobs=True, top_logprobs=1)
+    content = whole.choices[0].message.content
+    entries = whole.choices[0].logprobs.content
+    assert content and len(entries) >= 65
+    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace") == content  # (not UTF-8)
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 1 and e.logprob <= e.top_logprobs[0].logprob + 1e-6
+               for e in entries)
+
+
 def test_stop_text_every_split():
     from gptoss.runtime.stop_text import StopText
     text = "The answer is 42.\n\nAnd then some more."

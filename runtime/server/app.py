@@ -288,11 +288,13 @@ async def _chat_chunks(rid, model, parsed: Parsed, events, reply: "_ChatReply", 
 class _ChatReply:
     """The harmony parser's deltas for one request, with the request's stop strings matched on the content the
     client sees: not on the raw text (harmony markup such as `<|channel|>final<|message|>` never stops a reply),
-    nor on reasoning or tool-call arguments. The content pieces are one stream, as the client joins them."""
+    nor on reasoning or tool-call arguments. The content pieces are one stream, as the client joins them. With
+    `logprobs`, the content tokens' log-probabilities (the parser says which tokens the content came from)."""
 
     def __init__(self, parser: HarmonyStreamParser, stop_strings, logprobs: ChatLogprobs | None = None):
         self.parser, self.stops, self.logprobs = parser, StopText(list(stop_strings)), logprobs
         self.content = ""
+        self._events = []  # every token's, in the order pushed (with logprobs only)
 
     @property
     def stopped(self) -> bool:
@@ -300,8 +302,10 @@ class _ChatReply:
 
     def feed(self, event) -> list[HarmonyDelta]:
         deltas = self.parser.push(event.token_id) if event.token_id >= 0 else []
-        if self.logprobs is not None and self.parser.last_kind == "content":
-            self.logprobs.add(event)
+        if self.logprobs is not None and event.token_id >= 0:
+            self._events.append(event)
+            for at in self.parser.content_positions:  # (a header that was not harmony: all of its tokens)
+                self.logprobs.add(self._events[at])
         if event.finish_reason is not None:
             deltas += self.parser.finish()
         out = []
