@@ -121,6 +121,38 @@ def test_completion_logprobs_are_the_models(served, ref):
     assert served.client.completions.create(model=NAME, prompt=prompt, max_tokens=2).choices[0].logprobs is None
 
 
+def test_n_choices(served, ref):
+    """`n` choices are n requests on their own rows: sampled with a seed, choice i equals a request with seed + i;
+    greedy, every choice is the same reply; streamed, each index's pieces join to its choice; usage counts the
+    prompt once and every choice's tokens."""
+    prompt, kw = "The small model reads", dict(max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
+    r = served.client.completions.create(model=NAME, prompt=prompt, n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    alone = [served.client.completions.create(model=NAME, prompt=prompt, **{**kw, "seed": 5 + i}).choices[0].text
+             for i in range(3)]
+    assert [c.text for c in r.choices] == alone and len(set(alone)) > 1
+    assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens == len(ref.tokenizer.encode(prompt))
+    chunks = list(served.client.completions.create(model=NAME, prompt=prompt, n=3, stream=True, **kw))
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)] == alone
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    one = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=70, temperature=0)
+    two = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=70, temperature=0, n=2,
+                                                logprobs=True)
+    assert [c.message.content for c in two.choices] == [one.choices[0].message.content] * 2
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens
+    assert [[e.token for e in c.logprobs.content] for c in two.choices][0] == \
+        [[e.token for e in c.logprobs.content] for c in two.choices][1]
+    parts = list(served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=70, temperature=0, n=2,
+                                                       stream=True))
+    for i in range(2):
+        mine = [c.choices[0] for c in parts if c.choices and c.choices[0].index == i]
+        assert "".join(c.delta.content or "" for c in mine) == (one.choices[0].message.content or "")
+        assert [c.finish_reason for c in mine if c.finish_reason] == [one.choices[0].finish_reason]
+    for bad in (0, 17, "2", 1.5):
+        r = httpx.post(served.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2, "n": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", bad
+
+
 def test_logprobs_bad_values(served):
     for path, extra, param in (("/v1/completions", {"logprobs": 21}, "logprobs"),
                                ("/v1/completions", {"logprobs": -1}, "logprobs"),
@@ -342,12 +374,16 @@ def test_only_planned_shapes_ran(served):
 
 
 def test_queue_full_gives_429(ckpt, ref):
-    scheduler = Scheduler(ref, max_queue=2)  # never started: requests stay queued
+    scheduler = Scheduler(ref, max_queue=3)  # never started: requests stay queued
     for _ in range(2):
         scheduler.submit(Request((1, 2, 3), 4))
-    with pytest.raises(QueueFull):
-        scheduler.submit(Request((1, 2, 3), 4))
     with LiveServer(create_app(scheduler, NAME)) as server:
+        # three choices where one place is left: none is queued (the first gives its place back)
+        r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [1, 2], "max_tokens": 2,
+                                                              "n": 3})
+        assert r.status_code == 429 and [h.cancelled for h in scheduler._waiting] == [False, False, True]
+        with pytest.raises(QueueFull):  # (the cancelled first gives its place back at the next step)
+            scheduler.submit(Request((1, 2, 3), 4))
         r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [1, 2], "max_tokens": 2})
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["type"] == "rate_limit_error"

@@ -59,6 +59,8 @@ def test_split_server_equals_generate(split, ref):
         assert streamed == want.text
     chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
     assert chat.usage.completion_tokens == 5
+    two = client.completions.create(model=NAME, prompt="The small model reads", max_tokens=12, temperature=0, n=2)
+    assert [c.text for c in two.choices] == [ref.generate(["The small model reads"], max_new_tokens=12)[0].text] * 2
     # log-probabilities cross the pipe with their tokens
     want = ref.generate([[5, 17, 300, 2]], max_new_tokens=4)[0]
     lp = client.completions.create(model=NAME, prompt=[5, 17, 300, 2], max_tokens=4, temperature=0,

@@ -5,11 +5,13 @@ queue on the app's event loop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
 import uuid
 from contextlib import aclosing
+from dataclasses import replace
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -75,21 +77,22 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         check_model(body, model_name)
         parsed = parse_completion(body, tokenizer, context)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        logprobs = CompletionLogprobs(names) if parsed.request.logprobs is not None else None
-        events, handle = _submit(engine, parsed)
+        wanted = parsed.request.logprobs is not None
+        logprobs = [CompletionLogprobs(names) if wanted else None for _ in range(parsed.n)]
+        choices = _submit(engine, parsed)
         if parsed.stream:
-            return _sse(_completion_chunks(rid, model_name, parsed, events, handle, logprobs), handle)
-        text, tokens, finish = [], 0, None
-        async for event in _drain(events, handle, http):
+            return _sse(_completion_chunks(rid, model_name, parsed, choices, logprobs), choices)
+        texts, finish, tokens = [[] for _ in range(parsed.n)], [None] * parsed.n, 0
+        async for i, event in _drain(choices, http):
             tokens += event.token_id >= 0
-            text.append(event.text)
-            finish = event.finish_reason or finish
-            if logprobs is not None:
-                logprobs.add(event)
+            texts[i].append(event.text)
+            finish[i] = event.finish_reason or finish[i]
+            if wanted:
+                logprobs[i].add(event)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish,
-                             "logprobs": logprobs.take() if logprobs is not None else None}],
-                "usage": _usage(len(parsed.request.prompt), tokens, handle)}
+                "choices": [{"index": i, "text": "".join(texts[i]), "finish_reason": finish[i],
+                             "logprobs": logprobs[i].take() if wanted else None} for i in range(parsed.n)],
+                "usage": _usage(len(parsed.request.prompt), tokens, choices)}
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
@@ -101,32 +104,33 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         render = lambda m, t, e: render_chat(tokenizer, m, tools=t, reasoning_effort=e)  # noqa: E731
         parsed = parse_chat(body, tokenizer, context, render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        reply = _ChatReply(HarmonyStreamParser(harmony, tokenizer.decode), parsed.stop_strings,
-                           ChatLogprobs(names) if parsed.request.logprobs is not None else None)
-        events, handle = _submit(engine, parsed)
+        replies = [_ChatReply(HarmonyStreamParser(harmony, tokenizer.decode), parsed.stop_strings,
+                              ChatLogprobs(names) if parsed.request.logprobs is not None else None)
+                   for _ in range(parsed.n)]
+        choices = _submit(engine, parsed)
         if parsed.stream:
-            return _sse(_chat_chunks(rid, model_name, parsed, events, reply, handle), handle)
-        tokens, finish = 0, None
-        async with aclosing(_drain(events, handle, http)) as stream:
-            async for event in stream:
+            return _sse(_chat_chunks(rid, model_name, parsed, choices, replies), choices)
+        tokens, finish, ended = 0, [None] * parsed.n, set()
+        async with aclosing(_drain(choices, http)) as stream:
+            async for i, event in stream:
+                if i in ended:  # stopped by a stop string: what its row made before it was freed is dropped
+                    continue
                 tokens += event.token_id >= 0
-                reply.feed(event)
-                finish = event.finish_reason or finish
-                if reply.stopped:
-                    handle.cancel()  # a stop string in the content: the row is freed at the next step
-                    finish = "stop"
-                    break
-        parser = reply.parser
-        message = {"role": "assistant", "content": reply.content or (None if parser.tool_calls else ""),
-                   "reasoning_content": parser.reasoning or None}
-        if parser.tool_calls:
-            message["tool_calls"] = [{"id": _call_id(rid, i), "type": "function",
-                                      "function": {"name": c.name, "arguments": c.arguments}}
-                                     for i, c in enumerate(parser.tool_calls)]
+                replies[i].feed(event)
+                finish[i] = event.finish_reason or finish[i]
+                if replies[i].stopped:
+                    choices.handles[i].cancel()  # a stop string in the content: the row is freed at the next step
+                    finish[i] = "stop"
+                if finish[i] is not None:
+                    ended.add(i)
+                    if len(ended) == parsed.n:
+                        break
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "message": message, "finish_reason": _chat_finish(finish, parser),
-                             "logprobs": reply.logprobs.whole() if reply.logprobs is not None else None}],
-                "usage": _usage(len(parsed.request.prompt), tokens, handle)}
+                "choices": [{"index": i, "message": _chat_message(rid, replies[i]),
+                             "finish_reason": _chat_finish(finish[i], replies[i].parser),
+                             "logprobs": replies[i].logprobs.whole() if replies[i].logprobs is not None else None}
+                            for i in range(parsed.n)],
+                "usage": _usage(len(parsed.request.prompt), tokens, choices)}
 
     return app
 
@@ -150,10 +154,40 @@ async def _json_body(http: HTTPRequest, limit: int) -> dict:
     return body
 
 
-def _submit(engine, parsed: Parsed):
-    events: asyncio.Queue = asyncio.Queue()
+class _Choices:
+    """The `n` requests of one API call (each on its own row; with a seed, choice i samples with seed + i), their
+    events on one queue as (choice index, event)."""
+
+    def __init__(self, engine, parsed: Parsed):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.handles = []
+        try:
+            for i in range(parsed.n):
+                request = parsed.request
+                if i and request.seed is not None:
+                    request = replace(request, seed=request.seed + i)
+                # the engine delivers on this event loop
+                self.handles.append(engine.submit(request, functools.partial(self._deliver, i)))
+        except BaseException:
+            self.cancel()  # all or none: the choices already queued give their places back
+            raise
+
+    def _deliver(self, index: int, event) -> None:
+        self.queue.put_nowait((index, event))
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            if handle.finish_reason is None:
+                handle.cancel()
+
+    @property
+    def reused(self) -> int:
+        return self.handles[0].reused
+
+
+def _submit(engine, parsed: Parsed) -> _Choices:
     try:
-        handle = engine.submit(parsed.request, events.put_nowait)  # the engine delivers on this event loop
+        return _Choices(engine, parsed)
     except QueueFull as exc:
         raise APIError(429, str(exc), code="queue_full",
                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None
@@ -167,58 +201,59 @@ def _submit(engine, parsed: Parsed):
         if any(k in text for k in ("temperature", "top_k", "top_p")):
             param = next(k for k in ("temperature", "top_k", "top_p") if k in text)
         raise APIError(400, text, param=param, code=code) from None
-    return events, handle
 
 
-async def _drain(events: asyncio.Queue, handle, http: HTTPRequest):
-    """The request's events until its last one; a client gone meanwhile cancels it (its row is freed)."""
+async def _drain(choices: _Choices, http: HTTPRequest):
+    """(choice index, event) until every choice's last event; a client gone meanwhile cancels them all (their rows
+    are freed)."""
+    running = set(range(len(choices.handles)))
     try:
-        while True:
+        while running:
             try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                index, event = await asyncio.wait_for(choices.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
-                    handle.cancel()
                     return
                 continue
             if event.finish_reason == "error":
-                raise APIError(500, f"generation failed: {handle.finish_reason}")
-            yield event
+                raise APIError(500, f"generation failed: {choices.handles[index].finish_reason}")
+            yield index, event
             if event.finish_reason is not None:
-                return
+                running.discard(index)
     finally:
-        if handle.finish_reason is None:
-            handle.cancel()
+        choices.cancel()
 
 
-def _sse(chunks, handle) -> StreamingResponse:
+def _sse(chunks, choices: _Choices) -> StreamingResponse:
     async def body():
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
             yield "data: [DONE]\n\n"
-        finally:  # the client went away (the generator is closed) or the stream ended: free the row either way
-            if handle.finish_reason is None:
-                handle.cancel()
+        finally:  # the client went away (the generator is closed) or the stream ended: free the rows either way
+            choices.cancel()
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _events(events: asyncio.Queue):
-    while True:
-        event = await events.get()
+async def _events(choices: _Choices):
+    """(choice index, event) until every choice's last event, or an error object when generation failed."""
+    running = set(range(len(choices.handles)))
+    while running:
+        index, event = await choices.queue.get()
         if event.finish_reason == "error":
             yield {"error": error_body(500, "generation failed")["error"]}
             return
-        yield event
+        yield index, event
         if event.finish_reason is not None:
-            return
+            running.discard(index)
 
 
-def _usage(prompt: int, completion: int, handle) -> dict:
-    """OpenAI's usage object; `cached_tokens`: prompt tokens whose K/V a cache row still held (not prefilled)."""
+def _usage(prompt: int, completion: int, choices: _Choices) -> dict:
+    """OpenAI's usage object: the prompt counted once, the completion tokens of every choice; `cached_tokens`:
+    prompt tokens whose K/V a cache row still held (not prefilled), for the first choice."""
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": handle.reused}}
+            "prompt_tokens_details": {"cached_tokens": choices.reused}}
 
 
 def _call_id(rid: str, index: int) -> str:
@@ -231,58 +266,78 @@ def _chat_finish(finish: str | None, parser: HarmonyStreamParser) -> str | None:
     return finish
 
 
-async def _completion_chunks(rid, model, parsed: Parsed, events, handle, logprobs: CompletionLogprobs | None):
+def _chat_message(rid: str, reply: "_ChatReply") -> dict:
+    parser = reply.parser
+    message = {"role": "assistant", "content": reply.content or (None if parser.tool_calls else ""),
+               "reasoning_content": parser.reasoning or None}
+    if parser.tool_calls:
+        message["tool_calls"] = [{"id": _call_id(rid, i), "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}}
+                                 for i, c in enumerate(parser.tool_calls)]
+    return message
+
+
+async def _completion_chunks(rid, model, parsed: Parsed, choices: _Choices, logprobs: list):
     tokens = 0
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
-    async for event in _events(events):
-        if isinstance(event, dict):
-            yield event
+    async for item in _events(choices):
+        if isinstance(item, dict):
+            yield item
             return
+        i, event = item
         tokens += event.token_id >= 0
-        if logprobs is not None:
-            logprobs.add(event)
+        if logprobs[i] is not None:
+            logprobs[i].add(event)
         if event.text or event.finish_reason:  # (a token whose text is held back: its logprobs go with the next)
-            yield {**base, "choices": [{"index": 0, "text": event.text, "finish_reason": event.finish_reason,
-                                        "logprobs": logprobs.take() if logprobs is not None else None}]}
+            yield {**base, "choices": [{"index": i, "text": event.text, "finish_reason": event.finish_reason,
+                                        "logprobs": logprobs[i].take() if logprobs[i] is not None else None}]}
     if parsed.include_usage:
-        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, handle)}
+        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, choices)}
 
 
-async def _chat_chunks(rid, model, parsed: Parsed, events, reply: "_ChatReply", handle):
+async def _chat_chunks(rid, model, parsed: Parsed, choices: _Choices, replies: list["_ChatReply"]):
     tokens = 0
     base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
 
-    def chunk(delta, finish=None, logprobs=None):
-        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+    def chunk(i, delta, finish=None, logprobs=None):
+        return {**base, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
-    def content_logprobs():  # the content tokens' since the last content chunk (their text is in this one)
-        return reply.logprobs.take() if reply.logprobs is not None else None
+    def content_logprobs(i):  # the content tokens' since the last content chunk (their text is in this one)
+        return replies[i].logprobs.take() if replies[i].logprobs is not None else None
 
-    yield chunk({"role": "assistant", "content": ""})
-    finish = None
-    async for event in _events(events):
-        if isinstance(event, dict):
-            yield event
+    for i in range(parsed.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    finish, ended = [None] * parsed.n, set()
+    async for item in _events(choices):
+        if isinstance(item, dict):
+            yield item
             return
+        i, event = item
+        if i in ended:  # stopped by a stop string: what its row made before it was freed is dropped
+            continue
         tokens += event.token_id >= 0
-        finish = event.finish_reason or finish
+        finish[i] = event.finish_reason or finish[i]
+        reply = replies[i]
         for d in reply.feed(event):
             if d.kind == "reasoning":
-                yield chunk({"reasoning_content": d.text})
+                yield chunk(i, {"reasoning_content": d.text})
             elif d.kind == "content":
-                yield chunk({"content": d.text}, logprobs=content_logprobs())
+                yield chunk(i, {"content": d.text}, logprobs=content_logprobs(i))
             elif d.kind == "tool_call":
-                yield chunk({"tool_calls": [{"index": d.index, "id": _call_id(rid, d.index), "type": "function",
-                                             "function": {"name": d.name, "arguments": ""}}]})
+                yield chunk(i, {"tool_calls": [{"index": d.index, "id": _call_id(rid, d.index), "type": "function",
+                                                "function": {"name": d.name, "arguments": ""}}]})
             else:
-                yield chunk({"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]})
+                yield chunk(i, {"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]})
         if reply.stopped:
-            handle.cancel()  # a stop string in the content: the row is freed at the next step
-            finish = "stop"
-            break
-    yield chunk({}, _chat_finish(finish, reply.parser), content_logprobs())
+            choices.handles[i].cancel()  # a stop string in the content: the row is freed at the next step
+            finish[i] = "stop"
+        if finish[i] is not None:
+            ended.add(i)
+            yield chunk(i, {}, _chat_finish(finish[i], reply.parser), content_logprobs(i))
+            if len(ended) == parsed.n:
+                break
     if parsed.include_usage:
-        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, handle)}
+        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, choices)}
 
 
 class _ChatReply:

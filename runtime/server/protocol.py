@@ -9,6 +9,7 @@ from ..scheduler import Request
 from .errors import APIError
 
 MAX_STOP = 4  # as the OpenAI API allows
+MAX_CHOICES = 16  # `n`: each choice takes a cache row and a place in the queue
 
 
 @dataclass
@@ -16,6 +17,7 @@ class Parsed:
     request: Request
     stream: bool
     include_usage: bool
+    n: int = 1  # choices: as many requests, each on its own row
     # chat only
     messages: list | None = None
     stop_strings: tuple[str, ...] = ()  # chat: matched on the parsed content by the server, not on raw markup
@@ -70,6 +72,10 @@ def _stop(body: dict) -> tuple:
     return tuple(stop) + tuple(ids)
 
 
+def _choices(body: dict) -> int:
+    return _number(body, "n", 1, lo=1, hi=MAX_CHOICES, integer=True)
+
+
 def _completion_logprobs(body: dict) -> int | None:
     """/v1/completions: `logprobs` is how many alternatives to report at each token (0: the chosen token's only)."""
     value = body.get("logprobs")
@@ -95,8 +101,6 @@ def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_n
     for name in max_tokens_names:
         if body.get(name) is not None:
             max_tokens = _number(body, name, None, lo=1, integer=True)
-    if body.get("n", 1) not in (1, None):
-        raise _bad("only n=1 is supported", "n")
     for name, allowed in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None,))):
         if body.get(name) not in allowed:
             raise _bad(f"'{name}' is not supported by this server", name)
@@ -140,7 +144,8 @@ def parse_completion(body: dict, tokenizer, context: int) -> Parsed:
     else:
         raise _bad("'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
     stream, include_usage = _stream(body)
-    return Parsed(_common(body, ids, 16, ("max_tokens",), _completion_logprobs(body)), stream, include_usage)
+    return Parsed(_common(body, ids, 16, ("max_tokens",), _completion_logprobs(body)), stream, include_usage,
+                  n=_choices(body))
 
 
 def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
@@ -168,5 +173,5 @@ def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
     request = _common(body, ids, default, ("max_tokens", "max_completion_tokens"), _chat_logprobs(body))
     strings = tuple(s for s in request.stop if isinstance(s, str))
     request = replace(request, stop=tuple(s for s in request.stop if not isinstance(s, str)))
-    return Parsed(request, stream, include_usage, messages=body["messages"], stop_strings=strings, tools=tools,
-                  reasoning_effort=body.get("reasoning_effort"))
+    return Parsed(request, stream, include_usage, n=_choices(body), messages=body["messages"], stop_strings=strings,
+                  tools=tools, reasoning_effort=body.get("reasoning_effort"))
