@@ -1,11 +1,13 @@
-"""Prompt prefixes a free cache row still holds, so that a new request skips prefilling them.
+"""Prompt prefixes a cache row still holds, so that a new request skips prefilling them.
 
 A request's keys and values stay in its cache row after it ends, and the K/V at position q depend only on tokens
 0..q: a later prompt that begins with the same tokens can start its prefill where they stop, as llama.cpp's server
 and vLLM's prefix caching do. This is what makes a chat's next turn (the conversation so far plus a new message),
-a regenerated reply or a shared system prompt cost only their new tokens. The reused K/V were computed in other
-steps (other chunks, batches or decode steps) than a fresh prefill would use, so the logits agree to rounding, not
-bit for bit.
+a regenerated reply or a shared system prompt cost only their new tokens. A row still in use lends its first
+positions the same way (copied to the newcomer's row): n choices of one request, or requests arriving together
+with the same beginning, compute it once (the scheduler holds them back while one prefills it). The reused K/V
+were computed in other steps (other chunks, batches or decode steps) than a fresh prefill would use, so the logits
+agree to rounding, not bit for bit.
 
 Full-attention layers keep every position (slot = position). A sliding layer's ring of `ring` slots keeps only the
 latest positions written: it still holds what a prompt resumed at L reads (positions L - window + 1 .. L - 1) only
@@ -60,21 +62,31 @@ class PrefixReuse:
         self._releases = 0
 
     # -- choosing a row ------------------------------------------------------------------------------------------
-    def choose(self, free: list[int], prompt) -> tuple[int, int]:
+    def choose(self, free: list[int], prompt, busy: dict[int, list[int]] | None = None) -> tuple[int, int]:
         """(row, start): the free row that saves `prompt` the most prefill and where its prefill starts. With
         nothing to reuse, the lowest free row (the rows in use stay packed, the decode bucket small); what that row
         holds moves first to the free row that has held its memory longest, if any (a copy of its cache row). The
-        row's rings are restored first where the start needs it."""
-        best, start, restore = free[0], 0, False
+        row's rings are restored first where the start needs it. `busy`: the rows in use and the tokens whose K/V
+        they hold; where one of them saves more, its first positions are copied to the lowest free row."""
+        best, start, restore, source = free[0], 0, False, None
         if self.enabled:
             for i in free:
                 at, saved = self._resume_at(self.rows[i], prompt)
                 if at > start:
                     best, start, restore = i, at, saved
-            if start == 0:
+            for i, held in (busy or {}).items():
+                memory = self.rows[i]
+                at, _ = self._resume_at(RowMemory(held, memory.written_end, memory.ring_from), prompt)
+                if at > start:
+                    best, start, restore, source = free[0], at, False, i
+            if start == 0 or source is not None:
                 self._move_aside(best, [i for i in free if i != best])
         memory = self.rows[best]
-        if restore:
+        if source is not None:  # a copy of the running row's positions before `start` (and its rings)
+            self.cache.copy_row(source, best, start)
+            memory.written_end, memory.ring_from = self.rows[source].written_end, self.rows[source].ring_from
+            memory.saved_at = 0
+        elif restore:
             self._restore(best)
         elif start == 0:  # written from position 0 again: only the new request's positions count
             memory.written_end = memory.ring_from = 0

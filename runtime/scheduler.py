@@ -2,7 +2,9 @@
 
 Every cache row holds at most one request. Each step:
 1. waiting requests take free rows (the lowest free row first, so the rows in use stay packed at the front and
-   the decode batch stays in a small bucket); cancelled requests give theirs back;
+   the decode batch stays in a small bucket, unless a row holds the beginning of the prompt: prefix_reuse.py);
+   one whose first prefill chunk or more another row is still prefilling waits for it, then copies it;
+   cancelled requests give theirs back;
 2. one request that is still reading its prompt runs one prefill chunk, as a batch-1 graph on its own row of
    the cache (a view of that row); while other rows decode, the chunk is at most the ShapePlan's
    `interleave_chunk` tokens, so a step of the running streams waits for a short chunk, not a full one. When no
@@ -43,7 +45,7 @@ from typing import Callable
 import torch
 
 from .metrics import ServingMetrics
-from .prefix_reuse import PrefixReuse
+from .prefix_reuse import PrefixReuse, common_prefix
 from .runtime import Runtime, TokenEvent, _Sequence, parse_stop
 from .sampling import MAX_LOGPROBS, greedy, sample, token_logprobs, validate_sampling
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -249,17 +251,33 @@ class Scheduler:
                 if row is not None and row.handle.cancelled:
                     plan.cancel.append(row.handle.id)
                     free += 1
+            deferred = deque()
             while self._waiting and free:
                 h = self._waiting.popleft()
                 if h.cancelled:
                     self._finish(h, "cancelled")
                     continue
+                if self._worth_waiting(h.request.prompt, plan):
+                    deferred.append(h)
+                    continue
                 plan.admit.append((h.id, h.request))
                 free -= 1
-            self._waiting = deque(h for h in self._waiting if not (h.cancelled and self._finish(h, "cancelled")))
+            deferred.extend(self._waiting)
+            self._waiting = deque(h for h in deferred if not (h.cancelled and self._finish(h, "cancelled")))
             self.metrics.queue_depth = len(self._waiting)
             plan.stop = self._stopping
         return plan
+
+    def _worth_waiting(self, prompt, plan: _Plan) -> bool:
+        """Whether a waiting prompt should wait for a row that is prefilling the same beginning (or a request
+        admitted in this plan): once that prompt is in, its K/V are copied instead of computed again (n choices of
+        one request, a burst sharing a system prompt). Only for at least a prefill chunk in common."""
+        if not self.reuse.enabled:
+            return False
+        enough = self.rt.shapes.prefill_chunk
+        others = [r.seq.prompt for r in self.rows if r is not None and r.prefilling and not r.handle.cancelled]
+        others += [request.prompt for _, request in plan.admit]
+        return any(common_prefix(other, prompt) >= enough for other in others)
 
     def _next_plan(self) -> _Plan:
         if self.parallel.rank == 0:
@@ -284,7 +302,8 @@ class Scheduler:
                     self._release(i, "cancelled")
         for rid, request in plan.admit:
             handle = self._handles.get(rid) or Handle(rid, request, None)  # other ranks: no client to tell
-            free, start = self.reuse.choose([i for i, r in enumerate(self.rows) if r is None], request.prompt)
+            busy = {i: self._held(i) for i, r in enumerate(self.rows) if r is not None}
+            free, start = self.reuse.choose([i for i, r in enumerate(self.rows) if r is None], request.prompt, busy)
             handle.reused = start
             if self.on_admit is not None and rid in self._handles:
                 self.on_admit(handle)
@@ -542,16 +561,18 @@ class Scheduler:
             h.on_event(TokenEvent(h.id, -1, "", reason))
         self._done(h, reason)
 
+    def _held(self, i: int) -> list[int]:
+        """The tokens whose K/V row i holds at positions 0, 1, ..."""
+        row = self.rows[i]
+        if row.staged:  # its prompt is on the staging row
+            return []
+        if row.prefilling:
+            return row.seq.prompt[:row.done]
+        return (row.seq.prompt + row.seq.tokens)[:row.pos]
+
     def _free(self, i: int) -> None:
         """Row i's request ends: the row is free, and keeps the K/V of the tokens it holds for a later prompt."""
-        row = self.rows[i]
-        if row.staged:  # its prompt never reached the row
-            held = []
-        elif row.prefilling:
-            held = row.seq.prompt[:row.done]
-        else:
-            held = (row.seq.prompt + row.seq.tokens)[:row.pos]
-        self.reuse.released(i, held)
+        self.reuse.released(i, self._held(i))
         self.rows[i] = None
 
     def _done(self, h: Handle, reason: str) -> None:

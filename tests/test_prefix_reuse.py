@@ -89,6 +89,37 @@ def test_reuse_beside_other_rows(rt, ref):
     assert scheduler.metrics.prompt_tokens_reused - before >= 32 // scheduler.reuse.align * scheduler.reuse.align > 0
 
 
+def test_running_row_lends_its_prefix(rt, ref):
+    """A newcomer whose prompt begins with what a running row holds copies those positions (and the rings) to its
+    own row instead of computing them; both keep to `Runtime.generate`."""
+    scheduler = Scheduler(rt)
+    align = scheduler.reuse.align
+    base = prompt(70, 3)
+    first, outs = request(base, 30), [[], []]
+    scheduler.submit(first, lambda e: outs[0].append(e.token_id) if e.token_id >= 0 else None)
+    while len(outs[0]) < 3:  # its prompt is in and it decodes
+        scheduler.step()
+    before = scheduler.metrics.prompt_tokens_reused
+    second = request(base + prompt(9, 4), 12)
+    scheduler.submit(second, lambda e: outs[1].append(e.token_id) if e.token_id >= 0 else None)
+    scheduler.run_until_idle()
+    assert outs == [expect(ref, first), expect(ref, second)]
+    assert scheduler.metrics.prompt_tokens_reused - before == 70 // align * align
+
+
+def test_same_beginnings_wait_for_one_prefill(rt, ref):
+    """Requests that arrive together with the same long beginning (n choices, a shared system prompt) wait for
+    the first one's prefill and copy its positions, rather than computing them side by side."""
+    scheduler = Scheduler(rt)
+    align = scheduler.reuse.align
+    shared = prompt(70, 5)
+    reqs = [request(shared, 10), request(shared, 10), request(shared + prompt(5, 6), 10), request(prompt(20, 7), 10)]
+    graphs = rt.graphs.calls
+    assert serve(scheduler, *reqs) == [expect(ref, r) for r in reqs]
+    assert scheduler.metrics.prompt_tokens_reused == 69 // align * align + 70 // align * align
+    assert rt.graphs.calls > graphs
+
+
 def test_disabled_reuses_nothing(ckpt, ref):
     rt = Runtime.from_pretrained(ckpt, progress=False, **SETTINGS)
     scheduler = Scheduler(rt, reuse_prefixes=False)
