@@ -106,6 +106,19 @@ def test_running_row_lends_its_prefix(rt, ref):
     assert outs == [expect(ref, first), expect(ref, second)]
     assert scheduler.metrics.prompt_tokens_reused - before == 70 // align * align
 
+    # a row that has decoded past its rings' reach lends nothing to a ring cache (a full cache still lends)
+    third, outs = request(prompt(70, 8), 60), [[], []]
+    scheduler.submit(third, lambda e: outs[0].append(e.token_id) if e.token_id >= 0 else None)
+    while len(outs[0]) < 50:
+        scheduler.step()
+    before = scheduler.metrics.prompt_tokens_reused
+    fourth = request(list(third.prompt) + prompt(9, 9), 12)
+    scheduler.submit(fourth, lambda e: outs[1].append(e.token_id) if e.token_id >= 0 else None)
+    scheduler.run_until_idle()
+    assert outs == [expect(ref, third), expect(ref, fourth)]
+    lent = scheduler.metrics.prompt_tokens_reused - before
+    assert lent == (70 // align * align if rt.shapes.window_cache == "full" else 0)
+
 
 def test_same_beginnings_wait_for_one_prefill(rt, ref):
     """Requests that arrive together with the same long beginning (n choices, a shared system prompt) wait for
