@@ -66,7 +66,7 @@ class ServingMetrics:
                     ("prompt_tokens_total", "counter", "prompt tokens of requests that got a first token",
                      self.prompt_tokens),
                     ("prompt_tokens_reused_total", "counter",
-                     "prompt tokens not prefilled: their K/V were still in a free cache row", self.prompt_tokens_reused),
+                     "prompt tokens not prefilled: their K/V were in a cache row already", self.prompt_tokens_reused),
                     ("requests_finished_total", "counter", "requests that ended (any reason)",
                      self.requests_finished),
                     ("requests_rejected_total", "counter", "requests refused with 429 (queue full)",

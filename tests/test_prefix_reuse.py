@@ -1,7 +1,7 @@
-"""Prompt prefixes served from a free cache row (runtime/prefix_reuse.py): a chat's next turn, a regenerated
-reply and a prompt sharing another's beginning skip prefilling what a row still holds, and their greedy tokens
-equal `Runtime.generate` of the whole prompt on a cache of its own, with full-length and ring caches, with and
-without mixed steps, while other rows decode beside them."""
+"""Prompt prefixes served from a cache row (runtime/prefix_reuse.py): a chat's next turn, a regenerated reply, a
+prompt sharing another's beginning (a free row's, or a running row's: copied) skip prefilling what a row holds,
+and their greedy tokens equal `Runtime.generate` of the whole prompt on a cache of its own, with full-length and
+ring caches, with and without mixed steps, while other rows decode beside them."""
 from __future__ import annotations
 
 import pytest
