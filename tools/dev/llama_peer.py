@@ -307,6 +307,7 @@ def compare_logits(model_dir: str | Path, threads: int = 2, length: int = 200, v
     import numpy as np
     import torch
 
+    from gptoss.model.gpt_oss import Tokens
     from gptoss.model.kv_cache import KVCache
     from gptoss.model.loader import load_model
 
@@ -322,9 +323,9 @@ def compare_logits(model_dir: str | Path, threads: int = 2, length: int = 200, v
     cache = KVCache.allocate(model.config, model.plan, 1, length, torch.float32)
     with torch.no_grad():
         x = torch.tensor([ids])
-        positions = torch.arange(length)[None]
-        h = model.hidden(x, positions, torch.zeros(1, dtype=torch.long), cache.keys, cache.values, length)
-        ours = model.logits(h)[0]
+        h = model.hidden([Tokens(x, torch.arange(length)[None], torch.zeros(1, dtype=torch.long), cache.keys,
+                                 cache.values)], length)
+        ours = model.logits(h)
     diff = (ours - theirs).abs()
     return {
         "max_abs_diff": diff.max().item(),
