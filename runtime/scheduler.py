@@ -302,7 +302,7 @@ class Scheduler:
                     self._release(i, "cancelled")
         for rid, request in plan.admit:
             handle = self._handles.get(rid) or Handle(rid, request, None)  # other ranks: no client to tell
-            busy = {i: self._held(i) for i, r in enumerate(self.rows) if r is not None}
+            busy = {i: self._held(i) for i, r in enumerate(self.rows) if r is not None} if self.reuse.enabled else None
             free, start = self.reuse.choose([i for i, r in enumerate(self.rows) if r is None], request.prompt, busy)
             handle.reused = start
             if self.on_admit is not None and rid in self._handles:

@@ -110,27 +110,16 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         choices = _submit(engine, parsed)
         if parsed.stream:
             return _sse(_chat_chunks(rid, model_name, parsed, choices, replies), choices)
-        tokens, finish, ended = 0, [None] * parsed.n, set()
         async with aclosing(_drain(choices, http)) as stream:
             async for i, event in stream:
-                if i in ended:  # stopped by a stop string: what its row made before it was freed is dropped
-                    continue
-                tokens += event.token_id >= 0
-                replies[i].feed(event)
-                finish[i] = event.finish_reason or finish[i]
-                if replies[i].stopped:
-                    choices.handles[i].cancel()  # a stop string in the content: the row is freed at the next step
-                    finish[i] = "stop"
-                if finish[i] is not None:
-                    ended.add(i)
-                    if len(ended) == parsed.n:
-                        break
+                replies[i].feed(event, choices.handles[i])
+                if all(r.ended for r in replies):
+                    break
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": i, "message": _chat_message(rid, replies[i]),
-                             "finish_reason": _chat_finish(finish[i], replies[i].parser),
-                             "logprobs": replies[i].logprobs.whole() if replies[i].logprobs is not None else None}
-                            for i in range(parsed.n)],
-                "usage": _usage(len(parsed.request.prompt), tokens, choices)}
+                "choices": [{"index": i, "message": _chat_message(rid, r), "finish_reason": r.finish_reason,
+                             "logprobs": r.logprobs.whole() if r.logprobs is not None else None}
+                            for i, r in enumerate(replies)],
+                "usage": _usage(len(parsed.request.prompt), sum(r.tokens for r in replies), choices)}
 
     return app
 
@@ -171,9 +160,17 @@ class _Choices:
         except BaseException:
             self.cancel()  # all or none: the choices already queued give their places back
             raise
+        self.running = set(range(parsed.n))  # the choices whose last event has not come yet
 
     def _deliver(self, index: int, event) -> None:
         self.queue.put_nowait((index, event))
+
+    async def next(self, timeout: float | None = None):
+        """The next (choice index, event); asyncio.TimeoutError after `timeout` seconds without one."""
+        index, event = await asyncio.wait_for(self.queue.get(), timeout)
+        if event.finish_reason is not None:
+            self.running.discard(index)
+        return index, event
 
     def cancel(self) -> None:
         for handle in self.handles:
@@ -206,11 +203,10 @@ def _submit(engine, parsed: Parsed) -> _Choices:
 async def _drain(choices: _Choices, http: HTTPRequest):
     """(choice index, event) until every choice's last event; a client gone meanwhile cancels them all (their rows
     are freed)."""
-    running = set(range(len(choices.handles)))
     try:
-        while running:
+        while choices.running:
             try:
-                index, event = await asyncio.wait_for(choices.queue.get(), DISCONNECT_POLL_S)
+                index, event = await choices.next(DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     return
@@ -218,8 +214,6 @@ async def _drain(choices: _Choices, http: HTTPRequest):
             if event.finish_reason == "error":
                 raise APIError(500, f"generation failed: {choices.handles[index].finish_reason}")
             yield index, event
-            if event.finish_reason is not None:
-                running.discard(index)
     finally:
         choices.cancel()
 
@@ -238,15 +232,12 @@ def _sse(chunks, choices: _Choices) -> StreamingResponse:
 
 async def _events(choices: _Choices):
     """(choice index, event) until every choice's last event, or an error object when generation failed."""
-    running = set(range(len(choices.handles)))
-    while running:
-        index, event = await choices.queue.get()
+    while choices.running:
+        index, event = await choices.next()
         if event.finish_reason == "error":
             yield {"error": error_body(500, "generation failed")["error"]}
             return
         yield index, event
-        if event.finish_reason is not None:
-            running.discard(index)
 
 
 def _usage(prompt: int, completion: int, choices: _Choices) -> dict:
@@ -258,12 +249,6 @@ def _usage(prompt: int, completion: int, choices: _Choices) -> dict:
 
 def _call_id(rid: str, index: int) -> str:
     return f"call_{rid[-12:]}_{index}"
-
-
-def _chat_finish(finish: str | None, parser: HarmonyStreamParser) -> str | None:
-    if parser.ended_with == "call" and parser.tool_calls:
-        return "tool_calls"
-    return finish
 
 
 def _chat_message(rid: str, reply: "_ChatReply") -> dict:
@@ -296,7 +281,6 @@ async def _completion_chunks(rid, model, parsed: Parsed, choices: _Choices, logp
 
 
 async def _chat_chunks(rid, model, parsed: Parsed, choices: _Choices, replies: list["_ChatReply"]):
-    tokens = 0
     base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
 
     def chunk(i, delta, finish=None, logprobs=None):
@@ -307,18 +291,15 @@ async def _chat_chunks(rid, model, parsed: Parsed, choices: _Choices, replies: l
 
     for i in range(parsed.n):
         yield chunk(i, {"role": "assistant", "content": ""})
-    finish, ended = [None] * parsed.n, set()
     async for item in _events(choices):
         if isinstance(item, dict):
             yield item
             return
         i, event = item
-        if i in ended:  # stopped by a stop string: what its row made before it was freed is dropped
-            continue
-        tokens += event.token_id >= 0
-        finish[i] = event.finish_reason or finish[i]
         reply = replies[i]
-        for d in reply.feed(event):
+        if reply.ended:  # stopped by a stop string: what its row made before it was freed is dropped
+            continue
+        for d in reply.feed(event, choices.handles[i]):
             if d.kind == "reasoning":
                 yield chunk(i, {"reasoning_content": d.text})
             elif d.kind == "content":
@@ -328,34 +309,45 @@ async def _chat_chunks(rid, model, parsed: Parsed, choices: _Choices, replies: l
                                                 "function": {"name": d.name, "arguments": ""}}]})
             else:
                 yield chunk(i, {"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]})
-        if reply.stopped:
-            choices.handles[i].cancel()  # a stop string in the content: the row is freed at the next step
-            finish[i] = "stop"
-        if finish[i] is not None:
-            ended.add(i)
-            yield chunk(i, {}, _chat_finish(finish[i], reply.parser), content_logprobs(i))
-            if len(ended) == parsed.n:
+        if reply.ended:
+            yield chunk(i, {}, reply.finish_reason, content_logprobs(i))
+            if all(r.ended for r in replies):
                 break
     if parsed.include_usage:
-        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, choices)}
+        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), sum(r.tokens for r in replies),
+                                                      choices)}
 
 
 class _ChatReply:
     """The harmony parser's deltas for one request, with the request's stop strings matched on the content the
     client sees: not on the raw text (harmony markup such as `<|channel|>final<|message|>` never stops a reply),
     nor on reasoning or tool-call arguments. The content pieces are one stream, as the client joins them. With
-    `logprobs`, the content tokens' log-probabilities (the parser says which tokens the content came from)."""
+    `logprobs`, the content tokens' log-probabilities (the parser says which tokens the content came from).
+    `tokens` counts the generated tokens taken; the reply has `ended` at its last event or a stop string."""
 
     def __init__(self, parser: HarmonyStreamParser, stop_strings, logprobs: ChatLogprobs | None = None):
         self.parser, self.stops, self.logprobs = parser, StopText(list(stop_strings)), logprobs
-        self.content = ""
+        self.content, self.tokens, self._finish = "", 0, None
         self._events = []  # every token's, in the order pushed (with logprobs only)
 
     @property
-    def stopped(self) -> bool:
-        return self.stops.hit
+    def ended(self) -> bool:
+        return self._finish is not None
 
-    def feed(self, event) -> list[HarmonyDelta]:
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI's: "tool_calls" when the reply ended in a call."""
+        if self.parser.ended_with == "call" and self.parser.tool_calls:
+            return "tool_calls"
+        return self._finish
+
+    def feed(self, event, handle) -> list[HarmonyDelta]:
+        """The deltas `event` makes certain; a stop string in the content cancels `handle` (the row is freed at the
+        next step). Once the reply has ended, events are ignored."""
+        if self.ended:
+            return []
+        self.tokens += event.token_id >= 0
+        self._finish = event.finish_reason
         deltas = self.parser.push(event.token_id) if event.token_id >= 0 else []
         if self.logprobs is not None and event.token_id >= 0:
             self._events.append(event)
@@ -375,4 +367,7 @@ class _ChatReply:
             tail = self.stops.flush()
             self.content += tail
             out.append(HarmonyDelta("content", tail))
+        if self.stops.hit:
+            handle.cancel()
+            self._finish = "stop"
         return [d for d in out if d.text or d.kind == "tool_call"]
