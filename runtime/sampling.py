@@ -1,5 +1,9 @@
-"""Next-token choice from logits: greedy at temperature 0, else temperature, top-k, top-p (nucleus) sampling."""
+"""Next-token choice from logits: greedy at temperature 0, else temperature, top-k, top-p (nucleus) and min-p
+sampling; before either, a request's repetition penalties and logit biases (`adjust_logits`)."""
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -28,18 +32,71 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, t
     return chosen, tuple(zip(ids.tolist(), values.tolist()))
 
 
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1] (or None), got {min_p}")
+
+
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as the OpenAI API has them
+MAX_BIAS = 100.0  # a logit bias lies in [-100, 100] (OpenAI's range)
+MAX_LOGIT_BIASES = 1024  # tokens one request may bias
+
+
+def validate_adjustments(presence: float, frequency: float, repetition: float, bias, vocab_size: int) -> None:
+    """The settings `adjust_logits` takes, checked for a vocabulary of `vocab_size` tokens."""
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+            raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+    if not (isinstance(repetition, (int, float)) and math.isfinite(repetition) and repetition > 0):
+        raise ValueError(f"repetition_penalty must be a number > 0 (1: none), got {repetition!r}")
+    if len(bias) > MAX_LOGIT_BIASES:
+        raise ValueError(f"logit_bias may bias at most {MAX_LOGIT_BIASES} tokens, got {len(bias)}")
+    seen = set()
+    for token, value in bias:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            raise ValueError(f"logit_bias names token {token!r}, outside the vocabulary [0, {vocab_size})")
+        if token in seen:
+            raise ValueError(f"logit_bias names token {token} twice")
+        seen.add(token)
+        if not (isinstance(value, (int, float)) and -MAX_BIAS <= value <= MAX_BIAS):
+            raise ValueError(f"logit_bias of token {token} must be a number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+                             f"got {value!r}")
+
+
+def adjust_logits(logits: torch.Tensor, context: Sequence[int], generated: Sequence[int], *, presence: float = 0.0,
+                  frequency: float = 0.0, repetition: float = 1.0, bias: Sequence[tuple[int, float]] = ()
+                  ) -> torch.Tensor:
+    """One row's logits [V] -> a new tensor with its penalties and biases applied, in this order:
+    - `repetition` (as in transformers and llama.cpp): each token of the prompt (`context`) or of `generated` has
+      its logit divided by it where positive and multiplied by it where negative;
+    - `presence` and `frequency` (the OpenAI API's definition, over the generated tokens, as vLLM counts them):
+      logit -= count * frequency + (count > 0) * presence;
+    - `bias`: (token, value) pairs added to those tokens' logits.
+    Greedy and sampled choices alike are made from the result; log-probabilities stay the raw model's."""
+    out = logits.float().clone()
+    if repetition != 1.0 and (context or generated):
+        seen = torch.tensor([*context, *generated], dtype=torch.long).unique().to(out.device)
+        values = out[seen]
+        out[seen] = torch.where(values > 0, values / repetition, values * repetition)
+    if (presence or frequency) and generated:
+        ids, counts = torch.unique(torch.tensor(list(generated), dtype=torch.long), return_counts=True)
+        out[ids.to(out.device)] -= (counts.to(out.device, torch.float32) * frequency + presence)
+    if bias:
+        ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=out.device)
+        out[ids] += torch.tensor([float(v) for _, v in bias], device=out.device)
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B] (int64)."""
+           generator: torch.Generator | None, min_p: float | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B] (int64). `min_p` drops the tokens less likely than min_p times the most
+    likely one (after temperature, top-k and top-p)."""
     if temperature == 0:
         return greedy(logits)
     logits = logits.float() / temperature
@@ -52,7 +109,10 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
         # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
         drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return draw(logits.softmax(-1), generator)
+    probs = logits.softmax(-1)
+    if min_p:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+    return draw(probs, generator)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

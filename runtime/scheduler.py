@@ -47,7 +47,8 @@ import torch
 from .metrics import ServingMetrics
 from .prefix_reuse import PrefixReuse, common_prefix
 from .runtime import Runtime, TokenEvent, _Sequence, parse_stop
-from .sampling import MAX_LOGPROBS, greedy, sample, token_logprobs, validate_sampling
+from .sampling import (MAX_LOGPROBS, adjust_logits, greedy, sample, token_logprobs, validate_adjustments,
+                       validate_sampling)
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -70,7 +71,9 @@ def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokeniz
                          f"tokens (max_seq_len) and must leave room for at least one generated token")
     if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or request.max_tokens <= 0:
         raise ValueError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
-    validate_sampling(request.temperature, request.top_k, request.top_p)
+    validate_sampling(request.temperature, request.top_k, request.top_p, request.min_p)
+    validate_adjustments(request.presence_penalty, request.frequency_penalty, request.repetition_penalty,
+                         request.logit_bias, vocab_size)
     if request.logprobs is not None and (not isinstance(request.logprobs, int) or isinstance(request.logprobs, bool)
                                          or not 0 <= request.logprobs <= MAX_LOGPROBS):
         raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None, "
@@ -89,6 +92,17 @@ class Request:
     stop: tuple = ()  # strings and/or token ids, as `Runtime.generate` takes them
     ignore_eos: bool = False
     logprobs: int | None = None  # each token's log-probability and this many alternatives' (None: not computed)
+    min_p: float | None = None
+    # adjust_logits (sampling.py): applied before greedy and sampled choices alike
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 class Handle:
@@ -524,12 +538,21 @@ class Scheduler:
         row.staged = False
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """Each row with its own settings and generator; greedy rows in one argmax."""
+        """Each row with its own settings and generator; greedy rows in one argmax (`logits` stay the model's: the
+        caller reports log-probabilities from them)."""
+        adjusted = [j for j, row in enumerate(rows) if row.handle.request.adjusts_logits]
+        if adjusted:
+            logits = logits.clone()
+            for j in adjusted:
+                req, seq = rows[j].handle.request, rows[j].seq
+                logits[j] = adjust_logits(logits[j], seq.prompt, seq.tokens, presence=req.presence_penalty,
+                                          frequency=req.frequency_penalty, repetition=req.repetition_penalty,
+                                          bias=req.logit_bias)
         out = greedy(logits)
         for j, row in enumerate(rows):
             req = row.handle.request
             if req.temperature > 0:
-                out[j] = sample(logits[j:j + 1], req.temperature, req.top_k, req.top_p, row.generator)[0]
+                out[j] = sample(logits[j:j + 1], req.temperature, req.top_k, req.top_p, row.generator, req.min_p)[0]
         return self.parallel.broadcast(out).tolist()
 
     def _take(self, i: int, token: int, logits: torch.Tensor) -> None:

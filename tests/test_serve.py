@@ -17,6 +17,7 @@ import torch
 
 
 from gptoss.runtime import Runtime
+from gptoss.runtime.sampling import adjust_logits
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
 from gptoss.runtime.server.background import LiveServer
@@ -165,6 +166,62 @@ def test_logprobs_bad_values(served):
         r = httpx.post(served.url + path, json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, extra, r.text)
     assert served.client.completions.create(model=NAME, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def _steered(ref, ids, n, **kw):
+    """The reference for a greedy reply under adjust_logits' settings: argmax of the adjusted logits of a fresh
+    prefill at each point."""
+    out = []
+    for _ in range(n):
+        out.append(int(adjust_logits(ref.logits([ids + out])[0], ids, out, **kw).argmax()))
+    return out
+
+
+def test_penalties_and_biases_steer_the_choice(served, ref):
+    """Greedy replies under frequency, presence and repetition penalties and logit biases equal the argmax of the
+    adjusted logits at each point, and each setting changes the plain reply (an ignored one would fail); min_p 1
+    leaves only the top token, so a hot sampled reply is the greedy one."""
+    prompt = "The small model reads"
+    ids, kw = ref.tokenizer.encode(prompt), dict(model=NAME, prompt=prompt, max_tokens=10, temperature=0)
+    plain = reference(ref, prompt, 10, ignore_eos=True).token_ids
+    # (the tiny model's plain reply repeats no token, so the penalties are negative: they make it repeat)
+    cases = ((dict(frequency_penalty=-1.5), dict(frequency=-1.5)), (dict(presence_penalty=-2.0), dict(presence=-2.0)),
+             (dict(extra_body={"repetition_penalty": 0.2}), dict(repetition=0.2)),
+             (dict(logit_bias={str(plain[0]): -100}), dict(bias=((plain[0], -100.0),))),
+             (dict(logit_bias={"42": 100}), dict(bias=((42, 100.0),))))
+    for body, settings in cases:
+        want = _steered(ref, ids, 10, **settings)
+        assert want != plain, body
+        extra = body.pop("extra_body", {})
+        got = served.client.completions.create(**kw, **body, extra_body={"ignore_eos": True, **extra})
+        assert got.choices[0].text == ref.tokenizer.decode(want), body
+    assert _steered(ref, ids, 10, bias=((42, 100.0),)) == [42] * 10
+    hot = served.client.completions.create(**{**kw, "temperature": 1.5}, seed=1,
+                                           extra_body={"ignore_eos": True, "min_p": 1.0})
+    assert hot.choices[0].text == ref.tokenizer.decode(plain)
+    # chat takes them too
+    msgs = [{"role": "user", "content": "Say hello."}]
+    chat = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0,
+                                                 frequency_penalty=2.0)
+    assert chat.usage.completion_tokens >= 1
+
+
+def test_sampling_bad_values(served):
+    for extra, param in (({"presence_penalty": 2.5}, "presence_penalty"),
+                         ({"frequency_penalty": "1"}, "frequency_penalty"),
+                         ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
+                         ({"logit_bias": [1, 2]}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                         ({"logit_bias": {"5": 150}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+                         ({"temperature": float("nan")}, "temperature"),
+                         ({"response_format": {"type": "json_object"}}, "response_format")):
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            body = {"model": NAME, "max_tokens": 2, **extra}
+            body.update({"prompt": "hi"} if "chat" not in path else {"messages": [{"role": "user", "content": "hi"}]})
+            r = httpx.post(served.url + path, content=json.dumps(body), headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, extra, r.text)
+    r = httpx.post(served.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2,
+                                                         "response_format": {"type": "text"}, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_chat_stream_equals_whole(served, ref):

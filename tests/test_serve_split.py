@@ -68,6 +68,13 @@ def test_split_server_equals_generate(split, ref):
     exact = torch.log_softmax(ref.logits([[5, 17, 300, 2]])[0], -1)
     assert len(lp.token_logprobs) == len(want.token_ids) and all(len(t) == 2 for t in lp.top_logprobs)
     assert lp.token_logprobs[0] == pytest.approx(exact[want.token_ids[0]].item(), abs=1e-4)
+    # so do the logit adjustments (a bias forcing one token), and one outside the vocabulary is refused up front
+    forced = client.completions.create(model=NAME, prompt=[5, 17, 300, 2], max_tokens=3, temperature=0,
+                                       logit_bias={"77": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == ref.tokenizer.decode([77, 77, 77])
+    bad = httpx.post(split.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2,
+                                                          "logit_bias": {"99999999": 1}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
     bad = httpx.post(split.url + "/v1/completions", json={"model": NAME, "prompt": [1] * 300, "max_tokens": 2})
     assert bad.status_code == 400 and "256" in bad.json()["error"]["message"]  # checked in the front end
     metrics = httpx.get(split.url + "/metrics").text  # the engine's counters, fetched over the pipe

@@ -182,6 +182,10 @@ class _Choices:
         return self.handles[0].reused
 
 
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "logit_bias")
+
+
 def _submit(engine, parsed: Parsed) -> _Choices:
     try:
         return _Choices(engine, parsed)
@@ -195,8 +199,9 @@ def _submit(engine, parsed: Parsed) -> _Choices:
         code = "context_length_exceeded" if "context" in text else None
         param = "max_tokens" if "max_tokens" in text else ("stop" if "stop" in text else (
             "messages" if parsed.messages is not None else "prompt"))
-        if any(k in text for k in ("temperature", "top_k", "top_p")):
-            param = next(k for k in ("temperature", "top_k", "top_p") if k in text)
+        named = [k for k in _SAMPLING_FIELDS if k in text]
+        if named:
+            param = named[0]
         raise APIError(400, text, param=param, code=code) from None
 
 

@@ -2,9 +2,10 @@
 Requests; every problem becomes an APIError naming the field."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
-from ..sampling import MAX_LOGPROBS
+from ..sampling import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY
 from ..scheduler import Request
 from .errors import APIError
 
@@ -38,8 +39,8 @@ def _number(body: dict, name: str, default, *, lo=None, hi=None, lo_open=False, 
     if value is None:
         return default
     ok = _is_int(value) if integer else (isinstance(value, (int, float)) and not isinstance(value, bool))
-    if not ok:
-        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if not ok or not math.isfinite(value):
+        raise _bad(f"'{name}' must be {'an integer' if integer else 'a finite number'}, got {value!r}", name)
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise _bad(f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {value!r}", name)
     if hi is not None and value > hi:
@@ -95,6 +96,36 @@ def _chat_logprobs(body: dict) -> int | None:
     return (top or 0) if wanted else None
 
 
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """`logit_bias`: an object from token ids (as strings, per the OpenAI API, or integers) to biases in
+    [-100, 100]. Whether the ids lie in the vocabulary is checked with the request (check_request)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise _bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise _bad(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_BIAS <= value <= MAX_BIAS:
+            raise _bad(f"'logit_bias' of token {key} must be a number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got "
+                       f"{value!r}", "logit_bias")
+        pairs.append((token, float(value)))
+    return tuple(sorted(pairs))
+
+
+def _response_format(body: dict) -> None:
+    """Only plain text: structured output (JSON mode, JSON schemas) is refused rather than ignored."""
+    fmt = body.get("response_format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    raise _bad(f"'response_format' {kind!r} is not supported by this server (plain text only)", "response_format")
+
+
 def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_names: tuple[str, ...],
             logprobs: int | None) -> Request:
     max_tokens = None
@@ -104,6 +135,7 @@ def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_n
     for name, allowed in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None,))):
         if body.get(name) not in allowed:
             raise _bad(f"'{name}' is not supported by this server", name)
+    _response_format(body)
     return Request(
         prompt=tuple(prompt),
         max_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -114,6 +146,11 @@ def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_n
         stop=_stop(body),
         ignore_eos=bool(body.get("ignore_eos", False)),
         logprobs=logprobs,
+        min_p=_number(body, "min_p", None, lo=0, hi=1),
+        presence_penalty=float(_number(body, "presence_penalty", 0.0, lo=-MAX_PENALTY, hi=MAX_PENALTY)),
+        frequency_penalty=float(_number(body, "frequency_penalty", 0.0, lo=-MAX_PENALTY, hi=MAX_PENALTY)),
+        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, lo=0, lo_open=True)),
+        logit_bias=_logit_bias(body),
     )
 
 
