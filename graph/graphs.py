@@ -67,6 +67,14 @@ class Graphs:
         self.calls += 1
         return self._fn(GraphSpec("prefill", ids.shape[0], ids.shape[1], kv_len))(ids, start, last, keys, values)
 
+    def prefill_scored(self, ids, start, keys, values, kv_len: int):
+        """A prefill chunk with logits at every token, [B, T, vocab] (a prompt's log-probabilities): the model's
+        Python on every backend, at any shape (few requests ask; graphs for it would double the set)."""
+        if self._model is None:
+            raise RuntimeError(f"the {self.backend} graphs were built without the model: no scored prefill")
+        self.calls += 1
+        return self._model.prefill_scored(ids, start, keys, values, kv_len)
+
     def decode(self, ids, pos, keys, values, kv_len: int):
         self.calls += 1
         return self._fn(GraphSpec("decode", ids.shape[0], 1, kv_len))(ids, pos, keys, values)

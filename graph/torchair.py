@@ -186,7 +186,7 @@ def build(model, shapes: ShapePlan, cache, settings, mode: str | None = None) ->
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit,
                                                      accumulated_recompile_limit=max(limit, 256)):
         fns, files = _compile_all(model, specs, cache, config, torchair, directory, ge_cache, progress)
-    graphs = Graphs("torchair", fns)
+    graphs = Graphs("torchair", fns, model=model)
     if loading:
         graphs.loaded_from = directory.path
     else:

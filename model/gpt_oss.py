@@ -220,6 +220,12 @@ class GptOss(nn.Module):
         batch = ids.shape[0]
         return self.logits(torch.cat((h[:batch], self._at(h[batch:].view(*chunk_ids.shape, -1), last))))
 
+    def prefill_scored(self, ids, start, k_caches, v_caches, kv_len: int) -> torch.Tensor:
+        """`prefill` with logits at every token of the chunk: [B, T, vocab] (a prompt's log-probabilities). Not an
+        entry point: it runs as Python on every backend, for the requests that ask."""
+        h = self.hidden([self._chunk(ids, start, k_caches, v_caches)], kv_len)
+        return self.logits(h).view(*ids.shape, -1)
+
     @staticmethod
     def _chunk(ids, start, k_caches, v_caches) -> Tokens:
         positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)

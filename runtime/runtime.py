@@ -41,8 +41,9 @@ class GenerationResult:
 
 @dataclass
 class TokenEvent:
-    """One streamed token of prompt `index`; `finish_reason` is set on that prompt's last event. `logprob` and
-    `top_logprobs` ((token id, log-probability), most likely first) where the request asked for them."""
+    """One streamed token of prompt `index` (-1: none, on a last event that only ends it); `finish_reason` is set
+    on that prompt's last event. `logprob` and `top_logprobs` ((token id, log-probability), most likely first)
+    where the request asked for them."""
 
     index: int
     token_id: int
@@ -50,6 +51,9 @@ class TokenEvent:
     finish_reason: str | None = None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # the prompt's tokens' (log-probability, top_logprobs), the first token's (None, ()): on a request's first
+    # event, where it asked for them (Request.prompt_logprobs)
+    prompt_logprobs: tuple | None = None
 
 
 @dataclass

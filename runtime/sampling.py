@@ -32,6 +32,17 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, t
     return chosen, tuple(zip(ids.tolist(), values.tolist()))
 
 
+def positions_logprobs(logits: torch.Tensor, targets: Sequence[int], top: int
+                       ) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """logits [T, V] (position t's) -> for each t, token_logprobs(logits[t], targets[t], top), in one pass."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor(list(targets), device=logprobs.device)[:, None])[:, 0].tolist()
+    if top <= 0:
+        return [(c, ()) for c in chosen]
+    values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
 def validate_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")

@@ -47,8 +47,8 @@ import torch
 from .metrics import ServingMetrics
 from .prefix_reuse import PrefixReuse, common_prefix
 from .runtime import Runtime, TokenEvent, _Sequence, parse_stop
-from .sampling import (MAX_LOGPROBS, adjust_logits, greedy, sample, token_logprobs, validate_adjustments,
-                       validate_sampling)
+from .sampling import (MAX_LOGPROBS, adjust_logits, greedy, positions_logprobs, sample, token_logprobs,
+                       validate_adjustments, validate_sampling)
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -69,15 +69,20 @@ def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokeniz
     if len(request.prompt) >= max_seq_len:
         raise ValueError(f"the prompt has {len(request.prompt)} tokens, but this server's context is {max_seq_len} "
                          f"tokens (max_seq_len) and must leave room for at least one generated token")
-    if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or request.max_tokens <= 0:
-        raise ValueError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
+    scoring = request.prompt_logprobs is not None  # (then the prompt alone may be the point: max_tokens 0)
+    if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or \
+            request.max_tokens < (0 if scoring else 1):
+        raise ValueError(f"max_tokens must be a {'non-negative' if scoring else 'positive'} integer, got "
+                         f"{request.max_tokens!r}")
     validate_sampling(request.temperature, request.top_k, request.top_p, request.min_p)
     validate_adjustments(request.presence_penalty, request.frequency_penalty, request.repetition_penalty,
                          request.logit_bias, vocab_size)
-    if request.logprobs is not None and (not isinstance(request.logprobs, int) or isinstance(request.logprobs, bool)
-                                         or not 0 <= request.logprobs <= MAX_LOGPROBS):
-        raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None, "
-                         f"got {request.logprobs!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(request, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 0 <= value <= MAX_LOGPROBS):
+            raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None, "
+                             f"got {value!r}")
     parse_stop(list(request.stop), vocab_size, tokenizer)
 
 
@@ -92,6 +97,9 @@ class Request:
     stop: tuple = ()  # strings and/or token ids, as `Runtime.generate` takes them
     ignore_eos: bool = False
     logprobs: int | None = None  # each token's log-probability and this many alternatives' (None: not computed)
+    # the same for the prompt's tokens after the first (delivered with the first event; every position is
+    # prefilled, none reused); with it, max_tokens may be 0: the prompt is scored and nothing generated
+    prompt_logprobs: int | None = None
     min_p: float | None = None
     # adjust_logits (sampling.py): applied before greedy and sampled choices alike
     presence_penalty: float = 0.0
@@ -131,6 +139,9 @@ class _Row:
     stop_strings: list[str]
     generator: torch.Generator | None
     padded: torch.Tensor  # the prompt, zero-padded to the cache's slot count
+    # (log-probability, alternatives) of prompt tokens 1, 2, ... so far, where the request asked and this rank
+    # delivers its events; handed over with the first event
+    prompt_scores: list | None = None
     done: int = 0  # prompt tokens prefilled
     pos: int = 0  # next cache position to write while decoding
     next_token: int = 0
@@ -271,7 +282,7 @@ class Scheduler:
                 if h.cancelled:
                     self._finish(h, "cancelled")
                     continue
-                if self._worth_waiting(h.request.prompt, plan):
+                if h.request.prompt_logprobs is None and self._worth_waiting(h.request.prompt, plan):
                     deferred.append(h)
                     continue
                 plan.admit.append((h.id, h.request))
@@ -316,8 +327,11 @@ class Scheduler:
                     self._release(i, "cancelled")
         for rid, request in plan.admit:
             handle = self._handles.get(rid) or Handle(rid, request, None)  # other ranks: no client to tell
-            busy = {i: self._held(i) for i, r in enumerate(self.rows) if r is not None} if self.reuse.enabled else None
-            free, start = self.reuse.choose([i for i, r in enumerate(self.rows) if r is None], request.prompt, busy)
+            scoring = request.prompt_logprobs is not None  # every prompt position computed: nothing to reuse
+            busy = {i: self._held(i) for i, r in enumerate(self.rows) if r is not None} \
+                if self.reuse.enabled and not scoring else None
+            free, start = self.reuse.choose([i for i, r in enumerate(self.rows) if r is None],
+                                            () if scoring else request.prompt, busy)
             handle.reused = start
             if self.on_admit is not None and rid in self._handles:
                 self.on_admit(handle)
@@ -342,7 +356,8 @@ class Scheduler:
         padded = torch.zeros(rt.shapes.slots, dtype=torch.long)
         padded[:len(prompt)] = torch.tensor(prompt)
         seq = _Sequence(handle.id, prompt, budget, IncrementalDetokenizer(rt.tokenizer))
-        return _Row(handle, seq, stop_ids, stop_strings, generator, padded.to(rt.device))
+        scores = [] if req.prompt_logprobs is not None and handle.on_event is not None else None
+        return _Row(handle, seq, stop_ids, stop_strings, generator, padded.to(rt.device), prompt_scores=scores)
 
     # -- one step of model work --------------------------------------------------------------------------------
     def _compute(self) -> None:
@@ -356,7 +371,7 @@ class Scheduler:
         elif prefilling:  # the staged prompt, else the oldest admitted first: lowest id
             staged = [i for i in prefilling if self.rows[i].staged]
             i = staged[0] if staged else min(prefilling, key=lambda i: self.rows[i].handle.id)
-            mixed = self._mixes(i, decoding)
+            mixed = self._mixes(i, decoding) and self.rows[i].handle.request.prompt_logprobs is None
             if mixed:
                 self._mixed_step(i)  # the decode rows' step included
             else:
@@ -377,6 +392,8 @@ class Scheduler:
         Otherwise (or while a prompt is on the staging row) None: one row at a time."""
         if decoding or len(prefilling) < 2 or any(self.rows[i].staged for i in prefilling):
             return None
+        if any(self.rows[i].handle.request.prompt_logprobs is not None for i in prefilling):
+            return None  # (a scored prompt runs on its own, through the model's Python)
         done = {self.rows[i].done for i in prefilling}
         if len(done) != 1 or next(iter(done)) % self.rt.shapes.prefill_chunk:
             return None
@@ -424,6 +441,14 @@ class Scheduler:
         ended = [rows[j] for j in finished]
         with self.metrics.lock:
             self.metrics.prompt_tokens += sum(len(self.rows[i].seq.prompt) for i in ended)
+        for i in ended:
+            if self.rows[i].seq.budget == 0:  # max_tokens 0 (a scored prompt): it ends without a token
+                self.rows[i].pos = len(self.rows[i].seq.prompt)
+                self._release(i, "length")
+        finished = [j for j in finished if self.rows[rows[j]] is not None]
+        ended = [rows[j] for j in finished]
+        if not ended:
+            return
         tokens = self._sample(logits[finished].float(), [self.rows[i] for i in ended])
         for j, i, token in zip(finished, ended, tokens):
             self.rows[i].pos = len(self.rows[i].seq.prompt)
@@ -451,11 +476,25 @@ class Scheduler:
             values = [v[i:i + 1] for v in rt.cache.values]
             self.reuse.wrote(i, row.done + chunk)
         row.written = max(row.written, row.done + chunk)
-        logits = self._graph("prefill", rt.graphs.prefill, ids, start, last, keys, values,
-                             shapes.kv_len(row.done + chunk))
+        if row.handle.request.prompt_logprobs is not None:
+            logits = self._scored_chunk(row, ids, start, last, keys, values, shapes.kv_len(row.done + chunk))
+        else:
+            logits = self._graph("prefill", rt.graphs.prefill, ids, start, last, keys, values,
+                                 shapes.kv_len(row.done + chunk))
         self._prefilled([i], chunk, logits)
         if row.staged and not row.prefilling:
             self._unstage(i, row)
+
+    def _scored_chunk(self, row: _Row, ids, start, last, keys, values, kv_len: int) -> torch.Tensor:
+        """A chunk of a prompt whose tokens' log-probabilities were asked for: logits at every token (the
+        model's Python: no graph, so not in `graph_calls`), each next prompt token's figures kept on the row;
+        returns the chunk's last-token logits, as the prefill graph would."""
+        every = self.rt.graphs.prefill_scored(ids, start, keys, values, kv_len)[0]  # [T, vocab]
+        if row.prompt_scores is not None:
+            prompt = row.seq.prompt
+            targets = prompt[row.done + 1:row.done + ids.shape[1] + 1]  # token t + 1 of the prompt, from logits t
+            row.prompt_scores += positions_logprobs(every[:len(targets)], targets, row.handle.request.prompt_logprobs)
+        return every[int(last[0])][None]
 
     def _decode_inputs(self):
         """The decode step's rows: (batch bucket, ids, pos, live rows). Rows in the bucket that do not decode get
@@ -564,6 +603,7 @@ class Scheduler:
         h = row.handle
         if h.request.logprobs is not None and h.on_event is not None:  # (only rank 0's handles deliver events)
             event.logprob, event.top_logprobs = token_logprobs(logits, token, h.request.logprobs)
+        event.prompt_logprobs = self._prompt_scores(row)
         with self.metrics.lock:
             self.metrics.tokens_generated += 1
             if h.last_token_at is None:
@@ -578,11 +618,20 @@ class Scheduler:
             self._done(h, event.finish_reason)
 
     def _release(self, i: int, reason: str) -> None:
-        h = self.rows[i].handle
+        h, scores = self.rows[i].handle, self._prompt_scores(self.rows[i])
         self._free(i)
         if h.on_event is not None:
-            h.on_event(TokenEvent(h.id, -1, "", reason))
+            h.on_event(TokenEvent(h.id, -1, "", reason, prompt_logprobs=scores))
         self._done(h, reason)
+
+    @staticmethod
+    def _prompt_scores(row: _Row):
+        """The prompt's figures, once (with the row's first event): (None, ()) for its first token, then each
+        token's; None where none were asked or the prompt was not fully scored (a request cancelled midway)."""
+        scores, row.prompt_scores = row.prompt_scores, None
+        if scores is None or len(scores) != len(row.seq.prompt) - 1:
+            return None
+        return ((None, ()), *scores)
 
     def _held(self, i: int) -> list[int]:
         """The tokens whose K/V row i holds at positions 0, 1, ..."""

@@ -224,6 +224,48 @@ def test_sampling_bad_values(served):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
+def test_echo_scores_the_prompt(served, ref):
+    """`echo` with `logprobs`: the prompt's tokens come first with the model's log-probability of each after the
+    ones before (log_softmax of a fresh prefill's logits; the first token's None), then the reply's; `max_tokens:
+    0` scores the prompt alone (as evaluation harnesses score text); streamed alike; a prompt a free row still
+    holds (the second call) is scored in full, not reused."""
+    prompt = "The small model reads a long sentence"
+    ids = ref.tokenizer.encode(prompt)
+    exact = torch.log_softmax(ref.logits([ids[:k] for k in range(1, len(ids))]), -1)  # row k - 1: after k tokens
+    for _ in range(2):
+        r = served.client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+        choice, lp = r.choices[0], r.choices[0].logprobs
+        assert choice.text == prompt and choice.finish_reason == "length" and r.usage.completion_tokens == 0
+        assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(ids))]
+        for k in range(1, len(ids)):
+            assert lp.token_logprobs[k] == pytest.approx(exact[k - 1, ids[k]].item(), abs=1e-4)
+            assert list(lp.top_logprobs[k].values()) == pytest.approx(torch.topk(exact[k - 1], 2).values.tolist(),
+                                                                      abs=1e-4)
+    scored = lp.token_logprobs
+    want = reference(ref, prompt, 4, ignore_eos=True)
+    kw = dict(model=NAME, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=0,
+              extra_body={"ignore_eos": True})
+    whole = served.client.completions.create(**kw).choices[0]
+    assert whole.text == prompt + want.text and len(whole.logprobs.tokens) == len(ids) + 4
+    assert whole.logprobs.token_logprobs[1:len(ids)] == pytest.approx(scored[1:], abs=1e-5)
+    assert whole.logprobs.text_offset[len(ids)] == len("".join(whole.logprobs.tokens[:len(ids)]))
+    chunks = list(served.client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    streamed = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-5)
+    # echo alone: the text, no figures; token ids come back as their text
+    plain = served.client.completions.create(model=NAME, prompt=ids, max_tokens=0, echo=True).choices[0]
+    assert plain.text == ref.tokenizer.decode(ids) and plain.logprobs is None
+    for path, extra, param in (("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+                               ("/v1/completions", {"echo": "yes"}, "echo"),
+                               ("/v1/chat/completions", {"echo": True}, "echo")):
+        body = {"model": NAME, "max_tokens": 2, **extra}
+        body.update({"prompt": "hi"} if "chat" not in path else {"messages": [{"role": "user", "content": "hi"}]})
+        r = httpx.post(served.url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, extra, r.text)
+
+
 def test_chat_stream_equals_whole(served, ref):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
     whole = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=70, temperature=0)
@@ -473,6 +515,38 @@ def test_scheduler_mixed_requests_equal_generate(ckpt, ref, one_thread, mixed_st
         assert [e.token_id for e in got[i]] == w.token_ids, i
         assert "".join(e.text for e in got[i]) == w.text and got[i][-1].finish_reason == w.finish_reason
     assert all(h.done.is_set() for h in handles)
+
+
+def test_scored_prompt_beside_running_streams(ckpt, ref, one_thread):
+    """A prompt scored in several chunks (the model's Python, on its own) while two streams decode in mixed steps:
+    its figures are a fresh prefill's at every position, and the streams equal Runtime.generate."""
+    rt = Runtime.from_pretrained(ckpt, progress=False, mixed_steps=True, **SETTINGS)
+    scheduler = Scheduler(rt)
+    g = torch.Generator().manual_seed(4)
+    long = torch.randint(0, rt.config.vocab_size, (150,), generator=g).tolist()
+    first, second = [], []
+    streams = [scheduler.submit(Request((7, 8, 9, k), 40, ignore_eos=True), events.append)
+               for k, events in ((1, first), (2, second))]
+    for _ in range(3):
+        scheduler.step()
+    got = []
+    scorer = scheduler.submit(Request(tuple(long), 2, ignore_eos=True, prompt_logprobs=1), got.append)
+    scheduler.run_until_idle()
+    assert scorer.finish_reason == "length" and [e.finish_reason for e in got] == [None, "length"]
+    scores = got[0].prompt_logprobs
+    assert len(scores) == 150 and scores[0] == (None, ())
+    exact = torch.log_softmax(ref.logits([long[:k] for k in (1, 63, 64, 65, 128, 149)]), -1)
+    for row, k in enumerate((1, 63, 64, 65, 128, 149)):  # across the chunk boundaries
+        logprob, top = scores[k]
+        assert logprob == pytest.approx(exact[row, long[k]].item(), abs=1e-4)
+        assert top[0][1] == pytest.approx(exact[row].max().item(), abs=1e-4) and len(top) == 1
+    assert all(e.prompt_logprobs is None for e in got[1:])
+    for events, k in ((first, 1), (second, 2)):
+        want = reference(ref, [7, 8, 9, k], 40, ignore_eos=True)
+        assert [e.token_id for e in events if e.token_id >= 0] == want.token_ids
+    assert all(h.finish_reason == "length" for h in streams)
+    with pytest.raises(ValueError, match="max_tokens"):
+        scheduler.submit(Request((1, 2), 0))  # nothing to generate and nothing to score
 
 
 def test_prompt_interleaved_in_short_chunks(ckpt, ref, one_thread):

@@ -83,9 +83,10 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         if parsed.stream:
             return _sse(_completion_chunks(rid, model_name, parsed, choices, logprobs), choices)
         texts, finish, tokens = [[] for _ in range(parsed.n)], [None] * parsed.n, 0
+        echo = _Echo(parsed)
         async for i, event in _drain(choices, http):
             tokens += event.token_id >= 0
-            texts[i].append(event.text)
+            texts[i].append(echo.before(i, event, logprobs[i]) + event.text)
             finish[i] = event.finish_reason or finish[i]
             if wanted:
                 logprobs[i].add(event)
@@ -267,8 +268,25 @@ def _chat_message(rid: str, reply: "_ChatReply") -> dict:
     return message
 
 
+class _Echo:
+    """`echo`: each choice's first event brings the prompt's text first (and its tokens' figures, where
+    log-probabilities are asked for)."""
+
+    def __init__(self, parsed: Parsed):
+        self.text, self.prompt = parsed.echo, parsed.request.prompt
+        self.pending = set(range(parsed.n)) if parsed.echo is not None else set()
+
+    def before(self, index: int, event, logprobs: CompletionLogprobs | None) -> str:
+        if index not in self.pending:
+            return ""
+        self.pending.discard(index)
+        if logprobs is not None:
+            logprobs.add_prompt(self.prompt, event.prompt_logprobs)
+        return self.text
+
+
 async def _completion_chunks(rid, model, parsed: Parsed, choices: _Choices, logprobs: list):
-    tokens = 0
+    tokens, echo = 0, _Echo(parsed)
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     async for item in _events(choices):
         if isinstance(item, dict):
@@ -276,10 +294,11 @@ async def _completion_chunks(rid, model, parsed: Parsed, choices: _Choices, logp
             return
         i, event = item
         tokens += event.token_id >= 0
+        text = echo.before(i, event, logprobs[i]) + event.text
         if logprobs[i] is not None:
             logprobs[i].add(event)
-        if event.text or event.finish_reason:  # (a token whose text is held back: its logprobs go with the next)
-            yield {**base, "choices": [{"index": i, "text": event.text, "finish_reason": event.finish_reason,
+        if text or event.finish_reason:  # (a token whose text is held back: its logprobs go with the next)
+            yield {**base, "choices": [{"index": i, "text": text, "finish_reason": event.finish_reason,
                                         "logprobs": logprobs[i].take() if logprobs[i] is not None else None}]}
     if parsed.include_usage:
         yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, choices)}

@@ -11,9 +11,10 @@ Apart, the engine's process holds only the scheduler and this link.
 Over a `multiprocessing` pipe:
 - to the engine: ("ready",) once the front end listens, ("submit", rid, Request), ("cancel", rid),
   ("metrics", ticket);
-- to the front end: ("step", [(rid, token_id, text, finish_reason[, logprob, top_logprobs]), ...], [(admitted
-  rid, prompt tokens reused), ...]) once per scheduler step that produced anything, ("metrics", ticket,
-  ServingMetrics), ("error", message) when the model failed (every open request has then had its "error" event).
+- to the front end: ("step", [(rid, token_id, text, finish_reason[, logprob, top_logprobs, prompt_logprobs]),
+  ...], [(admitted rid, prompt tokens reused), ...]) once per scheduler step that produced anything, ("metrics",
+  ticket, ServingMetrics), ("error", message) when the model failed (every open request has then had its "error"
+  event).
 The front end closing its end stops the engine.
 """
 from __future__ import annotations
@@ -66,8 +67,8 @@ class EngineCore:
     def _on_event(self, rid: int, event) -> None:
         with self._lock:
             event_tuple = (rid, event.token_id, event.text, event.finish_reason)
-            if event.logprob is not None:  # (only where the request asked: the common event stays small)
-                event_tuple += (event.logprob, event.top_logprobs)
+            if event.logprob is not None or event.prompt_logprobs is not None:  # (where asked: events stay small)
+                event_tuple += (event.logprob, event.top_logprobs, event.prompt_logprobs)
             self._events.append(event_tuple)
             if event.finish_reason is not None and self._handles.pop(rid, None) is None:
                 self._ended.add(rid)

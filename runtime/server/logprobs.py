@@ -55,6 +55,19 @@ class CompletionLogprobs:
         self._parts["text_offset"].append(self.offset)
         self.offset += len(text)
 
+    def add_prompt(self, prompt, scores) -> None:
+        """`echo`: the prompt's tokens first, with their figures (TokenEvent.prompt_logprobs: the first token's
+        are None, as OpenAI reports them)."""
+        if scores is None:
+            return
+        for token, (logprob, top) in zip(prompt, scores):
+            text = self.names(token)[0]
+            self._parts["tokens"].append(text)
+            self._parts["token_logprobs"].append(None if logprob is None else _finite(logprob))
+            self._parts["top_logprobs"].append({self.names(t)[0]: _finite(lp) for t, lp in top} if top else None)
+            self._parts["text_offset"].append(self.offset)
+            self.offset += len(text)
+
     def take(self) -> dict[str, list]:
         parts, self._parts = self._parts, self._empty()
         return parts

@@ -19,6 +19,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     n: int = 1  # choices: as many requests, each on its own row
+    echo: str | None = None  # completions: the prompt's text, to go before each choice's (`echo: true`)
     # chat only
     messages: list | None = None
     stop_strings: tuple[str, ...] = ()  # chat: matched on the parsed content by the server, not on raw markup
@@ -126,13 +127,25 @@ def _response_format(body: dict) -> None:
     raise _bad(f"'response_format' {kind!r} is not supported by this server (plain text only)", "response_format")
 
 
+def _echo(body: dict) -> bool:
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool) and echo is not None:
+        raise _bad(f"'echo' must be a boolean, got {echo!r}", "echo")
+    return bool(echo)
+
+
 def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_names: tuple[str, ...],
-            logprobs: int | None) -> Request:
+            logprobs: int | None, echo: bool = False) -> Request:
+    """`echo`: the prompt comes back in the reply, with its tokens' log-probabilities where `logprobs` asks;
+    `max_tokens` may then be 0 (the prompt scored, nothing generated: how evaluation harnesses score text)."""
     max_tokens = None
     for name in max_tokens_names:
         if body.get(name) is not None:
-            max_tokens = _number(body, name, None, lo=1, integer=True)
-    for name, allowed in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None,))):
+            max_tokens = _number(body, name, None, lo=0 if echo else 1, integer=True)
+    prompt_logprobs = logprobs if echo else None
+    if max_tokens == 0 and prompt_logprobs is None:
+        prompt_logprobs = 0  # (the scheduler ends a request without tokens once its prompt is scored)
+    for name, allowed in (("best_of", (None, 1)), ("suffix", (None,))):
         if body.get(name) not in allowed:
             raise _bad(f"'{name}' is not supported by this server", name)
     _response_format(body)
@@ -146,6 +159,7 @@ def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_n
         stop=_stop(body),
         ignore_eos=bool(body.get("ignore_eos", False)),
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         min_p=_number(body, "min_p", None, lo=0, hi=1),
         presence_penalty=float(_number(body, "presence_penalty", 0.0, lo=-MAX_PENALTY, hi=MAX_PENALTY)),
         frequency_penalty=float(_number(body, "frequency_penalty", 0.0, lo=-MAX_PENALTY, hi=MAX_PENALTY)),
@@ -181,8 +195,11 @@ def parse_completion(body: dict, tokenizer, context: int) -> Parsed:
     else:
         raise _bad("'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
     stream, include_usage = _stream(body)
-    return Parsed(_common(body, ids, 16, ("max_tokens",), _completion_logprobs(body)), stream, include_usage,
-                  n=_choices(body))
+    echo = _echo(body)
+    request = _common(body, ids, 16, ("max_tokens",), _completion_logprobs(body), echo)
+    text = (prompt if isinstance(prompt, str) else tokenizer.decode(ids) if tokenizer.available else "") \
+        if echo else None
+    return Parsed(request, stream, include_usage, n=_choices(body), echo=text)
 
 
 def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
@@ -192,6 +209,8 @@ def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
     are returned in `stop_strings`, for the server to match on the `content` the client sees."""
     if body.get("messages") is None:
         raise _bad("'messages' is required", "messages")
+    if _echo(body):
+        raise _bad("'echo' is not supported in chat completions", "echo")
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none"):
