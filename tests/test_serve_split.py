@@ -68,6 +68,12 @@ def test_split_server_equals_generate(split, ref):
     exact = torch.log_softmax(ref.logits([[5, 17, 300, 2]])[0], -1)
     assert len(lp.token_logprobs) == len(want.token_ids) and all(len(t) == 2 for t in lp.top_logprobs)
     assert lp.token_logprobs[0] == pytest.approx(exact[want.token_ids[0]].item(), abs=1e-4)
+    # and a scored prompt's (echo, nothing generated)
+    echoed = client.completions.create(model=NAME, prompt=[5, 17, 300, 2], max_tokens=0, echo=True,
+                                       logprobs=1).choices[0].logprobs
+    assert echoed.token_logprobs[0] is None and len(echoed.token_logprobs) == 4
+    exact = torch.log_softmax(ref.logits([[5, 17, 300]])[0], -1)
+    assert echoed.token_logprobs[3] == pytest.approx(exact[2].item(), abs=1e-4)
     # so do the logit adjustments (a bias forcing one token), and one outside the vocabulary is refused up front
     forced = client.completions.create(model=NAME, prompt=[5, 17, 300, 2], max_tokens=3, temperature=0,
                                        logit_bias={"77": 100}, extra_body={"ignore_eos": True})

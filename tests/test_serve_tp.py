@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from gptoss.runtime import Runtime
 from gptoss.runtime.server.background import free_port
@@ -59,6 +60,16 @@ def test_tp2_server_equals_generate(tmp_path):
         got = client.completions.create(model="tiny", prompt=turn, max_tokens=8, temperature=0)
         assert got.choices[0].text == ref.generate([turn], max_new_tokens=8)[0].text
         assert got.usage.prompt_tokens_details.cached_tokens == 79  # all it holds: prompt and reply but the last
+        # a scored prompt: every rank runs the scored prefill (its logits gathered across ranks), rank 0 reports
+        scored = client.completions.create(model="tiny", prompt=turn, max_tokens=0, echo=True,
+                                           logprobs=1).choices[0].logprobs
+        exact = torch.log_softmax(ref.logits([turn[:40], turn[:80]]), -1)
+        assert scored.token_logprobs[40] == pytest.approx(exact[0, turn[40]].item(), abs=1e-4)
+        assert scored.token_logprobs[80] == pytest.approx(exact[1, turn[80]].item(), abs=1e-4)
+        # and the logit adjustments (a bias forcing one token), the same on every rank
+        forced = client.completions.create(model="tiny", prompt=first, max_tokens=3, temperature=0,
+                                           logit_bias={"77": 100}, extra_body={"ignore_eos": True})
+        assert forced.choices[0].text == ref.tokenizer.decode([77, 77, 77])
     finally:
         proc.terminate()
         try:
