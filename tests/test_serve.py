@@ -154,6 +154,44 @@ def test_n_choices(served, ref):
         assert r.status_code == 400 and r.json()["error"]["param"] == "n", bad
 
 
+def test_several_prompts_in_one_call(served, ref):
+    """`prompt` as a list of prompts (strings or token-id lists): choice p * n + i is prompt p's i-th, each equal to
+    that prompt alone (seed + i per prompt), streamed alike; usage counts every prompt once; echo and logprobs
+    follow their prompt; a bad prompt is named and nothing of the call stays queued; more choices than the queue
+    holds is a 400."""
+    prompts = ["The small model reads", [5, 17, 300, 2], "Hello, world!"]
+    alone = [reference(ref, p, 6, ignore_eos=True).text for p in prompts]
+    kw = dict(model=NAME, prompt=prompts, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    r = served.client.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and [c.text for c in r.choices] == alone
+    lengths = [len(ref.tokenizer.encode(p)) if isinstance(p, str) else len(p) for p in prompts]
+    assert r.usage.prompt_tokens == sum(lengths) and r.usage.completion_tokens == 18
+    chunks = list(served.client.completions.create(**kw, stream=True))
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == k) for k in range(3)] == alone
+    hot = dict(model=NAME, max_tokens=5, temperature=0.9, seed=3, n=2, extra_body={"ignore_eos": True})
+    both = served.client.completions.create(prompt=prompts[:2], **hot).choices
+    for k, p in enumerate(prompts[:2]):
+        assert [c.text for c in both[2 * k:2 * k + 2]] == [c.text for c in served.client.completions.create(
+            prompt=p, **hot).choices]
+    echoed = served.client.completions.create(model=NAME, prompt=prompts[:2], max_tokens=0, echo=True, logprobs=0)
+    assert echoed.choices[0].text == prompts[0] and echoed.choices[1].text == ref.tokenizer.decode(prompts[1])
+    assert [len(c.logprobs.tokens) for c in echoed.choices] == lengths[:2]
+    generated = served.scheduler.metrics.tokens_generated
+    r = httpx.post(served.url + "/v1/completions", json={"model": NAME, "prompt": ["fine", [1] * 600],
+                                                         "max_tokens": 400, "ignore_eos": True})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt 1:"), r.text
+    for bad in ([], ["ok", 3], [[1, "2"]], ["x"] * 65, ["ok", ""]):
+        r = httpx.post(served.url + "/v1/completions", json={"model": NAME, "prompt": bad, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (bad, r.text)
+    r = httpx.post(served.url + "/v1/completions", json={"model": NAME, "prompt": ["a"] * 3, "n": 16, "max_tokens": 1})
+    assert r.status_code == 400 and "queues at most" in r.json()["error"]["message"]
+    deadline = time.monotonic() + 10  # the first prompt, queued before the second failed, was cancelled
+    while served.scheduler.busy:
+        assert time.monotonic() < deadline, "a choice of the refused call kept running"
+        time.sleep(0.05)
+    assert served.scheduler.metrics.tokens_generated - generated < 100
+
+
 def test_logprobs_bad_values(served):
     for path, extra, param in (("/v1/completions", {"logprobs": 21}, "logprobs"),
                                ("/v1/completions", {"logprobs": -1}, "logprobs"),

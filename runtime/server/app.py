@@ -11,7 +11,6 @@ import math
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import replace
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -78,11 +77,11 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         parsed = parse_completion(body, tokenizer, context)
         rid = f"cmpl-{uuid.uuid4().hex}"
         wanted = parsed.request.logprobs is not None
-        logprobs = [CompletionLogprobs(names) if wanted else None for _ in range(parsed.n)]
+        logprobs = [CompletionLogprobs(names) if wanted else None for _ in range(parsed.choices)]
         choices = _submit(engine, parsed)
         if parsed.stream:
             return _sse(_completion_chunks(rid, model_name, parsed, choices, logprobs), choices)
-        texts, finish, tokens = [[] for _ in range(parsed.n)], [None] * parsed.n, 0
+        texts, finish, tokens = [[] for _ in range(parsed.choices)], [None] * parsed.choices, 0
         echo = _Echo(parsed)
         async for i, event in _drain(choices, http):
             tokens += event.token_id >= 0
@@ -92,8 +91,8 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
                 logprobs[i].add(event)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "choices": [{"index": i, "text": "".join(texts[i]), "finish_reason": finish[i],
-                             "logprobs": logprobs[i].take() if wanted else None} for i in range(parsed.n)],
-                "usage": _usage(len(parsed.request.prompt), tokens, choices)}
+                             "logprobs": logprobs[i].take() if wanted else None} for i in range(parsed.choices)],
+                "usage": _usage(parsed.prompt_tokens, tokens, choices)}
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
@@ -107,7 +106,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         replies = [_ChatReply(HarmonyStreamParser(harmony, tokenizer.decode), parsed.stop_strings,
                               ChatLogprobs(names) if parsed.request.logprobs is not None else None)
-                   for _ in range(parsed.n)]
+                   for _ in range(parsed.choices)]
         choices = _submit(engine, parsed)
         if parsed.stream:
             return _sse(_chat_chunks(rid, model_name, parsed, choices, replies), choices)
@@ -120,7 +119,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
                 "choices": [{"index": i, "message": _chat_message(rid, r), "finish_reason": r.finish_reason,
                              "logprobs": r.logprobs.whole() if r.logprobs is not None else None}
                             for i, r in enumerate(replies)],
-                "usage": _usage(len(parsed.request.prompt), sum(r.tokens for r in replies), choices)}
+                "usage": _usage(parsed.prompt_tokens, sum(r.tokens for r in replies), choices)}
 
     return app
 
@@ -152,16 +151,17 @@ class _Choices:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handles = []
         try:
-            for i in range(parsed.n):
-                request = parsed.request
-                if i and request.seed is not None:
-                    request = replace(request, seed=request.seed + i)
-                # the engine delivers on this event loop
-                self.handles.append(engine.submit(request, functools.partial(self._deliver, i)))
+            for i in range(parsed.choices):  # the engine delivers on this event loop
+                try:
+                    self.handles.append(engine.submit(parsed.choice(i), functools.partial(self._deliver, i)))
+                except (ValueError, TypeError) as exc:
+                    if len(parsed.prompts) > 1:  # name the prompt at fault
+                        raise type(exc)(f"prompt {i // parsed.n}: {exc}") from None
+                    raise
         except BaseException:
             self.cancel()  # all or none: the choices already queued give their places back
             raise
-        self.running = set(range(parsed.n))  # the choices whose last event has not come yet
+        self.running = set(range(parsed.choices))  # the choices whose last event has not come yet
 
     def _deliver(self, index: int, event) -> None:
         self.queue.put_nowait((index, event))
@@ -188,6 +188,10 @@ _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty"
 
 
 def _submit(engine, parsed: Parsed) -> _Choices:
+    if parsed.choices > engine.max_queue:  # (they are queued all or none: more could never fit)
+        raise APIError(400, f"the request asks for {parsed.choices} choices ({max(len(parsed.prompts), 1)} "
+                            f"prompts x n = {parsed.n}); this server queues at most {engine.max_queue} at once",
+                       param="n" if len(parsed.prompts) <= 1 else "prompt")
     try:
         return _Choices(engine, parsed)
     except QueueFull as exc:
@@ -273,16 +277,17 @@ class _Echo:
     log-probabilities are asked for)."""
 
     def __init__(self, parsed: Parsed):
-        self.text, self.prompt = parsed.echo, parsed.request.prompt
-        self.pending = set(range(parsed.n)) if parsed.echo is not None else set()
+        self.parsed = parsed
+        self.pending = set(range(parsed.choices)) if parsed.echo is not None else set()
 
     def before(self, index: int, event, logprobs: CompletionLogprobs | None) -> str:
         if index not in self.pending:
             return ""
         self.pending.discard(index)
+        prompt = index // self.parsed.n
         if logprobs is not None:
-            logprobs.add_prompt(self.prompt, event.prompt_logprobs)
-        return self.text
+            logprobs.add_prompt(self.parsed.prompts[prompt], event.prompt_logprobs)
+        return self.parsed.echo[prompt]
 
 
 async def _completion_chunks(rid, model, parsed: Parsed, choices: _Choices, logprobs: list):
@@ -301,7 +306,7 @@ async def _completion_chunks(rid, model, parsed: Parsed, choices: _Choices, logp
             yield {**base, "choices": [{"index": i, "text": text, "finish_reason": event.finish_reason,
                                         "logprobs": logprobs[i].take() if logprobs[i] is not None else None}]}
     if parsed.include_usage:
-        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), tokens, choices)}
+        yield {**base, "choices": [], "usage": _usage(parsed.prompt_tokens, tokens, choices)}
 
 
 async def _chat_chunks(rid, model, parsed: Parsed, choices: _Choices, replies: list["_ChatReply"]):
@@ -313,7 +318,7 @@ async def _chat_chunks(rid, model, parsed: Parsed, choices: _Choices, replies: l
     def content_logprobs(i):  # the content tokens' since the last content chunk (their text is in this one)
         return replies[i].logprobs.take() if replies[i].logprobs is not None else None
 
-    for i in range(parsed.n):
+    for i in range(parsed.choices):
         yield chunk(i, {"role": "assistant", "content": ""})
     async for item in _events(choices):
         if isinstance(item, dict):
@@ -338,7 +343,7 @@ async def _chat_chunks(rid, model, parsed: Parsed, choices: _Choices, replies: l
             if all(r.ended for r in replies):
                 break
     if parsed.include_usage:
-        yield {**base, "choices": [], "usage": _usage(len(parsed.request.prompt), sum(r.tokens for r in replies),
+        yield {**base, "choices": [], "usage": _usage(parsed.prompt_tokens, sum(r.tokens for r in replies),
                                                       choices)}
 
 

@@ -14,6 +14,10 @@ class LocalEngine:
         self.context = scheduler.rt.shapes.max_seq_len
 
     @property
+    def max_queue(self) -> int:
+        return self.scheduler.max_queue
+
+    @property
     def error(self) -> str | None:
         return None if self.scheduler.error is None else repr(self.scheduler.error)
 

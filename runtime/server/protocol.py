@@ -18,13 +18,34 @@ class Parsed:
     request: Request
     stream: bool
     include_usage: bool
-    n: int = 1  # choices: as many requests, each on its own row
-    echo: str | None = None  # completions: the prompt's text, to go before each choice's (`echo: true`)
+    n: int = 1  # choices per prompt: as many requests, each on its own row
+    # completions: every prompt of the call (`request` carries the first; choices are prompt-major: choice
+    # p * n + i is prompt p's i-th), and with `echo: true` each prompt's text, to go before its choices' text
+    prompts: tuple[tuple[int, ...], ...] = ()
+    echo: tuple[str, ...] | None = None
     # chat only
     messages: list | None = None
     stop_strings: tuple[str, ...] = ()  # chat: matched on the parsed content by the server, not on raw markup
     tools: list | None = None
     reasoning_effort: str | None = None
+
+    @property
+    def choices(self) -> int:
+        return max(len(self.prompts), 1) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The call's prompt tokens, each prompt counted once (whatever `n`)."""
+        return sum(len(p) for p in self.prompts) if self.prompts else len(self.request.prompt)
+
+    def choice(self, index: int) -> Request:
+        """Choice `index`'s request: its prompt, and with a seed, seed + its place among its prompt's choices."""
+        request = self.request
+        if self.prompts:
+            request = replace(request, prompt=self.prompts[index // self.n])
+        if index % self.n and request.seed is not None:
+            request = replace(request, seed=request.seed + index % self.n)
+        return request
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -178,28 +199,40 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return bool(stream), bool(options.get("include_usage", False))
 
 
-def parse_completion(body: dict, tokenizer, context: int) -> Parsed:
+MAX_PROMPTS = 64  # prompts in one /v1/completions call (each prompt's choices take rows and queue places)
+
+
+def _prompts(body: dict) -> list:
+    """`prompt`: a string, a list of token ids, or a list of either (several prompts, as the OpenAI API allows)."""
     prompt = body.get("prompt")
     if prompt is None:
         raise _bad("'prompt' is required", "prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        if not tokenizer.available:
-            raise _bad("this checkpoint has no tokenizer: send 'prompt' as a list of token ids", "prompt")
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        ids = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise _bad("one prompt per request is supported; send the prompts as separate requests", "prompt")
-    else:
-        raise _bad("'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
+    one = lambda p: isinstance(p, str) or (isinstance(p, list) and p and all(_is_int(t) for t in p))  # noqa: E731
+    if one(prompt):
+        return [prompt]
+    if not (isinstance(prompt, list) and prompt and all(one(p) for p in prompt)):
+        raise _bad("'prompt' must be a non-empty string, a non-empty list of token ids, or a list of those",
+                   "prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise _bad(f"'prompt' lists {len(prompt)} prompts; at most {MAX_PROMPTS} in one request", "prompt")
+    return prompt
+
+
+def parse_completion(body: dict, tokenizer, context: int) -> Parsed:
+    prompts = _prompts(body)
+    if any(isinstance(p, str) for p in prompts) and not tokenizer.available:
+        raise _bad("this checkpoint has no tokenizer: send 'prompt' as a list of token ids", "prompt")
+    ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    empty = next((k for k, p in enumerate(ids) if not p), None)
+    if empty is not None:
+        raise _bad(f"prompt {empty} is empty: at least one token is needed", "prompt")
     stream, include_usage = _stream(body)
     echo = _echo(body)
-    request = _common(body, ids, 16, ("max_tokens",), _completion_logprobs(body), echo)
-    text = (prompt if isinstance(prompt, str) else tokenizer.decode(ids) if tokenizer.available else "") \
-        if echo else None
-    return Parsed(request, stream, include_usage, n=_choices(body), echo=text)
+    request = _common(body, ids[0], 16, ("max_tokens",), _completion_logprobs(body), echo)
+    texts = tuple(p if isinstance(p, str) else tokenizer.decode(i) if tokenizer.available else ""
+                  for p, i in zip(prompts, ids)) if echo else None
+    return Parsed(request, stream, include_usage, n=_choices(body), prompts=tuple(tuple(i) for i in ids),
+                  echo=texts)
 
 
 def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
