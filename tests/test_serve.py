@@ -727,6 +727,7 @@ class ScriptedScheduler:
         from gptoss.runtime.metrics import ServingMetrics
         self.rt, self.tokens, self.metrics, self.error = rt, tokens, ServingMetrics(), None
         self.requests = []
+        self.max_queue = 32
 
     def submit(self, request, on_event):
         from gptoss.runtime.scheduler import Handle
