@@ -47,7 +47,7 @@ import torch
 from .metrics import ServingMetrics
 from .prefix_reuse import PrefixReuse, common_prefix
 from .runtime import Runtime, TokenEvent, _Sequence, parse_stop
-from .sampling import (MAX_LOGPROBS, adjust_logits, greedy, positions_logprobs, sample, token_logprobs,
+from .sampling import (MAX_LOGPROBS, LogitAdjustments, greedy, positions_logprobs, sample, token_logprobs,
                        validate_adjustments, validate_sampling)
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
@@ -142,6 +142,7 @@ class _Row:
     # (log-probability, alternatives) of prompt tokens 1, 2, ... so far, where the request asked and this rank
     # delivers its events; handed over with the first event
     prompt_scores: list | None = None
+    adjust: LogitAdjustments | None = None  # the request's penalties and biases, where it has any
     done: int = 0  # prompt tokens prefilled
     pos: int = 0  # next cache position to write while decoding
     next_token: int = 0
@@ -357,7 +358,11 @@ class Scheduler:
         padded[:len(prompt)] = torch.tensor(prompt)
         seq = _Sequence(handle.id, prompt, budget, IncrementalDetokenizer(rt.tokenizer))
         scores = [] if req.prompt_logprobs is not None and handle.on_event is not None else None
-        return _Row(handle, seq, stop_ids, stop_strings, generator, padded.to(rt.device), prompt_scores=scores)
+        adjust = LogitAdjustments(prompt, presence=req.presence_penalty, frequency=req.frequency_penalty,
+                                  repetition=req.repetition_penalty, bias=req.logit_bias, device=rt.device) \
+            if req.adjusts_logits else None
+        return _Row(handle, seq, stop_ids, stop_strings, generator, padded.to(rt.device), prompt_scores=scores,
+                    adjust=adjust)
 
     # -- one step of model work --------------------------------------------------------------------------------
     def _compute(self) -> None:
@@ -579,14 +584,11 @@ class Scheduler:
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Each row with its own settings and generator; greedy rows in one argmax (`logits` stay the model's: the
         caller reports log-probabilities from them)."""
-        adjusted = [j for j, row in enumerate(rows) if row.handle.request.adjusts_logits]
+        adjusted = [j for j, row in enumerate(rows) if row.adjust is not None]
         if adjusted:
             logits = logits.clone()
             for j in adjusted:
-                req, seq = rows[j].handle.request, rows[j].seq
-                logits[j] = adjust_logits(logits[j], seq.prompt, seq.tokens, presence=req.presence_penalty,
-                                          frequency=req.frequency_penalty, repetition=req.repetition_penalty,
-                                          bias=req.logit_bias)
+                logits[j] = rows[j].adjust(logits[j])
         out = greedy(logits)
         for j, row in enumerate(rows):
             req = row.handle.request
@@ -599,6 +601,8 @@ class Scheduler:
         row = self.rows[i]
         event = self.rt._accept(row.seq, token, row.stop_ids, row.stop_strings)
         row.next_token = token
+        if row.adjust is not None:
+            row.adjust.generated(token)
         now = time.perf_counter()
         h = row.handle
         if h.request.logprobs is not None and h.on_event is not None:  # (only rank 0's handles deliver events)
