@@ -25,7 +25,8 @@ from gptoss.model.loader import load_model
 from gptoss.model.parallel import Parallel, ShardPlan
 
 from .distributed import env_world, setup as setup_distributed
-from .sampling import sample, validate_sampling
+from .sampling import (MAX_LOGPROBS, LogitAdjustments, sample, token_logprobs, validate_adjustments,
+                       validate_sampling)
 from .settings import Settings
 from .stop_text import held_back
 from .tokenizer import IncrementalDetokenizer, TextTokenizer, stop_token_ids
@@ -37,6 +38,10 @@ class GenerationResult:
     text: str  # their text, without the stop token or stop string
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
     prompt_tokens: int = 0
+    # with `logprobs`: each token's log-probability, and its alternatives' ((token id, log-probability), most likely
+    # first), under the model's own distribution
+    logprobs: list[float] | None = None
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
 
 
 @dataclass
@@ -80,6 +85,7 @@ class _Sequence:
     finish_reason: str | None = None
     stop_at: int | None = None  # text length to cut at, when a stop string matched
     emitted: int = 0  # characters of text already streamed
+    adjust: LogitAdjustments | None = None  # its penalties and biases, where it has any (told of each token)
 
 
 def plan_shapes(config: GptOssConfig, settings: Settings) -> ShapePlan:
@@ -180,30 +186,50 @@ class Runtime:
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, *, max_new_tokens: int,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: Sequence[str | int] | str | int | None = None,
-                 stream: bool = False, ignore_eos: bool = False):
+                 stream: bool = False, ignore_eos: bool = False, min_p: float | None = None,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+                 logit_bias: dict[int, float] | None = None, logprobs: int | None = None):
         """Generate for each prompt (strings, or lists of token ids; lengths may differ). Returns a list of
         `GenerationResult` in prompt order, or with `stream=True` an iterator of `TokenEvent`s. `ignore_eos` keeps
-        generating past the checkpoint's EOS tokens (benchmarks). Bad input raises ValueError/TypeError before
-        anything runs; the runtime stays usable."""
+        generating past the checkpoint's EOS tokens (benchmarks). The penalties and `logit_bias` (token id -> bias)
+        are `sampling.LogitAdjustments`' (each prompt's own); `logprobs=K` reports each token's log-probability
+        and K alternatives'. Bad input raises ValueError/TypeError before anything runs; the runtime stays
+        usable."""
         encoded = self._encode_prompts(prompts)
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        validate_sampling(temperature, top_k, top_p)
+        validate_sampling(temperature, top_k, top_p, min_p)
+        bias = tuple(sorted((logit_bias or {}).items()))
+        validate_adjustments(presence_penalty, frequency_penalty, repetition_penalty, bias, self.config.vocab_size)
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {logprobs!r}")
         stop_ids, stop_strings = self._parse_stop(stop)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
+        adjusts = bool(presence_penalty or frequency_penalty or repetition_penalty != 1.0 or bias)
         seqs = [_Sequence(i, p, min(max_new_tokens, self.shapes.max_seq_len - len(p)),
-                          IncrementalDetokenizer(self.tokenizer)) for i, p in enumerate(encoded)]
+                          IncrementalDetokenizer(self.tokenizer),
+                          adjust=LogitAdjustments(p, presence=presence_penalty, frequency=frequency_penalty,
+                                                  repetition=repetition_penalty, bias=bias, device=self.device)
+                          if adjusts else None)
+                for i, p in enumerate(encoded)]
         stop_ids = stop_ids if ignore_eos else stop_ids | self.eos_ids
-        events = self._run(seqs, temperature, top_k, top_p, generator, stop_ids, stop_strings)
+        choice = _Choice(temperature, top_k, top_p, min_p, generator, logprobs)
+        events = self._run(seqs, choice, stop_ids, stop_strings)
         if stream:
             return _Stream(events, self._turn)
+        results = [GenerationResult([], "", "", len(s.prompt), [] if logprobs is not None else None,
+                                    [] if logprobs is not None else None) for s in seqs]
         with self._turn.hold():
-            for _ in events:
-                pass
-        return [GenerationResult(list(s.tokens), s.detok.text[:s.stop_at], s.finish_reason, len(s.prompt))
-                for s in seqs]
+            for event in events:
+                if event.logprob is not None:
+                    results[event.index].logprobs.append(event.logprob)
+                    results[event.index].top_logprobs.append(event.top_logprobs)
+        for r, s in zip(results, seqs):
+            r.token_ids, r.text, r.finish_reason = list(s.tokens), s.detok.text[:s.stop_at], s.finish_reason
+        return results
 
     def logits(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> torch.Tensor:
         """Next-token logits (fp32, [len(prompts), vocab]) after each prompt: prefill only, nothing sampled."""
@@ -251,17 +277,15 @@ class Runtime:
         return parse_stop(stop, self.config.vocab_size, self.tokenizer)
 
     # -- the loop --------------------------------------------------------------------------------------------
-    def _run(self, seqs: list[_Sequence], temperature, top_k, top_p, generator, stop_ids, stop_strings
-             ) -> Iterator[TokenEvent]:
+    def _run(self, seqs: list[_Sequence], choice: "_Choice", stop_ids, stop_strings) -> Iterator[TokenEvent]:
         stats = self.last_stats = GenerationStats()
         limit = self.shapes.max_batch_size
         with torch.no_grad():
             for first in range(0, len(seqs), limit):
                 stats.batches += 1
-                yield from self._run_batch(seqs[first:first + limit], temperature, top_k, top_p, generator,
-                                           stop_ids, stop_strings, stats)
+                yield from self._run_batch(seqs[first:first + limit], choice, stop_ids, stop_strings, stats)
 
-    def _run_batch(self, batch: list[_Sequence], temperature, top_k, top_p, generator, stop_ids, stop_strings,
+    def _run_batch(self, batch: list[_Sequence], choice: "_Choice", stop_ids, stop_strings,
                    stats: GenerationStats) -> Iterator[TokenEvent]:
         n = len(batch)
         rows = self.shapes.batch(n)  # graphs exist for bucketed sizes only
@@ -271,7 +295,7 @@ class Runtime:
 
         t0 = time.perf_counter()
         logits = self._prefill_batch([s.prompt for s in batch] + [[0]] * (rows - n), lengths)
-        next_tokens = self.model.parallel.broadcast(sample(logits, temperature, top_k, top_p, generator))
+        next_tokens = self.model.parallel.broadcast(choice.pick(logits, batch))
         stats.prefill_s += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -285,6 +309,9 @@ class Runtime:
             for row, seq in enumerate(batch):
                 if seq.finish_reason is None:
                     event = self._accept(seq, host_tokens[row], stop_ids, stop_strings)
+                    if choice.logprobs is not None:
+                        event.logprob, event.top_logprobs = token_logprobs(logits[row], host_tokens[row],
+                                                                           choice.logprobs)
                     stats.generated_tokens += 1
                     if seq.finish_reason is not None:
                         active[row] = False
@@ -295,7 +322,7 @@ class Runtime:
             kv_len = self.shapes.kv_len(max(live) + 1)
             logits = self._decode(next_tokens, pos, kv_len)
             stats.decode_steps += 1
-            next_tokens = self.model.parallel.broadcast(sample(logits, temperature, top_k, top_p, generator))
+            next_tokens = self.model.parallel.broadcast(choice.pick(logits, batch))
             pos = pos + active.to(pos.dtype)  # finished rows stay put: their writes land in their own slot
             host_pos = [p + (s.finish_reason is None) for p, s in zip(host_pos, batch)]
         stats.decode_s += time.perf_counter() - t0
@@ -328,6 +355,8 @@ class Runtime:
         """Take one sampled token: decide whether the sequence ends, and which text becomes visible. Text that
         could be the start of a stop string is held back until it is known not to be one."""
         seq.tokens.append(token)
+        if seq.adjust is not None:
+            seq.adjust.generated(token)
         if token in stop_ids:
             seq.finish_reason = "stop"  # the stop token's own text is not part of the output
         else:
@@ -351,6 +380,26 @@ class Runtime:
         delta = text[seq.emitted:max(end, seq.emitted)]
         seq.emitted = max(end, seq.emitted)
         return TokenEvent(seq.index, token, delta, seq.finish_reason)
+
+
+@dataclass
+class _Choice:
+    """How a generate call picks each row's next token: its sequences' adjustments, then its sampling settings."""
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    generator: torch.Generator | None
+    logprobs: int | None  # alternatives to report a token (None: no log-probabilities)
+
+    def pick(self, logits: torch.Tensor, batch: list[_Sequence]) -> torch.Tensor:
+        """logits [rows, V] (row r is batch[r]'s; rows past the batch are padding) -> tokens [rows]."""
+        if any(s.adjust is not None for s in batch):
+            logits = logits.clone()
+            for r, seq in enumerate(batch):
+                if seq.adjust is not None:
+                    logits[r] = seq.adjust(logits[r])
+        return sample(logits, self.temperature, self.top_k, self.top_p, self.generator, self.min_p)
 
 
 def parse_stop(stop, vocab_size: int, tokenizer: TextTokenizer) -> tuple[set[int], list[str]]:

@@ -142,7 +142,6 @@ class _Row:
     # (log-probability, alternatives) of prompt tokens 1, 2, ... so far, where the request asked and this rank
     # delivers its events; handed over with the first event
     prompt_scores: list | None = None
-    adjust: LogitAdjustments | None = None  # the request's penalties and biases, where it has any
     done: int = 0  # prompt tokens prefilled
     pos: int = 0  # next cache position to write while decoding
     next_token: int = 0
@@ -356,13 +355,12 @@ class Scheduler:
         budget = min(req.max_tokens, rt.shapes.max_seq_len - len(prompt))
         padded = torch.zeros(rt.shapes.slots, dtype=torch.long)
         padded[:len(prompt)] = torch.tensor(prompt)
-        seq = _Sequence(handle.id, prompt, budget, IncrementalDetokenizer(rt.tokenizer))
-        scores = [] if req.prompt_logprobs is not None and handle.on_event is not None else None
         adjust = LogitAdjustments(prompt, presence=req.presence_penalty, frequency=req.frequency_penalty,
                                   repetition=req.repetition_penalty, bias=req.logit_bias, device=rt.device) \
             if req.adjusts_logits else None
-        return _Row(handle, seq, stop_ids, stop_strings, generator, padded.to(rt.device), prompt_scores=scores,
-                    adjust=adjust)
+        seq = _Sequence(handle.id, prompt, budget, IncrementalDetokenizer(rt.tokenizer), adjust=adjust)
+        scores = [] if req.prompt_logprobs is not None and handle.on_event is not None else None
+        return _Row(handle, seq, stop_ids, stop_strings, generator, padded.to(rt.device), prompt_scores=scores)
 
     # -- one step of model work --------------------------------------------------------------------------------
     def _compute(self) -> None:
@@ -584,11 +582,11 @@ class Scheduler:
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Each row with its own settings and generator; greedy rows in one argmax (`logits` stay the model's: the
         caller reports log-probabilities from them)."""
-        adjusted = [j for j, row in enumerate(rows) if row.adjust is not None]
+        adjusted = [j for j, row in enumerate(rows) if row.seq.adjust is not None]
         if adjusted:
             logits = logits.clone()
             for j in adjusted:
-                logits[j] = rows[j].adjust(logits[j])
+                logits[j] = rows[j].seq.adjust(logits[j])
         out = greedy(logits)
         for j, row in enumerate(rows):
             req = row.handle.request
@@ -601,8 +599,6 @@ class Scheduler:
         row = self.rows[i]
         event = self.rt._accept(row.seq, token, row.stop_ids, row.stop_strings)
         row.next_token = token
-        if row.adjust is not None:
-            row.adjust.generated(token)
         now = time.perf_counter()
         h = row.handle
         if h.request.logprobs is not None and h.on_event is not None:  # (only rank 0's handles deliver events)
