@@ -233,6 +233,11 @@ def test_penalties_and_biases_steer_the_choice(served, ref):
         extra = body.pop("extra_body", {})
         got = served.client.completions.create(**kw, **body, extra_body={"ignore_eos": True, **extra})
         assert got.choices[0].text == ref.tokenizer.decode(want), body
+        # Runtime.generate takes the same settings (logit_bias with integer keys)
+        same = {**body, **extra}
+        if "logit_bias" in same:
+            same["logit_bias"] = {int(k): v for k, v in same["logit_bias"].items()}
+        assert reference(ref, prompt, 10, ignore_eos=True, **same).token_ids == want, body
     assert _steered(ref, ids, 10, bias=((42, 100.0),)) == [42] * 10
     hot = served.client.completions.create(**{**kw, "temperature": 1.5}, seed=1,
                                            extra_body={"ignore_eos": True, "min_p": 1.0})
@@ -242,6 +247,49 @@ def test_penalties_and_biases_steer_the_choice(served, ref):
     chat = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0,
                                                  frequency_penalty=2.0)
     assert chat.usage.completion_tokens >= 1
+
+
+def test_generate_logprobs_and_min_p(ref):
+    """Runtime.generate's `logprobs` are the model's (log_softmax of a fresh prefill's logits at each point, to
+    rounding), streamed alike; `min_p` 1 leaves only the top token; bad values are refused."""
+    prompt = "The small model reads"
+    ids = ref.tokenizer.encode(prompt)
+    r = reference(ref, prompt, 5, ignore_eos=True, logprobs=2)
+    assert len(r.logprobs) == len(r.top_logprobs) == 5
+    for k, token in enumerate(r.token_ids):
+        exact = torch.log_softmax(ref.logits([ids + r.token_ids[:k]])[0], -1)
+        assert r.logprobs[k] == pytest.approx(exact[token].item(), abs=1e-4)
+        assert [t for t, _ in r.top_logprobs[k]] == torch.topk(exact, 2).indices.tolist()
+    events = list(ref.generate([prompt], max_new_tokens=5, ignore_eos=True, logprobs=0, stream=True))
+    assert [e.logprob for e in events] == pytest.approx(r.logprobs, abs=1e-6)
+    assert reference(ref, prompt, 5, ignore_eos=True).logprobs is None
+    hot = reference(ref, prompt, 8, ignore_eos=True, temperature=1.5, seed=2, min_p=1.0)
+    assert hot.token_ids == reference(ref, prompt, 8, ignore_eos=True).token_ids
+    for bad, match in ((dict(logprobs=21), "logprobs"), (dict(min_p=2.0), "min_p"),
+                       (dict(presence_penalty=3.0), "presence_penalty"), (dict(logit_bias={10 ** 9: 1.0}), "vocab")):
+        with pytest.raises(ValueError, match=match):
+            ref.generate([prompt], max_new_tokens=2, **bad)
+
+
+def test_tokenize_and_detokenize(served, ref):
+    """/tokenize gives a prompt's ids (a chat's: the ids of the prompt the chat request would send, as its usage
+    counts them); /detokenize turns ids back to text; bad input gets 400s naming the field."""
+    r = httpx.post(served.url + "/tokenize", json={"model": NAME, "prompt": "Hello, world!"}).json()
+    assert r["tokens"] == ref.tokenizer.encode("Hello, world!") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == SETTINGS["max_seq_len"]
+    msgs = [{"role": "user", "content": "Say hello."}]
+    chat = httpx.post(served.url + "/tokenize", json={"messages": msgs}).json()
+    used = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=1).usage.prompt_tokens
+    assert chat["count"] == used
+    back = httpx.post(served.url + "/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back == {"prompt": "Hello, world!"}
+    for path, body, param in (("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": 5}, "prompt"),
+                              ("/tokenize", {"messages": "hi"}, "messages"),
+                              ("/detokenize", {"tokens": [1, "x"]}, "tokens"),
+                              ("/detokenize", {"tokens": [10 ** 9]}, "tokens"),
+                              ("/detokenize", {"model": "other", "tokens": [1]}, "model")):
+        r = httpx.post(served.url + path, json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, body, r.text)
 
 
 def test_sampling_bad_values(served):

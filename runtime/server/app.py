@@ -23,7 +23,7 @@ from ..stop_text import StopText
 from .errors import APIError, error_body, error_response
 from .local_engine import LocalEngine
 from .logprobs import ChatLogprobs, CompletionLogprobs, TokenNames
-from .protocol import Parsed, check_model, parse_chat, parse_completion
+from .protocol import Parsed, check_model, parse_chat, parse_completion, parse_detokenize, parse_tokenize
 
 DEFAULT_MAX_BODY = 4 << 20  # bytes: a 128k-token prompt as JSON token ids fits
 DISCONNECT_POLL_S = 0.5
@@ -94,6 +94,24 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
                              "logprobs": logprobs[i].take() if wanted else None} for i in range(parsed.choices)],
                 "usage": _usage(parsed.prompt_tokens, tokens, choices)}
 
+    render = lambda m, t, e: render_chat(tokenizer, m, tools=t, reasoning_effort=e)  # noqa: E731
+
+    @app.post("/tokenize")
+    async def tokenize(http: HTTPRequest):
+        """A prompt's token ids (or a chat's: its rendered prompt), as vLLM's server answers."""
+        body = await _json_body(http, max_body_bytes)
+        if body.get("model") is not None:
+            check_model(body, model_name)
+        tokens = parse_tokenize(body, tokenizer, render)
+        return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(http: HTTPRequest):
+        body = await _json_body(http, max_body_bytes)
+        if body.get("model") is not None:
+            check_model(body, model_name)
+        return {"prompt": tokenizer.decode(parse_detokenize(body, tokenizer, engine.vocab_size))}
+
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
         body = await _json_body(http, max_body_bytes)
@@ -101,7 +119,6 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         if harmony is None:
             raise APIError(400, "this checkpoint has no tokenizer.json, so no chat: use /v1/completions with "
                                 "token ids")
-        render = lambda m, t, e: render_chat(tokenizer, m, tools=t, reasoning_effort=e)  # noqa: E731
         parsed = parse_chat(body, tokenizer, context, render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         replies = [_ChatReply(HarmonyStreamParser(harmony, tokenizer.decode), parsed.stop_strings,

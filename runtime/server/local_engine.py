@@ -14,6 +14,10 @@ class LocalEngine:
         self.context = scheduler.rt.shapes.max_seq_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.scheduler.rt.config.vocab_size
+
+    @property
     def max_queue(self) -> int:
         return self.scheduler.max_queue
 

@@ -264,3 +264,32 @@ def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
     request = replace(request, stop=tuple(s for s in request.stop if not isinstance(s, str)))
     return Parsed(request, stream, include_usage, n=_choices(body), messages=body["messages"], stop_strings=strings,
                   tools=tools, reasoning_effort=body.get("reasoning_effort"))
+
+
+def parse_tokenize(body: dict, tokenizer, render) -> list[int]:
+    """/tokenize: `prompt` (a string) or chat `messages` (with `tools`, `reasoning_effort`: the prompt a chat
+    request would send) -> token ids."""
+    if not tokenizer.available:
+        raise _bad("this checkpoint has no tokenizer.json: nothing to tokenize with")
+    if body.get("messages") is not None:
+        try:
+            return tokenizer.encode(render(body["messages"], body.get("tools"), body.get("reasoning_effort")))
+        except ValueError as exc:
+            raise _bad(str(exc), "messages") from None
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise _bad("'prompt' (a string) or 'messages' is required", "prompt")
+    return tokenizer.encode(prompt)
+
+
+def parse_detokenize(body: dict, tokenizer, vocab_size: int) -> list[int]:
+    """/detokenize: `tokens`, a list of token ids of the vocabulary."""
+    if not tokenizer.available:
+        raise _bad("this checkpoint has no tokenizer.json: nothing to detokenize with")
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise _bad("'tokens' must be a list of token ids", "tokens")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise _bad(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "tokens")
+    return tokens
