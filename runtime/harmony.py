@@ -99,6 +99,13 @@ class HarmonyStreamParser:
         self.content_positions: list[int] = []
 
     # -- feeding ---------------------------------------------------------------------------------------------
+    def prefill(self, ids: list[int]) -> None:
+        """Tokens the prompt already wrote of the reply (a forced tool call's header, see `forced_call`): parsed
+        as the reply's start, not counted among the pushed tokens."""
+        for token in ids:
+            self.push(token)
+        self._pushed, self.content_positions = 0, []
+
     def push(self, token: int) -> list[HarmonyDelta]:
         self.content_positions, at = [], self._pushed
         self._pushed += 1
@@ -325,6 +332,28 @@ def validate_tools(tools) -> list[dict] | None:
             raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
                              f"'parameters': ...}}}}")
     return tools or None
+
+
+def forced_call(tools, tool_choice) -> str:
+    """The start of the assistant's reply that `tool_choice` forces, as prompt text after `<|start|>assistant`:
+    "required" opens a call to one of the functions, whose name the model writes; {"type": "function",
+    "function": {"name": N}} opens a call to N, whose JSON arguments the model writes (its own text: nothing
+    constrains it to the function's schema). "" for "auto"/"none"/None. ValueError names a bad choice."""
+    if tool_choice in (None, "auto", "none"):
+        return ""
+    names = [t["function"]["name"] for t in validate_tools(tools) or []]
+    if not names:
+        raise ValueError("tool_choice needs 'tools'")
+    if tool_choice == "required":
+        return "<|channel|>commentary to=functions."
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) and \
+        tool_choice.get("type") == "function" and isinstance(tool_choice.get("function"), dict) else None
+    if name is None:
+        raise ValueError("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                         "{'name': ...}}")
+    if name not in names:
+        raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools {names}")
+    return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
 
 
 def render_chat(tokenizer, messages, *, tools=None, reasoning_effort: str | None = None) -> str:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -17,6 +19,9 @@ import torch
 
 
 from gptoss.runtime import Runtime
+from gptoss.runtime.harmony import render_chat
+from gptoss.runtime.tokenizer import TextTokenizer
+from gptoss.tools.make_checkpoint import CHAT_TEMPLATE
 from gptoss.runtime.sampling import adjust_logits
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
@@ -820,6 +825,59 @@ def test_chat_tool_call_through_client(ref):
             finish = c.choices[0].finish_reason or finish
         assert (names, args, reasoning, finish) == (["get_weather"], call.function.arguments, "Need the weather.",
                                                     "tool_calls")
+
+
+TOOLS_TEMPLATE = (  # the test checkpoints' template with a tools section (as the published template has one)
+    "{%- if tools -%}<|start|>developer<|message|># Tools\n\nnamespace functions {\n{%- for t in tools %}\n"
+    "type {{ t['function']['name'] }} = () => any;\n{%- endfor %}\n} // namespace functions<|end|>{%- endif -%}\n"
+    + CHAT_TEMPLATE)
+
+
+def test_chat_tool_choice_forces_a_call(ref, ckpt, tmp_path):
+    """`tool_choice` naming a function writes the start of that call into the prompt (after `<|start|>assistant`),
+    so the reply is its arguments; "required" opens a call whose name the model writes; the parser takes the
+    prompt's part as the reply's start. Bad choices get a 400 naming `tool_choice`."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (ckpt / name).exists():
+            shutil.copy(ckpt / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
+    tok = TextTokenizer(tmp_path)
+    ref = SimpleNamespace(tokenizer=tok, config=ref.config, shapes=ref.shapes)
+    special = lambda s: tok.token_id(s)  # noqa: E731
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    args = tok.encode('{"city": "Oslo"}') + [special("<|call|>")]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for choice, script, name in ((named, args, "get_time"),
+                                 ("required", tok.encode("get_weather ") + [special("<|constrain|>")] +
+                                  tok.encode("json") + [special("<|message|>")] + args, "get_weather")):
+        scripted = ScriptedScheduler(ref, script)
+        with LiveServer(create_app(LocalEngine(scripted), NAME)) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+            r = client.chat.completions.create(model=NAME, messages=msgs, tools=tools, tool_choice=choice,
+                                               max_tokens=50)
+            call = r.choices[0].message.tool_calls[0]
+            assert r.choices[0].finish_reason == "tool_calls" and call.function.name == name
+            assert json.loads(call.function.arguments) == {"city": "Oslo"}
+            plain = tok.encode(render_chat(tok, msgs, tools=tools))
+            prompt = list(scripted.requests[0].prompt)
+            assert prompt[:len(plain)] == plain and len(prompt) > len(plain)  # the call's start follows the chat
+            assert r.usage.prompt_tokens == len(prompt)
+            counted = httpx.post(server.url + "/tokenize", json={"messages": msgs, "tools": tools,
+                                                                 "tool_choice": choice}).json()
+            assert counted["tokens"] == prompt
+            streamed = [tc.function.name for c in client.chat.completions.create(
+                model=NAME, messages=msgs, tools=tools, tool_choice=choice, max_tokens=50, stream=True)
+                for tc in c.choices[0].delta.tool_calls or [] if tc.function.name]
+            assert streamed == [name]
+            for bad in ({"type": "function", "function": {"name": "nope"}}, "sometimes", {"type": "function"}):
+                body = {"model": NAME, "messages": msgs, "tools": tools, "tool_choice": bad}
+                e = httpx.post(server.url + "/v1/chat/completions", json=body)
+                assert e.status_code == 400 and e.json()["error"]["param"] == "tool_choice", (bad, e.text)
+            e = httpx.post(server.url + "/v1/chat/completions",
+                           json={"model": NAME, "messages": msgs, "tool_choice": "required"})
+            assert e.status_code == 400 and "tools" in e.json()["error"]["message"]
 
 
 def test_chat_logprobs_cover_the_content_tokens(ref):

@@ -121,7 +121,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
                                 "token ids")
         parsed = parse_chat(body, tokenizer, context, render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        replies = [_ChatReply(HarmonyStreamParser(harmony, tokenizer.decode), parsed.stop_strings,
+        replies = [_ChatReply(_parser(harmony, tokenizer, parsed.forced), parsed.stop_strings,
                               ChatLogprobs(names) if parsed.request.logprobs is not None else None)
                    for _ in range(parsed.choices)]
         choices = _submit(engine, parsed)
@@ -276,6 +276,13 @@ def _usage(prompt: int, completion: int, choices: _Choices) -> dict:
 
 def _call_id(rid: str, index: int) -> str:
     return f"call_{rid[-12:]}_{index}"
+
+
+def _parser(harmony: HarmonyTokens, tokenizer, forced: list[int]) -> HarmonyStreamParser:
+    """A reply's parser, told what the prompt already wrote of the reply (a forced tool call's start)."""
+    parser = HarmonyStreamParser(harmony, tokenizer.decode)
+    parser.prefill(forced)
+    return parser
 
 
 def _chat_message(rid: str, reply: "_ChatReply") -> dict:

@@ -3,8 +3,9 @@ Requests; every problem becomes an APIError naming the field."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from ..harmony import forced_call
 from ..sampling import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY
 from ..scheduler import Request
 from .errors import APIError
@@ -28,6 +29,7 @@ class Parsed:
     stop_strings: tuple[str, ...] = ()  # chat: matched on the parsed content by the server, not on raw markup
     tools: list | None = None
     reasoning_effort: str | None = None
+    forced: list[int] = field(default_factory=list)  # the reply's start the prompt writes (a forced tool call)
 
     @property
     def choices(self) -> int:
@@ -246,36 +248,45 @@ def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
         raise _bad("'echo' is not supported in chat completions", "echo")
     tools = body.get("tools")
     choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise _bad("'tool_choice' supports 'auto' and 'none' only", "tool_choice")
     if choice == "none":
         tools = None
+    try:
+        forced = forced_call(tools, choice)
+    except ValueError as exc:
+        raise _bad(str(exc), "tool_choice") from None
     try:
         text = render(body["messages"], tools, body.get("reasoning_effort"))
     except ValueError as exc:
         param = "tools" if "tool" in str(exc) else (
             "reasoning_effort" if "reasoning_effort" in str(exc) else "messages")
         raise _bad(str(exc), param) from None
-    ids = tokenizer.encode(text)
+    forced_ids = tokenizer.encode(forced) if forced else []
+    ids = tokenizer.encode(text) + forced_ids
     stream, include_usage = _stream(body)
     default = max(context - len(ids), 1)  # the rest of the context, as OpenAI does without max_tokens
     request = _common(body, ids, default, ("max_tokens", "max_completion_tokens"), _chat_logprobs(body))
     strings = tuple(s for s in request.stop if isinstance(s, str))
     request = replace(request, stop=tuple(s for s in request.stop if not isinstance(s, str)))
     return Parsed(request, stream, include_usage, n=_choices(body), messages=body["messages"], stop_strings=strings,
-                  tools=tools, reasoning_effort=body.get("reasoning_effort"))
+                  tools=tools, reasoning_effort=body.get("reasoning_effort"), forced=forced_ids)
 
 
 def parse_tokenize(body: dict, tokenizer, render) -> list[int]:
-    """/tokenize: `prompt` (a string) or chat `messages` (with `tools`, `reasoning_effort`: the prompt a chat
-    request would send) -> token ids."""
+    """/tokenize: `prompt` (a string) or chat `messages` (with `tools`, `tool_choice`, `reasoning_effort`: the
+    prompt a chat request would send) -> token ids."""
     if not tokenizer.available:
         raise _bad("this checkpoint has no tokenizer.json: nothing to tokenize with")
     if body.get("messages") is not None:
+        tools = None if body.get("tool_choice") == "none" else body.get("tools")
         try:
-            return tokenizer.encode(render(body["messages"], body.get("tools"), body.get("reasoning_effort")))
+            forced = forced_call(tools, body.get("tool_choice"))
+        except ValueError as exc:
+            raise _bad(str(exc), "tool_choice") from None
+        try:
+            text = render(body["messages"], tools, body.get("reasoning_effort"))
         except ValueError as exc:
             raise _bad(str(exc), "messages") from None
+        return tokenizer.encode(text) + (tokenizer.encode(forced) if forced else [])
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise _bad("'prompt' (a string) or 'messages' is required", "prompt")
