@@ -160,6 +160,14 @@ class _Plan:
     stop: bool = False
 
 
+def _select_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows]: a view where the rows are consecutive (the usual decode batch), else one gather (indexing with a
+    list copies through a slower path: ~0.2 ms for a step's [8, 16k] logits)."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1:
+        return t[rows[0]:rows[-1] + 1]
+    return t.index_select(0, torch.tensor(rows, dtype=torch.long, device=t.device))
+
+
 class Scheduler:
     def __init__(self, runtime: Runtime, *, max_queue: int | None = None, idle_heartbeat_s: float = 1.0,
                  reuse_prefixes: bool = True):
@@ -427,7 +435,7 @@ class Scheduler:
         keys, values = rt.cache.rows(batch)
         logits = self._graph("prefill", rt.graphs.prefill, ids, start.to(rt.device), last.to(rt.device), keys,
                              values, shapes.kv_len(done + chunk))
-        self._prefilled(rows, chunk, logits[rows])
+        self._prefilled(rows, chunk, _select_rows(logits, rows))
 
     def _prefilled(self, rows: list[int], chunk: int, logits: torch.Tensor) -> None:
         """After a prefill chunk of `rows` (logits[j] is row rows[j]'s at its last prompt token in the chunk): each
@@ -452,7 +460,7 @@ class Scheduler:
         ended = [rows[j] for j in finished]
         if not ended:
             return
-        tokens = self._sample(logits[finished].float(), [self.rows[i] for i in ended])
+        tokens = self._sample(_select_rows(logits, finished).float(), [self.rows[i] for i in ended])
         for j, i, token in zip(finished, ended, tokens):
             self.rows[i].pos = len(self.rows[i].seq.prompt)
             self._take(i, token, logits[j])
@@ -505,8 +513,7 @@ class Scheduler:
         is overwritten when its prompt is copied in), a prefilling row's next chunk's first position."""
         decoding = [i for i, r in enumerate(self.rows) if r is not None and not r.prefilling]
         batch = self.rt.shapes.batch(max(decoding) + 1 if decoding else 1)
-        ids = torch.zeros(batch, dtype=torch.long)
-        pos = torch.zeros(batch, dtype=torch.long)
+        ids, pos = [0] * batch, [0] * batch  # (lists, made tensors once: item writes to a tensor cost µs each)
         for i in range(batch):
             row = self.rows[i]
             if row is None:
@@ -516,8 +523,8 @@ class Scheduler:
             elif not row.prefilling:
                 ids[i], pos[i] = row.next_token, row.pos
                 row.written = max(row.written, row.pos + 1)
-            self.reuse.wrote(i, int(pos[i]) + 1)
-        return batch, ids, pos, decoding
+            self.reuse.wrote(i, pos[i] + 1)
+        return batch, torch.tensor(ids), torch.tensor(pos), decoding
 
     def _decode_step(self) -> None:
         rt = self.rt
@@ -525,7 +532,7 @@ class Scheduler:
         kv_len = rt.shapes.kv_len(max(self.rows[i].pos for i in live) + 1)
         logits = self._graph("decode", rt.graphs.decode, ids.to(rt.device), pos.to(rt.device),
                              *rt.cache.rows(batch), kv_len)
-        self._decoded(live, logits[live])
+        self._decoded(live, _select_rows(logits, live))
 
     def _decoded(self, live: list[int], logits: torch.Tensor) -> None:
         """After a decode step (logits[j] is row live[j]'s): each row samples its token."""
@@ -565,7 +572,7 @@ class Scheduler:
             self.graph_calls.append(("mixed", batch, chunk, kv_len))
         logits = rt.graphs.mixed(ids.to(rt.device), pos.to(rt.device), *cache.rows(batch), chunk_ids, start, last,
                                  *cache.staging(), kv_len)
-        self._decoded(live, logits[live])
+        self._decoded(live, _select_rows(logits, live))
         self._prefilled([i], chunk, logits[batch:])
         if not row.prefilling:
             self._unstage(i, row)
