@@ -346,8 +346,9 @@ def forced_call(tools, tool_choice) -> str:
         raise ValueError("tool_choice needs 'tools'")
     if tool_choice == "required":
         return "<|channel|>commentary to=functions."
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) and \
-        tool_choice.get("type") == "function" and isinstance(tool_choice.get("function"), dict) else None
+    chosen = isinstance(tool_choice, dict) and tool_choice.get("type") == "function"
+    function = tool_choice.get("function") if chosen else None
+    name = function.get("name") if isinstance(function, dict) else None
     if name is None:
         raise ValueError("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
                          "{'name': ...}}")

@@ -25,8 +25,8 @@ from gptoss.model.loader import load_model
 from gptoss.model.parallel import Parallel, ShardPlan
 
 from .distributed import env_world, setup as setup_distributed
-from .sampling import (MAX_LOGPROBS, LogitAdjustments, sample, token_logprobs, validate_adjustments,
-                       validate_sampling)
+from .sampling import LogitAdjustments, sample, token_logprobs, validate_adjustments, validate_logprobs, \
+    validate_sampling
 from .settings import Settings
 from .stop_text import held_back
 from .tokenizer import IncrementalDetokenizer, TextTokenizer, stop_token_ids
@@ -201,19 +201,15 @@ class Runtime:
         validate_sampling(temperature, top_k, top_p, min_p)
         bias = tuple(sorted((logit_bias or {}).items()))
         validate_adjustments(presence_penalty, frequency_penalty, repetition_penalty, bias, self.config.vocab_size)
-        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
-                                     or not 0 <= logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {logprobs!r}")
+        validate_logprobs("logprobs", logprobs)
         stop_ids, stop_strings = self._parse_stop(stop)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        adjusts = bool(presence_penalty or frequency_penalty or repetition_penalty != 1.0 or bias)
         seqs = [_Sequence(i, p, min(max_new_tokens, self.shapes.max_seq_len - len(p)),
                           IncrementalDetokenizer(self.tokenizer),
-                          adjust=LogitAdjustments(p, presence=presence_penalty, frequency=frequency_penalty,
-                                                  repetition=repetition_penalty, bias=bias, device=self.device)
-                          if adjusts else None)
+                          adjust=LogitAdjustments.of(p, presence=presence_penalty, frequency=frequency_penalty,
+                                                     repetition=repetition_penalty, bias=bias, device=self.device))
                 for i, p in enumerate(encoded)]
         stop_ids = stop_ids if ignore_eos else stop_ids | self.eos_ids
         choice = _Choice(temperature, top_k, top_p, min_p, generator, logprobs)

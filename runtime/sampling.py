@@ -1,5 +1,5 @@
 """Next-token choice from logits: greedy at temperature 0, else temperature, top-k, top-p (nucleus) and min-p
-sampling; before either, a request's repetition penalties and logit biases (`adjust_logits`)."""
+sampling; before either, a sequence's penalties and logit biases (`LogitAdjustments`)."""
 from __future__ import annotations
 
 import math
@@ -24,12 +24,7 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, t
     """logits [V] -> the log-probability of `token` and the `top` most likely tokens with theirs (most likely first).
     Under the model's own distribution: the raw logits' softmax, before temperature, top-k or top-p (as vLLM reports
     them by default), so the same text gets the same figures whatever the sampling settings."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = float(logprobs[token])
-    if top <= 0:
-        return chosen, ()
-    values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
-    return chosen, tuple(zip(ids.tolist(), values.tolist()))
+    return positions_logprobs(logits[None], [token], top)[0]
 
 
 def positions_logprobs(logits: torch.Tensor, targets: Sequence[int], top: int
@@ -54,13 +49,20 @@ def validate_sampling(temperature: float, top_k: int | None, top_p: float | None
         raise ValueError(f"min_p must be in [0, 1] (or None), got {min_p}")
 
 
+def validate_logprobs(name: str, value) -> None:
+    """`value`: how many alternatives to report with each token's log-probability (None: no log-probabilities)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS):
+        raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None, "
+                         f"got {value!r}")
+
+
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as the OpenAI API has them
 MAX_BIAS = 100.0  # a logit bias lies in [-100, 100] (OpenAI's range)
 MAX_LOGIT_BIASES = 1024  # tokens one request may bias
 
 
 def validate_adjustments(presence: float, frequency: float, repetition: float, bias, vocab_size: int) -> None:
-    """The settings `adjust_logits` takes, checked for a vocabulary of `vocab_size` tokens."""
+    """`LogitAdjustments`' settings, checked for a vocabulary of `vocab_size` tokens."""
     for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
             raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
@@ -89,8 +91,16 @@ class LogitAdjustments:
       logit -= count * frequency + (count > 0) * presence;
     - `bias`: (token, value) pairs added to those tokens' logits.
     The state is kept sparse and updated a token at a time: the prompt's distinct tokens once, as a tensor; the
-    reply's new tokens and their counts in dicts. A step then touches only those entries (a vocabulary-sized pass
-    costs more: ~1 ms for gpt-oss's 201,088 entries against ~0.1 ms this way; BENCHMARKS.md)."""
+    reply's new tokens and their counts in dicts. A step then touches only those entries (a vocabulary-sized state
+    cost ~1 ms a step for gpt-oss's 201,088 entries against 17-59 us this way; BENCHMARKS.md)."""
+
+    @classmethod
+    def of(cls, prompt: Sequence[int], *, presence: float = 0.0, frequency: float = 0.0, repetition: float = 1.0,
+           bias: Sequence[tuple[int, float]] = (), device=None) -> "LogitAdjustments | None":
+        """The adjustments these settings make, or None where they make none."""
+        if not (presence or frequency or repetition != 1.0 or bias):
+            return None
+        return cls(prompt, presence=presence, frequency=frequency, repetition=repetition, bias=bias, device=device)
 
     def __init__(self, prompt: Sequence[int], *, presence: float = 0.0, frequency: float = 0.0,
                  repetition: float = 1.0, bias: Sequence[tuple[int, float]] = (), device=None):

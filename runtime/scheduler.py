@@ -47,8 +47,8 @@ import torch
 from .metrics import ServingMetrics
 from .prefix_reuse import PrefixReuse, common_prefix
 from .runtime import Runtime, TokenEvent, _Sequence, parse_stop
-from .sampling import (MAX_LOGPROBS, LogitAdjustments, greedy, positions_logprobs, sample, token_logprobs,
-                       validate_adjustments, validate_sampling)
+from .sampling import (LogitAdjustments, greedy, positions_logprobs, sample, token_logprobs, validate_adjustments,
+                       validate_logprobs, validate_sampling)
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -69,7 +69,7 @@ def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokeniz
     if len(request.prompt) >= max_seq_len:
         raise ValueError(f"the prompt has {len(request.prompt)} tokens, but this server's context is {max_seq_len} "
                          f"tokens (max_seq_len) and must leave room for at least one generated token")
-    scoring = request.prompt_logprobs is not None  # (then the prompt alone may be the point: max_tokens 0)
+    scoring = request.scores_prompt  # (then the prompt alone may be the point: max_tokens 0)
     if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or \
             request.max_tokens < (0 if scoring else 1):
         raise ValueError(f"max_tokens must be a {'non-negative' if scoring else 'positive'} integer, got "
@@ -77,12 +77,8 @@ def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokeniz
     validate_sampling(request.temperature, request.top_k, request.top_p, request.min_p)
     validate_adjustments(request.presence_penalty, request.frequency_penalty, request.repetition_penalty,
                          request.logit_bias, vocab_size)
-    for name in ("logprobs", "prompt_logprobs"):
-        value = getattr(request, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or not 0 <= value <= MAX_LOGPROBS):
-            raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None, "
-                             f"got {value!r}")
+    validate_logprobs("logprobs", request.logprobs)
+    validate_logprobs("prompt_logprobs", request.prompt_logprobs)
     parse_stop(list(request.stop), vocab_size, tokenizer)
 
 
@@ -101,16 +97,16 @@ class Request:
     # prefilled, none reused); with it, max_tokens may be 0: the prompt is scored and nothing generated
     prompt_logprobs: int | None = None
     min_p: float | None = None
-    # adjust_logits (sampling.py): applied before greedy and sampled choices alike
+    # sampling.LogitAdjustments': applied before greedy and sampled choices alike
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs
 
     @property
-    def adjusts_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+    def scores_prompt(self) -> bool:
+        """Its prompt is scored: every position prefilled through the model's Python, alone, nothing reused."""
+        return self.prompt_logprobs is not None
 
 
 class Handle:
@@ -290,7 +286,7 @@ class Scheduler:
                 if h.cancelled:
                     self._finish(h, "cancelled")
                     continue
-                if h.request.prompt_logprobs is None and self._worth_waiting(h.request.prompt, plan):
+                if not h.request.scores_prompt and self._worth_waiting(h.request.prompt, plan):
                     deferred.append(h)
                     continue
                 plan.admit.append((h.id, h.request))
@@ -335,7 +331,7 @@ class Scheduler:
                     self._release(i, "cancelled")
         for rid, request in plan.admit:
             handle = self._handles.get(rid) or Handle(rid, request, None)  # other ranks: no client to tell
-            scoring = request.prompt_logprobs is not None  # every prompt position computed: nothing to reuse
+            scoring = request.scores_prompt  # every prompt position computed: nothing to reuse
             busy = {i: self._held(i) for i, r in enumerate(self.rows) if r is not None} \
                 if self.reuse.enabled and not scoring else None
             free, start = self.reuse.choose([i for i, r in enumerate(self.rows) if r is None],
@@ -363,11 +359,10 @@ class Scheduler:
         budget = min(req.max_tokens, rt.shapes.max_seq_len - len(prompt))
         padded = torch.zeros(rt.shapes.slots, dtype=torch.long)
         padded[:len(prompt)] = torch.tensor(prompt)
-        adjust = LogitAdjustments(prompt, presence=req.presence_penalty, frequency=req.frequency_penalty,
-                                  repetition=req.repetition_penalty, bias=req.logit_bias, device=rt.device) \
-            if req.adjusts_logits else None
+        adjust = LogitAdjustments.of(prompt, presence=req.presence_penalty, frequency=req.frequency_penalty,
+                                     repetition=req.repetition_penalty, bias=req.logit_bias, device=rt.device)
         seq = _Sequence(handle.id, prompt, budget, IncrementalDetokenizer(rt.tokenizer), adjust=adjust)
-        scores = [] if req.prompt_logprobs is not None and handle.on_event is not None else None
+        scores = [] if req.scores_prompt and handle.on_event is not None else None
         return _Row(handle, seq, stop_ids, stop_strings, generator, padded.to(rt.device), prompt_scores=scores)
 
     # -- one step of model work --------------------------------------------------------------------------------
@@ -382,7 +377,7 @@ class Scheduler:
         elif prefilling:  # the staged prompt, else the oldest admitted first: lowest id
             staged = [i for i in prefilling if self.rows[i].staged]
             i = staged[0] if staged else min(prefilling, key=lambda i: self.rows[i].handle.id)
-            mixed = self._mixes(i, decoding) and self.rows[i].handle.request.prompt_logprobs is None
+            mixed = self._mixes(i, decoding) and not self.rows[i].handle.request.scores_prompt
             if mixed:
                 self._mixed_step(i)  # the decode rows' step included
             else:
@@ -403,7 +398,7 @@ class Scheduler:
         Otherwise (or while a prompt is on the staging row) None: one row at a time."""
         if decoding or len(prefilling) < 2 or any(self.rows[i].staged for i in prefilling):
             return None
-        if any(self.rows[i].handle.request.prompt_logprobs is not None for i in prefilling):
+        if any(self.rows[i].handle.request.scores_prompt for i in prefilling):
             return None  # (a scored prompt runs on its own, through the model's Python)
         done = {self.rows[i].done for i in prefilling}
         if len(done) != 1 or next(iter(done)) % self.rt.shapes.prefill_chunk:
@@ -487,7 +482,7 @@ class Scheduler:
             values = [v[i:i + 1] for v in rt.cache.values]
             self.reuse.wrote(i, row.done + chunk)
         row.written = max(row.written, row.done + chunk)
-        if row.handle.request.prompt_logprobs is not None:
+        if row.handle.request.scores_prompt:
             logits = self._scored_chunk(row, ids, start, last, keys, values, shapes.kv_len(row.done + chunk))
         else:
             logits = self._graph("prefill", rt.graphs.prefill, ids, start, last, keys, values,

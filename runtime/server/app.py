@@ -100,16 +100,14 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
     async def tokenize(http: HTTPRequest):
         """A prompt's token ids (or a chat's: its rendered prompt), as vLLM's server answers."""
         body = await _json_body(http, max_body_bytes)
-        if body.get("model") is not None:
-            check_model(body, model_name)
+        check_model(body, model_name, required=False)
         tokens = parse_tokenize(body, tokenizer, render)
         return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(http: HTTPRequest):
         body = await _json_body(http, max_body_bytes)
-        if body.get("model") is not None:
-            check_model(body, model_name)
+        check_model(body, model_name, required=False)
         return {"prompt": tokenizer.decode(parse_detokenize(body, tokenizer, engine.vocab_size))}
 
     @app.post("/v1/chat/completions")

@@ -45,28 +45,22 @@ class CompletionLogprobs:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
     def add(self, event) -> None:
-        if event.token_id < 0 or event.logprob is None:
-            return
-        text = self.names(event.token_id)[0]
-        self._parts["tokens"].append(text)
-        self._parts["token_logprobs"].append(_finite(event.logprob))
-        self._parts["top_logprobs"].append({self.names(t)[0]: _finite(lp) for t, lp in event.top_logprobs}
-                                           if event.top_logprobs else None)
-        self._parts["text_offset"].append(self.offset)
-        self.offset += len(text)
+        if event.token_id >= 0 and event.logprob is not None:
+            self._append(event.token_id, event.logprob, event.top_logprobs)
 
     def add_prompt(self, prompt, scores) -> None:
         """`echo`: the prompt's tokens first, with their figures (TokenEvent.prompt_logprobs: the first token's
         are None, as OpenAI reports them)."""
-        if scores is None:
-            return
-        for token, (logprob, top) in zip(prompt, scores):
-            text = self.names(token)[0]
-            self._parts["tokens"].append(text)
-            self._parts["token_logprobs"].append(None if logprob is None else _finite(logprob))
-            self._parts["top_logprobs"].append({self.names(t)[0]: _finite(lp) for t, lp in top} if top else None)
-            self._parts["text_offset"].append(self.offset)
-            self.offset += len(text)
+        for token, (logprob, top) in zip(prompt, scores or ()):
+            self._append(token, logprob, top)
+
+    def _append(self, token: int, logprob: float | None, top) -> None:
+        text = self.names(token)[0]
+        self._parts["tokens"].append(text)
+        self._parts["token_logprobs"].append(None if logprob is None else _finite(logprob))
+        self._parts["top_logprobs"].append({self.names(t)[0]: _finite(lp) for t, lp in top} if top else None)
+        self._parts["text_offset"].append(self.offset)
+        self.offset += len(text)
 
     def take(self) -> dict[str, list]:
         parts, self._parts = self._parts, self._empty()

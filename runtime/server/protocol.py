@@ -72,9 +72,11 @@ def _number(body: dict, name: str, default, *, lo=None, hi=None, lo_open=False, 
     return value
 
 
-def check_model(body: dict, served: str) -> None:
+def check_model(body: dict, served: str, required: bool = True) -> None:
     model = body.get("model")
     if model is None:
+        if not required:
+            return
         raise _bad("'model' is required", "model")
     if not isinstance(model, str):
         raise _bad(f"'model' must be a string, got {model!r}", "model")
@@ -237,19 +239,11 @@ def parse_completion(body: dict, tokenizer, context: int) -> Parsed:
                   echo=texts)
 
 
-def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
-    """`render(messages, tools, reasoning_effort) -> prompt text` (raises ValueError on bad messages).
-
-    `stop` strings are not given to the scheduler (which matches the raw text, harmony markup included): they
-    are returned in `stop_strings`, for the server to match on the `content` the client sees."""
-    if body.get("messages") is None:
-        raise _bad("'messages' is required", "messages")
-    if _echo(body):
-        raise _bad("'echo' is not supported in chat completions", "echo")
-    tools = body.get("tools")
+def _chat_prompt(body: dict, tokenizer, render) -> tuple[list[int], list[int], list | None]:
+    """A chat request's prompt ids (the rendered messages, then the start of a call `tool_choice` forces), the
+    forced part's ids, and the tools the model is shown (none for `tool_choice: "none"`)."""
     choice = body.get("tool_choice")
-    if choice == "none":
-        tools = None
+    tools = None if choice == "none" else body.get("tools")
     try:
         forced = forced_call(tools, choice)
     except ValueError as exc:
@@ -261,7 +255,19 @@ def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
             "reasoning_effort" if "reasoning_effort" in str(exc) else "messages")
         raise _bad(str(exc), param) from None
     forced_ids = tokenizer.encode(forced) if forced else []
-    ids = tokenizer.encode(text) + forced_ids
+    return tokenizer.encode(text) + forced_ids, forced_ids, tools
+
+
+def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
+    """`render(messages, tools, reasoning_effort) -> prompt text` (raises ValueError on bad messages).
+
+    `stop` strings are not given to the scheduler (which matches the raw text, harmony markup included): they
+    are returned in `stop_strings`, for the server to match on the `content` the client sees."""
+    if body.get("messages") is None:
+        raise _bad("'messages' is required", "messages")
+    if _echo(body):
+        raise _bad("'echo' is not supported in chat completions", "echo")
+    ids, forced_ids, tools = _chat_prompt(body, tokenizer, render)
     stream, include_usage = _stream(body)
     default = max(context - len(ids), 1)  # the rest of the context, as OpenAI does without max_tokens
     request = _common(body, ids, default, ("max_tokens", "max_completion_tokens"), _chat_logprobs(body))
@@ -277,16 +283,7 @@ def parse_tokenize(body: dict, tokenizer, render) -> list[int]:
     if not tokenizer.available:
         raise _bad("this checkpoint has no tokenizer.json: nothing to tokenize with")
     if body.get("messages") is not None:
-        tools = None if body.get("tool_choice") == "none" else body.get("tools")
-        try:
-            forced = forced_call(tools, body.get("tool_choice"))
-        except ValueError as exc:
-            raise _bad(str(exc), "tool_choice") from None
-        try:
-            text = render(body["messages"], tools, body.get("reasoning_effort"))
-        except ValueError as exc:
-            raise _bad(str(exc), "messages") from None
-        return tokenizer.encode(text) + (tokenizer.encode(forced) if forced else [])
+        return _chat_prompt(body, tokenizer, render)[0]
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise _bad("'prompt' (a string) or 'messages' is required", "prompt")
