@@ -29,6 +29,7 @@ from .sampling import LogitAdjustments, sample, token_logprobs, validate_adjustm
     validate_sampling
 from .settings import Settings
 from .stop_text import held_back
+from .structured import TokenConstraint, check as check_grammar, grammar as whole_reply
 from .tokenizer import IncrementalDetokenizer, TextTokenizer, stop_token_ids
 
 
@@ -86,6 +87,25 @@ class _Sequence:
     stop_at: int | None = None  # text length to cut at, when a stop string matched
     emitted: int = 0  # characters of text already streamed
     adjust: LogitAdjustments | None = None  # its penalties and biases, where it has any (told of each token)
+    constraint: TokenConstraint | None = None  # the grammar its reply follows, where it has one
+
+
+def steer(logits: torch.Tensor, seqs: Sequence["_Sequence | None"]) -> torch.Tensor:
+    """logits [rows, V] (row r is seqs[r]'s; None or a finished sequence: left alone) -> the logits each
+    sequence's choice is made from: its penalties and biases applied, then its grammar's mask. A copy where
+    anything changes: the caller reports log-probabilities from the model's own."""
+    steered = [r for r, s in enumerate(seqs) if s is not None and s.finish_reason is None
+               and (s.adjust is not None or s.constraint is not None)]
+    if not steered:
+        return logits
+    logits = logits.clone()
+    for r in steered:
+        seq = seqs[r]
+        if seq.adjust is not None:
+            logits[r] = seq.adjust(logits[r])
+        if seq.constraint is not None:
+            seq.constraint.restrict(logits[r])
+    return logits
 
 
 def plan_shapes(config: GptOssConfig, settings: Settings) -> ShapePlan:
@@ -188,12 +208,15 @@ class Runtime:
                  seed: int | None = None, stop: Sequence[str | int] | str | int | None = None,
                  stream: bool = False, ignore_eos: bool = False, min_p: float | None = None,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-                 logit_bias: dict[int, float] | None = None, logprobs: int | None = None):
+                 logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
+                 grammar: str | dict | None = None):
         """Generate for each prompt (strings, or lists of token ids; lengths may differ). Returns a list of
         `GenerationResult` in prompt order, or with `stream=True` an iterator of `TokenEvent`s. `ignore_eos` keeps
         generating past the checkpoint's EOS tokens (benchmarks). The penalties and `logit_bias` (token id -> bias)
         are `sampling.LogitAdjustments`' (each prompt's own); `logprobs=K` reports each token's log-probability
-        and K alternatives'. Bad input raises ValueError/TypeError before anything runs; the runtime stays
+        and K alternatives'. `grammar` holds each reply to a grammar (`runtime.structured`: e.g.
+        `grammar=structured.json_schema({...})`, or a grammar text built there); a reply ends ("stop") when its
+        grammar is complete. Bad input raises ValueError/TypeError before anything runs; the runtime stays
         usable."""
         encoded = self._encode_prompts(prompts)
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -202,6 +225,10 @@ class Runtime:
         bias = tuple(sorted((logit_bias or {}).items()))
         validate_adjustments(presence_penalty, frequency_penalty, repetition_penalty, bias, self.config.vocab_size)
         validate_logprobs("logprobs", logprobs)
+        if isinstance(grammar, dict):
+            grammar = whole_reply(grammar)
+        if grammar is not None:
+            check_grammar(grammar, self.tokenizer)
         stop_ids, stop_strings = self._parse_stop(stop)
         generator = None
         if seed is not None:
@@ -209,7 +236,8 @@ class Runtime:
         seqs = [_Sequence(i, p, min(max_new_tokens, self.shapes.max_seq_len - len(p)),
                           IncrementalDetokenizer(self.tokenizer),
                           adjust=LogitAdjustments.of(p, presence=presence_penalty, frequency=frequency_penalty,
-                                                     repetition=repetition_penalty, bias=bias, device=self.device))
+                                                     repetition=repetition_penalty, bias=bias, device=self.device),
+                          constraint=TokenConstraint(grammar, self.tokenizer) if grammar is not None else None)
                 for i, p in enumerate(encoded)]
         stop_ids = stop_ids if ignore_eos else stop_ids | self.eos_ids
         choice = _Choice(temperature, top_k, top_p, min_p, generator, logprobs)
@@ -353,7 +381,9 @@ class Runtime:
         seq.tokens.append(token)
         if seq.adjust is not None:
             seq.adjust.generated(token)
-        if token in stop_ids:
+        # a complete grammar ends the reply: by the end-of-sequence token it allowed, or by its last text
+        complete = seq.constraint is not None and seq.constraint.accept(token)
+        if token in stop_ids or (complete and seq.constraint.ends_with(token)):
             seq.finish_reason = "stop"  # the stop token's own text is not part of the output
         else:
             seq.detok.push(token)
@@ -362,6 +392,8 @@ class Runtime:
                 hit = text.find(s, max(0, seq.emitted - len(s) + 1))
                 if hit >= 0 and (seq.stop_at is None or hit < seq.stop_at):
                     seq.stop_at, seq.finish_reason = hit, "stop"
+            if seq.finish_reason is None and complete:
+                seq.finish_reason = "stop"
             if seq.finish_reason is None and len(seq.tokens) >= seq.budget:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
@@ -390,12 +422,7 @@ class _Choice:
 
     def pick(self, logits: torch.Tensor, batch: list[_Sequence]) -> torch.Tensor:
         """logits [rows, V] (row r is batch[r]'s; rows past the batch are padding) -> tokens [rows]."""
-        if any(s.adjust is not None for s in batch):
-            logits = logits.clone()
-            for r, seq in enumerate(batch):
-                if seq.adjust is not None:
-                    logits[r] = seq.adjust(logits[r])
-        return sample(logits, self.temperature, self.top_k, self.top_p, self.generator, self.min_p)
+        return sample(steer(logits, batch), self.temperature, self.top_k, self.top_p, self.generator, self.min_p)
 
 
 def parse_stop(stop, vocab_size: int, tokenizer: TextTokenizer) -> tuple[set[int], list[str]]:

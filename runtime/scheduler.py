@@ -46,9 +46,10 @@ import torch
 
 from .metrics import ServingMetrics
 from .prefix_reuse import PrefixReuse, common_prefix
-from .runtime import Runtime, TokenEvent, _Sequence, parse_stop
+from .runtime import Runtime, TokenEvent, _Sequence, parse_stop, steer
 from .sampling import (LogitAdjustments, greedy, positions_logprobs, sample, token_logprobs, validate_adjustments,
                        validate_logprobs, validate_sampling)
+from .structured import TokenConstraint, check as check_grammar
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -80,6 +81,8 @@ def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokeniz
     validate_logprobs("logprobs", request.logprobs)
     validate_logprobs("prompt_logprobs", request.prompt_logprobs)
     parse_stop(list(request.stop), vocab_size, tokenizer)
+    if request.grammar is not None:
+        check_grammar(request.grammar, tokenizer)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Request:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs
+    grammar: str | None = None  # the grammar the reply follows (runtime.structured builds it), token by token
 
     @property
     def scores_prompt(self) -> bool:
@@ -361,7 +365,9 @@ class Scheduler:
         padded[:len(prompt)] = torch.tensor(prompt)
         adjust = LogitAdjustments.of(prompt, presence=req.presence_penalty, frequency=req.frequency_penalty,
                                      repetition=req.repetition_penalty, bias=req.logit_bias, device=rt.device)
-        seq = _Sequence(handle.id, prompt, budget, IncrementalDetokenizer(rt.tokenizer), adjust=adjust)
+        constraint = TokenConstraint(req.grammar, rt.tokenizer) if req.grammar is not None else None
+        seq = _Sequence(handle.id, prompt, budget, IncrementalDetokenizer(rt.tokenizer), adjust=adjust,
+                        constraint=constraint)
         scores = [] if req.scores_prompt and handle.on_event is not None else None
         return _Row(handle, seq, stop_ids, stop_strings, generator, padded.to(rt.device), prompt_scores=scores)
 
@@ -582,13 +588,9 @@ class Scheduler:
         row.staged = False
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """Each row with its own settings and generator; greedy rows in one argmax (`logits` stay the model's: the
-        caller reports log-probabilities from them)."""
-        adjusted = [j for j, row in enumerate(rows) if row.seq.adjust is not None]
-        if adjusted:
-            logits = logits.clone()
-            for j in adjusted:
-                logits[j] = rows[j].seq.adjust(logits[j])
+        """Each row with its own settings, grammar and generator; greedy rows in one argmax (`logits` stay the
+        model's: the caller reports log-probabilities from them)."""
+        logits = steer(logits, [row.seq for row in rows])
         out = greedy(logits)
         for j, row in enumerate(rows):
             req = row.handle.request

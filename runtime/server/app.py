@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import structured
 from ..harmony import HarmonyDelta, HarmonyStreamParser, HarmonyTokens, render_chat
 from ..scheduler import QueueFull, Scheduler
 from ..stop_text import StopText
@@ -36,6 +37,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
     tokenizer, context = engine.tokenizer, engine.context
     harmony = HarmonyTokens.from_tokenizer(tokenizer) if tokenizer.available else None
     names = TokenNames(tokenizer)
+    structured.prepare(tokenizer)
     created = int(time.time())
     app = FastAPI(title="gptoss", docs_url=None, redoc_url=None, openapi_url=None)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 
+from .. import structured
 from ..scheduler import Handle, Request, Scheduler
 
 
@@ -36,6 +37,7 @@ class EngineCore:
         self.frontend_ready = threading.Event()  # the front end said its port is listening
         scheduler.on_admit = self._on_admit
         scheduler.after_step = self.flush
+        structured.prepare(scheduler.rt.tokenizer)
 
     def run(self) -> None:
         """Step the scheduler in this thread until the front end closes the pipe. After a model failure, keep

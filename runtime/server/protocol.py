@@ -2,9 +2,11 @@
 Requests; every problem becomes an APIError naming the field."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 
+from .. import structured
 from ..harmony import forced_call
 from ..sampling import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY
 from ..scheduler import Request
@@ -143,13 +145,69 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs))
 
 
-def _response_format(body: dict) -> None:
-    """Only plain text: structured output (JSON mode, JSON schemas) is refused rather than ignored."""
+def _response_format(body: dict) -> dict | None:
+    """OpenAI's `response_format`: text (None), `json_object` (any JSON object) or `json_schema`."""
     fmt = body.get("response_format")
-    if fmt is None or (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
-        return
-    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-    raise _bad(f"'response_format' {kind!r} is not supported by this server (plain text only)", "response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type", "text") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return structured.json_schema(None)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(schema, (dict, type(None))):
+            raise _bad("'response_format' json_schema needs 'json_schema': {'name': ..., 'schema': {...}}",
+                       "response_format")
+        return structured.json_schema(schema)
+    raise _bad(f"'response_format' must be of type 'text', 'json_object' or 'json_schema', got "
+               f"{kind if kind is not None else fmt!r}", "response_format")
+
+
+# vLLM's `structured_outputs` keys (and the top-level `guided_*` fields of its earlier releases)
+_STRUCTURED = {"json": structured.json_schema, "regex": structured.regex, "choice": structured.choice,
+               "grammar": structured.lark}
+
+
+def _structured(body: dict) -> tuple[dict, str] | None:
+    """What the reply must follow, at most one way: (a grammar of `runtime.structured`, the field that asked)."""
+    asked = []
+    if _response_format(body) is not None:
+        asked.append("response_format")
+    spec = body.get("structured_outputs")
+    if spec is not None:
+        if not isinstance(spec, dict) or len([k for k in spec if k in _STRUCTURED and spec[k] is not None]) != 1:
+            raise _bad(f"'structured_outputs' must name one of {sorted(_STRUCTURED)}", "structured_outputs")
+        asked.append("structured_outputs")
+    asked += [f"guided_{k}" for k in _STRUCTURED if body.get(f"guided_{k}") is not None]
+    if len(asked) > 1:
+        raise _bad(f"ask for one structured output, not {asked}", asked[1])
+    if not asked:
+        return None
+    field_ = asked[0]
+    if field_ == "response_format":
+        return _response_format(body), field_
+    key, value = (next((k, v) for k, v in spec.items() if k in _STRUCTURED and v is not None)
+                  if field_ == "structured_outputs" else (field_[len("guided_"):], body[field_]))
+    if key == "json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _bad(f"'{field_}' json must be a JSON schema (an object, or its JSON text)", field_) from None
+    try:
+        return _STRUCTURED[key](value), field_
+    except ValueError as exc:
+        raise _bad(f"'{field_}': {exc}", field_) from None
+
+
+def _grammar(text: str, field_: str, tokenizer) -> str:
+    try:
+        structured.check(text, tokenizer)
+    except ValueError as exc:
+        raise _bad(f"'{field_}': {exc}", field_) from None
+    return text
 
 
 def _echo(body: dict) -> bool:
@@ -173,7 +231,6 @@ def _common(body: dict, prompt: list[int], default_max_tokens: int, max_tokens_n
     for name, allowed in (("best_of", (None, 1)), ("suffix", (None,))):
         if body.get(name) not in allowed:
             raise _bad(f"'{name}' is not supported by this server", name)
-    _response_format(body)
     return Request(
         prompt=tuple(prompt),
         max_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -233,6 +290,9 @@ def parse_completion(body: dict, tokenizer, context: int) -> Parsed:
     stream, include_usage = _stream(body)
     echo = _echo(body)
     request = _common(body, ids[0], 16, ("max_tokens",), _completion_logprobs(body), echo)
+    asked = _structured(body)
+    if asked is not None:
+        request = replace(request, grammar=_grammar(structured.grammar(asked[0]), asked[1], tokenizer))
     texts = tuple(p if isinstance(p, str) else tokenizer.decode(i) if tokenizer.available else ""
                   for p, i in zip(prompts, ids)) if echo else None
     return Parsed(request, stream, include_usage, n=_choices(body), prompts=tuple(tuple(i) for i in ids),
@@ -272,9 +332,24 @@ def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
     default = max(context - len(ids), 1)  # the rest of the context, as OpenAI does without max_tokens
     request = _common(body, ids, default, ("max_tokens", "max_completion_tokens"), _chat_logprobs(body))
     strings = tuple(s for s in request.stop if isinstance(s, str))
-    request = replace(request, stop=tuple(s for s in request.stop if not isinstance(s, str)))
+    request = replace(request, stop=tuple(s for s in request.stop if not isinstance(s, str)),
+                      grammar=_chat_grammar(body, tools, bool(forced_ids), tokenizer))
     return Parsed(request, stream, include_usage, n=_choices(body), messages=body["messages"], stop_strings=strings,
                   tools=tools, reasoning_effort=body.get("reasoning_effort"), forced=forced_ids)
+
+
+def _chat_grammar(body: dict, tools: list | None, forced: bool, tokenizer) -> str | None:
+    """The grammar a chat reply follows: a forced tool call's arguments held to the function's schema; else the
+    structured output asked for as the `final` answer (reasoning stays free; offered tools may still be
+    called, their arguments held to their schemas); else none."""
+    asked = _structured(body)
+    if forced:
+        choice = body.get("tool_choice")
+        name = choice["function"]["name"] if isinstance(choice, dict) else None
+        return _grammar(structured.harmony_tool_call(tools, name), "tools", tokenizer)
+    if asked is None:
+        return None
+    return _grammar(structured.harmony_reply(asked[0], tools), asked[1], tokenizer)
 
 
 def parse_tokenize(body: dict, tokenizer, render) -> list[int]:
