@@ -23,6 +23,7 @@ from gptoss.runtime.harmony import render_chat
 from gptoss.runtime.tokenizer import TextTokenizer
 from gptoss.tools.make_checkpoint import CHAT_TEMPLATE
 from gptoss.runtime.sampling import adjust_logits
+from gptoss.runtime.structured import TokenConstraint
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
 from gptoss.runtime.server.background import LiveServer
@@ -304,7 +305,15 @@ def test_sampling_bad_values(served):
                          ({"logit_bias": [1, 2]}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
                          ({"logit_bias": {"5": 150}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
                          ({"temperature": float("nan")}, "temperature"),
-                         ({"response_format": {"type": "json_object"}}, "response_format")):
+                         ({"response_format": {"type": "xml"}}, "response_format"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                             "type": "objectx"}}}}, "response_format"),
+                         ({"response_format": {"type": "json_schema"}}, "response_format"),
+                         ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
+                         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+                         ({"guided_choice": []}, "guided_choice"), ({"guided_json": "{"}, "guided_json"),
+                         ({"guided_grammar": "start: nowhere"}, "guided_grammar"),
+                         ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex")):
         for path in ("/v1/completions", "/v1/chat/completions"):
             body = {"model": NAME, "max_tokens": 2, **extra}
             body.update({"prompt": "hi"} if "chat" not in path else {"messages": [{"role": "user", "content": "hi"}]})
@@ -313,6 +322,55 @@ def test_sampling_bad_values(served):
     r = httpx.post(served.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2,
                                                          "response_format": {"type": "text"}, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
+          "required": ["ok", "color"], "additionalProperties": False}
+
+
+def test_structured_output_through_the_server(served, ref):
+    """`response_format` (json_schema, json_object) and vLLM's `structured_outputs` / `guided_*` hold replies to
+    their grammars: greedy replies equal `Runtime.generate` with the same grammar (itself checked against the
+    masked argmax in test_structured.py), streamed alike; in chat the grammar holds the `final` message (the
+    reasoning before it is free), so `content` is the JSON."""
+    from gptoss.runtime import structured
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+    cases = (({"response_format": fmt}, structured.json_schema(SCHEMA)),
+             ({"response_format": {"type": "json_object"}}, structured.json_schema(None)),
+             ({"structured_outputs": {"choice": ["yes", "no", "maybe so"]}}, structured.choice(["yes", "no",
+                                                                                               "maybe so"])),
+             ({"guided_regex": "[0-9]{2}:[0-9]{2}"}, structured.regex("[0-9]{2}:[0-9]{2}")),
+             ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, structured.json_schema(SCHEMA)))
+    for extra, sub in cases:
+        want = reference(ref, "Colour?", 40, grammar=sub)
+        got = served.client.completions.create(model=NAME, prompt="Colour?", max_tokens=40, temperature=0,
+                                               extra_body=extra)
+        assert (got.choices[0].text, got.choices[0].finish_reason) == (want.text, want.finish_reason), extra
+        streamed = served.client.completions.create(model=NAME, prompt="Colour?", max_tokens=40, temperature=0,
+                                                    extra_body=extra, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == want.text, extra
+    assert json.loads(reference(ref, "Colour?", 40, grammar=structured.json_schema(SCHEMA)).text)["color"] in \
+        ("red", "green", "blue")
+    # chat: the grammar covers the harmony reply; the answer is the content
+    msgs = [{"role": "user", "content": "Colour?"}]
+    prompt = ref.tokenizer.encode(render_chat(ref.tokenizer, msgs))
+    want = reference(ref, prompt, 100, grammar=structured.harmony_reply(structured.json_schema(SCHEMA)))
+    assert want.finish_reason == "stop" and want.token_ids[-1] == ref.tokenizer.token_id("<|return|>")
+    whole = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=100, temperature=0,
+                                                  response_format=fmt)
+    content = whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == len(want.token_ids)
+    assert set(json.loads(content)) == {"ok", "color"} and content in want.text
+    streamed = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=100, temperature=0,
+                                                     response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == content
+    # sampled replies follow the schema too, each choice its own
+    hot = served.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=100, temperature=1.0, seed=3,
+                                                n=3, response_format=fmt)
+    for choice in hot.choices:
+        if choice.finish_reason == "stop":
+            assert set(json.loads(choice.message.content)) == {"ok", "color"}
 
 
 def test_echo_scores_the_prompt(served, ref):
@@ -864,6 +922,8 @@ def test_chat_tool_choice_forces_a_call(ref, ckpt, tmp_path):
             prompt = list(scripted.requests[0].prompt)
             assert prompt[:len(plain)] == plain and len(prompt) > len(plain)  # the call's start follows the chat
             assert r.usage.prompt_tokens == len(prompt)
+            grammar = TokenConstraint(scripted.requests[0].grammar, tok)  # the arguments are held to the schema
+            assert not any(grammar.accept(t) for t in script[:-1]) and grammar.accept(script[-1])
             counted = httpx.post(server.url + "/tokenize", json={"messages": msgs, "tools": tools,
                                                                  "tool_choice": choice}).json()
             assert counted["tokens"] == prompt

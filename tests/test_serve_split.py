@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from gptoss.runtime import Runtime
+from gptoss.runtime import Runtime, structured
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server.background import SplitServer, free_port
 from gptoss.runtime.server.engine_client import EngineClient
@@ -78,6 +78,14 @@ def test_split_server_equals_generate(split, ref):
     forced = client.completions.create(model=NAME, prompt=[5, 17, 300, 2], max_tokens=3, temperature=0,
                                        logit_bias={"77": 100}, extra_body={"ignore_eos": True})
     assert forced.choices[0].text == ref.tokenizer.decode([77, 77, 77])
+    # and a grammar (the engine's own vocabulary for it), a bad one refused by the front end
+    choices = structured.choice(["alpha", "beta gamma"])
+    held = client.completions.create(model=NAME, prompt="Pick:", max_tokens=20, temperature=0,
+                                     extra_body={"structured_outputs": {"choice": ["alpha", "beta gamma"]}})
+    assert held.choices[0].text == ref.generate(["Pick:"], max_new_tokens=20, grammar=choices)[0].text
+    bad = httpx.post(split.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2,
+                                                          "guided_regex": "[a-"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex"
     bad = httpx.post(split.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2,
                                                           "logit_bias": {"99999999": 1}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"

@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 
-from gptoss.runtime import Runtime
+from gptoss.runtime import Runtime, structured
 from gptoss.runtime.server.background import free_port
 from gptoss.tools.make_checkpoint import make_checkpoint
 
@@ -70,6 +70,12 @@ def test_tp2_server_equals_generate(tmp_path):
         forced = client.completions.create(model="tiny", prompt=first, max_tokens=3, temperature=0,
                                            logit_bias={"77": 100}, extra_body={"ignore_eos": True})
         assert forced.choices[0].text == ref.tokenizer.decode([77, 77, 77])
+        # a grammar: every rank masks and advances its own copy, rank 0's choice broadcast
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["on", "off", "auto mode"]}}}
+        held = client.completions.create(model="tiny", prompt=first, max_tokens=20, temperature=0,
+                                         extra_body={"response_format": fmt})
+        want = ref.generate([first], max_new_tokens=20, grammar=structured.json_schema(fmt["json_schema"]["schema"]))
+        assert held.choices[0].text == want[0].text and want[0].finish_reason == "stop"
     finally:
         proc.terminate()
         try:
