@@ -103,16 +103,18 @@ def _calls(tools: list[dict]) -> tuple[list[str], list[dict]]:
     return rules, subs
 
 
-def harmony_reply(sub: dict, tools: list[dict] | None = None) -> str:
+def harmony_reply(sub: dict | None, tools: list[dict] | None = None) -> str:
     """A GPT-OSS chat reply (after the prompt's `<|start|>assistant`) whose answer is `sub`: messages of
-    reasoning or commentary first, free, then the `final` message held to `sub` and ended by <|return|>, or,
-    where `tools` are offered, a call to one of them with arguments held to its schema."""
+    reasoning or commentary first, free, then the `final` message held to `sub` (None: free text) and ended by
+    <|return|>, or, where `tools` are offered, a call to one of them with arguments held to its schema."""
     rules, subs = _calls(tools or [])
-    ending = '<|channel|> "final" <|message|> @answer <|return|>'
+    answer = "@answer" if sub is not None else "TEXT"
+    ending = f'<|channel|> "final" <|message|> {answer} <|return|>'
     if rules:
         ending = f'({ending} | <|channel|> "commentary to=functions." ({" | ".join(f"call_{i}" for i in range(len(rules)))}))'
     top = "\n".join([f"start: preamble* {ending}", _PREAMBLE, *rules])
-    return json.dumps({"grammars": [{"lark_grammar": top}, {**_options(sub), "name": "answer"}, *subs]})
+    answers = [{**_options(sub), "name": "answer"}] if sub is not None else []
+    return json.dumps({"grammars": [{"lark_grammar": top}, *answers, *subs]})
 
 
 def harmony_tool_call(tools: list[dict], name: str | None) -> str:

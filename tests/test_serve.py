@@ -28,6 +28,7 @@ from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
 from gptoss.runtime.server.background import LiveServer
 from gptoss.runtime.server.local_engine import LocalEngine
+from gptoss.runtime.server.protocol import parse_chat
 from gptoss.runtime import TokenEvent
 from gptoss.tools.make_checkpoint import make_checkpoint
 
@@ -938,6 +939,15 @@ def test_chat_tool_choice_forces_a_call(ref, ckpt, tmp_path):
             e = httpx.post(server.url + "/v1/chat/completions",
                            json={"model": NAME, "messages": msgs, "tool_choice": "required"})
             assert e.status_code == 400 and "tools" in e.json()["error"]["message"]
+    # tool_choice auto: a tool marked strict puts the whole reply under a grammar (free answer, or a call with
+    # schema-held arguments); without one, nothing is constrained
+    render = lambda m, t, e: render_chat(tok, m, tools=t, reasoning_effort=e)  # noqa: E731
+    strict = [{**tools[0], "function": {**tools[0]["function"], "strict": True}}, tools[1]]
+    grammar = parse_chat({"messages": msgs, "tools": strict}, tok, 512, render).request.grammar
+    reply = TokenConstraint(grammar, tok)
+    call = [special("<|channel|>")] + tok.encode("commentary to=functions.") + script  # ("required"'s script)
+    assert not any(reply.accept(t) for t in call[:-1]) and reply.accept(call[-1])
+    assert parse_chat({"messages": msgs, "tools": tools}, tok, 512, render).request.grammar is None
 
 
 def test_chat_logprobs_cover_the_content_tokens(ref):

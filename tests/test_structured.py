@@ -84,6 +84,13 @@ def test_tool_call_grammar_holds_arguments_to_the_schema(rt):
     chosen = TokenConstraint(structured.harmony_tool_call(tools, None), tok)
     walk(chosen, tok.encode("now <|constrain|>json<|message|>{}<|call|>"), rt.config.vocab_size)
     assert chosen.finished
+    # a whole reply that may answer freely or call a tool (strict function calling): both end the grammar
+    for reply in ("<|channel|>final<|message|>Any text at all.<|return|>",
+                  "<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary "
+                  'to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>'):
+        free = TokenConstraint(structured.harmony_reply(None, tools), tok)
+        walk(free, tok.encode(reply), rt.config.vocab_size)
+        assert free.finished
 
 
 def constrained_reference(rt: Runtime, prompt: list[int], grammar: str, n: int) -> list[int]:

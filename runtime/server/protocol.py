@@ -341,15 +341,18 @@ def parse_chat(body: dict, tokenizer, context: int, render) -> Parsed:
 def _chat_grammar(body: dict, tools: list | None, forced: bool, tokenizer) -> str | None:
     """The grammar a chat reply follows: a forced tool call's arguments held to the function's schema; else the
     structured output asked for as the `final` answer (reasoning stays free; offered tools may still be
-    called, their arguments held to their schemas); else none."""
+    called, their arguments held to their schemas); else, where a tool is marked `strict` (OpenAI's strict
+    function calling), a free answer or a call with schema-held arguments; else none."""
     asked = _structured(body)
     if forced:
         choice = body.get("tool_choice")
         name = choice["function"]["name"] if isinstance(choice, dict) else None
         return _grammar(structured.harmony_tool_call(tools, name), "tools", tokenizer)
-    if asked is None:
-        return None
-    return _grammar(structured.harmony_reply(asked[0], tools), asked[1], tokenizer)
+    if asked is not None:
+        return _grammar(structured.harmony_reply(asked[0], tools), asked[1], tokenizer)
+    if tools and any(t["function"].get("strict") is True for t in tools):
+        return _grammar(structured.harmony_reply(None, tools), "tools", tokenizer)
+    return None
 
 
 def parse_tokenize(body: dict, tokenizer, render) -> list[int]:
