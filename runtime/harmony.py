@@ -80,7 +80,7 @@ class HarmonyStreamParser:
     the deltas that became certain. The whole reply is then in `reasoning`, `content`, `tool_calls`;
     `ended_with` is "return", "call" or None (cut off). `content_positions`: which pushed tokens (counted from 0)
     the last push made part of `content`: that token, or when a header turns out not to be harmony, every token
-    of it."""
+    of it. `reasoning_tokens` counts the pushed tokens that were reasoning text."""
 
     def __init__(self, tokens: HarmonyTokens, decode: Callable[[list[int]], str]):
         self.t, self.decode = tokens, decode
@@ -97,6 +97,7 @@ class HarmonyStreamParser:
         self._pending_call: HarmonyDelta | None = None  # a call's announcement, sent with its first body delta
         self._done = False
         self.content_positions: list[int] = []
+        self.reasoning_tokens = 0
 
     # -- feeding ---------------------------------------------------------------------------------------------
     def prefill(self, ids: list[int]) -> None:
@@ -129,6 +130,8 @@ class HarmonyStreamParser:
         self._body.append(token)
         if self._kind == "content":
             self.content_positions = [at]
+        elif self._kind == "reasoning":
+            self.reasoning_tokens += 1
         return self._body_delta(final=False)
 
     def finish(self) -> list[HarmonyDelta]:

@@ -25,6 +25,7 @@ from .errors import APIError, error_body, error_response
 from .local_engine import LocalEngine
 from .logprobs import ChatLogprobs, CompletionLogprobs, TokenNames
 from .protocol import Parsed, check_model, parse_chat, parse_completion, parse_detokenize, parse_tokenize
+from .responses import ResponseWriter, chat_body, renamed, usage as response_usage
 
 DEFAULT_MAX_BODY = 4 << 20  # bytes: a 128k-token prompt as JSON token ids fits
 DISCONNECT_POLL_S = 0.5
@@ -138,6 +139,29 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
                             for i, r in enumerate(replies)],
                 "usage": _usage(parsed.prompt_tokens, sum(r.tokens for r in replies), choices)}
 
+    @app.post("/v1/responses")
+    async def responses(http: HTTPRequest):
+        """OpenAI's Responses API over the chat path (responses.py)."""
+        body = await _json_body(http, max_body_bytes)
+        check_model(body, model_name)
+        if harmony is None:
+            raise APIError(400, "this checkpoint has no tokenizer.json, so no chat: use /v1/completions with "
+                                "token ids")
+        try:
+            parsed = parse_chat(chat_body(body), tokenizer, context, render)
+            choices = _submit(engine, parsed)
+        except APIError as exc:
+            raise renamed(exc) from None
+        reply = _ChatReply(_parser(harmony, tokenizer, parsed.forced), ())
+        writer = ResponseWriter(model_name, body)
+        if parsed.stream:
+            return _sse(_response_events(writer, parsed, choices, reply), choices, named=True)
+        async with aclosing(_drain(choices, http)) as stream:
+            async for _, event in stream:
+                writer.add(reply.feed(event, choices.handles[0]))
+        writer.finish(reply.finish_reason, _response_usage(parsed, reply, choices))
+        return writer.response()
+
     return app
 
 
@@ -245,12 +269,16 @@ async def _drain(choices: _Choices, http: HTTPRequest):
         choices.cancel()
 
 
-def _sse(chunks, choices: _Choices) -> StreamingResponse:
+def _sse(chunks, choices: _Choices, named: bool = False) -> StreamingResponse:
+    """Server-sent events: each chunk a `data:` line, then `data: [DONE]`; `named` (the Responses API): each
+    preceded by an `event:` line with its type, and no [DONE]."""
     async def body():
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
-            yield "data: [DONE]\n\n"
+                name = f"event: {chunk['type']}\n" if named else ""
+                yield f"{name}data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+            if not named:
+                yield "data: [DONE]\n\n"
         finally:  # the client went away (the generator is closed) or the stream ended: free the rows either way
             choices.cancel()
     return StreamingResponse(body(), media_type="text/event-stream",
@@ -369,6 +397,27 @@ async def _chat_chunks(rid, model, parsed: Parsed, choices: _Choices, replies: l
     if parsed.include_usage:
         yield {**base, "choices": [], "usage": _usage(parsed.prompt_tokens, sum(r.tokens for r in replies),
                                                       choices)}
+
+
+def _response_usage(parsed: Parsed, reply: "_ChatReply", choices: _Choices) -> dict:
+    return response_usage(parsed.prompt_tokens, reply.tokens, reply.parser.reasoning_tokens, choices.reused)
+
+
+async def _response_events(writer: ResponseWriter, parsed: Parsed, choices: _Choices, reply: "_ChatReply"):
+    for event in writer.start():
+        yield event
+    async for item in _events(choices):
+        if isinstance(item, dict):  # generation failed
+            for event in writer.failed(item["error"]["message"]):
+                yield event
+            return
+        _, token = item
+        for event in writer.add(reply.feed(token, choices.handles[0])):
+            yield event
+        if reply.ended:
+            break
+    for event in writer.finish(reply.finish_reason, _response_usage(parsed, reply, choices)):
+        yield event
 
 
 class _ChatReply:
