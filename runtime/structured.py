@@ -216,7 +216,10 @@ class TokenConstraint:
                 logits[32 * len(words):] = float("-inf")
         else:  # mostly refused: keep only where a bit is set
             ids = _bit_ids(words, np.flatnonzero(words), want=1)
-            ids = torch.from_numpy(ids[ids < n])
+            ids = ids[ids < n]
+            if not len(ids):  # a dead end (llguidance allows the end tokens there itself): end the reply
+                ids = np.array(sorted(t for t in self.eos if t < n), dtype=np.int64)
+            ids = torch.from_numpy(ids)
             kept = logits[ids]
             logits.fill_(float("-inf"))
             logits[ids] = kept

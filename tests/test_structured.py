@@ -158,3 +158,18 @@ def test_mask_bit_order():
     words = np.array([0b1011, -1, 0, -(1 << 31)], dtype=np.int32)  # (the last: bit 31 alone)
     assert structured._bit_ids(words, np.array([0, 3]), want=1).tolist() == [0, 1, 3, 127]
     assert structured._bit_ids(words, np.array([0]), want=0).tolist()[:3] == [2, 4, 5]
+
+
+def test_dead_end_allows_only_the_end_tokens(rt):
+    """Where a grammar allows nothing (never seen: llguidance itself allows the end tokens there), the step is
+    left the end tokens, so a sampled choice never meets an all -inf row."""
+    c = TokenConstraint(structured.grammar(structured.json_schema(SCHEMA)), rt.tokenizer)
+
+    class Nothing:
+        def unsafe_compute_mask_ptr(self, pointer, size):
+            c.words[:] = 0
+
+    c.matcher = Nothing()
+    logits = torch.randn(rt.config.vocab_size)
+    c.restrict(logits)
+    assert set(torch.isfinite(logits).nonzero().flatten().tolist()) == c.eos and c.eos
