@@ -83,6 +83,10 @@ def test_split_server_equals_generate(split, ref):
     held = client.completions.create(model=NAME, prompt="Pick:", max_tokens=20, temperature=0,
                                      extra_body={"structured_outputs": {"choice": ["alpha", "beta gamma"]}})
     assert held.choices[0].text == ref.generate(["Pick:"], max_new_tokens=20, grammar=choices)[0].text
+    # the Responses API is the front end's too: the same tokens as the chat request it means
+    resp = client.responses.create(model=NAME, input="hi", max_output_tokens=5, temperature=0)
+    assert resp.status == "incomplete" and resp.usage.output_tokens == 5
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens
     bad = httpx.post(split.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2,
                                                           "guided_regex": "[a-"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex"
