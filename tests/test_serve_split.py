@@ -317,3 +317,27 @@ def test_split_next_turn_reuses_the_row(split, ref):
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == len(turn) - 1  # the same prompt again
+
+
+def test_api_key_guards_the_api(ckpt):
+    """With an API key every route but the probes needs `Authorization: Bearer <key>` (401 otherwise, an OpenAI
+    error object the client raises as AuthenticationError), streams included; the key reaches the front end in
+    its environment, not on its command line."""
+    scheduler = Scheduler(Runtime.from_pretrained(ckpt, progress=False, **SETTINGS))
+    with SplitServer(scheduler, ckpt, NAME, api_key="s3cret") as server:
+        assert not any("s3cret" in str(a) for a in server.frontend.process.args)
+        for key in ("wrong", ""):
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "x", max_retries=0)
+            with pytest.raises(openai.AuthenticationError) as e:
+                client.completions.create(model=NAME, prompt="hi", max_tokens=2)
+            assert e.value.body["code"] == "invalid_api_key"
+        assert httpx.post(server.url + "/tokenize", json={"prompt": "hi"}).status_code == 401
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200
+        assert httpx.get(server.url + "/metrics").status_code == 200
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert client.completions.create(model=NAME, prompt="hi", max_tokens=2, extra_body={
+            "ignore_eos": True}).usage.completion_tokens == 2
+        streamed = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=3, stream=True)
+        assert [c for c in streamed]

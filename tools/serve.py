@@ -3,8 +3,10 @@
     python -m gptoss.tools.serve --model DIR [--artifacts DIR] [--host 127.0.0.1] [--port 8000]
     torchrun --nproc-per-node N -m gptoss.tools.serve --model DIR --tp N ...   # rank 0 serves HTTP
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true` for server-sent
-events), GET /health, GET /metrics (Prometheus text). A prompt that begins with tokens a free cache row still holds
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (`stream: true`
+for server-sent events), POST /tokenize, POST /detokenize, GET /health, GET /metrics (Prometheus text). With an
+API key (`--api-key`, or the GPTOSS_API_KEY environment variable, which `ps` does not show), every route but
+/health and /metrics needs `Authorization: Bearer <key>`. A prompt that begins with tokens a free cache row still holds
 (a conversation's earlier turns) is prefilled from where they end (`usage.prompt_tokens_details.cached_tokens`);
 `--no-prefix-reuse` turns that off.
 
@@ -22,7 +24,7 @@ from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import Scheduler
 from gptoss.runtime.server.app import DEFAULT_MAX_BODY
 from gptoss.runtime.server.engine_core import EngineCore
-from gptoss.runtime.server.frontend import FrontendSpec, start_frontend
+from gptoss.runtime.server.frontend import API_KEY_ENV, FrontendSpec, start_frontend
 
 from .cli import add_runtime_args, run_cli, settings_from_args
 
@@ -41,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
                     help="prefill every prompt from its first token (default: a prompt starts after the tokens a "
                          "free cache row still holds, e.g. a conversation's earlier turns)")
     ap.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    ap.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                    help=f"require 'Authorization: Bearer KEY' on the API's routes (default: ${API_KEY_ENV}; the "
+                         f"environment variable keeps the key out of the process list)")
     ap.add_argument("--log-level", default="warning")
     return ap
 
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{rt.shapes.max_seq_len}, queue {scheduler.max_queue}, tp {rt.model.parallel.tp_size})")
     frontend = start_frontend(FrontendSpec.for_scheduler(
         scheduler, args.model, name, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-        log_level=args.log_level, banner=banner))
+        log_level=args.log_level, banner=banner), api_key=args.api_key)
     # Ctrl-C reaches both processes; either signal here stops the front end first, whose closing pipe then
     # stops the scheduler between steps (under TP, with the stop plan every rank needs)
     for sig in (signal.SIGINT, signal.SIGTERM):

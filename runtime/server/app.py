@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import math
 import time
@@ -31,8 +32,10 @@ DEFAULT_MAX_BODY = 4 << 20  # bytes: a 128k-token prompt as JSON token ids fits
 DISCONNECT_POLL_S = 0.5
 
 
-def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
-    """`engine`: an `EngineClient`, a `LocalEngine`, or a `Scheduler` (served from this process)."""
+def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BODY,
+               api_key: str | None = None) -> FastAPI:
+    """`engine`: an `EngineClient`, a `LocalEngine`, or a `Scheduler` (served from this process). With `api_key`,
+    the API's routes (not /health, /metrics) answer 401 unless sent `Authorization: Bearer <api_key>`."""
     if isinstance(engine, Scheduler):
         engine = LocalEngine(engine)
     tokenizer, context = engine.tokenizer, engine.context
@@ -41,6 +44,8 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
     structured.prepare(tokenizer)
     created = int(time.time())
     app = FastAPI(title="gptoss", docs_url=None, redoc_url=None, openapi_url=None)
+    if api_key:
+        app.add_middleware(_RequireKey, key=api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -166,6 +171,28 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
 
 # -- plumbing --------------------------------------------------------------------------------------------------
+class _RequireKey:
+    """ASGI middleware: the API's routes need `Authorization: Bearer <key>` (compared in constant time); the
+    probes (/health, /metrics) stay open, as vLLM's are. Plain ASGI, not BaseHTTPMiddleware, which would sit
+    between a streaming response and the client's disconnect."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(error_body(401, "a valid API key is required: send 'Authorization: Bearer "
+                                                        "<key>'", code="invalid_api_key"), status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 async def _json_body(http: HTTPRequest, limit: int) -> dict:
     declared = http.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:

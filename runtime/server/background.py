@@ -51,9 +51,10 @@ class SplitServer:
     (the scheduler alone, eager, bench preset: 82% CPU and 1.09-1.28x the wall of the same steps in the loading
     thread)."""
 
-    def __init__(self, scheduler, model_dir, name: str, **spec):
+    def __init__(self, scheduler, model_dir, name: str, api_key: str | None = None, **spec):
         self.spec = FrontendSpec.for_scheduler(scheduler, model_dir, name, port=free_port(), log_level="error",
                                                **spec)
+        self.api_key = api_key
         self.scheduler, self.url = scheduler, self.spec.url
         self.frontend, self.thread = None, None
         self.engine_error: BaseException | None = None  # what the engine's loop raised, if it failed
@@ -65,7 +66,7 @@ class SplitServer:
             self.engine_error = exc
 
     def __enter__(self) -> "SplitServer":
-        self.frontend = start_frontend(self.spec)
+        self.frontend = start_frontend(self.spec, self.api_key)
         self.core = EngineCore(self.scheduler, self.frontend.conn)
         self.thread = threading.Thread(target=self._engine, name="gptoss-engine", daemon=True)
         self.thread.start()
@@ -84,7 +85,7 @@ class SplitServer:
         """Start the front end, run `work()` in a helper thread once it listens, and step the engine in this
         thread until `work` returns; then stop the front end. Returns what `work` returned (or raises what it
         raised)."""
-        self.frontend = start_frontend(self.spec)
+        self.frontend = start_frontend(self.spec, self.api_key)
         self.core = EngineCore(self.scheduler, self.frontend.conn)
 
         def when_listening():

@@ -75,10 +75,17 @@ class Frontend:
         self.conn.close()
 
 
-def start_frontend(spec: FrontendSpec) -> Frontend:
-    """Start the front end; it sends ("ready",) on the pipe once its port listens."""
+API_KEY_ENV = "GPTOSS_API_KEY"  # how the front end gets the key: in its environment, not on its command line
+
+
+def start_frontend(spec: FrontendSpec, api_key: str | None = None) -> Frontend:
+    """Start the front end; it sends ("ready",) on the pipe once its port listens. With `api_key`, the API's
+    routes need it (create_app)."""
     ours, theirs = socket.socketpair()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # it imports this package as the parent does
+    env.pop(API_KEY_ENV, None)
+    if api_key:
+        env[API_KEY_ENV] = api_key
     process = subprocess.Popen([sys.executable, "-m", __name__, "--fd", str(theirs.fileno()), "--spec",
                                 json.dumps(asdict(spec))], pass_fds=(theirs.fileno(),), env=env)
     theirs.close()
@@ -94,7 +101,7 @@ def run_frontend(spec: FrontendSpec, conn: Connection) -> None:
     from .engine_client import EngineClient
 
     engine = EngineClient(conn, TextTokenizer(spec.model_dir), spec.vocab_size, spec.context, spec.max_queue)
-    app = create_app(engine, spec.name, max_body_bytes=spec.max_body_bytes)
+    app = create_app(engine, spec.name, max_body_bytes=spec.max_body_bytes, api_key=os.environ.get(API_KEY_ENV))
     server = uvicorn.Server(uvicorn.Config(app, host=spec.host, port=spec.port, log_level=spec.log_level))
 
     def engine_exited():
