@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import shutil
 import threading
 import time
@@ -516,10 +517,14 @@ def test_bad_requests_interleaved_with_good(served, ref):
 
 def test_small_load_equals_generate(served, ref):
     """The load test in small: 12 concurrent streaming clients, 24 requests of 1-60 prompt tokens and 1-16 new
-    tokens (prompts as token ids, so arbitrary ids can be sent): every request completes, none is lost or mixed
-    up, and each one's text equals `Runtime.generate` for it alone."""
+    tokens (prompts as token ids, so arbitrary ids can be sent), every third held to a grammar: every request
+    completes, none is lost or mixed up, and each one's text equals `Runtime.generate` for it alone (with its
+    grammar: a constrained row beside free ones takes its own mask only)."""
+    from gptoss.runtime import structured
+
     rng = random.Random(7)
     requests = [([rng.randrange(1000) for _ in range(rng.randint(1, 60))], rng.randint(1, 16)) for _ in range(24)]
+    held = {i: "[a-z]+( [0-9]+)*" for i in range(0, len(requests), 3)}
     url = served.url + "/v1/completions"
 
     async def main():
@@ -530,6 +535,8 @@ def test_small_load_equals_generate(served, ref):
                     i, (prompt, n) = todo.pop(0)
                     body = {"model": NAME, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
                             "stream_options": {"include_usage": True}}
+                    if i in held:
+                        body["structured_outputs"] = {"regex": held[i]}
                     text, usage, done = [], None, False
                     async with client.stream("POST", url, json=body) as r:
                         assert r.status_code == 200
@@ -547,8 +554,10 @@ def test_small_load_equals_generate(served, ref):
     results = asyncio.run(main())
     assert sorted(results) == list(range(len(requests)))
     for i, (prompt, n) in enumerate(requests):
-        want = reference(ref, prompt, n)
+        want = reference(ref, prompt, n, **({"grammar": structured.regex(held[i])} if i in held else {}))
         assert results[i] == (want.text, len(want.token_ids), True), i
+        if i in held:
+            assert re.fullmatch("[a-z]*( [0-9]*)*", want.text), want.text  # (a prefix, where cut by max_tokens)
 
 
 def test_no_per_request_leak(served):
