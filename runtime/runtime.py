@@ -25,6 +25,7 @@ from gptoss.model.loader import load_model
 from gptoss.model.parallel import Parallel, ShardPlan
 
 from .distributed import env_world, setup as setup_distributed
+from .invalid import invalid
 from .sampling import LogitAdjustments, sample, token_logprobs, validate_adjustments, validate_logprobs, \
     validate_sampling
 from .settings import Settings
@@ -435,15 +436,15 @@ def parse_stop(stop, vocab_size: int, tokenizer: TextTokenizer) -> tuple[set[int
     ids, strings = set(), []
     for s in stop:
         if isinstance(s, bool) or not isinstance(s, (str, int)):
-            raise TypeError(f"stop entries must be strings or token ids, got {s!r}")
+            raise invalid("stop", f"stop entries must be strings or token ids, got {s!r}", kind=TypeError)
         if isinstance(s, int):
             if not 0 <= s < vocab_size:
-                raise ValueError(f"stop token id {s} is outside the vocabulary [0, {vocab_size})")
+                raise invalid("stop", f"stop token id {s} is outside the vocabulary [0, {vocab_size})")
             ids.add(s)
         elif not s:
-            raise ValueError("stop strings must be non-empty")
+            raise invalid("stop", "stop strings must be non-empty")
         elif not tokenizer.available:
-            raise ValueError("stop strings need the checkpoint's tokenizer.json; pass stop token ids instead")
+            raise invalid("stop", "stop strings need the checkpoint's tokenizer.json; pass stop token ids instead")
         else:
             strings.append(s)
     return ids, strings

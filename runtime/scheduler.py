@@ -44,6 +44,7 @@ from typing import Callable
 
 import torch
 
+from .invalid import invalid
 from .metrics import ServingMetrics
 from .prefix_reuse import PrefixReuse, common_prefix
 from .runtime import Runtime, TokenEvent, _Sequence, parse_stop, steer
@@ -63,18 +64,19 @@ def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokeniz
     """Raise ValueError/TypeError naming what is wrong with `request` for a model of `vocab_size` tokens served
     with a context of `max_seq_len` (the scheduler before queueing it, and a server's front end before sending it)."""
     if not request.prompt:
-        raise ValueError("the prompt is empty: at least one token is needed")
+        raise invalid("prompt", "the prompt is empty: at least one token is needed")
     bad = [t for t in request.prompt if not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        raise invalid("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     if len(request.prompt) >= max_seq_len:
-        raise ValueError(f"the prompt has {len(request.prompt)} tokens, but this server's context is {max_seq_len} "
-                         f"tokens (max_seq_len) and must leave room for at least one generated token")
+        raise invalid("prompt", f"the prompt has {len(request.prompt)} tokens, but this server's context is "
+                                f"{max_seq_len} tokens (max_seq_len) and must leave room for at least one generated "
+                                f"token", code="context_length_exceeded")
     scoring = request.scores_prompt  # (then the prompt alone may be the point: max_tokens 0)
     if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or \
             request.max_tokens < (0 if scoring else 1):
-        raise ValueError(f"max_tokens must be a {'non-negative' if scoring else 'positive'} integer, got "
-                         f"{request.max_tokens!r}")
+        raise invalid("max_tokens", f"max_tokens must be a {'non-negative' if scoring else 'positive'} integer, "
+                                    f"got {request.max_tokens!r}")
     validate_sampling(request.temperature, request.top_k, request.top_p, request.min_p)
     validate_adjustments(request.presence_penalty, request.frequency_penalty, request.repetition_penalty,
                          request.logit_bias, vocab_size)
@@ -82,7 +84,10 @@ def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokeniz
     validate_logprobs("prompt_logprobs", request.prompt_logprobs)
     parse_stop(list(request.stop), vocab_size, tokenizer)
     if request.grammar is not None:
-        check_grammar(request.grammar, tokenizer)
+        try:
+            check_grammar(request.grammar, tokenizer)
+        except ValueError as exc:
+            raise invalid("grammar", str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -831,12 +831,23 @@ def test_burst_of_newcomers_prefills_together(ckpt, ref, one_thread):
 
 def test_scheduler_rejects_bad_requests(ref):
     scheduler = Scheduler(ref)
-    for bad, match in ((Request((), 4), "empty"), (Request((1,) * 512, 4), "context is 512"),
-                       (Request((1,), 0), "max_tokens"), (Request((1,), 4, temperature=-1), "temperature"),
-                       (Request((4096,), 4), "vocabulary"), (Request((1,), 4, stop=("",)), "non-empty"),
-                       (Request((1,), 4, logprobs=21), "logprobs"), (Request((1,), 4, logprobs=True), "logprobs")):
-        with pytest.raises(ValueError, match=match):
+    # each error names its field (what a server reports as `param`), not only in its message
+    for bad, match, field in ((Request((), 4), "empty", "prompt"), (Request((1,) * 512, 4), "context is 512", "prompt"),
+                              (Request((1,), 0), "max_tokens", "max_tokens"),
+                              (Request((1,), 4, temperature=-1), "temperature", "temperature"),
+                              (Request((4096,), 4), "vocabulary", "prompt"),
+                              (Request((1,), 4, stop=("",)), "non-empty", "stop"),
+                              (Request((1,), 4, stop=(5000,)), "vocabulary", "stop"),
+                              (Request((1,), 4, logprobs=21), "logprobs", "logprobs"),
+                              (Request((1,), 4, logprobs=True), "logprobs", "logprobs"),
+                              (Request((1,), 4, top_p=0), "top_p", "top_p"),
+                              (Request((1,), 4, logit_bias=((1, 500),)), "logit_bias", "logit_bias"),
+                              (Request((1,), 4, grammar='{"grammars": [{"lark_grammar": "start: x"}]}'), "grammar",
+                               "grammar")):
+        with pytest.raises(ValueError, match=match) as e:
             scheduler.submit(bad)
+        assert e.value.field == field
+        assert e.value.code == ("context_length_exceeded" if "context" in match else None)
     assert not scheduler.busy
 
 

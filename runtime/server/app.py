@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import structured
 from ..harmony import HarmonyDelta, HarmonyStreamParser, HarmonyTokens, render_chat
+from ..invalid import invalid
 from ..scheduler import QueueFull, Scheduler
 from ..stop_text import StopText
 from .errors import APIError, error_body, error_response
@@ -224,7 +225,8 @@ class _Choices:
                     self.handles.append(engine.submit(parsed.choice(i), functools.partial(self._deliver, i)))
                 except (ValueError, TypeError) as exc:
                     if len(parsed.prompts) > 1:  # name the prompt at fault
-                        raise type(exc)(f"prompt {i // parsed.n}: {exc}") from None
+                        raise invalid(getattr(exc, "field", None) or "prompt", f"prompt {i // parsed.n}: {exc}",
+                                      kind=type(exc), code=getattr(exc, "code", None)) from None
                     raise
         except BaseException:
             self.cancel()  # all or none: the choices already queued give their places back
@@ -251,9 +253,6 @@ class _Choices:
         return self.handles[0].reused
 
 
-_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty", "logit_bias")
-
 
 def _submit(engine, parsed: Parsed) -> _Choices:
     if parsed.choices > engine.max_queue:  # (they are queued all or none: more could never fit)
@@ -267,15 +266,11 @@ def _submit(engine, parsed: Parsed) -> _Choices:
                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None
     except RuntimeError as exc:  # the scheduler stopped after a model failure
         raise APIError(503, str(exc)) from None
-    except (ValueError, TypeError) as exc:
-        text = str(exc)
-        code = "context_length_exceeded" if "context" in text else None
-        param = "max_tokens" if "max_tokens" in text else ("stop" if "stop" in text else (
-            "messages" if parsed.messages is not None else "prompt"))
-        named = [k for k in _SAMPLING_FIELDS if k in text]
-        if named:
-            param = named[0]
-        raise APIError(400, text, param=param, code=code) from None
+    except (ValueError, TypeError) as exc:  # the request's checks (runtime/invalid.py: they name the field)
+        param = getattr(exc, "field", None)
+        if param in (None, "prompt") and parsed.messages is not None:
+            param = "messages"
+        raise APIError(400, str(exc), param=param, code=getattr(exc, "code", None)) from None
 
 
 async def _drain(choices: _Choices, http: HTTPRequest):
