@@ -152,7 +152,12 @@ def vocabulary(tokenizer: TextTokenizer):
 
 def prepare(tokenizer: TextTokenizer) -> None:
     """Build `tokenizer`'s vocabulary now (a server at start-up), so the first request for structured output
-    does not stall the others while it is built."""
+    does not stall the others while it is built. Without llguidance installed, nothing (requests asking for
+    structured output are then refused, naming the package)."""
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return
     if tokenizer.available:
         vocabulary(tokenizer)
 
