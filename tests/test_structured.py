@@ -173,3 +173,14 @@ def test_dead_end_allows_only_the_end_tokens(rt):
     logits = torch.randn(rt.config.vocab_size)
     c.restrict(logits)
     assert set(torch.isfinite(logits).nonzero().flatten().tolist()) == c.eos and c.eos
+
+
+def test_without_llguidance(rt, monkeypatch):
+    """An install without the grammar engine still serves; asking for structured output is refused, naming it."""
+    monkeypatch.setitem(__import__("sys").modules, "llguidance", None)  # (import then raises ImportError)
+    from gptoss.runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(rt.model_dir)  # a tokenizer whose vocabulary was never built
+    structured.prepare(tok)
+    with pytest.raises(ValueError, match="llguidance"):
+        structured.check('{"grammars": [{"lark_grammar": "start: \\"a\\""}]}', tok)
