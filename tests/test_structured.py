@@ -180,7 +180,7 @@ def test_without_llguidance(rt, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "llguidance", None)  # (import then raises ImportError)
     from gptoss.runtime.tokenizer import TextTokenizer
 
-    tok = TextTokenizer(rt.model_dir)  # a tokenizer whose vocabulary was never built
+    tok = TextTokenizer(rt.tokenizer.model_dir)  # a tokenizer whose vocabulary was never built
     structured.prepare(tok)
     with pytest.raises(ValueError, match="llguidance"):
         structured.check('{"grammars": [{"lark_grammar": "start: \\"a\\""}]}', tok)
