@@ -50,9 +50,9 @@ def test_response_equals_the_chat_it_means(served):
     client = served.client
     fmt = {"type": "json_schema", "name": "answer", "schema": SCHEMA}
     whole = client.responses.create(model=NAME, instructions="Answer in JSON.", input="Colour?",
-                                    max_output_tokens=100, temperature=0, text={"format": fmt})
+                                    max_output_tokens=100, temperature=0, text={"format": fmt}, top_logprobs=2)
     chat = client.chat.completions.create(
-        model=NAME, max_tokens=100, temperature=0,
+        model=NAME, max_tokens=100, temperature=0, logprobs=True, top_logprobs=2,
         messages=[{"role": "developer", "content": "Answer in JSON."}, {"role": "user", "content": "Colour?"}],
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}})
     assert whole.status == "completed" and whole.output_text == chat.choices[0].message.content
@@ -60,9 +60,16 @@ def test_response_equals_the_chat_it_means(served):
     assert (whole.usage.input_tokens, whole.usage.output_tokens) == (chat.usage.prompt_tokens,
                                                                     chat.usage.completion_tokens)
     assert [item.type for item in whole.output] == ["message"] and whole.store is False
+    # (to rounding: the second request may reuse the first's prompt K/V, computed in other steps)
+    figures = lambda entries: [(e.token, [t.token for t in e.top_logprobs]) for e in entries]  # noqa: E731
+    values = lambda entries: [v for e in entries for v in (e.logprob, *(t.logprob for t in e.top_logprobs))]  # noqa
+    answer = whole.output[0].content[0].logprobs
+    assert answer and figures(answer) == figures(chat.choices[0].logprobs.content)
+    assert values(answer) == pytest.approx(values(chat.choices[0].logprobs.content), abs=1e-4)
     events = []
     with client.responses.stream(model=NAME, instructions="Answer in JSON.", input="Colour?", max_output_tokens=100,
-                                 temperature=0, text={"format": fmt}) as stream:
+                                 temperature=0, text={"format": fmt},
+                                 include=["message.output_text.logprobs"]) as stream:
         events = list(stream)
         final = stream.get_final_response()
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -73,6 +80,9 @@ def test_response_equals_the_chat_it_means(served):
                           "response.completed"]
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
     assert final.output_text == whole.output_text and final.status == "completed"
+    streamed = [e for event in events if event.type == "response.output_text.delta" for e in event.logprobs]
+    assert [e.token for e in streamed] == [e.token for e in answer]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in answer], abs=1e-4)
 
 
 def test_cut_off_response_is_incomplete(served):

@@ -158,13 +158,14 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
             choices = _submit(engine, parsed)
         except APIError as exc:
             raise renamed(exc) from None
-        reply = _ChatReply(_parser(harmony, tokenizer, parsed.forced), ())
+        reply = _ChatReply(_parser(harmony, tokenizer, parsed.forced), (),
+                           ChatLogprobs(names) if parsed.request.logprobs is not None else None)
         writer = ResponseWriter(model_name, body)
         if parsed.stream:
             return _sse(_response_events(writer, parsed, choices, reply), choices, named=True)
         async with aclosing(_drain(choices, http)) as stream:
             async for _, event in stream:
-                writer.add(reply.feed(event, choices.handles[0]))
+                writer.add(reply.feed(event, choices.handles[0]), _answer_logprobs(reply))
         writer.finish(reply.finish_reason, _response_usage(parsed, reply, choices))
         return writer.response()
 
@@ -425,6 +426,10 @@ def _response_usage(parsed: Parsed, reply: "_ChatReply", choices: _Choices) -> d
     return response_usage(parsed.prompt_tokens, reply.tokens, reply.parser.reasoning_tokens, choices.reused)
 
 
+def _answer_logprobs(reply: "_ChatReply"):
+    return (lambda: reply.logprobs.take()["content"]) if reply.logprobs is not None else None
+
+
 async def _response_events(writer: ResponseWriter, parsed: Parsed, choices: _Choices, reply: "_ChatReply"):
     for event in writer.start():
         yield event
@@ -434,7 +439,7 @@ async def _response_events(writer: ResponseWriter, parsed: Parsed, choices: _Cho
                 yield event
             return
         _, token = item
-        for event in writer.add(reply.feed(token, choices.handles[0])):
+        for event in writer.add(reply.feed(token, choices.handles[0]), _answer_logprobs(reply)):
             yield event
         if reply.ended:
             break

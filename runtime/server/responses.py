@@ -3,8 +3,8 @@
 A request becomes the chat request it means (`chat_body`): `input` items become messages (a `reasoning` item is
 the next assistant turn's reasoning, `function_call` an assistant tool call, `function_call_output` its result),
 `instructions` a developer message, function tools are nested as chat has them, `text.format` becomes
-`response_format`, `reasoning.effort` `reasoning_effort`, `max_output_tokens` `max_tokens`; errors name the
-Responses field. The reply's harmony deltas become output items (`ResponseWriter`): `reasoning` (its text as
+`response_format`, `reasoning.effort` `reasoning_effort`, `max_output_tokens` `max_tokens`, `top_logprobs` or
+`include: ["message.output_text.logprobs"]` chat's `logprobs`; errors name the Responses field. The reply's harmony deltas become output items (`ResponseWriter`): `reasoning` (its text as
 `reasoning_text` content: no summaries are written), `message` (`output_text`), `function_call`; whole, or
 streamed as the API's typed events (`response.created` ... `response.completed`). Nothing is stored:
 `previous_response_id` is refused (send the conversation as `input`), and responses say `store: false`."""
@@ -20,11 +20,11 @@ from .errors import APIError
 RESPONSES_FIELD = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text",
                    "reasoning_effort": "reasoning", "n": "input", "prompt": "input"}
 PASSED = ("model", "temperature", "top_p", "stream", "tool_choice", "seed", "top_k", "min_p", "presence_penalty",
-          "frequency_penalty", "repetition_penalty", "logit_bias", "structured_outputs")  # the same in both
+          "frequency_penalty", "repetition_penalty", "logit_bias", "structured_outputs", "top_logprobs")  # in both
+LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for the answer's log-probabilities
 REFUSED = {"previous_response_id": "responses are not stored: send the whole conversation as 'input'",
            "conversation": "conversations are not stored: send the whole conversation as 'input'",
            "background": "background responses are not supported",
-           "top_logprobs": "log-probabilities are served by /v1/chat/completions and /v1/completions",
            "prompt": "stored prompts are not supported"}
 EFFORTS = ("low", "medium", "high")
 
@@ -155,6 +155,11 @@ def chat_body(body: dict) -> dict:
             chat["reasoning_effort"] = effort
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
+    include = body.get("include") or []
+    if not isinstance(include, list):
+        raise _bad("'include' must be a list", "include")
+    if LOGPROBS in include or body.get("top_logprobs") is not None:
+        chat["logprobs"] = True
     return chat
 
 
@@ -220,7 +225,7 @@ class ResponseWriter:
         elif item["type"] == "message":
             part = item["content"][0]
             out += [self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0,
-                                text=part["text"], logprobs=[]),
+                                text=part["text"], logprobs=part["logprobs"]),
                     self._event("response.content_part.done", item_id=item["id"], output_index=at,
                                 content_index=0, part=part)]
         else:
@@ -228,7 +233,9 @@ class ResponseWriter:
                                    name=item["name"], arguments=item["arguments"]))
         return out + [self._event("response.output_item.done", output_index=at, item=item)]
 
-    def add(self, deltas: list[HarmonyDelta]) -> list[dict]:
+    def add(self, deltas: list[HarmonyDelta], logprobs=None) -> list[dict]:
+        """`logprobs()`, where log-probabilities were asked for: the entries of the answer's tokens since the last
+        call (ChatLogprobs), which go with the answer's next text."""
         out = []
         for d in deltas:
             if d.kind == "tool_call":
@@ -257,10 +264,12 @@ class ResponseWriter:
                     empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
                     out += self._begin({"id": _new_id("msg"), "type": "message", "status": "in_progress",
                                         "role": "assistant", "content": [dict(empty)]}, empty)
+                entries = logprobs() if logprobs is not None else []
                 self._open["content"][0]["text"] += d.text
+                self._open["content"][0]["logprobs"] += entries
                 out.append(self._event("response.output_text.delta", item_id=self._open["id"],
                                        output_index=len(self.items) - 1, content_index=0, delta=d.text,
-                                       logprobs=[]))
+                                       logprobs=entries))
         return out
 
     def finish(self, finish_reason: str | None, usage: dict) -> list[dict]:
@@ -286,7 +295,7 @@ class ResponseWriter:
                 "status": self.status, "output": [dict(i) for i in self.items], "error": self.error,
                 "incomplete_details": self.incomplete, "instructions": body.get("instructions"),
                 "max_output_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
-                "top_p": body.get("top_p"), "tools": body.get("tools") or [],
+                "top_p": body.get("top_p"), "top_logprobs": body.get("top_logprobs"), "tools": body.get("tools") or [],
                 "tool_choice": body.get("tool_choice", "auto"), "parallel_tool_calls": False,
                 "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
                 "text": text or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
