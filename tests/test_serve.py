@@ -71,6 +71,9 @@ def served(ckpt):
 
 def test_models_health_metrics(served):
     assert [m.id for m in served.client.models.list().data] == [NAME]
+    assert served.client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        served.client.models.retrieve("other")
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
     text = httpx.get(served.url + "/metrics").text
     for name in ("gptoss_queue_depth", "gptoss_running_rows", "gptoss_generated_tokens_total",

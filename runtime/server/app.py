@@ -74,10 +74,17 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
             raise APIError(503, f"the engine did not answer: {exc or 'timed out'}") from None
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "gptoss",
+                  "max_model_len": context}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "gptoss", "max_model_len": context}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model({"model": model_id}, model_name)
+        return model_card
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
