@@ -184,3 +184,16 @@ def test_without_llguidance(rt, monkeypatch):
     structured.prepare(tok)
     with pytest.raises(ValueError, match="llguidance"):
         structured.check('{"grammars": [{"lark_grammar": "start: \\"a\\""}]}', tok)
+
+
+def test_compiled_grammars_are_shared_not_their_state(rt):
+    """A grammar is compiled once (kept for later requests); each sequence advances its own copy."""
+    tok = rt.tokenizer
+    g = structured.grammar(structured.choice(["ab", "cd"]))
+    first, second = TokenConstraint(g, tok), TokenConstraint(g, tok)
+    assert (id(structured.vocabulary(tok)), g) in structured._compiled_grammars
+    walk(first, tok.encode("ab"), rt.config.vocab_size)
+    assert first.finished and not second.finished
+    logits = torch.zeros(rt.config.vocab_size)
+    second.restrict(logits)  # still at the start: "c" may begin its reply
+    assert torch.isfinite(logits[tok.encode("c")[0]])
