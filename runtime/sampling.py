@@ -55,7 +55,7 @@ def validate_logprobs(name: str, value) -> None:
     """`value`: how many alternatives to report with each token's log-probability (None: no log-probabilities)."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS):
         raise invalid(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None, "
-                         f"got {value!r}")
+                            f"got {value!r}")
 
 
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as the OpenAI API has them
@@ -80,8 +80,8 @@ def validate_adjustments(presence: float, frequency: float, repetition: float, b
             raise invalid("logit_bias", f"logit_bias names token {token} twice")
         seen.add(token)
         if not (isinstance(value, (int, float)) and -MAX_BIAS <= value <= MAX_BIAS):
-            raise invalid("logit_bias", f"logit_bias of token {token} must be a number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
-                             f"got {value!r}")
+            raise invalid("logit_bias", f"logit_bias of token {token} must be a number in [-{MAX_BIAS:g}, "
+                                        f"{MAX_BIAS:g}], got {value!r}")
 
 
 class LogitAdjustments:

@@ -112,7 +112,8 @@ def harmony_reply(sub: dict | None, tools: list[dict] | None = None) -> str:
     answer = "@answer" if sub is not None else "TEXT"
     ending = f'<|channel|> "final" <|message|> {answer} <|return|>'
     if rules:
-        ending = f'({ending} | <|channel|> "commentary to=functions." ({" | ".join(f"call_{i}" for i in range(len(rules)))}))'
+        calls = " | ".join(f"call_{i}" for i in range(len(rules)))
+        ending = f'({ending} | <|channel|> "commentary to=functions." ({calls}))'
     top = "\n".join([f"start: preamble* {ending}", _PREAMBLE, *rules])
     answers = [{**_options(sub), "name": "answer"}] if sub is not None else []
     return json.dumps({"grammars": [{"lark_grammar": top}, *answers, *subs]})

@@ -4,8 +4,9 @@ A request becomes the chat request it means (`chat_body`): `input` items become 
 the next assistant turn's reasoning, `function_call` an assistant tool call, `function_call_output` its result),
 `instructions` a developer message, function tools are nested as chat has them, `text.format` becomes
 `response_format`, `reasoning.effort` `reasoning_effort`, `max_output_tokens` `max_tokens`, `top_logprobs` or
-`include: ["message.output_text.logprobs"]` chat's `logprobs`; errors name the Responses field. The reply's harmony deltas become output items (`ResponseWriter`): `reasoning` (its text as
-`reasoning_text` content: no summaries are written), `message` (`output_text`), `function_call`; whole, or
+`include: ["message.output_text.logprobs"]` chat's `logprobs`; errors name the Responses field. The reply's
+harmony deltas become output items (`ResponseWriter`): `reasoning` (its text as `reasoning_text` content: no
+summaries are written), `message` (`output_text`), `function_call`; whole, or
 streamed as the API's typed events (`response.created` ... `response.completed`). Nothing is stored:
 `previous_response_id` is refused (send the conversation as `input`), and responses say `store: false`."""
 from __future__ import annotations
