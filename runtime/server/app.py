@@ -126,18 +126,24 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         check_model(body, model_name, required=False)
         return {"prompt": tokenizer.decode(parse_detokenize(body, tokenizer, engine.vocab_size))}
 
-    @app.post("/v1/chat/completions")
-    async def chat(http: HTTPRequest):
+    async def chat_body_of(http: HTTPRequest) -> dict:
+        """A chat-shaped request's body, its model checked (chat needs the tokenizer's harmony tokens)."""
         body = await _json_body(http, max_body_bytes)
         check_model(body, model_name)
         if harmony is None:
             raise APIError(400, "this checkpoint has no tokenizer.json, so no chat: use /v1/completions with "
                                 "token ids")
-        parsed = parse_chat(body, tokenizer, context, render)
+        return body
+
+    def chat_reply(parsed: Parsed) -> _ChatReply:
+        return _ChatReply(_parser(harmony, tokenizer, parsed.forced), parsed.stop_strings,
+                          ChatLogprobs(names) if parsed.request.logprobs is not None else None)
+
+    @app.post("/v1/chat/completions")
+    async def chat(http: HTTPRequest):
+        parsed = parse_chat(await chat_body_of(http), tokenizer, context, render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        replies = [_ChatReply(_parser(harmony, tokenizer, parsed.forced), parsed.stop_strings,
-                              ChatLogprobs(names) if parsed.request.logprobs is not None else None)
-                   for _ in range(parsed.choices)]
+        replies = [chat_reply(parsed) for _ in range(parsed.choices)]
         choices = _submit(engine, parsed)
         if parsed.stream:
             return _sse(_chat_chunks(rid, model_name, parsed, choices, replies), choices)
@@ -155,18 +161,13 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
     @app.post("/v1/responses")
     async def responses(http: HTTPRequest):
         """OpenAI's Responses API over the chat path (responses.py)."""
-        body = await _json_body(http, max_body_bytes)
-        check_model(body, model_name)
-        if harmony is None:
-            raise APIError(400, "this checkpoint has no tokenizer.json, so no chat: use /v1/completions with "
-                                "token ids")
+        body = await chat_body_of(http)
         try:
             parsed = parse_chat(chat_body(body), tokenizer, context, render)
             choices = _submit(engine, parsed)
         except APIError as exc:
             raise renamed(exc) from None
-        reply = _ChatReply(_parser(harmony, tokenizer, parsed.forced), (),
-                           ChatLogprobs(names) if parsed.request.logprobs is not None else None)
+        reply = chat_reply(parsed)
         writer = ResponseWriter(model_name, body)
         if parsed.stream:
             return _sse(_response_events(writer, parsed, choices, reply), choices, named=True)
