@@ -197,3 +197,22 @@ def test_compiled_grammars_are_shared_not_their_state(rt):
     logits = torch.zeros(rt.config.vocab_size)
     second.restrict(logits)  # still at the start: "c" may begin its reply
     assert torch.isfinite(logits[tok.encode("c")[0]])
+
+
+def test_generate_command_takes_a_grammar(rt, capsys, tmp_path):
+    """`tools.generate --json-schema FILE|JSON / --regex / --choice` (with --chat: the harmony reply's answer)."""
+    from gptoss.tools.generate import main
+
+    model = str(rt.tokenizer.model_dir)
+    common = ["--model", model, "--backend", "eager", "--max-new-tokens", "60"]
+    assert main([*common, "--prompt", "Time:", "--regex", "[0-9]{2}:[0-9]{2}"]) == 0
+    assert re.search(r"-> '[0-9]{2}:[0-9]{2}' \[stop", capsys.readouterr().out)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    assert main([*common, "--chat", "--prompt", "Colour?", "--json-schema", str(schema)]) == 0
+    said = capsys.readouterr().out
+    answer = said.split("<|message|>")[-1].split("' [")[0]
+    assert "[stop" in said and set(json.loads(answer)) == {"ok", "color", "n"}
+    with pytest.raises(SystemExit):
+        main([*common, "--json-schema", "{bad"])
+    assert "neither a file nor JSON" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     python -m gptoss.tools.generate --model checkpoints/bench --artifacts artifacts/bench --prompt "Hello" --max-new-tokens 64
     python -m gptoss.tools.generate --model DIR --backend eager --prompt "a" --prompt "b" --stream
+    python -m gptoss.tools.generate --model DIR --chat --prompt "Largest city?" --json-schema schema.json
     torchrun --nproc-per-node 2 -m gptoss.tools.generate --tp 2 --model DIR --artifacts artifacts/tp2 --prompt "Hello"
 
 Under torchrun every rank runs the same generation in lockstep; only rank 0 prints.
@@ -12,10 +13,12 @@ with. Without --artifacts the inductor backend compiles in-process first.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
-from gptoss.runtime import Runtime
+from gptoss.runtime import Runtime, structured
 
 from .cli import add_runtime_args, run_cli, settings_from_args
 
@@ -33,7 +36,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     ap.add_argument("--stream", action="store_true")
+    held = ap.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    held.add_argument("--json-schema", default=None,
+                      help="hold the reply to a JSON schema: its JSON text, or a file holding it (with --chat: the "
+                           "answer after the reasoning)")
+    held.add_argument("--regex", default=None, help="hold the reply to a regular expression")
+    held.add_argument("--choice", action="append", default=None, help="one of these strings (repeatable)")
     args = ap.parse_args(argv)
+    try:
+        grammar = _grammar(args)
+    except ValueError as e:
+        ap.error(str(e))
 
     t0 = time.perf_counter()
     # With --artifacts, unset shape settings come from this rank's manifest; nothing is compiled here.
@@ -44,7 +57,7 @@ def main(argv=None) -> int:
     if args.chat:
         prompts = [rt.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              seed=args.seed, stop=args.stop)
+              seed=args.seed, stop=args.stop, grammar=grammar)
     say = print if rt.is_main_process else (lambda *a, **k: None)
     source = f"artifacts {args.artifacts}" if rt.graphs.loaded_from else f"backend {rt.backend}"
     say(f"ready in {ready:.1f}s ({source})", file=sys.stderr)
@@ -63,6 +76,25 @@ def main(argv=None) -> int:
     say(f"{s.generated_tokens} tokens in {first:.2f}s; decode {s.decode_tokens_per_s:.1f} tokens/s; "
         f"prefill {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.0f} ms", file=sys.stderr)
     return 0
+
+
+def _grammar(args) -> str | None:
+    """The grammar the structured-output flags ask for (chat: wrapped as the harmony reply's answer), or None."""
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{") and Path(text).is_file():
+            text = Path(text).read_text()
+        try:
+            sub = structured.json_schema(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema is neither a file nor JSON: {e}") from None
+    elif args.regex is not None:
+        sub = structured.regex(args.regex)
+    elif args.choice:
+        sub = structured.choice(args.choice)
+    else:
+        return None
+    return structured.harmony_reply(sub) if args.chat else structured.grammar(sub)
 
 
 if __name__ == "__main__":
