@@ -317,6 +317,7 @@ def test_sampling_bad_values(served):
                          ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
                          ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
                          ({"guided_choice": []}, "guided_choice"), ({"guided_json": "{"}, "guided_json"),
+                         ({"structured_outputs": {"json_object": 1}}, "structured_outputs"),
                          ({"guided_grammar": "start: nowhere"}, "guided_grammar"),
                          ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex")):
         for path in ("/v1/completions", "/v1/chat/completions"):
@@ -346,7 +347,8 @@ def test_structured_output_through_the_server(served, ref):
              ({"structured_outputs": {"choice": ["yes", "no", "maybe so"]}}, structured.choice(["yes", "no",
                                                                                                "maybe so"])),
              ({"guided_regex": "[0-9]{2}:[0-9]{2}"}, structured.regex("[0-9]{2}:[0-9]{2}")),
-             ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, structured.json_schema(SCHEMA)))
+             ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, structured.json_schema(SCHEMA)),
+             ({"structured_outputs": {"json_object": True}}, structured.json_schema(None)))
     for extra, sub in cases:
         want = reference(ref, "Colour?", 40, grammar=sub)
         got = served.client.completions.create(model=NAME, prompt="Colour?", max_tokens=40, temperature=0,

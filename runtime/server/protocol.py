@@ -167,8 +167,14 @@ def _response_format(body: dict) -> dict | None:
 
 
 # vLLM's `structured_outputs` keys (and the top-level `guided_*` fields of its earlier releases)
+def _json_object(flag) -> dict:
+    if flag is not True:
+        raise ValueError(f"json_object must be true, got {flag!r}")
+    return structured.json_schema(None)
+
+
 _STRUCTURED = {"json": structured.json_schema, "regex": structured.regex, "choice": structured.choice,
-               "grammar": structured.lark}
+               "grammar": structured.lark, "json_object": _json_object}
 
 
 def _structured(body: dict) -> tuple[dict, str] | None:
