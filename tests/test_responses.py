@@ -59,7 +59,7 @@ def test_response_equals_the_chat_it_means(served):
     assert set(json.loads(whole.output_text)) == {"ok", "color"}
     assert (whole.usage.input_tokens, whole.usage.output_tokens) == (chat.usage.prompt_tokens,
                                                                     chat.usage.completion_tokens)
-    assert [item.type for item in whole.output] == ["message"] and whole.store is False
+    assert [item.type for item in whole.output] == ["message"] and whole.store is True
     # (to rounding: the second request may reuse the first's prompt K/V, computed in other steps)
     figures = lambda entries: [(e.token, [t.token for t in e.top_logprobs]) for e in entries]  # noqa: E731
     values = lambda entries: [v for e in entries for v in (e.logprob, *(t.logprob for t in e.top_logprobs))]  # noqa
@@ -100,8 +100,7 @@ def test_cut_off_response_is_incomplete(served):
 
 
 def test_responses_bad_requests(served):
-    for body, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
-                        ({"tools": [{"type": "web_search"}]}, "tools"), ({"max_output_tokens": 0}, "max_output_tokens"),
+    for body, param in (({"conversation": "conv_1"}, "conversation"), ({"tools": [{"type": "web_search"}]}, "tools"), ({"max_output_tokens": 0}, "max_output_tokens"),
                         ({"reasoning": {"effort": "minimal"}}, "reasoning"),
                         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input"),
                         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
@@ -113,6 +112,8 @@ def test_responses_bad_requests(served):
     r = httpx.post(served.url + "/v1/responses", json={"model": NAME, "input": "hi", "max_output_tokens": 0})
     assert "'max_output_tokens'" in r.json()["error"]["message"]
     assert httpx.post(served.url + "/v1/responses", json={"model": "other", "input": "hi"}).status_code == 404
+    r = httpx.post(served.url + "/v1/responses", json={"model": NAME, "input": "hi", "previous_response_id": "resp_1"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
     ok = served.client.responses.create(model=NAME, input="hi", max_output_tokens=3)
     assert ok.usage.output_tokens == 3  # still serving
 
@@ -213,3 +214,65 @@ def test_input_items_render_as_chat(served, tools_dir):
         forced = list(scripted.requests[1].prompt)
         opened = tok.encode(render_chat(tok, [{"role": "user", "content": "Weather in Oslo?"}], tools=chat_tools))
         assert forced[:len(opened)] == opened and scripted.requests[1].grammar is not None
+
+
+def test_previous_response_continues_the_conversation(served, tools_dir):
+    """A stored response (the default) is fetched again by id, and `previous_response_id` continues it: the
+    prompt is the chat rendering of the earlier input, the earlier output (reasoning with its turn), and the new
+    input, without the earlier `instructions`; a tool call's output answers the stored call by its call_id.
+    `store: false` keeps nothing."""
+    tok = TextTokenizer(tools_dir)
+    answer = harmony(tok, "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>"
+                          "It is sunny.<|return|>")
+    scripted, live = scripted_server(served, tok, answer)
+    with live as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        first = client.responses.create(model=NAME, instructions="Be brief.", input="Weather?")
+        assert first.store and client.responses.retrieve(first.id).output_text == "It is sunny."
+        second = client.responses.create(model=NAME, previous_response_id=first.id, input="And tomorrow?")
+        assert second.previous_response_id == first.id
+        want = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "It is sunny.", "reasoning_content": "Easy."},
+                {"role": "user", "content": "And tomorrow?"}]
+        assert list(scripted.requests[1].prompt) == tok.encode(render_chat(tok, want))
+        third = client.responses.create(model=NAME, previous_response_id=second.id, input="Thanks.")
+        assert len(scripted.requests[2].prompt) > len(scripted.requests[1].prompt)  # the chain goes on
+        unkept = client.responses.create(model=NAME, input="Weather?", store=False)
+        assert not unkept.store
+        for call in (lambda: client.responses.retrieve(unkept.id),
+                     lambda: client.responses.create(model=NAME, previous_response_id=unkept.id, input="x")):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert third.status == "completed"
+    call = harmony(tok, "<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary "
+                        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>')
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+    scripted, live = scripted_server(served, tok, call)
+    with live as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        first = client.responses.create(model=NAME, input="Weather in Oslo?", tools=tools)
+        fc = first.output[-1]
+        client.responses.create(model=NAME, previous_response_id=first.id, tools=tools, input=[
+            {"type": "function_call_output", "call_id": fc.call_id, "output": '{"sky": "clear"}'}])
+        want = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "reasoning_content": "Need it.", "tool_calls": [
+                    {"id": fc.call_id, "type": "function", "function": {"name": "get_weather",
+                                                                         "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": fc.call_id, "content": '{"sky": "clear"}'}]
+        chat_tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        assert list(scripted.requests[1].prompt) == tok.encode(render_chat(tok, want, tools=chat_tools))
+
+
+def test_response_store_keeps_the_most_recently_used():
+    from gptoss.runtime.server.errors import APIError
+    from gptoss.runtime.server.responses import ResponseStore
+
+    kept = ResponseStore(capacity=2)
+    for rid in ("a", "b"):
+        kept.put({"id": rid}, [{"role": "user", "content": rid}])
+    kept.get("a")  # a used again: b is now the oldest
+    kept.put({"id": "c"}, [])
+    assert kept.get("a")[1] == [{"role": "user", "content": "a"}] and kept.get("c")[0] == {"id": "c"}
+    with pytest.raises(APIError) as e:
+        kept.get("b")
+    assert e.value.status == 404 and "last 2" in e.value.message

@@ -27,7 +27,7 @@ from .errors import APIError, error_body, error_response
 from .local_engine import LocalEngine
 from .logprobs import ChatLogprobs, CompletionLogprobs, TokenNames
 from .protocol import Parsed, check_model, parse_chat, parse_completion, parse_detokenize, parse_tokenize
-from .responses import ResponseWriter, chat_body, renamed, usage as response_usage
+from .responses import ResponseStore, ResponseWriter, chat_body, renamed, stored, usage as response_usage
 
 DEFAULT_MAX_BODY = 4 << 20  # bytes: a 128k-token prompt as JSON token ids fits
 DISCONNECT_POLL_S = 0.5
@@ -135,6 +135,8 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
                                 "token ids")
         return body
 
+    kept = ResponseStore()  # Responses API responses, for previous_response_id and GET
+
     def chat_reply(parsed: Parsed) -> _ChatReply:
         return _ChatReply(_parser(harmony, tokenizer, parsed.forced), parsed.stop_strings,
                           ChatLogprobs(names) if parsed.request.logprobs is not None else None)
@@ -163,19 +165,33 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         """OpenAI's Responses API over the chat path (responses.py)."""
         body = await chat_body_of(http)
         try:
-            parsed = parse_chat(chat_body(body), tokenizer, context, render)
+            earlier = []
+            if body.get("previous_response_id") is not None:
+                earlier = kept.get(body["previous_response_id"], "previous_response_id")[1]
+            chat_request, conversation = chat_body(body, earlier)
+            parsed = parse_chat(chat_request, tokenizer, context, render)
             choices = _submit(engine, parsed)
         except APIError as exc:
             raise renamed(exc) from None
         reply = chat_reply(parsed)
         writer = ResponseWriter(model_name, body)
+
+        def keep():  # (a failed response is not kept)
+            if stored(body) and writer.status in ("completed", "incomplete"):
+                kept.put(writer.response(), conversation + writer.messages())
+
         if parsed.stream:
-            return _sse(_response_events(writer, parsed, choices, reply), choices, named=True)
+            return _sse(_response_events(writer, parsed, choices, reply, keep), choices, named=True)
         async with aclosing(_drain(choices, http)) as stream:
             async for _, event in stream:
                 writer.add(reply.feed(event, choices.handles[0]), _answer_logprobs(reply))
         writer.finish(reply.finish_reason, _response_usage(parsed, reply, choices))
+        keep()
         return writer.response()
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str):
+        return kept.get(response_id)[0]
 
     return app
 
@@ -438,7 +454,9 @@ def _answer_logprobs(reply: "_ChatReply"):
     return (lambda: reply.logprobs.take()["content"]) if reply.logprobs is not None else None
 
 
-async def _response_events(writer: ResponseWriter, parsed: Parsed, choices: _Choices, reply: "_ChatReply"):
+async def _response_events(writer: ResponseWriter, parsed: Parsed, choices: _Choices, reply: "_ChatReply",
+                           keep):
+    """The Responses API's stream; `keep()` stores the response once it is done."""
     for event in writer.start():
         yield event
     async for item in _events(choices):
@@ -451,7 +469,9 @@ async def _response_events(writer: ResponseWriter, parsed: Parsed, choices: _Cho
             yield event
         if reply.ended:
             break
-    for event in writer.finish(reply.finish_reason, _response_usage(parsed, reply, choices)):
+    events = writer.finish(reply.finish_reason, _response_usage(parsed, reply, choices))
+    keep()
+    for event in events:
         yield event
 
 

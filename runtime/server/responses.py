@@ -7,12 +7,14 @@ the next assistant turn's reasoning, `function_call` an assistant tool call, `fu
 `include: ["message.output_text.logprobs"]` chat's `logprobs`; errors name the Responses field. The reply's
 harmony deltas become output items (`ResponseWriter`): `reasoning` (its text as `reasoning_text` content: no
 summaries are written), `message` (`output_text`), `function_call`; whole, or
-streamed as the API's typed events (`response.created` ... `response.completed`). Nothing is stored:
-`previous_response_id` is refused (send the conversation as `input`), and responses say `store: false`."""
+streamed as the API's typed events (`response.created` ... `response.completed`). Responses are kept in memory
+(`ResponseStore`, unless sent with `store: false`): a request continues one with `previous_response_id`, and
+GET /v1/responses/{id} returns one."""
 from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 
 from ..harmony import HarmonyDelta
 from .errors import APIError
@@ -23,8 +25,8 @@ RESPONSES_FIELD = {"messages": "input", "max_tokens": "max_output_tokens", "resp
 PASSED = ("model", "temperature", "top_p", "stream", "tool_choice", "seed", "top_k", "min_p", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "logit_bias", "structured_outputs", "top_logprobs")  # in both
 LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for the answer's log-probabilities
-REFUSED = {"previous_response_id": "responses are not stored: send the whole conversation as 'input'",
-           "conversation": "conversations are not stored: send the whole conversation as 'input'",
+REFUSED = {"conversation": "conversation objects are not kept: continue with 'previous_response_id' or send the "
+                           "whole conversation as 'input'",
            "background": "background responses are not supported",
            "prompt": "stored prompts are not supported"}
 EFFORTS = ("low", "medium", "high")
@@ -50,19 +52,24 @@ def _text(content, where: str) -> str:
     raise _bad(f"{where}.content must be a string or a list of text parts", "input")
 
 
+def _instructions(body: dict) -> list[dict]:
+    """`instructions` as the developer message (not carried over to a continuation, as OpenAI has it)."""
+    instructions = body.get("instructions")
+    if instructions is None:
+        return []
+    if not isinstance(instructions, str):
+        raise _bad("'instructions' must be a string", "instructions")
+    return [{"role": "developer", "content": instructions}]
+
+
 def _messages(body: dict) -> list[dict]:
-    """`instructions` and `input` as chat messages."""
+    """`input` as chat messages."""
     items = body.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise _bad("'input' must be a non-empty string or a non-empty list of items", "input")
     messages, reasoning = [], None
-    instructions = body.get("instructions")
-    if instructions is not None:
-        if not isinstance(instructions, str):
-            raise _bad("'instructions' must be a string", "instructions")
-        messages.append({"role": "developer", "content": instructions})
     for i, item in enumerate(items):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -128,8 +135,10 @@ def _format(body: dict):
     return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}}
 
 
-def chat_body(body: dict) -> dict:
-    """The /v1/chat/completions body a Responses request means (APIError naming the Responses field)."""
+def chat_body(body: dict, earlier: list[dict] = ()) -> tuple[dict, list[dict]]:
+    """The /v1/chat/completions body a Responses request means (APIError naming the Responses field), and the
+    conversation it continues, as chat messages: `earlier` (a stored response's, for `previous_response_id`),
+    then its `input` (without `instructions`, which apply to this request only)."""
     for name, why in REFUSED.items():
         if body.get(name) is not None:
             raise _bad(f"'{name}': {why}", name)
@@ -137,7 +146,8 @@ def chat_body(body: dict) -> dict:
         raise _bad("'truncation' must be 'disabled': a conversation longer than the context is refused, not cut",
                    "truncation")
     chat = {k: body[k] for k in PASSED if k in body}
-    chat["messages"] = _messages(body)
+    conversation = [*earlier, *_messages(body)]
+    chat["messages"] = _instructions(body) + conversation
     tools = _tools(body)
     if tools is not None:
         chat["tools"] = tools
@@ -161,7 +171,7 @@ def chat_body(body: dict) -> dict:
         raise _bad("'include' must be a list", "include")
     if LOGPROBS in include or body.get("top_logprobs") is not None:
         chat["logprobs"] = True
-    return chat
+    return chat, conversation
 
 
 def renamed(exc: APIError) -> APIError:
@@ -289,6 +299,24 @@ class ResponseWriter:
         self.status, self.error = "failed", {"code": "server_error", "message": message}
         return self._close("incomplete") + [self._event("response.failed", response=self.response())]
 
+    def messages(self) -> list[dict]:
+        """The output items as chat messages (for a continuation): reasoning goes with the turn that follows it."""
+        out, reasoning = [], None
+        for item in self.items:
+            if item["type"] == "reasoning":
+                reasoning = item["content"][0]["text"]
+                continue
+            if item["type"] == "message":
+                msg = {"role": "assistant", "content": item["content"][0]["text"]}
+            else:
+                msg = {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}]}
+            if reasoning is not None:
+                msg["reasoning_content"], reasoning = reasoning, None
+            out.append(msg)
+        return out
+
     def response(self) -> dict:
         body = self.body
         text = body.get("text") if isinstance(body.get("text"), dict) else None
@@ -300,8 +328,38 @@ class ResponseWriter:
                 "tool_choice": body.get("tool_choice", "auto"), "parallel_tool_calls": False,
                 "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
                 "text": text or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
-                "previous_response_id": None, "store": False, "truncation": "disabled", "usage": self.usage,
+                "previous_response_id": body.get("previous_response_id"), "store": stored(body),
+                "truncation": "disabled", "usage": self.usage,
                 "user": body.get("user")}
+
+
+def stored(body: dict) -> bool:
+    """Whether a response is kept for `previous_response_id` and GET (OpenAI's default: yes)."""
+    return body.get("store", True) is not False
+
+
+class ResponseStore:
+    """The last `capacity` stored responses of this server process (least recently used out), each with its
+    conversation as chat messages, so a request can continue one (`previous_response_id`) and a client can
+    fetch one again (GET /v1/responses/{id}). Memory only: a restart forgets them."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._kept: "OrderedDict[str, tuple[dict, list[dict]]]" = OrderedDict()
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        self._kept[response["id"]] = (response, conversation)
+        self._kept.move_to_end(response["id"])
+        while len(self._kept) > self.capacity:
+            self._kept.popitem(last=False)
+
+    def get(self, response_id: str, param: str | None = None) -> tuple[dict, list[dict]]:
+        found = self._kept.get(response_id) if isinstance(response_id, str) else None
+        if found is None:
+            raise APIError(404, f"no stored response with id {response_id!r} (responses are kept in this server's "
+                                f"memory, the last {self.capacity}, unless sent with store: false)", param=param)
+        self._kept.move_to_end(response_id)
+        return found
 
 
 def usage(prompt_tokens: int, output_tokens: int, reasoning_tokens: int, cached: int) -> dict:
