@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
@@ -100,7 +101,8 @@ def test_cut_off_response_is_incomplete(served):
 
 
 def test_responses_bad_requests(served):
-    for body, param in (({"conversation": "conv_1"}, "conversation"), ({"tools": [{"type": "web_search"}]}, "tools"), ({"max_output_tokens": 0}, "max_output_tokens"),
+    for body, param in (({"conversation": "conv_1"}, "conversation"), ({"tools": [{"type": "web_search"}]}, "tools"),
+                        ({"max_output_tokens": 0}, "max_output_tokens"),
                         ({"reasoning": {"effort": "minimal"}}, "reasoning"),
                         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input"),
                         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
@@ -139,17 +141,26 @@ def harmony(tok, text: str) -> list[int]:
     return tok.encode(text)
 
 
+CALL = ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>')
+TOOLS = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+ANSWER = "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>It is sunny.<|return|>"
+
+
+@contextmanager
+def scripted_client(served, tok, reply: str):
+    """A server whose every request 'generates' `reply`'s tokens, and a client of it."""
+    scripted, live = scripted_server(served, tok, harmony(tok, reply))
+    with live as server:
+        yield scripted, openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
 def test_output_items_from_a_harmony_reply(served, tools_dir):
     """Reasoning then a tool call: a reasoning item (its text as reasoning_text) and a function_call item with a
     call id; streamed, each item's events in the API's order, and the deltas join to the whole. Reasoning then an
     answer: a reasoning item and a message. `reasoning_tokens` counts the reasoning's tokens."""
-    tok = TextTokenizer(tools_dir)
-    call = harmony(tok, "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>"
-                        'commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>')
-    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
-    scripted, live = scripted_server(served, tok, call)
-    with live as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    tok, tools = TextTokenizer(tools_dir), TOOLS
+    with scripted_client(served, tok, CALL) as (scripted, client):
         whole = client.responses.create(model=NAME, input="Weather in Oslo?", tools=tools)
         assert whole.status == "completed" and [i.type for i in whole.output] == ["reasoning", "function_call"]
         reasoning, fc = whole.output
@@ -175,11 +186,7 @@ def test_output_items_from_a_harmony_reply(served, tools_dir):
         assert again.status == "completed"
         rendered = tok.decode(list(scripted.requests[-1].prompt))
         assert "Need the weather." in rendered and '{"sky": "clear"}' in rendered and "get_weather" in rendered
-    answer = harmony(tok, "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>"
-                          "It is sunny.<|return|>")
-    scripted, live = scripted_server(served, tok, answer)
-    with live as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with scripted_client(served, tok, ANSWER) as (scripted, client):
         whole = client.responses.create(model=NAME, input="Weather?")
         assert [i.type for i in whole.output] == ["reasoning", "message"] and whole.output_text == "It is sunny."
 
@@ -222,11 +229,7 @@ def test_previous_response_continues_the_conversation(served, tools_dir):
     input, without the earlier `instructions`; a tool call's output answers the stored call by its call_id.
     `store: false` keeps nothing."""
     tok = TextTokenizer(tools_dir)
-    answer = harmony(tok, "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>"
-                          "It is sunny.<|return|>")
-    scripted, live = scripted_server(served, tok, answer)
-    with live as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with scripted_client(served, tok, ANSWER) as (scripted, client):
         first = client.responses.create(model=NAME, instructions="Be brief.", input="Weather?")
         assert first.store and client.responses.retrieve(first.id).output_text == "It is sunny."
         second = client.responses.create(model=NAME, previous_response_id=first.id, input="And tomorrow?")
@@ -244,18 +247,14 @@ def test_previous_response_continues_the_conversation(served, tools_dir):
             with pytest.raises(openai.NotFoundError):
                 call()
         assert third.status == "completed"
-    call = harmony(tok, "<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary "
-                        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>')
-    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
-    scripted, live = scripted_server(served, tok, call)
-    with live as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    tools = TOOLS
+    with scripted_client(served, tok, CALL) as (scripted, client):
         first = client.responses.create(model=NAME, input="Weather in Oslo?", tools=tools)
         fc = first.output[-1]
         client.responses.create(model=NAME, previous_response_id=first.id, tools=tools, input=[
             {"type": "function_call_output", "call_id": fc.call_id, "output": '{"sky": "clear"}'}])
         want = [{"role": "user", "content": "Weather in Oslo?"},
-                {"role": "assistant", "content": None, "reasoning_content": "Need it.", "tool_calls": [
+                {"role": "assistant", "content": None, "reasoning_content": "Need the weather.", "tool_calls": [
                     {"id": fc.call_id, "type": "function", "function": {"name": "get_weather",
                                                                          "arguments": '{"city": "Oslo"}'}}]},
                 {"role": "tool", "tool_call_id": fc.call_id, "content": '{"sky": "clear"}'}]
