@@ -165,11 +165,10 @@ def prepare(tokenizer: TextTokenizer) -> None:
 
 
 def check(grammar_text: str, tokenizer: TextTokenizer) -> None:
-    """ValueError naming what is wrong with a grammar (its text as built here) for this tokenizer."""
-    llg = _llguidance()
-    error = llg.LLMatcher.validate_grammar(grammar_text, vocabulary(tokenizer))
-    if error and not error.startswith("WARNING"):
-        raise ValueError(f"the grammar is invalid: {error.strip()}")
+    """ValueError naming what is wrong with a grammar (its text as built here) for this tokenizer. The check is
+    the compilation, and the compiled grammar is kept: a request checked when it is submitted is not compiled
+    again on the scheduler's thread when it takes its row (a large schema would stall every stream there)."""
+    _compiled(vocabulary(tokenizer), grammar_text)
 
 
 COMPILED_KEPT = 64  # grammars kept compiled: a server's requests often repeat one schema
@@ -186,9 +185,9 @@ def _compiled(vocab, grammar_text: str):
         if found is not None and found[0] is vocab:
             _compiled_grammars.move_to_end(key)
             return found[1]
-    matcher = _llguidance().LLMatcher(vocab, grammar_text)
+    matcher = _llguidance().LLMatcher(vocab, grammar_text, log_level=0)  # (errors are raised, not printed)
     if matcher.is_error():
-        raise ValueError(f"the grammar is invalid: {matcher.get_error()}")
+        raise ValueError(f"the grammar is invalid: {matcher.get_error().strip()}")
     with _compiled_lock:
         _compiled_grammars[key] = (vocab, matcher)
         while len(_compiled_grammars) > COMPILED_KEPT:

@@ -187,8 +187,12 @@ def test_without_llguidance(rt, monkeypatch):
 
 
 def test_compiled_grammars_are_shared_not_their_state(rt):
-    """A grammar is compiled once (kept for later requests); each sequence advances its own copy."""
+    """A grammar is compiled once (kept for later requests; checking a request compiles it, so its row copies
+    it); each sequence advances its own copy."""
     tok = rt.tokenizer
+    checked = structured.grammar(structured.regex("[0-9]+ apples"))
+    structured.check(checked, tok)
+    assert (id(structured.vocabulary(tok)), checked) in structured._compiled_grammars
     g = structured.grammar(structured.choice(["ab", "cd"]))
     first, second = TokenConstraint(g, tok), TokenConstraint(g, tok)
     assert (id(structured.vocabulary(tok)), g) in structured._compiled_grammars
