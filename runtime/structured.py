@@ -22,7 +22,7 @@ import torch
 from .tokenizer import TextTokenizer, stop_token_ids
 
 # JSON as one line with Python's spacing: `{"a": 1, "b": [2, 3]}`. Free whitespace lets a model emit blanks
-# forever (a random-weight model does); OpenAI's JSON mode also answers on one line.
+# forever (a random-weight model does).
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 MAX_CHOICES = 1024  # options one choice grammar may list
@@ -207,12 +207,8 @@ class TokenConstraint:
 
     @property
     def finished(self) -> bool:
-        """The grammar is complete and admits nothing more (or broke: see `failed`)."""
+        """The grammar is complete and admits nothing more (or broke: a token it did not allow was forced)."""
         return self.matcher.is_stopped() or self.matcher.is_error()
-
-    @property
-    def failed(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
 
     def accept(self, token: int) -> bool:
         """Advance by `token`; True once the grammar is finished (nothing more may follow)."""
