@@ -275,3 +275,26 @@ def test_response_store_keeps_the_most_recently_used():
     with pytest.raises(APIError) as e:
         kept.get("b")
     assert e.value.status == 404 and "last 2" in e.value.message
+
+
+def test_failed_generation_ends_the_stream_with_response_failed(served, tools_dir):
+    """The engine failing mid-reply: a stream ends with `response.failed` (the status and an error object), a
+    whole request gets a 500."""
+    from gptoss.runtime import TokenEvent
+
+    tok = TextTokenizer(tools_dir)
+
+    class Failing(ScriptedScheduler):
+        def submit(self, request, on_event):
+            handle = super().submit(request, lambda event: None)  # (the script is dropped)
+            on_event(TokenEvent(0, tok.token_id("<|channel|>"), "", None))
+            on_event(TokenEvent(0, -1, "", "error"))
+            return handle
+
+    ref = SimpleNamespace(tokenizer=tok, config=served.rt.config, shapes=served.rt.shapes)
+    with LiveServer(create_app(LocalEngine(Failing(ref, tok.encode("x"))), NAME)) as server:
+        r = httpx.post(server.url + "/v1/responses", json={"model": NAME, "input": "hi", "stream": True})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1]["type"] == "response.failed" and events[-1]["response"]["status"] == "failed"
+        assert events[-1]["response"]["error"]["code"] == "server_error"
+        assert httpx.post(server.url + "/v1/responses", json={"model": NAME, "input": "hi"}).status_code == 500
