@@ -1,5 +1,5 @@
-"""The FastAPI app: OpenAI's /v1/models, /v1/completions, /v1/chat/completions (JSON or server-sent events), plus
-/health and /metrics (Prometheus text). Requests go to an engine: a `Scheduler` in another process
+"""The FastAPI app: OpenAI's /v1/models, /v1/completions, /v1/chat/completions and /v1/responses (JSON or
+server-sent events), vLLM's /tokenize and /detokenize, plus /health and /metrics (Prometheus text). Requests go to an engine: a `Scheduler` in another process
 (`EngineClient`, as `tools.serve` runs it) or in this one (`LocalEngine`); each token reaches the request's asyncio
 queue on the app's event loop."""
 from __future__ import annotations
