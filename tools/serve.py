@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 
-from gptoss.runtime import Runtime
+from gptoss.runtime import Runtime, structured
 from gptoss.runtime.scheduler import Scheduler
 from gptoss.runtime.server.app import DEFAULT_MAX_BODY
 from gptoss.runtime.server.engine_core import EngineCore
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     rt = Runtime.from_pretrained(args.model, settings)
     scheduler = Scheduler(rt, max_queue=args.max_queue, reuse_prefixes=args.prefix_reuse)
     if not rt.is_main_process:  # replay rank 0's schedule until it stops
+        structured.prepare(rt.tokenizer)  # (as rank 0's engine does: no rank builds it at a first request)
         scheduler.run()
         return 0
 
