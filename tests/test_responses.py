@@ -247,6 +247,9 @@ def test_previous_response_continues_the_conversation(served, tools_dir):
             with pytest.raises(openai.NotFoundError):
                 call()
         assert third.status == "completed"
+        assert client.responses.delete(third.id) is None  # (the client returns nothing for a deletion)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(third.id)
     tools = TOOLS
     with scripted_client(served, tok, CALL) as (scripted, client):
         first = client.responses.create(model=NAME, input="Weather in Oslo?", tools=tools)

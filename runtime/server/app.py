@@ -193,6 +193,11 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
     async def stored_response(response_id: str):
         return kept.get(response_id)[0]
 
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        kept.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
     return app
 
 

@@ -8,8 +8,8 @@ the next assistant turn's reasoning, `function_call` an assistant tool call, `fu
 harmony deltas become output items (`ResponseWriter`): `reasoning` (its text as `reasoning_text` content: no
 summaries are written), `message` (`output_text`), `function_call`; whole, or
 streamed as the API's typed events (`response.created` ... `response.completed`). Responses are kept in memory
-(`ResponseStore`, unless sent with `store: false`): a request continues one with `previous_response_id`, and
-GET /v1/responses/{id} returns one."""
+(`ResponseStore`, unless sent with `store: false`): a request continues one with `previous_response_id`,
+GET /v1/responses/{id} returns one and DELETE forgets it."""
 from __future__ import annotations
 
 import time
@@ -360,6 +360,10 @@ class ResponseStore:
                                 f"memory, the last {self.capacity}, unless sent with store: false)", param=param)
         self._kept.move_to_end(response_id)
         return found
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)  # (404 for an id not kept)
+        del self._kept[response_id]
 
 
 def usage(prompt_tokens: int, output_tokens: int, reasoning_tokens: int, cached: int) -> dict:
