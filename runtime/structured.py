@@ -92,13 +92,18 @@ TEXT: /(.|\n)*/
 
 
 def _calls(tools: list[dict]) -> tuple[list[str], list[dict]]:
-    """For each of `tools`, a rule `call_i` (after `to=functions.`: the name, the JSON marker, the arguments held
-    to its `parameters` schema, <|call|>) and the arguments' grammar. Schema keywords the compiler does not know
-    are ignored: a call must go ahead."""
+    """For each of `tools`: a rule `call_i`, the rest of a call whose recipient is in the channel header (after
+    `<|channel|>commentary to=functions.`: the name, the JSON marker, the arguments held to its `parameters`
+    schema, <|call|>); a rule `role_call_i`, the rest of one whose recipient is in the role header (after
+    `<|start|>assistant to=functions.`: the name, then `<|channel|>commentary [<|constrain|>]json<|message|>`, as
+    the published chat template writes past calls); and the arguments' grammar. Schema keywords the compiler does
+    not know are ignored: a call must go ahead."""
     rules, subs = [], []
     for i, tool in enumerate(tools):
         fn = tool["function"]
         rules.append(f'call_{i}: {json.dumps(fn["name"] + " ")} <|constrain|> "json" <|message|> @args_{i} <|call|>')
+        rules.append(f'role_call_{i}: {json.dumps(fn["name"])} <|channel|> "commentary " <|constrain|>? "json" '
+                     f'<|message|> @args_{i} <|call|>')
         schema = json_schema(fn.get("parameters") or {"type": "object"}, lenient=True)
         subs.append({**_options(schema), "name": f"args_{i}"})
     return rules, subs
@@ -111,9 +116,10 @@ def harmony_reply(sub: dict | None, tools: list[dict] | None = None) -> str:
     rules, subs = _calls(tools or [])
     answer = "@answer" if sub is not None else "TEXT"
     ending = f'<|channel|> "final" <|message|> {answer} <|return|>'
-    if rules:
-        calls = " | ".join(f"call_{i}" for i in range(len(rules)))
-        ending = f'({ending} | <|channel|> "commentary to=functions." ({calls}))'
+    if subs:  # (calls: either header form)
+        calls = " | ".join(f"call_{i}" for i in range(len(subs)))
+        role_calls = " | ".join(f"role_call_{i}" for i in range(len(subs)))
+        ending = f'({ending} | <|channel|> "commentary to=functions." ({calls}) | " to=functions." ({role_calls}))'
     top = "\n".join([f"start: preamble* {ending}", _PREAMBLE, *rules])
     answers = [{**_options(sub), "name": "answer"}] if sub is not None else []
     return json.dumps({"grammars": [{"lark_grammar": top}, *answers, *subs]})
@@ -128,7 +134,8 @@ def harmony_tool_call(tools: list[dict], name: str | None) -> str:
         _, subs = _calls(tools)
         return json.dumps({"grammars": [{"lark_grammar": "start: @args_0 <|call|>"}, *subs]})
     rules, subs = _calls(tools)
-    top = "\n".join(["start: " + " | ".join(f"call_{i}" for i in range(len(rules))), *rules])
+    rules = [r for r in rules if r.startswith("call_")]  # (the prompt wrote the channel-header form's start)
+    top = "\n".join(["start: " + " | ".join(f"call_{i}" for i in range(len(subs))), *rules])
     return json.dumps({"grammars": [{"lark_grammar": top}, *subs]})
 
 

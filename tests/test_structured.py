@@ -85,9 +85,13 @@ def test_tool_call_grammar_holds_arguments_to_the_schema(rt):
     walk(chosen, tok.encode("now <|constrain|>json<|message|>{}<|call|>"), rt.config.vocab_size)
     assert chosen.finished
     # a whole reply that may answer freely or call a tool (strict function calling): both end the grammar
+    # (a call's recipient in the channel header, or in the role header as the published template writes calls)
     for reply in ("<|channel|>final<|message|>Any text at all.<|return|>",
                   "<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary "
-                  'to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>'):
+                  'to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>',
+                  "<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant to=functions.get_weather"
+                  '<|channel|>commentary json<|message|>{"city": "Oslo"}<|call|>',
+                  ' to=functions.now<|channel|>commentary <|constrain|>json<|message|>{}<|call|>'):
         free = TokenConstraint(structured.harmony_reply(None, tools), tok)
         walk(free, tok.encode(reply), rt.config.vocab_size)
         assert free.finished
