@@ -241,7 +241,7 @@ class TokenConstraint:
         if np.count_nonzero(full) * 2 >= len(words):  # mostly allowed: -inf where a bit is clear
             ids = _bit_ids(words, np.flatnonzero(~full), want=0)
             ids = ids[ids < n]
-            logits[torch.from_numpy(ids)] = float("-inf")
+            logits[torch.from_numpy(ids).to(logits.device)] = float("-inf")  # (a no-op move on CPU)
             if n > 32 * len(words):
                 logits[32 * len(words):] = float("-inf")
         else:  # mostly refused: keep only where a bit is set
@@ -249,7 +249,7 @@ class TokenConstraint:
             ids = ids[ids < n]
             if not len(ids):  # a dead end (llguidance allows the end tokens there itself): end the reply
                 ids = np.array(sorted(t for t in self.eos if t < n), dtype=np.int64)
-            ids = torch.from_numpy(ids)
+            ids = torch.from_numpy(ids).to(logits.device)
             kept = logits[ids]
             logits.fill_(float("-inf"))
             logits[ids] = kept
