@@ -340,8 +340,9 @@ def validate_tools(tools) -> list[dict] | None:
 def forced_call(tools, tool_choice) -> str:
     """The start of the assistant's reply that `tool_choice` forces, as prompt text after `<|start|>assistant`:
     "required" opens a call to one of the functions, whose name the model writes; {"type": "function",
-    "function": {"name": N}} opens a call to N, whose JSON arguments the model writes (its own text: nothing
-    constrains it to the function's schema). "" for "auto"/"none"/None. ValueError names a bad choice."""
+    "function": {"name": N}} opens a call to N, whose JSON arguments the model writes (held to the function's
+    schema by the grammar the server adds: `structured.harmony_tool_call`). "" for "auto"/"none"/None.
+    ValueError names a bad choice."""
     if tool_choice in (None, "auto", "none"):
         return ""
     names = [t["function"]["name"] for t in validate_tools(tools) or []]

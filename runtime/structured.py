@@ -44,7 +44,10 @@ def json_schema(schema: dict | bool | None = None, *, lenient: bool = False) -> 
         schema = {"type": "object"}
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return {"json_schema": schema, "json_options": {**JSON_STYLE, "lenient": lenient}}
+    if isinstance(schema, bool):  # (true: any value; false: none)
+        schema = {} if schema else {"not": {}}
+    # the compiler's options go in the schema's x-guidance (a schema's own x-guidance, if it has one, stands)
+    return {"json_schema": {"x-guidance": {**JSON_STYLE, "lenient": lenient}, **schema}}
 
 
 def regex(pattern: str) -> dict:
@@ -68,20 +71,9 @@ def lark(text: str) -> dict:
     return {"lark_grammar": text}
 
 
-def _options(sub: dict) -> dict:
-    """A grammar object as llguidance reads it (JSON options folded into the schema's x-guidance)."""
-    sub = dict(sub)
-    options = sub.pop("json_options", None)
-    if options is not None:
-        schema = sub["json_schema"]
-        sub["json_schema"] = {"x-guidance": options, **schema} if isinstance(schema, dict) else \
-            {"x-guidance": options, **({} if schema else {"not": {}})}
-    return sub
-
-
 def grammar(sub: dict) -> str:
     """The reply is `sub` and nothing else (completions; `Runtime.generate`)."""
-    return json.dumps({"grammars": [_options(sub)]})
+    return json.dumps({"grammars": [sub]})
 
 
 # The harmony wrappers name the special tokens as llguidance's Lark writes them (bare <|name|>): each one token.
@@ -105,7 +97,7 @@ def _calls(tools: list[dict]) -> tuple[list[str], list[dict]]:
         rules.append(f'role_call_{i}: {json.dumps(fn["name"])} <|channel|> "commentary " <|constrain|>? "json" '
                      f'<|message|> @args_{i} <|call|>')
         schema = json_schema(fn.get("parameters") or {"type": "object"}, lenient=True)
-        subs.append({**_options(schema), "name": f"args_{i}"})
+        subs.append({**schema, "name": f"args_{i}"})
     return rules, subs
 
 
@@ -121,7 +113,7 @@ def harmony_reply(sub: dict | None, tools: list[dict] | None = None) -> str:
         role_calls = " | ".join(f"role_call_{i}" for i in range(len(subs)))
         ending = f'({ending} | <|channel|> "commentary to=functions." ({calls}) | " to=functions." ({role_calls}))'
     top = "\n".join([f"start: preamble* {ending}", _PREAMBLE, *rules])
-    answers = [{**_options(sub), "name": "answer"}] if sub is not None else []
+    answers = [{**sub, "name": "answer"}] if sub is not None else []
     return json.dumps({"grammars": [{"lark_grammar": top}, *answers, *subs]})
 
 
@@ -145,7 +137,7 @@ _vocabularies_lock = threading.Lock()
 
 
 def vocabulary(tokenizer: TextTokenizer):
-    """llguidance's view of `tokenizer` (every token's bytes; ~1.3 s to build for gpt-oss's 201k tokens, so one
+    """llguidance's view of `tokenizer` (every token's bytes; 1.3-1.6 s to build for gpt-oss's 201k tokens, so one
     per tokenizer, kept). Its end-of-sequence tokens are the checkpoint's stop tokens (generation_config.json),
     which a grammar allows once it may end."""
     if not tokenizer.available:
@@ -226,17 +218,20 @@ class TokenConstraint:
         """`token` is one of the end-of-sequence tokens the grammar allowed at its end (text it does not show)."""
         return token in self.eos
 
+    def _mask(self) -> np.ndarray:
+        """The grammar's mask now: one bit a token, in `words` (bit b of word w is token 32 w + b)."""
+        self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
+        return self.words
+
     def allowed(self) -> np.ndarray:
         """The tokens that continue the grammar now, as a bool array over the tokenizer's vocabulary."""
-        self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
-        return np.unpackbits(self.words.view(np.uint8), bitorder="little")[:self.vocab.vocab_size].view(np.bool_)
+        return np.unpackbits(self._mask().view(np.uint8), bitorder="little")[:self.vocab.vocab_size].view(np.bool_)
 
     def restrict(self, logits: torch.Tensor) -> None:
         """logits [V], in place: the tokens the grammar does not allow become -inf. The mask is applied through
         whichever side is smaller (a free-text step allows nearly everything, a JSON step a few hundred tokens):
         unpacking and filling all 201k entries cost ~0.5 ms a step against tens of microseconds this way."""
-        self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
-        words, n = self.words, logits.shape[-1]
+        words, n = self._mask(), logits.shape[-1]
         full = words == -1
         if np.count_nonzero(full) * 2 >= len(words):  # mostly allowed: -inf where a bit is clear
             ids = _bit_ids(words, np.flatnonzero(~full), want=0)

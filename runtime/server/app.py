@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI's /v1/models, /v1/completions, /v1/chat/completions and /v1/responses (JSON or
-server-sent events), vLLM's /tokenize and /detokenize, plus /health and /metrics (Prometheus text). Requests go to an engine: a `Scheduler` in another process
-(`EngineClient`, as `tools.serve` runs it) or in this one (`LocalEngine`); each token reaches the request's asyncio
-queue on the app's event loop."""
+server-sent events), vLLM's /tokenize and /detokenize, plus /health and /metrics (Prometheus text). Requests go to
+an engine: a `Scheduler` in another process (`EngineClient`, as `tools.serve` runs it) or in this one
+(`LocalEngine`); each token reaches the request's asyncio queue on the app's event loop."""
 from __future__ import annotations
 
 import asyncio
@@ -281,7 +281,6 @@ class _Choices:
     @property
     def reused(self) -> int:
         return self.handles[0].reused
-
 
 
 def _submit(engine, parsed: Parsed) -> _Choices:

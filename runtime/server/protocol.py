@@ -179,8 +179,8 @@ _STRUCTURED = {"json": structured.json_schema, "regex": structured.regex, "choic
 
 def _structured(body: dict) -> tuple[dict, str] | None:
     """What the reply must follow, at most one way: (a grammar of `runtime.structured`, the field that asked)."""
-    asked = []
-    if _response_format(body) is not None:
+    fmt, asked = _response_format(body), []
+    if fmt is not None:
         asked.append("response_format")
     spec = body.get("structured_outputs")
     if spec is not None:
@@ -194,7 +194,7 @@ def _structured(body: dict) -> tuple[dict, str] | None:
         return None
     field_ = asked[0]
     if field_ == "response_format":
-        return _response_format(body), field_
+        return fmt, field_
     key, value = (next((k, v) for k, v in spec.items() if k in _STRUCTURED and v is not None)
                   if field_ == "structured_outputs" else (field_[len("guided_"):], body[field_]))
     if key == "json" and isinstance(value, str):

@@ -6,10 +6,10 @@ the next assistant turn's reasoning, `function_call` an assistant tool call, `fu
 `response_format`, `reasoning.effort` `reasoning_effort`, `max_output_tokens` `max_tokens`, `top_logprobs` or
 `include: ["message.output_text.logprobs"]` chat's `logprobs`; errors name the Responses field. The reply's
 harmony deltas become output items (`ResponseWriter`): `reasoning` (its text as `reasoning_text` content: no
-summaries are written), `message` (`output_text`), `function_call`; whole, or
-streamed as the API's typed events (`response.created` ... `response.completed`). Responses are kept in memory
-(`ResponseStore`, unless sent with `store: false`): a request continues one with `previous_response_id`,
-GET /v1/responses/{id} returns one and DELETE forgets it."""
+summaries are written), `message` (`output_text`), `function_call`; whole, or streamed as the API's typed events
+(`response.created` ... `response.completed`). Responses are kept in memory (`ResponseStore`, unless sent with
+`store: false`): a request continues one with `previous_response_id`, GET /v1/responses/{id} returns one and
+DELETE forgets it."""
 from __future__ import annotations
 
 import time
@@ -21,7 +21,7 @@ from .errors import APIError
 
 # chat field -> the Responses field a request sets it with (for error messages)
 RESPONSES_FIELD = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text",
-                   "reasoning_effort": "reasoning", "n": "input", "prompt": "input"}
+                   "reasoning_effort": "reasoning"}
 PASSED = ("model", "temperature", "top_p", "stream", "tool_choice", "seed", "top_k", "min_p", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "logit_bias", "structured_outputs", "top_logprobs")  # in both
 LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for the answer's log-probabilities
@@ -69,6 +69,12 @@ def _messages(body: dict) -> list[dict]:
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise _bad("'input' must be a non-empty string or a non-empty list of items", "input")
+    return _item_messages(items)
+
+
+def _item_messages(items: list) -> list[dict]:
+    """Items (a request's input, or a response's output) as chat messages: a reasoning item goes with the
+    assistant turn that follows it."""
     messages, reasoning = [], None
     for i, item in enumerate(items):
         where = f"input[{i}]"
@@ -300,22 +306,8 @@ class ResponseWriter:
         return self._close("incomplete") + [self._event("response.failed", response=self.response())]
 
     def messages(self) -> list[dict]:
-        """The output items as chat messages (for a continuation): reasoning goes with the turn that follows it."""
-        out, reasoning = [], None
-        for item in self.items:
-            if item["type"] == "reasoning":
-                reasoning = item["content"][0]["text"]
-                continue
-            if item["type"] == "message":
-                msg = {"role": "assistant", "content": item["content"][0]["text"]}
-            else:
-                msg = {"role": "assistant", "content": None, "tool_calls": [{
-                    "id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]}}]}
-            if reasoning is not None:
-                msg["reasoning_content"], reasoning = reasoning, None
-            out.append(msg)
-        return out
+        """The output items as chat messages (for a continuation), as the same items sent as input become."""
+        return _item_messages(self.items)
 
     def response(self) -> dict:
         body = self.body
@@ -324,13 +316,13 @@ class ResponseWriter:
                 "status": self.status, "output": [dict(i) for i in self.items], "error": self.error,
                 "incomplete_details": self.incomplete, "instructions": body.get("instructions"),
                 "max_output_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
-                "top_p": body.get("top_p"), "top_logprobs": body.get("top_logprobs"), "tools": body.get("tools") or [],
-                "tool_choice": body.get("tool_choice", "auto"), "parallel_tool_calls": False,
+                "top_p": body.get("top_p"), "top_logprobs": body.get("top_logprobs"),
+                "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),
+                "parallel_tool_calls": False,
                 "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
                 "text": text or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
                 "previous_response_id": body.get("previous_response_id"), "store": stored(body),
-                "truncation": "disabled", "usage": self.usage,
-                "user": body.get("user")}
+                "truncation": "disabled", "usage": self.usage, "user": body.get("user")}
 
 
 def stored(body: dict) -> bool:
