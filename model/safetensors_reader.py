@@ -39,8 +39,8 @@ __all__ = ["CheckpointError", "SafetensorsReader", "INDEX"]
 def _read_ahead(fd: int, mapped: mmap.mmap, end: int, size: int) -> None:
     """Ask the kernel for the mapped bytes now, and for the next `size` bytes of the file after `end` (what a
     loader reads next: the next expert of a tensor, the next tensor), so the disk works while the caller copies.
-    Faulted in page by page, a cold 4.6 GB shard read at 390 MB/s here; with this, 920 MB/s (a 2-core VM's disk
-    that reads 440-850 MB/s with `dd`). Only advice: where the system has none, nothing changes."""
+    A cold 4.6 GB shard, tensor by tensor on a 2-core VM: faulted in page by page 390 MB/s, with the first advice
+    alone 734, the second alone 918 (BENCHMARKS.md). Only advice: where the system has none, nothing changes."""
     try:
         if hasattr(mmap, "MADV_WILLNEED"):
             mapped.madvise(mmap.MADV_WILLNEED)
