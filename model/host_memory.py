@@ -55,14 +55,18 @@ class HugePageArena:
         return torch.frombuffer(view, dtype=dtype, count=count).view(shape)
 
 
-def to_host(model: nn.Module) -> nn.Module:
+def to_host(model: nn.Module, skip: frozenset[str] = frozenset()) -> nn.Module:
     """`model.to_empty(device="cpu")` with every parameter and buffer in one HugePageArena: uninitialised, in
-    place of the meta tensors. Parameters shared by two modules share their memory here too."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    place of the meta tensors. Parameters shared by two modules share their memory here too. The parameters
+    named in `skip` stay on the meta device (the loader puts tensors mapped from the checkpoint there)."""
+    skipped = {id(p) for name, p in model.named_parameters() if name in skip}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skipped}
     arena = HugePageArena(sum(nbytes(t.shape, t.dtype) for t in tensors.values()))
     placed: dict[int, torch.Tensor] = {}
 
     def place(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in skipped:
+            return t
         if id(t) not in placed:
             placed[id(t)] = arena.empty(t.shape, t.dtype)
         return placed[id(t)]

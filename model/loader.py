@@ -153,8 +153,10 @@ def _keep_stored_dtypes(model: GptOss, reader: SafetensorsReader) -> None:
             retype(block.mlp, "down_proj", p + "mlp.experts.down_proj")
 
 
-def load_weights(model: GptOss, model_dir) -> None:
-    """Fill `model` (already allocated for its rank) from the checkpoint in `model_dir`."""
+def load_weights(model: GptOss, model_dir, in_place: dict | None = None) -> None:
+    """Fill `model` (already allocated for its rank, but for the parameters named in `in_place`: see
+    `_used_in_place`) from the checkpoint in `model_dir`."""
+    in_place = in_place or {}
     config, plan, rank = model.config, model.plan, model.parallel.rank
     reader = SafetensorsReader(model_dir)
     hidden, dim, experts = config.hidden_size, config.head_dim, config.num_local_experts
@@ -179,6 +181,8 @@ def load_weights(model: GptOss, model_dir) -> None:
     with torch.no_grad():
         vocab_rows = min(plan.vocab, config.vocab_size - plan.vocab_start)
         for name, dst in (("model.embed_tokens.weight", model.embed_tokens), ("lm_head.weight", model.lm_head)):
+            if dst.is_meta:  # used in place
+                continue
             dst.zero_()
             _copy(reader, name, (config.vocab_size, hidden), dst[:vocab_rows], 0, plan.vocab_start, vocab_rows)
         _copy(reader, "model.norm.weight", (hidden,), model.norm)
@@ -211,10 +215,11 @@ def load_weights(model: GptOss, model_dir) -> None:
                           2 * i_start, 2 * i_len)
             _copy_or_zero(reader, e + "down_proj_bias", (experts, hidden), moe.down_proj_bias, rank == 0)
             if packed:
-                _copy_mxfp4_packed(reader, e + "gate_up_proj", 2 * inter, hidden, moe.gate_up_blocks,
-                                   moe.gate_up_scales, 2 * i_start, 2 * i_len, 0, hidden)
-                _copy_mxfp4_packed(reader, e + "down_proj", hidden, inter, moe.down_blocks, moe.down_scales,
-                                   0, hidden, i_start, i_len)
+                if f"layers.{i}.mlp.gate_up_blocks" not in in_place:  # (else mapped after this loop)
+                    _copy_mxfp4_packed(reader, e + "gate_up_proj", 2 * inter, hidden, moe.gate_up_blocks,
+                                       moe.gate_up_scales, 2 * i_start, 2 * i_len, 0, hidden)
+                    _copy_mxfp4_packed(reader, e + "down_proj", hidden, inter, moe.down_blocks, moe.down_scales,
+                                       0, hidden, i_start, i_len)
             elif mxfp4:
                 _copy_mxfp4(reader, e + "gate_up_proj", 2 * inter, hidden, moe.gate_up_proj,
                             2 * i_start, 2 * i_len, 0, hidden)
@@ -223,6 +228,44 @@ def load_weights(model: GptOss, model_dir) -> None:
                 _copy_experts(reader, e + "gate_up_proj", (experts, hidden, 2 * inter), moe.gate_up_proj, 2,
                               2 * i_start, 2 * i_len)
                 _copy_experts(reader, e + "down_proj", (experts, inter, hidden), moe.down_proj, 1, i_start, i_len)
+        _use_in_place(model, reader, in_place)
+
+
+def _used_in_place(model: GptOss, reader: SafetensorsReader) -> dict[str, tuple[str, tuple, tuple | None]]:
+    """The parameters this rank uses in place from the mapped checkpoint (`SafetensorsReader.map`) instead of
+    copying them: name -> (checkpoint tensor, its shape, this rank's rows or None). Published weights only, and
+    only where the rank's tensor is the file's bytes as they lie: each layer's MXFP4 expert blocks and scales
+    when the rank holds every row of them (one rank: a split takes some rows of each expert, or zeroes codes),
+    and the embedding when the rank's vocabulary rows are unpadded. The other matrices are streamed whole by
+    every decode step: they are copied onto the arena's huge pages, which anonymous memory always gets."""
+    config, plan = model.config, model.plan
+    hidden, experts, inter = config.hidden_size, config.num_local_experts, config.intermediate_size
+    if model.weights != "published":
+        return {}
+    mapped = {}
+    embed, shape = "model.embed_tokens.weight", (config.vocab_size, hidden)
+    if plan.vocab_start + plan.vocab <= config.vocab_size and \
+            reader.check(embed, shape).dtype == model.embed_tokens.dtype:
+        mapped["embed_tokens"] = (embed, shape, (plan.vocab_start, plan.vocab_start + plan.vocab))
+    for i, block in enumerate(model.layers):
+        if block.mlp.packed and plan.intermediate == inter:
+            e = f"model.layers.{i}.mlp.experts."
+            for weight, out, width in (("gate_up", 2 * inter, hidden), ("down", hidden, inter)):
+                shape = (experts, out, width // MXFP4_BLOCK)
+                mapped[f"layers.{i}.mlp.{weight}_blocks"] = (e + f"{weight}_proj_blocks", (*shape, 16), None)
+                mapped[f"layers.{i}.mlp.{weight}_scales"] = (e + f"{weight}_proj_scales", shape, None)
+    return mapped
+
+
+def _use_in_place(model: GptOss, reader: SafetensorsReader, in_place: dict) -> None:
+    for name, (tensor, shape, rows) in in_place.items():
+        module, _, attr = name.rpartition(".")
+        owner = model.get_submodule(module)
+        view, held = reader.map(tensor, shape, rows), getattr(owner, attr)
+        if view.shape != held.shape or view.dtype != held.dtype:
+            raise CheckpointError(f"checkpoint tensor '{tensor}' is {view.dtype} {list(view.shape)} for this rank, "
+                                  f"but the model holds {held.dtype} {list(held.shape)} there")
+        setattr(owner, attr, torch.nn.Parameter(view, requires_grad=False))
 
 
 def _copy_or_zero(reader, name, expected, dst, owner: bool) -> None:
@@ -244,11 +287,13 @@ def _check_size(model: GptOss, reader: SafetensorsReader) -> None:
 
 def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", ops: str = "torch", ops_mode: str = "eager",
-               weights: str | None = None) -> GptOss:
+               weights: str | None = None, mmap: bool = True) -> GptOss:
     """Build this rank's model for `model_dir` and fill it. The model's memory is allocated once, uninitialised,
     and every parameter is written from the checkpoint. `dtype` is the activations' dtype; `weights` ("dense" or
     "published", default DEFAULT_WEIGHTS) how the weights are held (see the module docstring); the model records
-    it as `model.weights`."""
+    it as `model.weights`. `mmap` (CPU, published weights): the tensors whose in-memory form is the file's
+    (`_used_in_place`: the MXFP4 experts and the embedding, 86% of gpt-oss-20b's bytes) are used in place from
+    the mapped checkpoint rather than copied; the files must then not change while the model lives."""
     weights = weights or DEFAULT_WEIGHTS
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weights='{weights}'; available: {list(WEIGHT_FORMATS)}")
@@ -265,10 +310,12 @@ def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype
             _keep_stored_dtypes(model, reader)
     _check_size(model, reader)
     # host weights go on huge pages (a decode step streams them all: see host_memory)
-    model = to_host(model) if torch.device(device).type == "cpu" else model.to_empty(device=device)
+    on_host = torch.device(device).type == "cpu"
+    in_place = _used_in_place(model, reader) if mmap and on_host else {}
+    model = to_host(model, skip=frozenset(in_place)) if on_host else model.to_empty(device=device)
     # The rope table is not a checkpoint tensor, and the meta device dropped its values: compute it (fp32).
     model.inv_freq = yarn_inv_freq(config.head_dim, config.rope)[0].to(device)
-    load_weights(model, model_dir)
+    load_weights(model, model_dir, in_place)
     return model.eval().requires_grad_(False)
 
 

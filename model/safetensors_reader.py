@@ -1,7 +1,8 @@
 """Read tensors from (possibly sharded) safetensors files one at a time, mapping only the bytes of the tensor
 being read and unmapping them right after, so that loading costs the model's own memory plus one tensor. A
 tensor-parallel rank maps only its own rows of an outer-dimension split, and expert tensors one expert at a time
-(see `SafetensorsReader.open`).
+(see `SafetensorsReader.open`). A tensor whose in-memory form is its bytes in the file can instead be used in
+place (`SafetensorsReader.map`): no copy at all.
 
 (The `safetensors` library keeps the whole file mapped while a handle is open, and every page it touches counts
 toward the process's resident memory until the handle closes: loading a 1 GB file would then peak near 2x.)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,18 +38,31 @@ _OTHER_FORMAT_DTYPES = {"U16", "U32", "U64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F
 __all__ = ["CheckpointError", "SafetensorsReader", "INDEX"]
 
 
+_MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range in now, reading the file where it is not cached
+
+
+def _advise(mapped: mmap.mmap, advice: int | None, *span: int) -> bool:
+    """madvise, where the system has it; False where it does not (or refuses the advice)."""
+    if advice is None:
+        return False
+    try:
+        mapped.madvise(advice, *span)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _read_ahead(fd: int, mapped: mmap.mmap, end: int, size: int) -> None:
     """Ask the kernel for the mapped bytes now, and for the next `size` bytes of the file after `end` (what a
     loader reads next: the next expert of a tensor, the next tensor), so the disk works while the caller copies.
     A cold 4.6 GB shard, tensor by tensor on a 2-core VM: faulted in page by page 390 MB/s, with the first advice
     alone 734, the second alone 918 (BENCHMARKS.md). Only advice: where the system has none, nothing changes."""
-    try:
-        if hasattr(mmap, "MADV_WILLNEED"):
-            mapped.madvise(mmap.MADV_WILLNEED)
-        if size and hasattr(os, "posix_fadvise"):
+    _advise(mapped, getattr(mmap, "MADV_WILLNEED", None))
+    if size and hasattr(os, "posix_fadvise"):
+        try:
             os.posix_fadvise(fd, end, size, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
+        except OSError:
+            pass
 
 
 class TensorEntry:
@@ -166,6 +181,7 @@ class SafetensorsReader:
         model_dir = Path(model_dir)
         index = model_dir / INDEX
         self.entries: dict[str, TensorEntry] = {}
+        self._maps: dict[Path, mmap.mmap] = {}  # whole files mapped for `map`
         if index.is_file():
             self.source = index
             self._read_sharded(model_dir, index)
@@ -223,16 +239,9 @@ class SafetensorsReader:
                                   f"expected {list(expected)} from config.json")
         return entry
 
-    @contextmanager
-    def open(self, name: str, expected: tuple[int, ...], index: tuple[int, ...] = (),
-             rows: tuple[int, int] | None = None):
-        """A read-only CPU view of the tensor, valid inside the `with` block only (its pages are unmapped
-        on exit). Only the pages covering the bytes returned are mapped.
-
-        `index` fixes leading dimensions and `rows = (start, stop)` narrows the next one: the view is
-        `tensor[index][start:stop]`, which is one contiguous byte range of the file, so a tensor-parallel rank
-        maps (and reads) only its own rows of a tensor split along its outer dimension, or one expert at a time.
-        """
+    def _span(self, name: str, expected: tuple[int, ...], index: tuple[int, ...],
+              rows: tuple[int, int] | None) -> tuple[TensorEntry, int, int, tuple[int, ...]]:
+        """(entry, first byte, end byte, shape) of `tensor[index][rows[0]:rows[1]]`: one contiguous byte range."""
         entry = self.check(name, expected)
         shape = entry.shape
         if len(index) > len(shape) or any(not 0 <= i < n for i, n in zip(index, shape)):
@@ -253,6 +262,19 @@ class SafetensorsReader:
         if rows is not None:
             begin, end = begin + rows[0] * row, begin + rows[1] * row
             shape = (rows[1] - rows[0], *shape[1:])
+        return entry, begin, end, shape
+
+    @contextmanager
+    def open(self, name: str, expected: tuple[int, ...], index: tuple[int, ...] = (),
+             rows: tuple[int, int] | None = None):
+        """A read-only CPU view of the tensor, valid inside the `with` block only (its pages are unmapped
+        on exit). Only the pages covering the bytes returned are mapped.
+
+        `index` fixes leading dimensions and `rows = (start, stop)` narrows the next one: the view is
+        `tensor[index][start:stop]`, which is one contiguous byte range of the file, so a tensor-parallel rank
+        maps (and reads) only its own rows of a tensor split along its outer dimension, or one expert at a time.
+        """
+        entry, begin, end, shape = self._span(name, expected, index, rows)
         count = (end - begin) // entry.dtype.itemsize
         if count == 0:
             yield torch.empty(shape, dtype=entry.dtype)
@@ -276,3 +298,32 @@ class SafetensorsReader:
                 mm.close()
             except BufferError:  # a caller kept a view alive; the mapping goes when it does
                 pass
+
+    def map(self, name: str, expected: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """`tensor[rows[0]:rows[1]]` (or the whole tensor) used in place: a view of the file's pages, no copy,
+        valid for as long as the tensor lives. The pages are the page cache's, so they stay cached between
+        processes and the process's own memory holds no second copy. They are read in now (where not cached),
+        so that a first step does not wait for the disk. The mapping asks for huge pages, which the kernel gives
+        where the file's page cache holds 2 MiB folios (ext4 and XFS on recent Linux). Read-only: writing
+        through the tensor faults. The file must not change while the tensor lives (as with llama.cpp's mmap)."""
+        entry, begin, end, shape = self._span(name, expected, (), rows)
+        mapped = self._maps.get(entry.file)
+        if mapped is None:
+            try:
+                with open(entry.file, "rb") as f:
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{entry.file}: cannot map it: {e}") from e
+            _advise(mapped, getattr(mmap, "MADV_HUGEPAGE", None))
+            self._maps[entry.file] = mapped
+        if end > len(mapped):  # the header was checked against the file: it changed since
+            raise CheckpointError(f"{entry.file}: tensor '{name}' ends at byte {end}, but the file now has "
+                                  f"{len(mapped)}; was the file changed while loading?")
+        first = begin - begin % mmap.PAGESIZE
+        if end > first and not _advise(mapped, _MADV_POPULATE_READ, first, end - first):
+            _advise(mapped, getattr(mmap, "MADV_WILLNEED", None), first, end - first)  # (before Linux 5.14)
+        with warnings.catch_warnings():  # read-only memory, as the docstring says
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            t = torch.frombuffer(mapped, dtype=entry.dtype, count=(end - begin) // entry.dtype.itemsize,
+                                 offset=begin) if end > begin else torch.empty(0, dtype=entry.dtype)
+        return t.view(shape)

@@ -187,7 +187,7 @@ class Runtime:
         ctx = setup_distributed(settings.tp_size, settings.device, settings.dist_timeout_s)
         model = load_model(model_dir, tp_size=ctx.world_size, rank=ctx.rank, dtype=settings.torch_dtype,
                            device=ctx.device, ops=backend.ops, ops_mode=backend.ops_mode,
-                           weights=settings.weights)
+                           weights=settings.weights, mmap=settings.mmap)
         model.parallel.check_group()
         return cls(model, model_dir, settings.replace(progress=settings.progress and ctx.is_main))
 

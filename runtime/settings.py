@@ -53,6 +53,9 @@ class Settings:
     threads: int | None = None  # CPU threads; default: the artifacts' count (inductor bakes it in), else torch's
     dist_timeout_s: float | None = None  # collective timeout under tensor parallelism
     keep_host_memory: bool = True  # CPU: malloc keeps freed memory for the next step (model.host_memory)
+    mmap: bool = True  # CPU, published weights: the MXFP4 experts and the embedding used in place from the mapped
+    #                    checkpoint (the page cache's pages, no copy; the files must not change meanwhile); False:
+    #                    copied into the process (model.loader)
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):

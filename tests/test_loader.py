@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from gptoss.model.config import ConfigError
 from gptoss.model.loader import load_model
-from gptoss.model.safetensors_reader import CheckpointError
+from gptoss.model.safetensors_reader import CheckpointError, SafetensorsReader
 from gptoss.runtime.tokenizer import TextTokenizer, stop_token_ids
 from gptoss.tools.make_checkpoint import make_checkpoint
 
@@ -136,6 +136,20 @@ def test_truncated_safetensors(ckpt_copy):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: tensor '.*' ends at byte \d+ of the "
                                               r"data area but the file holds \d+ bytes of data"):
         load_model(ckpt_copy)
+
+
+def test_file_truncated_after_its_header_was_read(ckpt_copy):
+    """A file that shrinks between the reader's check and a tensor's mapping is refused, not mapped past its end
+    (reading there would kill the process with SIGBUS)."""
+    reader = SafetensorsReader(ckpt_copy)
+    name = max(reader.names(), key=lambda n: reader.entries[n].end)  # the tensor at the end of the file
+    path = ckpt_copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:reader.entries[name].end - 1])
+    with pytest.raises(CheckpointError, match="was the file changed while loading"):
+        reader.map(name, reader.shape(name))
+    with pytest.raises(CheckpointError, match="was the file changed while loading"):
+        with reader.open(name, reader.shape(name)):
+            pass
 
 
 def test_garbage_instead_of_safetensors(ckpt_copy):

@@ -4,6 +4,7 @@ tokens, at TP 1, 2 and 4 (splits of the expert width inside a 32-value MXFP4 blo
 inductor graphs that a second process loads from their artifacts."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,7 +17,8 @@ import torch
 
 from gptoss.model.kv_cache import KVCache
 from gptoss.model.loader import load_model
-from gptoss.runtime import Runtime
+from gptoss.runtime import Runtime, Settings
+from gptoss.tools.cli import add_runtime_args, settings_from_args
 from gptoss.tools.make_checkpoint import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +105,62 @@ def test_memory_is_the_published_size(ckpts):
             for w in ("published", "dense")}
     print(f"\nfile {size} B, published {held['published']} B, dense {held['dense']} B")
     assert held["published"] <= 1.3 * size < held["dense"]
+
+
+def _backing_file(t: torch.Tensor) -> str | None:
+    """The file mapped where `t`'s memory lies (None: anonymous memory), from /proc/self/maps."""
+    ptr = t.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi:
+                path = fields[5].strip() if len(fields) > 5 else ""
+                return path if path.startswith("/") else None
+    raise AssertionError("address not mapped")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_experts_and_embedding_are_used_in_place_from_the_file(ckpts, one_thread):
+    """mmap=True (the default): the MXFP4 experts and the embedding are views of the checkpoint file (no copy),
+    everything else is the process's own memory; the results are bit-identical to the copied model's."""
+    ckpt = ckpts["width96"]
+    shard = str(next(Path(ckpt).glob("*.safetensors")).resolve())
+    mapped, copied = load_model(ckpt, weights="published"), load_model(ckpt, weights="published", mmap=False)
+    in_place = {"embed_tokens"} | {f"layers.{i}.mlp.{w}_{k}" for i in range(len(mapped.layers))
+                                   for w in ("gate_up", "down") for k in ("blocks", "scales")}
+    for (name, p), (_, q) in zip(mapped.named_parameters(), copied.named_parameters()):
+        assert _backing_file(p) == (shard if name in in_place else None), name
+        assert _backing_file(q) is None and torch.equal(p, q), name
+    ids = torch.randint(0, 1021, (2, PREFILL + DECODE), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_logits(mapped, ids), _logits(copied, ids))
+    dense = load_model(ckpt, weights="dense")
+    assert all(_backing_file(p) is None for p in dense.parameters())  # (decoded at load: nothing to map)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_a_tp_rank_maps_only_what_it_holds_as_stored(ckpts):
+    """Under TP a rank's experts are some rows of each expert (gate_up) or zero-padded blocks (down): copied. Its
+    embedding rows are mapped unless the last rank pads them (vocab 1021 over 2 ranks: 511 + 510 and a pad)."""
+    ckpt = ckpts["width96"]
+    for rank in range(2):
+        m = load_model(ckpt, tp_size=2, rank=rank, weights="published")
+        assert _backing_file(m.layers[0].mlp.gate_up_blocks) is None
+        assert _backing_file(m.layers[0].mlp.down_scales) is None
+        assert (_backing_file(m.embed_tokens) is not None) == (rank == 0)
+        assert not any(p.is_meta for p in m.parameters())
+
+
+def test_runtime_and_commands_take_the_mmap_setting(ckpts):
+    ap = argparse.ArgumentParser()
+    add_runtime_args(ap)
+    assert settings_from_args(ap.parse_args(["--model", "m"])).mmap is True
+    assert settings_from_args(ap.parse_args(["--model", "m", "--no-mmap"])).mmap is False
+    ckpt = ckpts["kvrep"]
+    for mmap in (True, False):
+        rt = Runtime.from_pretrained(ckpt, Settings(backend="eager", max_batch_size=1, max_seq_len=64, mmap=mmap,
+                                                    progress=False))
+        assert (_backing_file(rt.model.layers[0].mlp.gate_up_blocks) is not None) == mmap
 
 
 def test_published_is_cpu_only_and_named(ckpts):

@@ -17,6 +17,10 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
     ap.add_argument("--weights", default=None, choices=list(WEIGHT_FORMATS),
                     help="published: MXFP4 experts and bf16 matrices as in the checkpoint (CPU kernels; default on "
                          "CPU); dense: every weight in --dtype (default elsewhere)")
+    ap.add_argument("--no-mmap", dest="mmap", action="store_false",
+                    help="published weights: copy the MXFP4 experts and the embedding into the process instead of "
+                         "using them in place from the mapped checkpoint (the default: no copy, the page cache "
+                         "keeps them between runs, and the files must not change while the model runs)")
     ap.add_argument("--max-batch-size", type=int, default=None, help="default 8 (or the artifacts' setting)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="default 4096 (or the artifacts' setting)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="default 256 (or the artifacts' setting)")
@@ -61,7 +65,7 @@ def settings_from_args(args, **fixed) -> Settings:
                     interleave_chunk=args.interleave_chunk, mixed_steps=args.mixed_steps,
                     prefill_granule=args.prefill_granule, compiled=args.compiled,
                     window_cache=args.window_cache,
-                    tp_size=args.tp, threads=args.threads, **fixed)
+                    tp_size=args.tp, threads=args.threads, mmap=args.mmap, **fixed)
 
 
 def run_cli(main) -> None:
