@@ -17,7 +17,9 @@ in their stored dtype (bf16 as published, fp32 stays fp32) and MXFP4 experts pac
 held in the runtime dtype in both.
 
 Tensors stream one at a time (see safetensors_reader), so peak memory is this rank's shard plus one tensor (one
-expert, for expert tensors). A rank maps only its own bytes wherever its slice is contiguous on disk: vocab rows,
+expert, for expert tensors). With published weights (`mmap`, the default) the MXFP4 experts and the embedding
+are not copied at all where the rank's tensor is the file's bytes as they lie: they are views of the mapped
+checkpoint, whose pages the page cache holds once for every process and keeps between runs (`_used_in_place`). A rank maps only its own bytes wherever its slice is contiguous on disk: vocab rows,
 q/k/v head rows, sinks, each expert's gate_up rows (MXFP4) or down rows (unquantised). Where the split is an
 inner dimension (o_proj's input columns; MXFP4 down_proj's packed input dim; unquantised gate_up's columns) the
 layer's matrix, or one expert's, is mapped and the slice copied out.

@@ -2,7 +2,7 @@
 
     python -m gptoss.tools.dev.bench_model --model /work/ckpt-20b [--backend eager] [--threads 2]
                                            [--batches 1,4] [--max-seq-len 256] [--prefill-chunk 64]
-                                           [--prefill 512]
+                                           [--prefill 512] [--no-mmap]
 
 Made for the full-size presets (`make_checkpoint --preset 20b`) on a small machine: the shape settings default to
 a short context, so the cache stays small beside the weights. Prompts are 32 random token ids per row; decode
@@ -24,6 +24,18 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def resident() -> str:
+    """The process's resident memory now, by kind (Linux): its own (anonymous) and the checkpoint's pages."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
+        with open("/proc/self/smaps_rollup") as f:  # (of the file's pages, those on huge pages)
+            fields.update(line.split(":", 1) for line in f if line.startswith("FilePmdMapped"))
+    except OSError:
+        return "resident memory by kind: unknown here"
+    return ", ".join(f"{k} {int(v.split()[0]) / 1e6:.2f} GB" for k, v in fields.items())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -33,12 +45,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--prefill-chunk", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=0, help="also time the prefill of one prompt this long")
+    ap.add_argument("--no-mmap", dest="mmap", action="store_false",
+                    help="copy the published experts and embedding instead of using the mapped checkpoint")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
     rt = Runtime.from_pretrained(args.model, Settings(backend=args.backend, threads=args.threads,
                                                       max_seq_len=args.max_seq_len, max_batch_size=max(batches),
-                                                      prefill_chunk=args.prefill_chunk))
+                                                      prefill_chunk=args.prefill_chunk, mmap=args.mmap))
     print(f"ready in {time.perf_counter() - t0:.1f} s; peak RSS {peak_rss_gb():.2f} GB; "
           f"{args.backend}, {args.threads} threads, kernels {kernels.isa()}, prefetch {kernels.prefetch()}", flush=True)
     g = torch.Generator().manual_seed(0)
@@ -55,7 +69,7 @@ def main(argv=None) -> int:
         prompt = torch.randint(0, rt.config.vocab_size, (args.prefill,), generator=g).tolist()
         rt.generate([prompt], max_new_tokens=1, ignore_eos=True)
         print(f"prefill of {args.prefill} tokens: {args.prefill / rt.last_stats.prefill_s:.2f} tok/s", flush=True)
-    print(f"peak RSS {peak_rss_gb():.2f} GB")
+    print(f"peak RSS {peak_rss_gb():.2f} GB; {resident()}")
     return 0
 
 
