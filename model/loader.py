@@ -17,12 +17,13 @@ in their stored dtype (bf16 as published, fp32 stays fp32) and MXFP4 experts pac
 held in the runtime dtype in both.
 
 Tensors stream one at a time (see safetensors_reader), so peak memory is this rank's shard plus one tensor (one
-expert, for expert tensors). With published weights (`mmap`, the default) the MXFP4 experts and the embedding
-are not copied at all where the rank's tensor is the file's bytes as they lie: they are views of the mapped
-checkpoint, whose pages the page cache holds once for every process and keeps between runs (`_used_in_place`). A rank maps only its own bytes wherever its slice is contiguous on disk: vocab rows,
+expert, for expert tensors). A rank maps only its own bytes wherever its slice is contiguous on disk: vocab rows,
 q/k/v head rows, sinks, each expert's gate_up rows (MXFP4) or down rows (unquantised). Where the split is an
 inner dimension (o_proj's input columns; MXFP4 down_proj's packed input dim; unquantised gate_up's columns) the
-layer's matrix, or one expert's, is mapped and the slice copied out.
+layer's matrix, or one expert's, is mapped and the slice copied out. With published weights (`mmap`, the
+default) the MXFP4 experts and the embedding are not copied at all where the rank's tensor is the file's bytes as
+they lie: they are views of the mapped checkpoint, whose pages the page cache holds once for every process and
+keeps between runs (`_used_in_place`).
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ def load_weights(model: GptOss, model_dir, in_place: dict | None = None) -> None
         _use_in_place(model, reader, in_place)
 
 
-def _used_in_place(model: GptOss, reader: SafetensorsReader) -> dict[str, tuple[str, tuple, tuple | None]]:
+def _used_in_place(model: GptOss) -> dict[str, tuple[str, tuple, tuple | None]]:
     """The parameters this rank uses in place from the mapped checkpoint (`SafetensorsReader.map`) instead of
     copying them: name -> (checkpoint tensor, its shape, this rank's rows or None). Published weights only, and
     only where the rank's tensor is the file's bytes as they lie: each layer's MXFP4 expert blocks and scales
@@ -245,10 +246,9 @@ def _used_in_place(model: GptOss, reader: SafetensorsReader) -> dict[str, tuple[
     if model.weights != "published":
         return {}
     mapped = {}
-    embed, shape = "model.embed_tokens.weight", (config.vocab_size, hidden)
-    if plan.vocab_start + plan.vocab <= config.vocab_size and \
-            reader.check(embed, shape).dtype == model.embed_tokens.dtype:
-        mapped["embed_tokens"] = (embed, shape, (plan.vocab_start, plan.vocab_start + plan.vocab))
+    if plan.vocab_start + plan.vocab <= config.vocab_size:
+        mapped["embed_tokens"] = ("model.embed_tokens.weight", (config.vocab_size, hidden),
+                                  (plan.vocab_start, plan.vocab_start + plan.vocab))
     for i, block in enumerate(model.layers):
         if block.mlp.packed and plan.intermediate == inter:
             e = f"model.layers.{i}.mlp.experts."
@@ -313,7 +313,7 @@ def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype
     _check_size(model, reader)
     # host weights go on huge pages (a decode step streams them all: see host_memory)
     on_host = torch.device(device).type == "cpu"
-    in_place = _used_in_place(model, reader) if mmap and on_host else {}
+    in_place = _used_in_place(model) if mmap and on_host else {}
     model = to_host(model, skip=frozenset(in_place)) if on_host else model.to_empty(device=device)
     # The rope table is not a checkpoint tensor, and the meta device dropped its values: compute it (fp32).
     model.inv_freq = yarn_inv_freq(config.head_dim, config.rope)[0].to(device)
