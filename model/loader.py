@@ -186,7 +186,7 @@ def load_weights(model: GptOss, model_dir, in_place: dict | None = None) -> None
         for name, dst in (("model.embed_tokens.weight", model.embed_tokens), ("lm_head.weight", model.lm_head)):
             if dst.is_meta:  # used in place
                 continue
-            dst.zero_()
+            dst[vocab_rows:].zero_()  # the last rank's padding rows
             _copy(reader, name, (config.vocab_size, hidden), dst[:vocab_rows], 0, plan.vocab_start, vocab_rows)
         _copy(reader, "model.norm.weight", (hidden,), model.norm)
 
