@@ -139,6 +139,17 @@ def test_experts_and_embedding_are_used_in_place_from_the_file(ckpts, one_thread
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_a_sharded_checkpoint_is_used_in_place_shard_by_shard(tmp_path, one_thread):
+    ckpt = make_checkpoint(tmp_path / "sharded", CONFIGS["kvrep"], layout="mxfp4", seed=5, num_shards=3)
+    shards = {str(p.resolve()) for p in Path(ckpt).glob("*.safetensors")}
+    mapped, copied = load_model(ckpt, weights="published"), load_model(ckpt, weights="published", mmap=False)
+    backing = {_backing_file(b.mlp.gate_up_blocks) for b in mapped.layers} | {_backing_file(mapped.embed_tokens)}
+    assert len(shards) == 3 and backing <= shards and len(backing) > 1
+    ids = torch.randint(0, mapped.config.vocab_size, (1, PREFILL + DECODE), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(_logits(mapped, ids), _logits(copied, ids))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
 def test_a_tp_rank_maps_only_what_it_holds_as_stored(ckpts):
     """Under TP a rank's experts are some rows of each expert (gate_up) or zero-padded blocks (down): copied. Its
     embedding rows are mapped unless the last rank pads them (vocab 1021 over 2 ranks: 511 + 510 and a pad)."""
