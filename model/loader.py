@@ -240,7 +240,8 @@ def _used_in_place(model: GptOss) -> dict[str, tuple[str, tuple, tuple | None]]:
     only where the rank's tensor is the file's bytes as they lie: each layer's MXFP4 expert blocks and scales
     when the rank holds every row of them (one rank: a split takes some rows of each expert, or zeroes codes),
     and the embedding when the rank's vocabulary rows are unpadded. The other matrices are streamed whole by
-    every decode step: they are copied onto the arena's huge pages, which anonymous memory always gets."""
+    every decode step: they are copied onto the arena, whose anonymous memory gets huge pages wherever THP is
+    not off, where a file's page cache gets them only as far as it holds 2 MiB folios."""
     config, plan = model.config, model.plan
     hidden, experts, inter = config.hidden_size, config.num_local_experts, config.intermediate_size
     if model.weights != "published":
