@@ -183,9 +183,10 @@ def load_weights(model: GptOss, model_dir, in_place: dict | None = None) -> None
 
     with torch.no_grad():
         vocab_rows = min(plan.vocab, config.vocab_size - plan.vocab_start)
-        for name, dst in (("model.embed_tokens.weight", model.embed_tokens), ("lm_head.weight", model.lm_head)):
-            if dst.is_meta:  # used in place
+        for param, name in (("embed_tokens", "model.embed_tokens.weight"), ("lm_head", "lm_head.weight")):
+            if param in in_place:  # (mapped after the layers)
                 continue
+            dst = getattr(model, param)
             dst[vocab_rows:].zero_()  # the last rank's padding rows
             _copy(reader, name, (config.vocab_size, hidden), dst[:vocab_rows], 0, plan.vocab_start, vocab_rows)
         _copy(reader, "model.norm.weight", (hidden,), model.norm)
@@ -218,7 +219,7 @@ def load_weights(model: GptOss, model_dir, in_place: dict | None = None) -> None
                           2 * i_start, 2 * i_len)
             _copy_or_zero(reader, e + "down_proj_bias", (experts, hidden), moe.down_proj_bias, rank == 0)
             if packed:
-                if f"layers.{i}.mlp.gate_up_blocks" not in in_place:  # (else mapped after this loop)
+                if f"layers.{i}.mlp.gate_up_blocks" not in in_place:  # (else mapped after the layers)
                     _copy_mxfp4_packed(reader, e + "gate_up_proj", 2 * inter, hidden, moe.gate_up_blocks,
                                        moe.gate_up_scales, 2 * i_start, 2 * i_len, 0, hidden)
                     _copy_mxfp4_packed(reader, e + "down_proj", hidden, inter, moe.down_blocks, moe.down_scales,
@@ -295,7 +296,7 @@ def load_model(model_dir, *, tp_size: int = 1, rank: int = 0, dtype: torch.dtype
     and every parameter is written from the checkpoint. `dtype` is the activations' dtype; `weights` ("dense" or
     "published", default DEFAULT_WEIGHTS) how the weights are held (see the module docstring); the model records
     it as `model.weights`. `mmap` (CPU, published weights): the tensors whose in-memory form is the file's
-    (`_used_in_place`: the MXFP4 experts and the embedding, 86% of gpt-oss-20b's bytes) are used in place from
+    (`_used_in_place`: the MXFP4 experts and the embedding, 82% of gpt-oss-20b's bytes) are used in place from
     the mapped checkpoint rather than copied; the files must then not change while the model lives."""
     weights = weights or DEFAULT_WEIGHTS
     if weights not in WEIGHT_FORMATS:
