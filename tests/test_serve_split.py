@@ -4,6 +4,7 @@ neither process outlives the other."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from gptoss.runtime import Runtime, structured
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server.background import SplitServer, free_port
 from gptoss.runtime.server.engine_client import EngineClient
+from gptoss.runtime.server.engine_core import EngineInfo
 from gptoss.runtime.server.frontend import FrontendSpec, start_frontend
 from gptoss.runtime.tokenizer import TextTokenizer
 from gptoss.tools.make_checkpoint import make_checkpoint
@@ -170,10 +172,10 @@ def test_serve_while_steps_in_the_calling_thread(ckpt, ref):
 # -- the front end against a scripted engine: the test holds the engine's end of the pipe -------------------------
 class ScriptedEngine:
     def __init__(self, ckpt, max_queue):
-        self.frontend = start_frontend(FrontendSpec(str(ckpt), NAME, 1000, 256, max_queue, port=free_port(),
-                                                    log_level="error"))
+        self.frontend = start_frontend(FrontendSpec(str(ckpt), NAME, port=0, log_level="error"))
         self.conn = self.frontend.conn
-        assert self.conn.poll(60) and self.conn.recv() == ("ready",)
+        self.conn.send(("ready", EngineInfo(1000, 256, max_queue, max_batch_size=2, tp_size=1)))
+        assert self.conn.poll(60) and self.conn.recv() == ("serving",)
 
     def recv(self, timeout=10):
         assert self.conn.poll(timeout), "the front end sent nothing"
@@ -215,6 +217,50 @@ def test_frontend_bounds_the_queue_until_the_engine_admits(ckpt):
         engine.frontend.stop()
 
 
+def test_frontend_answers_503_while_the_model_loads(ckpt):
+    """The front end listens before the engine's model has loaded: until the engine says it is ready, /health says
+    "loading" and every other route 503 with Retry-After (an OpenAI error object); then requests go through, with
+    the limits the engine sent."""
+    frontend = start_frontend(FrontendSpec(str(ckpt), NAME, port=0, log_level="error"))
+    conn = frontend.conn
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # connections wait in the backlog until the front end accepts: poll for its first answer
+            try:
+                health = httpx.get(frontend.url + "/health", timeout=5)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and frontend.alive()
+                time.sleep(0.1)
+        assert health.status_code == 503 and health.json() == {"status": "loading"}
+        for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                             ("GET", "/metrics"), ("POST", "/tokenize")):
+            r = httpx.request(method, frontend.url + path, json={"model": NAME, "prompt": [1], "max_tokens": 2})
+            assert r.status_code == 503 and r.headers["retry-after"] == "5", path
+            assert r.json()["error"]["code"] == "model_loading"
+        with pytest.raises(openai.InternalServerError, match="loading"):
+            openai.OpenAI(base_url=frontend.url + "/v1", api_key="x", max_retries=0).completions.create(
+                model=NAME, prompt=[1], max_tokens=2)
+        assert not conn.poll(0.2)  # nothing reached the engine
+        conn.send(("ready", EngineInfo(1000, 256, 4, max_batch_size=2, tp_size=1)))
+        assert conn.poll(30) and conn.recv() == ("serving",)
+        assert httpx.get(frontend.url + "/health").json() == {"status": "ok"}
+        assert httpx.get(frontend.url + "/v1/models").json()["data"][0]["max_model_len"] == 256
+        too_long = httpx.post(frontend.url + "/v1/completions", json={"model": NAME, "prompt": [1] * 300,
+                                                                      "max_tokens": 2})
+        assert too_long.status_code == 400 and "256" in too_long.json()["error"]["message"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(httpx.post, frontend.url + "/v1/completions",
+                                json={"model": NAME, "prompt": [1], "max_tokens": 2}, timeout=30)
+            assert conn.poll(30)
+            kind, rid, request = conn.recv()
+            assert kind == "submit" and request.prompt == (1,) and request.max_tokens == 2
+            conn.send(("step", [(rid, 7, "x", None), (rid, 8, "y", "length")], [(rid, 0)]))
+            assert reply.result().json()["choices"][0]["text"] == "xy"
+    finally:
+        frontend.stop()
+
+
 def test_frontend_exits_when_the_engine_goes(ckpt):
     engine = ScriptedEngine(ckpt, max_queue=4)
     url = engine.frontend.url
@@ -249,7 +295,12 @@ def test_engine_client_counts_waiting_requests(ckpt):
     ours, theirs = socket.socketpair()
     from multiprocessing.connection import Connection
     engine, front = Connection(ours.detach()), Connection(theirs.detach())
-    client = EngineClient(front, TextTokenizer(ckpt), 1000, 256, max_queue=2)
+    client = EngineClient(front, TextTokenizer(ckpt))
+    with pytest.raises(RuntimeError, match="loading"):
+        client.submit(Request((1, 2), 3), [].append)
+    engine.send(("ready", EngineInfo(1000, 256, max_queue=2, max_batch_size=2, tp_size=1)))
+    client._readable()
+    assert client.ready.is_set() and client.context == 256
     seen = []
     a = client.submit(Request((1, 2), 3), seen.append)
     client.submit(Request((1, 2), 3), seen.append)
@@ -268,15 +319,33 @@ def test_engine_client_counts_waiting_requests(ckpt):
         client.submit(Request((1, 2), 3), seen.append)
 
 
-def test_serve_reports_a_front_end_that_cannot_listen(ckpt):
+def test_serve_refuses_a_port_in_use_before_loading(ckpt, tmp_path):
+    """The port is bound before the model loads: one in use fails at once, naming it (the model is not loaded:
+    a missing weights file would have been reported otherwise)."""
+    unloadable = tmp_path / "unloadable"
+    unloadable.mkdir()
+    for f in ckpt.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (unloadable / f.name).write_bytes(f.read_bytes())
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "gptoss.tools.serve", "--model", str(ckpt), "--port", str(port),
-                               "--max-batch-size", "2", "--max-seq-len", "128", "--prefill-chunk", "64"],
-                              capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "did not start" in proc.stderr, proc.stderr[-2000:]
+        proc = subprocess.run([sys.executable, "-m", "gptoss.tools.serve", "--model", str(unloadable), "--port",
+                               str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_serve_stops_its_front_end_when_the_model_cannot_load(tmp_path):
+    """The front end listens while the model loads; a model that fails to load ends both processes with the
+    loader's one-line error."""
+    broken = make_checkpoint(tmp_path / "broken", "tiny")
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])  # its header promises more than the file holds
+    proc = subprocess.run([sys.executable, "-m", "gptoss.tools.serve", "--model", str(broken), "--port", "0",
+                           "--log-level", "error"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_model_failure_fails_requests_and_health_keeps_serving(ckpt):

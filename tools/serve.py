@@ -11,7 +11,8 @@ API key (`--api-key`, or the GPTOSS_API_KEY environment variable, which `ps` doe
 `--no-prefix-reuse` turns that off.
 
 The model and its scheduler stay in this process (rank 0's); HTTP is served by a front-end process it starts, so
-request parsing and streaming never hold the engine's GIL. Ctrl-C or SIGTERM stops both.
+request parsing and streaming never hold the engine's GIL. The front end starts first and listens while the model
+loads (/health answers 503 "loading" until it is ready). Ctrl-C or SIGTERM stops both.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import signal
 import sys
 
 from gptoss.runtime import Runtime, structured
+from gptoss.runtime.distributed import is_main_process
 from gptoss.runtime.scheduler import Scheduler
 from gptoss.runtime.server.app import DEFAULT_MAX_BODY
 from gptoss.runtime.server.engine_core import EngineCore
@@ -56,19 +58,29 @@ def main(argv: list[str] | None = None) -> int:
     if settings.batch_sizes is not None and 1 not in settings.batch_sizes:
         # a newcomer's prompt is prefilled alone, in its own row: the batch-1 graphs must exist
         settings = settings.replace(batch_sizes=(1, *settings.batch_sizes))
-    rt = Runtime.from_pretrained(args.model, settings)
-    scheduler = Scheduler(rt, max_queue=args.max_queue, reuse_prefixes=args.prefix_reuse)
-    if not rt.is_main_process:  # replay rank 0's schedule until it stops
+    frontend = None
+    if is_main_process():  # rank 0 serves HTTP. Its front end starts first: its start overlaps the model's load,
+        #                    and a port in use fails before anything loads
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+        try:
+            frontend = start_frontend(FrontendSpec(
+                args.model, name, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+                log_level=args.log_level, announce=True), api_key=args.api_key)
+        except OSError as exc:
+            print(f"error: {exc.strerror}", file=sys.stderr, flush=True)
+            return 1
+    try:
+        rt = Runtime.from_pretrained(args.model, settings)
+        scheduler = Scheduler(rt, max_queue=args.max_queue, reuse_prefixes=args.prefix_reuse)
+    except BaseException:
+        if frontend is not None:
+            frontend.stop()
+        raise
+    if frontend is None:  # replay rank 0's schedule until it stops
         structured.prepare(rt.tokenizer)  # (as rank 0's engine does: no rank builds it at a first request)
         scheduler.run()
         return 0
 
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    banner = (f"serving {name} on http://{args.host}:{args.port} (max batch {rt.shapes.max_batch_size}, context "
-              f"{rt.shapes.max_seq_len}, queue {scheduler.max_queue}, tp {rt.model.parallel.tp_size})")
-    frontend = start_frontend(FrontendSpec.for_scheduler(
-        scheduler, args.model, name, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-        log_level=args.log_level, banner=banner), api_key=args.api_key)
     # Ctrl-C reaches both processes; either signal here stops the front end first, whose closing pipe then
     # stops the scheduler between steps (under TP, with the stop plan every rank needs)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -78,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         core.run()
     finally:
         frontend.stop()
-    if not core.frontend_ready.is_set():
+    if not core.frontend_serving.is_set():
         print("error: the HTTP front end did not start (its error is above)", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -35,17 +35,19 @@ DISCONNECT_POLL_S = 0.5
 
 def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BODY,
                api_key: str | None = None) -> FastAPI:
-    """`engine`: an `EngineClient`, a `LocalEngine`, or a `Scheduler` (served from this process). With `api_key`,
+    """`engine`: an `EngineClient`, a `LocalEngine`, or a `Scheduler` (served from this process). Until the
+    engine is ready (`engine.ready`, an asyncio.Event: its model loaded) every route answers 503. With `api_key`,
     the API's routes (not /health, /metrics) answer 401 unless sent `Authorization: Bearer <api_key>`."""
     if isinstance(engine, Scheduler):
         engine = LocalEngine(engine)
-    tokenizer, context = engine.tokenizer, engine.context
+    tokenizer = engine.tokenizer
     harmony = HarmonyTokens.from_tokenizer(tokenizer) if tokenizer.available else None
     names = TokenNames(tokenizer)
     structured.prepare(tokenizer)
     created = int(time.time())
     app = FastAPI(title="gptoss", docs_url=None, redoc_url=None, openapi_url=None)
-    if api_key:
+    app.add_middleware(_WhileLoading, ready=engine.ready)
+    if api_key:  # (added last, so checked first: no key, no answer, loading or not)
         app.add_middleware(_RequireKey, key=api_key)
 
     @app.exception_handler(APIError)
@@ -64,6 +66,8 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
     async def health():
         if engine.error is not None:
             return JSONResponse({"status": "error", "error": engine.error}, status_code=503)
+        if not engine.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -74,23 +78,24 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
             raise APIError(503, f"the engine did not answer: {exc or 'timed out'}") from None
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "gptoss",
-                  "max_model_len": context}
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "gptoss",
+                "max_model_len": engine.context}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card]}
+        return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         check_model({"model": model_id}, model_name)
-        return model_card
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
         body = await _json_body(http, max_body_bytes)
         check_model(body, model_name)
-        parsed = parse_completion(body, tokenizer, context)
+        parsed = parse_completion(body, tokenizer, engine.context)
         rid = f"cmpl-{uuid.uuid4().hex}"
         wanted = parsed.request.logprobs is not None
         logprobs = [CompletionLogprobs(names) if wanted else None for _ in range(parsed.choices)]
@@ -118,7 +123,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
         body = await _json_body(http, max_body_bytes)
         check_model(body, model_name, required=False)
         tokens = parse_tokenize(body, tokenizer, render)
-        return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
+        return {"count": len(tokens), "max_model_len": engine.context, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(http: HTTPRequest):
@@ -143,7 +148,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
-        parsed = parse_chat(await chat_body_of(http), tokenizer, context, render)
+        parsed = parse_chat(await chat_body_of(http), tokenizer, engine.context, render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         replies = [chat_reply(parsed) for _ in range(parsed.choices)]
         choices = _submit(engine, parsed)
@@ -169,7 +174,7 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
             if body.get("previous_response_id") is not None:
                 earlier = kept.get(body["previous_response_id"], "previous_response_id")[1]
             chat_request, conversation = chat_body(body, earlier)
-            parsed = parse_chat(chat_request, tokenizer, context, render)
+            parsed = parse_chat(chat_request, tokenizer, engine.context, render)
             choices = _submit(engine, parsed)
         except APIError as exc:
             raise renamed(exc) from None
@@ -202,6 +207,25 @@ def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
 
 # -- plumbing --------------------------------------------------------------------------------------------------
+LOADING_RETRY_AFTER_S = 5
+
+
+class _WhileLoading:
+    """ASGI middleware: until `ready` is set (the engine's model loaded) every route but /health (which says
+    "loading") answers 503 with Retry-After, as llama.cpp's server does while it loads."""
+
+    def __init__(self, app, ready: asyncio.Event):
+        self.app, self.ready = app, ready
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not self.ready.is_set() and scope["path"] != "/health":
+            response = JSONResponse(error_body(503, "the model is loading; try again shortly", code="model_loading"),
+                                    status_code=503, headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class _RequireKey:
     """ASGI middleware: the API's routes need `Authorization: Bearer <key>` (compared in constant time); the
     probes (/health, /metrics) stay open, as vLLM's are. Plain ASGI, not BaseHTTPMiddleware, which would sit

@@ -52,10 +52,10 @@ class SplitServer:
     thread)."""
 
     def __init__(self, scheduler, model_dir, name: str, api_key: str | None = None, **spec):
-        self.spec = FrontendSpec.for_scheduler(scheduler, model_dir, name, port=free_port(), log_level="error",
-                                               **spec)
+        self.spec = FrontendSpec(None if model_dir is None else str(model_dir), name, port=0, log_level="error",
+                                 **spec)
         self.api_key = api_key
-        self.scheduler, self.url = scheduler, self.spec.url
+        self.scheduler = scheduler
         self.frontend, self.thread = None, None
         self.engine_error: BaseException | None = None  # what the engine's loop raised, if it failed
 
@@ -65,17 +65,27 @@ class SplitServer:
         except BaseException as exc:  # the front end has reported it to clients; keep it for the caller
             self.engine_error = exc
 
+    @property
+    def url(self) -> str:
+        return self.frontend.url
+
     def __enter__(self) -> "SplitServer":
         self.frontend = start_frontend(self.spec, self.api_key)
         self.core = EngineCore(self.scheduler, self.frontend.conn)
         self.thread = threading.Thread(target=self._engine, name="gptoss-engine", daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.core.frontend_ready.wait(0.05):
-            if time.monotonic() > deadline or not self.frontend.alive():
-                self.__exit__()
-                raise RuntimeError("the front-end process did not start")
+        try:
+            self._wait_serving()
+        except RuntimeError:
+            self.__exit__()
+            raise
         return self
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.core.frontend_serving.wait(0.05):
+            if time.monotonic() > deadline or not self.frontend.alive():
+                raise RuntimeError("the front-end process did not start")
 
     def __exit__(self, *exc) -> None:
         self.frontend.stop()
@@ -88,15 +98,12 @@ class SplitServer:
         self.frontend = start_frontend(self.spec, self.api_key)
         self.core = EngineCore(self.scheduler, self.frontend.conn)
 
-        def when_listening():
-            deadline = time.monotonic() + 120
-            while not self.core.frontend_ready.wait(0.05):
-                if time.monotonic() > deadline or not self.frontend.alive():
-                    raise RuntimeError("the front-end process did not start")
+        def when_serving():
+            self._wait_serving()
             return work()
 
         # the front end's pipe closing ends core.run()
-        return step_while(self.core.run, when_listening, stop=self.frontend.stop, abort=self.frontend.shutdown)
+        return step_while(self.core.run, when_serving, stop=self.frontend.stop, abort=self.frontend.shutdown)
 
 
 def step_while(run, work, stop, abort=None):

@@ -1,5 +1,6 @@
 """The front end's handle on an engine in another process (`engine_core.py` is the other end of the pipe), with
-the surface `create_app` uses: `tokenizer`, `context`, `submit`, `metrics_text`, `error`.
+the surface `create_app` uses: `tokenizer`, `ready`, `context`, `submit`, `metrics_text`, `error`. The limits
+(`vocab_size`, `context`, `max_queue`) come from the engine once its model has loaded (`ready` is then set).
 
 Requests are checked here, before they cross, with the same checks the scheduler makes, and the queue is bounded
 here: a request counts as waiting from its submission until the engine reports it admitted (or ended), so the
@@ -15,6 +16,7 @@ from ..metrics import ServingMetrics
 from ..runtime import TokenEvent
 from ..scheduler import QueueFull, Request, check_request
 from ..tokenizer import TextTokenizer
+from .engine_core import EngineInfo
 
 METRICS_TIMEOUT_S = 10.0
 
@@ -39,9 +41,10 @@ class RemoteHandle:
 class EngineClient:
     """`on_event` callbacks run on the loop that reads the pipe (the app's)."""
 
-    def __init__(self, conn, tokenizer: TextTokenizer, vocab_size: int, context: int, max_queue: int):
-        self.conn, self.tokenizer, self.vocab_size, self.context = conn, tokenizer, vocab_size, context
-        self.max_queue = max_queue
+    def __init__(self, conn, tokenizer: TextTokenizer):
+        self.conn, self.tokenizer = conn, tokenizer
+        self.info: EngineInfo | None = None  # the engine's limits, once it is ready
+        self.ready = asyncio.Event()  # set with `info`
         self.error: str | None = None
         self.on_engine_exit = None  # called once when the engine's end of the pipe closes
         self._open: dict[int, RemoteHandle] = {}  # rid -> handle until its last event
@@ -59,6 +62,23 @@ class EngineClient:
         loop.add_reader(self.conn.fileno(), self._readable)
 
     # -- what the app calls --------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._ready_info().vocab_size
+
+    @property
+    def context(self) -> int:
+        return self._ready_info().context
+
+    @property
+    def max_queue(self) -> int:
+        return self._ready_info().max_queue
+
+    def _ready_info(self) -> EngineInfo:
+        if self.info is None:
+            raise RuntimeError("the model is still loading")
+        return self.info
+
     def submit(self, request: Request, on_event) -> RemoteHandle:
         if self.error is not None:
             raise RuntimeError(f"the engine stopped: {self.error}")
@@ -86,9 +106,9 @@ class EngineClient:
         metrics.requests_rejected += self._rejected
         return metrics.render()
 
-    def send_ready(self) -> None:
-        """Tell the engine the port is listening."""
-        self._send(("ready",))
+    def send_serving(self) -> None:
+        """Tell the engine the port is listening and requests are taken."""
+        self._send(("serving",))
 
     # -- the pipe --------------------------------------------------------------------------------------------------
     def _send(self, msg) -> None:
@@ -114,6 +134,9 @@ class EngineClient:
                     self._open[rid].reused = reused
             for rid, token_id, text, finish, *logprobs in events:
                 self._deliver(rid, TokenEvent(rid, token_id, text, finish, *logprobs))
+        elif kind == "ready":
+            self.info = msg[1]
+            self.ready.set()
         elif kind == "metrics":
             future = self._tickets.get(msg[1])
             if future is not None and not future.done():

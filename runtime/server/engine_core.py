@@ -9,9 +9,9 @@ a third process (a Zen 4); the rest is the front end and the clients sharing the
 Apart, the engine's process holds only the scheduler and this link.
 
 Over a `multiprocessing` pipe:
-- to the engine: ("ready",) once the front end listens, ("submit", rid, Request), ("cancel", rid),
-  ("metrics", ticket);
-- to the front end: ("step", [(rid, token_id, text, finish_reason[, logprob, top_logprobs, prompt_logprobs]),
+- to the engine: ("serving",) once the front end listens and knows the engine is ready, ("submit", rid, Request),
+  ("cancel", rid), ("metrics", ticket);
+- to the front end: ("ready", EngineInfo) when the engine starts stepping (its model loaded), ("step", [(rid, token_id, text, finish_reason[, logprob, top_logprobs, prompt_logprobs]),
   ...], [(admitted rid, prompt tokens reused), ...]) once per scheduler step that produced anything, ("metrics",
   ticket, ServingMetrics), ("error", message) when the model failed (every open request has then had its "error"
   event).
@@ -20,9 +20,26 @@ The front end closing its end stops the engine.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 from .. import structured
 from ..scheduler import Handle, Request, Scheduler
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the front end learns from the engine once its model is loaded: the limits it checks requests against."""
+    vocab_size: int
+    context: int  # max_seq_len
+    max_queue: int
+    max_batch_size: int
+    tp_size: int
+
+    @classmethod
+    def of(cls, scheduler: Scheduler) -> "EngineInfo":
+        rt = scheduler.rt
+        return cls(rt.config.vocab_size, rt.shapes.max_seq_len, scheduler.max_queue, rt.shapes.max_batch_size,
+                   rt.model.parallel.tp_size)
 
 
 class EngineCore:
@@ -34,7 +51,7 @@ class EngineCore:
         self._admitted: list[tuple[int, int]] = []
         self._handles: dict[int, Handle] = {}  # rid -> handle, for cancellation, until the request ends
         self._ended: set[int] = set()  # rids that ended before their submit returned (not yet in _handles)
-        self.frontend_ready = threading.Event()  # the front end said its port is listening
+        self.frontend_serving = threading.Event()  # the front end said it listens and knows the engine is ready
         scheduler.on_admit = self._on_admit
         scheduler.after_step = self.flush
         structured.prepare(scheduler.rt.tokenizer)
@@ -44,6 +61,7 @@ class EngineCore:
         answering (every new request fails) until then, and re-raise the failure."""
         reader = threading.Thread(target=self._read, name="gptoss-engine-link", daemon=True)
         reader.start()
+        self._send(("ready", EngineInfo.of(self.scheduler)))
         try:
             self.scheduler.run()
         except BaseException as exc:
@@ -90,8 +108,8 @@ class EngineCore:
                     handle = self._handles.get(msg[1])
                 if handle is not None:
                     handle.cancel()
-            elif kind == "ready":
-                self.frontend_ready.set()
+            elif kind == "serving":
+                self.frontend_serving.set()
             elif kind == "metrics":
                 self._send(("metrics", msg[1], self.scheduler.metrics))
         self.scheduler.stop(timeout=0)

@@ -12,6 +12,8 @@ class LocalEngine:
         self.scheduler = scheduler
         self.tokenizer = scheduler.rt.tokenizer
         self.context = scheduler.rt.shapes.max_seq_len
+        self.ready = asyncio.Event()  # (the model is loaded already)
+        self.ready.set()
 
     @property
     def vocab_size(self) -> int:
