@@ -434,3 +434,26 @@ def test_a_build_killed_midway_does_not_hang_the_next(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "7"
 
+
+def test_a_second_checkout_of_the_same_sources_loads_the_build(tmp_path):
+    """The same sources at another path (a second checkout) load the cached library: ninja would rebuild it if
+    the compile commands named the callers' paths, so they name a copy in the build directory."""
+    name = "gptoss_tiny_copies"
+    checkouts = [tmp_path / "one", tmp_path / "two"]
+    for checkout in checkouts:
+        checkout.mkdir()
+        (checkout / "tiny.h").write_text("#define SEVEN 7\n")
+        (checkout / "tiny.cpp").write_text('#include "tiny.h"\nextern "C" int gptoss_tiny() { return SEVEN; }\n')
+    library = tmp_path / "gptoss" / name / f"{name}.so"
+    built = []
+    for checkout in checkouts:
+        code = ("import ctypes; from gptoss.model import kernels; "
+                f"kernels.build_library({name!r}, [{str(checkout / 'tiny.cpp')!r}], python_module=False); "
+                f"print(ctypes.CDLL({str(library)!r}).gptoss_tiny())")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1] == "7"
+        built.append(library.stat().st_mtime_ns)
+    assert built[0] == built[1]  # the second checkout compiled nothing
+

@@ -61,7 +61,8 @@ _module = None
 
 
 def source_hash() -> str:
-    h = hashlib.sha256(torch.__version__.encode())
+    """The sources' and this torch's (version and place: another virtualenv's headers are other compile flags)."""
+    h = hashlib.sha256(f"{torch.__version__} {Path(torch.__file__).parent}".encode())
     for path in sorted(CSRC.glob("*.[ch]*")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
@@ -88,6 +89,10 @@ def build_library(name: str, sources, python_module: bool = True):
     mid-build leaves it behind, and every later process would hang on it. So builds here are serialised by an
     advisory lock the OS drops when its holder dies: whoever holds it knows any marker left in the directory is
     stale and removes it.
+
+    The sources are compiled from a copy in the build directory (with the headers beside them): ninja rebuilds
+    whenever a compile command changes, and the commands name the sources' paths, so a second checkout of the
+    same sources would otherwise rebuild the library (minutes on 2 cores) each time the other one had.
     """
     import fcntl
 
@@ -100,12 +105,25 @@ def build_library(name: str, sources, python_module: bool = True):
         fcntl.flock(held, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)
         if not (directory / f"{name}.so").exists():
-            print(f"compiling {name} once for this machine (~30 s; cached in {directory})", file=sys.stderr,
-                  flush=True)
+            print(f"compiling {name} once for this machine (minutes on 2 cores; cached in {directory})",
+                  file=sys.stderr, flush=True)
+        copies = _copied_sources(sources, directory / "src")
         # -fopenmp: at::parallel_for runs on torch's OpenMP pool (the same libgomp, already loaded).
-        return cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(directory),
+        return cpp_extension.load(name=name, sources=[str(p) for p in copies], build_directory=str(directory),
                                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                   is_python_module=python_module)
+
+
+def _copied_sources(sources, into: Path) -> list[Path]:
+    """`sources` and the headers beside them copied into `into`; a file already there with the same bytes is left
+    alone (a fresh copy would be newer than its object file, which ninja would rebuild)."""
+    into.mkdir(exist_ok=True)
+    sources = [Path(p) for p in sources]
+    for path in {*sources, *(h for d in {p.parent for p in sources} for h in d.glob("*.h"))}:
+        copy = into / path.name
+        if not copy.is_file() or copy.read_bytes() != path.read_bytes():
+            shutil.copyfile(path, copy)
+    return [into / p.name for p in sources]
 
 
 PREFETCH_CANDIDATES = (0, 1024, 2048, 4096, 8192)  # bytes ahead
