@@ -25,12 +25,13 @@ from gptoss.model.loader import load_model
 from gptoss.model.parallel import Parallel, ShardPlan
 
 from .distributed import env_world, setup as setup_distributed
-from .invalid import invalid
-from .sampling import LogitAdjustments, sample, token_logprobs, validate_adjustments, validate_logprobs, \
-    validate_sampling
+from .request import TokenEvent
+from .sampling import LogitAdjustments, sample, token_logprobs
+from .sampling_params import validate_adjustments, validate_logprobs, validate_sampling
 from .settings import Settings
-from .stop_text import held_back
-from .structured import TokenConstraint, check as check_grammar, grammar as whole_reply
+from .stop_text import held_back, parse_stop
+from .structured import check as check_grammar, grammar as whole_reply
+from .token_constraint import TokenConstraint
 from .tokenizer import IncrementalDetokenizer, TextTokenizer, stop_token_ids
 
 
@@ -44,23 +45,6 @@ class GenerationResult:
     # first), under the model's own distribution
     logprobs: list[float] | None = None
     top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
-
-
-@dataclass
-class TokenEvent:
-    """One streamed token of prompt `index` (-1: none, on a last event that only ends it); `finish_reason` is set
-    on that prompt's last event. `logprob` and `top_logprobs` ((token id, log-probability), most likely first)
-    where the request asked for them."""
-
-    index: int
-    token_id: int
-    text: str
-    finish_reason: str | None = None
-    logprob: float | None = None
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-    # the prompt's tokens' (log-probability, top_logprobs), the first token's (None, ()): on a request's first
-    # event, where it asked for them (Request.prompt_logprobs)
-    prompt_logprobs: tuple | None = None
 
 
 @dataclass
@@ -158,8 +142,8 @@ class Runtime:
         self.backend = settings.backend
         if self.device.type == "cpu" and (model.weights == "published" or self.dtype == torch.float32):
             # the CPU kernels (published weights' matmuls; fp32 attention in any weight form) are compiled once
-            # per machine (~30 s on 2 cores), here rather than inside the first step: a first prefill's timing is
-            # the model's, not the compiler's
+            # per machine (130 s on a 2-core Zen 3), here rather than inside the first step: a first prefill's
+            # timing is the model's, not the compiler's
             from gptoss.model import kernels
             kernels.extension()
         self.graphs = backend.build(model, self.shapes, self.cache, settings)
@@ -424,30 +408,6 @@ class _Choice:
     def pick(self, logits: torch.Tensor, batch: list[_Sequence]) -> torch.Tensor:
         """logits [rows, V] (row r is batch[r]'s; rows past the batch are padding) -> tokens [rows]."""
         return sample(steer(logits, batch), self.temperature, self.top_k, self.top_p, self.generator, self.min_p)
-
-
-def parse_stop(stop, vocab_size: int, tokenizer: TextTokenizer) -> tuple[set[int], list[str]]:
-    """`stop` (None, a string, a token id, or a list of them) as (stop token ids, stop strings); a bad entry
-    raises TypeError/ValueError naming it."""
-    if stop is None:
-        return set(), []
-    if isinstance(stop, (str, int)):
-        stop = [stop]
-    ids, strings = set(), []
-    for s in stop:
-        if isinstance(s, bool) or not isinstance(s, (str, int)):
-            raise invalid("stop", f"stop entries must be strings or token ids, got {s!r}", kind=TypeError)
-        if isinstance(s, int):
-            if not 0 <= s < vocab_size:
-                raise invalid("stop", f"stop token id {s} is outside the vocabulary [0, {vocab_size})")
-            ids.add(s)
-        elif not s:
-            raise invalid("stop", "stop strings must be non-empty")
-        elif not tokenizer.available:
-            raise invalid("stop", "stop strings need the checkpoint's tokenizer.json; pass stop token ids instead")
-        else:
-            strings.append(s)
-    return ids, strings
 
 
 class _Turn:

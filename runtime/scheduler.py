@@ -44,78 +44,13 @@ from typing import Callable
 
 import torch
 
-from .invalid import invalid
 from .metrics import ServingMetrics
 from .prefix_reuse import PrefixReuse, common_prefix
-from .runtime import Runtime, TokenEvent, _Sequence, parse_stop, steer
-from .sampling import (LogitAdjustments, greedy, positions_logprobs, sample, token_logprobs, validate_adjustments,
-                       validate_logprobs, validate_sampling)
-from .structured import TokenConstraint, check as check_grammar
-from .tokenizer import IncrementalDetokenizer, TextTokenizer
-
-
-class QueueFull(RuntimeError):
-    def __init__(self, capacity: int, retry_after_s: float):
-        super().__init__(f"the server is busy: {capacity} requests are already waiting; retry later")
-        self.capacity, self.retry_after_s = capacity, retry_after_s
-
-
-def check_request(request: "Request", vocab_size: int, max_seq_len: int, tokenizer: TextTokenizer) -> None:
-    """Raise ValueError/TypeError naming what is wrong with `request` for a model of `vocab_size` tokens served
-    with a context of `max_seq_len` (the scheduler before queueing it, and a server's front end before sending it)."""
-    if not request.prompt:
-        raise invalid("prompt", "the prompt is empty: at least one token is needed")
-    bad = [t for t in request.prompt if not 0 <= t < vocab_size]
-    if bad:
-        raise invalid("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-    if len(request.prompt) >= max_seq_len:
-        raise invalid("prompt", f"the prompt has {len(request.prompt)} tokens, but this server's context is "
-                                f"{max_seq_len} tokens (max_seq_len) and must leave room for at least one generated "
-                                f"token", code="context_length_exceeded")
-    scoring = request.scores_prompt  # (then the prompt alone may be the point: max_tokens 0)
-    if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or \
-            request.max_tokens < (0 if scoring else 1):
-        raise invalid("max_tokens", f"max_tokens must be a {'non-negative' if scoring else 'positive'} integer, "
-                                    f"got {request.max_tokens!r}")
-    validate_sampling(request.temperature, request.top_k, request.top_p, request.min_p)
-    validate_adjustments(request.presence_penalty, request.frequency_penalty, request.repetition_penalty,
-                         request.logit_bias, vocab_size)
-    validate_logprobs("logprobs", request.logprobs)
-    validate_logprobs("prompt_logprobs", request.prompt_logprobs)
-    parse_stop(list(request.stop), vocab_size, tokenizer)
-    if request.grammar is not None:
-        try:
-            check_grammar(request.grammar, tokenizer)
-        except ValueError as exc:
-            raise invalid("grammar", str(exc)) from None
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt: tuple[int, ...]
-    max_tokens: int
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple = ()  # strings and/or token ids, as `Runtime.generate` takes them
-    ignore_eos: bool = False
-    logprobs: int | None = None  # each token's log-probability and this many alternatives' (None: not computed)
-    # the same for the prompt's tokens after the first (delivered with the first event; every position is
-    # prefilled, none reused); with it, max_tokens may be 0: the prompt is scored and nothing generated
-    prompt_logprobs: int | None = None
-    min_p: float | None = None
-    # sampling.LogitAdjustments': applied before greedy and sampled choices alike
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs
-    grammar: str | None = None  # the grammar the reply follows (runtime.structured builds it), token by token
-
-    @property
-    def scores_prompt(self) -> bool:
-        """Its prompt is scored: every position prefilled through the model's Python, alone, nothing reused."""
-        return self.prompt_logprobs is not None
+from .request import QueueFull, Request, TokenEvent, check_request
+from .runtime import Runtime, _Sequence, steer
+from .sampling import LogitAdjustments, greedy, positions_logprobs, sample, token_logprobs
+from .token_constraint import TokenConstraint
+from .tokenizer import IncrementalDetokenizer
 
 
 class Handle:

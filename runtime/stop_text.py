@@ -2,6 +2,9 @@
 (the parsed `content`), not on the raw harmony markup the model writes around it."""
 from __future__ import annotations
 
+from .invalid import invalid
+from .tokenizer import TextTokenizer
+
 
 class StopText:
     """`push(piece)` returns the part of the text that became visible; text that could be the start of a stop
@@ -49,3 +52,27 @@ def held_back(text: str, stops: list[str]) -> int:
                 longest = k
                 break
     return longest
+
+
+def parse_stop(stop, vocab_size: int, tokenizer: TextTokenizer) -> tuple[set[int], list[str]]:
+    """`stop` (None, a string, a token id, or a list of them) as (stop token ids, stop strings); a bad entry
+    raises TypeError/ValueError naming it."""
+    if stop is None:
+        return set(), []
+    if isinstance(stop, (str, int)):
+        stop = [stop]
+    ids, strings = set(), []
+    for s in stop:
+        if isinstance(s, bool) or not isinstance(s, (str, int)):
+            raise invalid("stop", f"stop entries must be strings or token ids, got {s!r}", kind=TypeError)
+        if isinstance(s, int):
+            if not 0 <= s < vocab_size:
+                raise invalid("stop", f"stop token id {s} is outside the vocabulary [0, {vocab_size})")
+            ids.add(s)
+        elif not s:
+            raise invalid("stop", "stop strings must be non-empty")
+        elif not tokenizer.available:
+            raise invalid("stop", "stop strings need the checkpoint's tokenizer.json; pass stop token ids instead")
+        else:
+            strings.append(s)
+    return ids, strings

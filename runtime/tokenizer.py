@@ -1,7 +1,7 @@
 """The checkpoint's tokenizer (`tokenizer.json`, read with the `tokenizers` library, offline) and its stop ids.
 
-A file here that cannot be used (tokenizer.json, generation_config.json, the chat template and the files
-transformers reads with it) raises CheckpointError naming it, never the library's own exception."""
+A file here that cannot be used (tokenizer.json, generation_config.json, the chat template's files) raises
+CheckpointError naming it, never the library's own exception."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +9,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from gptoss.model.errors import CheckpointError, json_kind, parse_json, read_file, read_json_object
+
+from .chat_template import ChatTemplate
 
 def _byte_level_chars() -> dict[str, int]:
     """Byte-level BPE's (GPT-2's, o200k's) printable stand-in for each byte: printable Latin-1 bytes stand for
@@ -19,8 +21,6 @@ def _byte_level_chars() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_level_chars()
-
-CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")  # where transformers looks
 
 
 def _rust_failure(e: BaseException) -> bool:
@@ -66,43 +66,18 @@ class TextTokenizer:
 
     def apply_chat_template(self, messages: list[dict], **template_kwargs) -> str:
         """The checkpoint's chat template (harmony for GPT-OSS) rendered as a prompt ending where the assistant
-        speaks. Uses transformers' renderer, which supplies the helpers the published template calls.
-        `template_kwargs` (e.g. `tools`, `reasoning_effort`) are variables the template may read."""
-        from jinja2 import TemplateError
-
-        chat = self._chat_tokenizer()
-        try:
-            return chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
-        except TemplateError as e:
-            present = [self.model_dir / n for n in CHAT_TEMPLATE_FILES if (self.model_dir / n).is_file()]
-            line = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
-            raise CheckpointError(f"{present[0] if present else self.model_dir}: the chat template fails{line}: "
-                                  f"{type(e).__name__}: {e}") from e
+        speaks, as transformers renders it (chat_template.py). `template_kwargs` (e.g. `tools`,
+        `reasoning_effort`) are variables the template may read."""
+        return self._chat_template().render(messages, **template_kwargs)
 
     def chat_template_source(self) -> str:
-        template = self._chat_tokenizer().chat_template
-        return template if isinstance(template, str) else str(template)
+        return self._chat_template().source()
 
-    def _chat_tokenizer(self):
-        from transformers import AutoTokenizer
-
+    def _chat_template(self) -> ChatTemplate:
         if self.model_dir is None:
             raise ValueError("no checkpoint directory, so no chat template")
-        present = [self.model_dir / n for n in CHAT_TEMPLATE_FILES if (self.model_dir / n).is_file()]
         if self._chat is None:
-            for path in present:  # name the file that is not text or JSON, before transformers trips on it
-                if path.suffix == ".json":
-                    parse_json(read_file(path), path)
-                else:
-                    _read_text(path)
-            try:
-                self._chat = AutoTokenizer.from_pretrained(self.model_dir)
-            except Exception as e:  # noqa: BLE001 - transformers raises many kinds for one bad file
-                files = ", ".join(p.name for p in [self.model_dir / "tokenizer.json", *present] if p.is_file())
-                raise CheckpointError(f"{self.model_dir}: transformers cannot build the chat tokenizer from "
-                                      f"{files}: {type(e).__name__}: {e}") from e
-            if not self._chat.chat_template:
-                raise ValueError(f"{self.model_dir} has no chat template (chat_template.jinja)")
+            self._chat = ChatTemplate.from_checkpoint(self.model_dir)
         return self._chat
 
     def token_id(self, token: str) -> int | None:
@@ -135,14 +110,6 @@ def stop_token_ids(model_dir: str | Path, config_eos: tuple[int, ...]) -> set[in
                                       f"{json_kind(eos)}")
             return set(ids)
     return set(config_eos)
-
-
-def _read_text(path: Path) -> str:
-    data = read_file(path)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from e
 
 
 class IncrementalDetokenizer:

@@ -336,6 +336,7 @@ def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):
     from gptoss.runtime.scheduler import Request, Scheduler
     from gptoss.runtime.server import create_app
     from gptoss.runtime.server.background import LiveServer
+    from gptoss.runtime.server.local_engine import LocalEngine
 
     rt = artifacts[1]
     prompts = PROMPTS + [list(range(40, 73)), [3, 1, 4, 1, 5, 9, 2, 6]]
@@ -374,7 +375,7 @@ def test_served_through_scheduler_equals_generate(artifacts, monkeypatch):
             return (await asyncio.gather(start_when_queued(), *(one(p, n) for p, n in zip(prompts, lengths))))[1:]
 
     try:
-        with LiveServer(create_app(scheduler, "m")) as server:
+        with LiveServer(create_app(LocalEngine(scheduler), "m")) as server:
             got = asyncio.run(clients(server.url))
     finally:
         scheduler.stop()

@@ -37,7 +37,7 @@ def ckpt(tmp_path_factory):
 def served(ckpt):
     rt = Runtime.from_pretrained(ckpt, progress=False, max_batch_size=4, max_seq_len=512, prefill_chunk=64)
     scheduler = Scheduler(rt).start()
-    with LiveServer(create_app(scheduler, NAME)) as server:
+    with LiveServer(create_app(LocalEngine(scheduler), NAME)) as server:
         server.rt = rt
         server.client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         yield server

@@ -3,7 +3,8 @@ follow their distribution; min-p, repetition/presence/frequency penalties and lo
 import pytest
 import torch
 
-from gptoss.runtime.sampling import adjust_logits, draw, greedy, sample, validate_adjustments, validate_sampling
+from gptoss.runtime.sampling import adjust_logits, draw, greedy, sample
+from gptoss.runtime.sampling_params import validate_adjustments, validate_sampling
 
 
 def test_greedy_equals_torch_argmax_with_ties_and_nan():

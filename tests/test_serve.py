@@ -24,7 +24,7 @@ from gptoss.runtime.harmony import render_chat
 from gptoss.runtime.tokenizer import TextTokenizer
 from gptoss.tools.make_checkpoint import CHAT_TEMPLATE
 from gptoss.runtime.sampling import adjust_logits
-from gptoss.runtime.structured import TokenConstraint
+from gptoss.runtime.token_constraint import TokenConstraint
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
 from gptoss.runtime.server import create_app
 from gptoss.runtime.server.background import LiveServer
@@ -61,7 +61,7 @@ def served(ckpt):
     rt = Runtime.from_pretrained(ckpt, progress=False, mixed_steps=True, **SETTINGS)  # as tools.serve runs
     scheduler = Scheduler(rt).start()
     scheduler.record_graph_calls = True
-    with LiveServer(create_app(scheduler, NAME)) as server:
+    with LiveServer(create_app(LocalEngine(scheduler), NAME)) as server:
         server.scheduler = scheduler
         server.client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         yield server
@@ -642,7 +642,7 @@ def test_queue_full_gives_429(ckpt, ref):
     scheduler = Scheduler(ref, max_queue=3)  # never started: requests stay queued
     for _ in range(2):
         scheduler.submit(Request((1, 2, 3), 4))
-    with LiveServer(create_app(scheduler, NAME)) as server:
+    with LiveServer(create_app(LocalEngine(scheduler), NAME)) as server:
         # three choices where one place is left: none is queued (the first gives its place back)
         r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [1, 2], "max_tokens": 2,
                                                               "n": 3})

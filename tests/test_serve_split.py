@@ -18,7 +18,7 @@ import torch
 
 from gptoss.runtime import Runtime, structured
 from gptoss.runtime.scheduler import QueueFull, Request, Scheduler
-from gptoss.runtime.server.background import SplitServer, free_port
+from gptoss.runtime.server.background import SplitServer
 from gptoss.runtime.server.engine_client import EngineClient
 from gptoss.runtime.server.engine_core import EngineInfo
 from gptoss.runtime.server.frontend import FrontendSpec, start_frontend
@@ -257,6 +257,10 @@ def test_frontend_answers_503_while_the_model_loads(ckpt):
             assert kind == "submit" and request.prompt == (1,) and request.max_tokens == 2
             conn.send(("step", [(rid, 7, "x", None), (rid, 8, "y", "length")], [(rid, 0)]))
             assert reply.result().json()["choices"][0]["text"] == "xy"
+        chat = httpx.post(frontend.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200 and chat.json()["count"] > 0  # the chat template, rendered here
+        with open(f"/proc/{frontend.process.pid}/maps") as maps:  # the front end never loads torch (the engine's)
+            assert "libtorch" not in maps.read()
     finally:
         frontend.stop()
 

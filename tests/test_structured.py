@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gptoss.runtime import Runtime, structured
-from gptoss.runtime.structured import TokenConstraint
+from gptoss.runtime.token_constraint import TokenConstraint, _bit_ids
 from gptoss.tools.make_checkpoint import make_checkpoint
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
@@ -160,8 +160,8 @@ def test_bad_grammars_are_refused(rt):
 def test_mask_bit_order():
     """Bit b of word w is token 32 w + b (llguidance's layout), on both sides of the choice `restrict` makes."""
     words = np.array([0b1011, -1, 0, -(1 << 31)], dtype=np.int32)  # (the last: bit 31 alone)
-    assert structured._bit_ids(words, np.array([0, 3]), want=1).tolist() == [0, 1, 3, 127]
-    assert structured._bit_ids(words, np.array([0]), want=0).tolist()[:3] == [2, 4, 5]
+    assert _bit_ids(words, np.array([0, 3]), want=1).tolist() == [0, 1, 3, 127]
+    assert _bit_ids(words, np.array([0]), want=0).tolist()[:3] == [2, 4, 5]
 
 
 def test_dead_end_allows_only_the_end_tokens(rt):

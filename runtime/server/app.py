@@ -21,10 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import structured
 from ..harmony import HarmonyDelta, HarmonyStreamParser, HarmonyTokens, render_chat
 from ..invalid import invalid
-from ..scheduler import QueueFull, Scheduler
+from ..request import QueueFull
 from ..stop_text import StopText
 from .errors import APIError, error_body, error_response
-from .local_engine import LocalEngine
 from .logprobs import ChatLogprobs, CompletionLogprobs, TokenNames
 from .protocol import Parsed, check_model, parse_chat, parse_completion, parse_detokenize, parse_tokenize
 from .responses import ResponseStore, ResponseWriter, chat_body, renamed, stored, usage as response_usage
@@ -35,11 +34,10 @@ DISCONNECT_POLL_S = 0.5
 
 def create_app(engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BODY,
                api_key: str | None = None) -> FastAPI:
-    """`engine`: an `EngineClient`, a `LocalEngine`, or a `Scheduler` (served from this process). Until the
-    engine is ready (`engine.ready`, an asyncio.Event: its model loaded) every route answers 503. With `api_key`,
-    the API's routes (not /health, /metrics) answer 401 unless sent `Authorization: Bearer <api_key>`."""
-    if isinstance(engine, Scheduler):
-        engine = LocalEngine(engine)
+    """`engine`: an `EngineClient` (a split server's front end) or a `LocalEngine` (a `Scheduler` served from this
+    process). Until the engine is ready (`engine.ready`, an asyncio.Event: its model loaded) every route answers
+    503. With `api_key`, the API's routes (not /health, /metrics) answer 401 unless sent `Authorization: Bearer
+    <api_key>`."""
     tokenizer = engine.tokenizer
     harmony = HarmonyTokens.from_tokenizer(tokenizer) if tokenizer.available else None
     names = TokenNames(tokenizer)

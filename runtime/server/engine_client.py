@@ -13,8 +13,7 @@ import itertools
 import time
 
 from ..metrics import ServingMetrics
-from ..runtime import TokenEvent
-from ..scheduler import QueueFull, Request, check_request
+from ..request import QueueFull, Request, TokenEvent, check_request
 from ..tokenizer import TextTokenizer
 from .engine_core import EngineInfo
 

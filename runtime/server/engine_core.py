@@ -11,19 +11,23 @@ Apart, the engine's process holds only the scheduler and this link.
 Over a `multiprocessing` pipe:
 - to the engine: ("serving",) once the front end listens and knows the engine is ready, ("submit", rid, Request),
   ("cancel", rid), ("metrics", ticket);
-- to the front end: ("ready", EngineInfo) when the engine starts stepping (its model loaded), ("step", [(rid, token_id, text, finish_reason[, logprob, top_logprobs, prompt_logprobs]),
-  ...], [(admitted rid, prompt tokens reused), ...]) once per scheduler step that produced anything, ("metrics",
-  ticket, ServingMetrics), ("error", message) when the model failed (every open request has then had its "error"
-  event).
+- to the front end: ("ready", EngineInfo) when the engine starts stepping (its model loaded), ("step", [(rid,
+  token_id, text, finish_reason[, logprob, top_logprobs, prompt_logprobs]), ...], [(admitted rid, prompt tokens
+  reused), ...]) once per scheduler step that produced anything, ("metrics", ticket, ServingMetrics), ("error",
+  message) when the model failed (every open request has then had its "error" event).
 The front end closing its end stops the engine.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import structured
-from ..scheduler import Handle, Request, Scheduler
+from ..request import Request
+
+if TYPE_CHECKING:  # (the front end imports EngineInfo from here, and must not load torch)
+    from ..scheduler import Handle, Scheduler
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@ anything that wants one process; `tools.serve` puts the engine in a process of i
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
-from ..scheduler import Scheduler
+if TYPE_CHECKING:
+    from ..scheduler import Scheduler
 
 
 class LocalEngine:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 
 from .. import structured
 from ..harmony import forced_call
-from ..sampling import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY
-from ..scheduler import Request
+from ..request import Request
+from ..sampling_params import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY
 from .errors import APIError
 
 MAX_STOP = 4  # as the OpenAI API allows

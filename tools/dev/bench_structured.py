@@ -15,7 +15,7 @@ import time
 import torch
 
 from gptoss.runtime import Runtime, structured
-from gptoss.runtime.structured import TokenConstraint
+from gptoss.runtime.token_constraint import TokenConstraint
 from gptoss.runtime.tokenizer import TextTokenizer
 
 SMALL = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},

@@ -44,6 +44,7 @@ from gptoss.runtime import Runtime
 from gptoss.runtime.scheduler import Request, Scheduler
 from gptoss.runtime.server import create_app
 from gptoss.runtime.server.background import LiveServer, SplitServer, step_while
+from gptoss.runtime.server.local_engine import LocalEngine
 
 
 def pct(values, q):
@@ -285,7 +286,7 @@ def main(argv=None) -> int:
             server = SplitServer(scheduler, model_dir, "m")
             results, wall = server.serve_while(lambda: phases(server))
         else:
-            with LiveServer(create_app(scheduler, "m")) as server:
+            with LiveServer(create_app(LocalEngine(scheduler), "m")) as server:
                 results, wall = step_while(scheduler.run, lambda: phases(server),
                                            stop=lambda: scheduler.stop(timeout=0))
         tokens = figures["served"]["tokens"]
