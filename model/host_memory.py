@@ -31,7 +31,8 @@ def nbytes(shape, dtype: torch.dtype) -> int:
 
 
 class HugePageArena:
-    """`nbytes` of host memory starting on a 2 MiB boundary, handed out in order as uninitialised tensors."""
+    """`nbytes` of host memory starting on a 2 MiB boundary, handed out in order as tensors that read as zeros until
+    written (a fresh anonymous mapping, never handed out twice)."""
 
     def __init__(self, nbytes: int):
         self._map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # private: shmem has its own THP switch

@@ -81,8 +81,9 @@ class KVCache:
         shapes = [(max_batch_size + staging, n, plan.kv_heads, config.head_dim)
                   for n in cls.layer_slots(config, slots, window_slots)]
         if torch.device(device or torch.get_default_device()).type == "cpu":  # huge pages, as the weights
+            # An anonymous mapping reads as zeros until written: not zeroed here, the rows and slots no sequence
+            # reaches take no memory (most of a server's cache at a short context) and the load no time.
             arena = HugePageArena(2 * sum(nbytes(s, dtype) for s in shapes))
-            return cls([arena.empty(s, dtype).zero_() for s in shapes], [arena.empty(s, dtype).zero_() for s in shapes],
-                       staging)
+            return cls([arena.empty(s, dtype) for s in shapes], [arena.empty(s, dtype) for s in shapes], staging)
         return cls([torch.zeros(s, dtype=dtype, device=device) for s in shapes],
                    [torch.zeros(s, dtype=dtype, device=device) for s in shapes], staging)

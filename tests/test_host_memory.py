@@ -50,6 +50,37 @@ def test_arena_tensors_are_aligned_and_never_alias():
         arena.empty((2 * HUGE_PAGE,), torch.uint8)
 
 
+def _resident_bytes(address: int) -> int:
+    """Resident bytes of the mapping holding `address` (Linux /proc/self/smaps)."""
+    mapping = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            mapping = lo <= address < hi
+        elif mapping and line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_cache_takes_memory_only_where_it_is_written(small_checkpoint):
+    """The KV cache is not zeroed at allocation (its anonymous mapping reads as zeros): a server's rows and slots
+    that no sequence reaches take no memory."""
+    from gptoss.model.config import GptOssConfig
+    from gptoss.model.kv_cache import KVCache
+    from gptoss.model.parallel import Parallel, ShardPlan
+
+    config = GptOssConfig.from_pretrained(small_checkpoint)
+    plan = ShardPlan.build(config, Parallel())
+    cache = KVCache.allocate(config, plan, max_batch_size=8, slots=(1 << 20) // (plan.kv_heads * config.head_dim),
+                             dtype=torch.float32, device="cpu")  # 32 MiB a buffer
+    keys = cache.keys[0]
+    assert _resident_bytes(keys.data_ptr()) <= 2 * HUGE_PAGE < keys.nbytes
+    keys[3, 100:200] = 1.0
+    assert keys[3, 100:200].sum() == keys[3, 100:200].numel() and keys[3, :100].abs().sum() == 0 == keys[:3].abs().sum()
+    assert _resident_bytes(keys.data_ptr()) <= 4 * HUGE_PAGE
+
+
 def test_to_host_places_every_tensor_and_keeps_shared_ones_shared():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(300, 200), nn.LayerNorm(200), nn.Linear(200, 300))
