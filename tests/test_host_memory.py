@@ -12,17 +12,25 @@ from gptoss.model.loader import load_model
 from gptoss.runtime import Runtime
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping holding `address` (Linux /proc/self/smaps)."""
+def _smaps_field(address: int, field: str) -> list[str]:
+    """A field of the mapping holding `address` (Linux /proc/self/smaps), split in words."""
     mapping = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and ":" not in head:
             lo, hi = (int(x, 16) for x in head.split("-"))
             mapping = lo <= address < hi
-        elif mapping and line.startswith("VmFlags:"):
+        elif mapping and line.startswith(field + ":"):
             return line.split()[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _vm_flags(address: int) -> list[str]:
+    return _smaps_field(address, "VmFlags")
+
+
+def _resident_bytes(address: int) -> int:
+    return int(_smaps_field(address, "Rss")[0]) * 1024
 
 
 def _thp_mode() -> str | None:
@@ -48,19 +56,6 @@ def test_arena_tensors_are_aligned_and_never_alias():
     assert arena.empty((0, 5), torch.float32).shape == (0, 5)
     with pytest.raises(MemoryError, match="arena exhausted"):
         arena.empty((2 * HUGE_PAGE,), torch.uint8)
-
-
-def _resident_bytes(address: int) -> int:
-    """Resident bytes of the mapping holding `address` (Linux /proc/self/smaps)."""
-    mapping = None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            mapping = lo <= address < hi
-        elif mapping and line.startswith("Rss:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 def test_a_cache_takes_memory_only_where_it_is_written(small_checkpoint):

@@ -417,43 +417,40 @@ print(torch.equal(first, kernels.bf16_linear(x, w)), torch.equal(first, kernels.
     assert proc.stdout.split("\n")[:3] == [str([False] * 7), str([True] * 7), "True True"]
 
 
+def _build_tiny(name: str, source, root) -> int:
+    """build_library on a tiny library (no torch headers, seconds) in a fresh process, under build root `root`;
+    the value its function returns."""
+    code = ("import ctypes; from gptoss.model import kernels; "
+            f"kernels.build_library({name!r}, [{str(source)!r}], python_module=False); "
+            f"print(ctypes.CDLL({str(root / 'gptoss' / name / (name + '.so'))!r}).gptoss_tiny())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
 def test_a_build_killed_midway_does_not_hang_the_next(tmp_path):
     """torch's builder leaves a marker file when its process is killed mid-build, and its later callers wait on it
-    forever; build_library clears a marker no live build holds. A tiny library (no torch headers, seconds)."""
+    forever; build_library clears a marker no live build holds."""
     name = "gptoss_tiny_test"
     source = tmp_path / "tiny.cpp"
     source.write_text('extern "C" int gptoss_tiny() { return 7; }\n')
     directory = tmp_path / "gptoss" / name
     directory.mkdir(parents=True)
     (directory / "lock").write_text("")  # what a killed build leaves
-    code = ("import ctypes, sys; from gptoss.model import kernels; "
-            f"kernels.build_library({name!r}, [{str(source)!r}], python_module=False); "
-            f"print(ctypes.CDLL({str(directory / (name + '.so'))!r}).gptoss_tiny())")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "7"
+    assert _build_tiny(name, source, tmp_path) == 7
 
 
 def test_a_second_checkout_of_the_same_sources_loads_the_build(tmp_path):
     """The same sources at another path (a second checkout) load the cached library: ninja would rebuild it if
     the compile commands named the callers' paths, so they name a copy in the build directory."""
     name = "gptoss_tiny_copies"
-    checkouts = [tmp_path / "one", tmp_path / "two"]
-    for checkout in checkouts:
+    built = []
+    for checkout in (tmp_path / "one", tmp_path / "two"):
         checkout.mkdir()
         (checkout / "tiny.h").write_text("#define SEVEN 7\n")
         (checkout / "tiny.cpp").write_text('#include "tiny.h"\nextern "C" int gptoss_tiny() { return SEVEN; }\n')
-    library = tmp_path / "gptoss" / name / f"{name}.so"
-    built = []
-    for checkout in checkouts:
-        code = ("import ctypes; from gptoss.model import kernels; "
-                f"kernels.build_library({name!r}, [{str(checkout / 'tiny.cpp')!r}], python_module=False); "
-                f"print(ctypes.CDLL({str(library)!r}).gptoss_tiny())")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
-                              env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert proc.stdout.strip().splitlines()[-1] == "7"
-        built.append(library.stat().st_mtime_ns)
+        assert _build_tiny(name, checkout / "tiny.cpp", tmp_path) == 7
+        built.append((tmp_path / "gptoss" / name / f"{name}.so").stat().st_mtime_ns)
     assert built[0] == built[1]  # the second checkout compiled nothing
 

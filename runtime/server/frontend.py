@@ -46,7 +46,7 @@ class Frontend:
 
     def __init__(self, spec: FrontendSpec, process: subprocess.Popen, conn: Connection, port: int):
         self.spec, self.process, self.conn = spec, process, conn
-        self.url = f"http://{spec.host}:{port}"
+        self.url = url(spec.host, port)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -68,6 +68,10 @@ class Frontend:
 
 
 API_KEY_ENV = "GPTOSS_API_KEY"  # how the front end gets the key: in its environment, not on its command line
+
+
+def url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # (an IPv6 address in brackets)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -111,7 +115,7 @@ def run_frontend(spec: FrontendSpec, conn: Connection, sock: socket.socket) -> N
     engine = EngineClient(conn, TextTokenizer(spec.model_dir))
     app = create_app(engine, spec.name, max_body_bytes=spec.max_body_bytes, api_key=os.environ.get(API_KEY_ENV))
     server = uvicorn.Server(uvicorn.Config(app, log_level=spec.log_level))
-    url = f"http://{spec.host}:{sock.getsockname()[1]}"
+    address = url(spec.host, sock.getsockname()[1])
 
     def engine_exited():
         server.should_exit = True
@@ -120,12 +124,13 @@ def run_frontend(spec: FrontendSpec, conn: Connection, sock: socket.socket) -> N
         while not server.started:
             await asyncio.sleep(0.02)
         if spec.announce and not engine.ready.is_set():
-            print(f"listening on {url}; the model is loading (/health answers 503 until it is ready)", flush=True)
+            print(f"listening on {address}; the model is loading (/health answers 503 until it is ready)",
+                  flush=True)
         await engine.ready.wait()
         engine.send_serving()
         if spec.announce:
             info = engine.info
-            print(f"serving {spec.name} on {url} (max batch {info.max_batch_size}, context {info.context}, queue "
+            print(f"serving {spec.name} on {address} (max batch {info.max_batch_size}, context {info.context}, queue "
                   f"{info.max_queue}, tp {info.tp_size})", flush=True)
 
     async def main():
