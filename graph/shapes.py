@@ -11,9 +11,9 @@ of time and steady-state serving never meets a new shape.
   prompt costs a 256- and a 64-token chunk, not two of 256: every chunk still starts at a multiple of its length
   and ends inside the cache's slots. With a `granule` (a power of two), such first and last chunks round up to a
   multiple of it instead (300 tokens: 256 + 48 with granule 16): less padding computed, more chunk lengths (the
-  eager backend, which builds no graphs, takes granule 16; see runtime.settings). A chunk that starts at a
-  multiple of the step it runs in and is no longer than that step still ends inside the cache and never wraps a
-  ring;
+  eager backend, which builds no graphs, takes granule 1 and min_chunk 1: no padding; see runtime.settings). A
+  chunk that starts at a multiple of the step it runs in and is no longer than that step still ends inside the
+  cache and never wraps a ring;
 - attention reads `kv_len` cache slots: a power of two from `min_kv` up to the slot count, the smallest that
   covers the furthest position in the step, so decode work follows the actual context, not max_seq_len;
 - sliding-window layers (window_cache="ring"): a ring of `window_slots`, the window plus the longest chunk a step

@@ -18,7 +18,7 @@ from gptoss.graph.shapes import WINDOW_CACHES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FORMATS = ("published", "dense")
 DEFAULTS = {"backend": "eager", "max_batch_size": 8, "max_seq_len": 4096, "prefill_chunk": 256,
-            "min_prefill_chunk": 16, "interleave_chunk": 256, "window_cache": "ring", "mixed_steps": False,
+            "interleave_chunk": 256, "window_cache": "ring", "mixed_steps": False,
             "compiled": "all"}
 COMPILED = ("all", "decode")  # which entry points a compiling backend builds graphs for
 
@@ -33,10 +33,11 @@ class Settings:
     max_batch_size: int | None = None
     max_seq_len: int | None = None
     prefill_chunk: int | None = None  # tokens per prefill step (a power of two)
-    min_prefill_chunk: int | None = None  # the smallest first-chunk graph (a power of two)
+    min_prefill_chunk: int | None = None  # the smallest first-chunk graph (a power of two). Default: 16, or 1
+    #                                       where prompts run eagerly (no graphs to build: a prompt is not padded)
     prefill_granule: int | None = None  # a prompt's first/last chunk rounds up to a multiple of this (a power of
-    #                                     two; 0: to a power of two). Default: 16 on eager (no graphs to build, so
-    #                                     less padding costs nothing), else 0 (fewer graphs)
+    #                                     two; 0: to a power of two). Default: min_prefill_chunk where prompts run
+    #                                     eagerly (less padding costs nothing), else 0 (fewer graphs)
     interleave_chunk: int | None = None  # serving: prompt tokens prefilled per step while others decode (power of 2)
     mixed_steps: bool | None = None  # serving: such a chunk and the decode step as one graph (default False).
     #                                  Costs a cache row and a graph per batch x kv_len; saves a weight pass
@@ -129,6 +130,9 @@ class Settings:
             raise ValueError(f"compiled={values['compiled']!r} is an inductor option; backend '{backend.name}' "
                              f"{'compiles every entry point' if backend.compiles else 'compiles nothing'}")
         prompts_compiled = backend.compiles and values["compiled"] == "all"
+        if values["min_prefill_chunk"] is None:  # prompts run eagerly: unpadded (padding tokens route to experts
+            #                                       too: gpt-oss-20b took 1.5 s for a 1-token prompt padded to 16)
+            values["min_prefill_chunk"] = 16 if prompts_compiled else 1
         if values["prefill_granule"] is None:  # prompts run eagerly: more chunk lengths cost nothing
             values["prefill_granule"] = values["min_prefill_chunk"] if not prompts_compiled else 0
         values["device"] = values["device"] or backend.devices[0]

@@ -155,10 +155,13 @@ def test_refused_for_the_other_window_cache(artifacts, checkpoint):
 
 
 def test_prefill_granule_follows_the_backend(artifacts, checkpoint):
-    """Eager, which builds no graphs, cuts first and last chunks to multiples of 16; compiled backends keep powers
-    of two unless asked (more graphs); artifacts built without a granule refuse a run that asks for one."""
+    """Eager, which builds no graphs, does not pad first and last chunks (granule 1, smallest chunk 1); compiled
+    backends keep powers of two from 16 unless asked (more graphs); artifacts built without a granule refuse a run
+    that asks for one."""
     from gptoss.runtime import Settings
-    assert Settings(backend="eager").resolve().prefill_granule == 16
+    eager = Settings(backend="eager").resolve()
+    assert (eager.prefill_granule, eager.min_prefill_chunk) == (1, 1)
+    assert Settings(backend="inductor").resolve().min_prefill_chunk == 16
     assert Settings(backend="inductor").resolve().prefill_granule == 0
     assert Settings(artifacts=str(artifacts[0])).resolve().prefill_granule == 0
     assert Settings(backend="eager", prefill_granule=0).resolve().prefill_granule == 0
@@ -171,7 +174,7 @@ def test_prefill_granule_follows_the_backend(artifacts, checkpoint):
 
 
 def test_decode_only_graphs(checkpoint, eager, tmp_path, monkeypatch):
-    """compiled="decode": graphs for the decode shapes only, prompts run eagerly (granule 16, as on eager); results
+    """compiled="decode": graphs for the decode shapes only, prompts run eagerly (unpadded, as on eager); results
     equal eager's, also served (a newcomer's chunks in eager mixed steps beside compiled decode steps); the
     artifact directory records the choice, and a later runtime loads it without compiling."""
     from gptoss.runtime import Settings
@@ -182,7 +185,7 @@ def test_decode_only_graphs(checkpoint, eager, tmp_path, monkeypatch):
     specs = rt.shapes.specs()
     assert rt.graphs.compiled == sum(s.kind == "decode" for s in specs) >= 1
     assert rt.graphs.eager == {s for s in specs if s.kind != "decode"} and rt.graphs.eager
-    assert rt.settings.prefill_granule == 16
+    assert (rt.settings.prefill_granule, rt.settings.min_prefill_chunk) == (1, 1)
     got, want = _step_logits(rt, PROMPTS[:1], 30), _step_logits(eager, PROMPTS[:1], 30)
     assert (got - want).abs().max() <= 1e-4
     assert torch.equal(got.argmax(-1), want.argmax(-1))
@@ -213,7 +216,7 @@ def test_decode_only_graphs(checkpoint, eager, tmp_path, monkeypatch):
     assert scheduler.metrics.prompt_tokens_reused == len(PROMPTS[0]) + 29
 
     recorded = Settings(artifacts=str(tmp_path)).resolve()
-    assert (recorded.backend, recorded.compiled, recorded.prefill_granule) == ("inductor", "decode", 16)
+    assert (recorded.backend, recorded.compiled, recorded.prefill_granule) == ("inductor", "decode", 1)
     from torch._inductor import cpp_builder
     original = cpp_builder.CppBuilder.build
     builds = []

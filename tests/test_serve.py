@@ -733,12 +733,12 @@ def test_prompt_interleaved_in_short_chunks(ckpt, ref, one_thread):
     prefills = [c[2] for c in scheduler.graph_calls if c[0] == "prefill"][1:]  # the newcomer's chunks
     # the running request has 2 of its 7 tokens (its first step prefilled and decoded): 5 steps of short
     # chunks beside its decode steps (to 80); alone, short chunks until aligned to a full chunk (128), then full
-    # chunks, the last one cut to a multiple of the granule (eager: 16) covering the rest: 44 tokens in 48
-    assert rt.shapes.granule == 16 and prefills == [16] * 5 + [16] * 3 + [64] * 2 + [48]
+    # chunks, the last one cut to a multiple of the granule covering the rest (eager: 1, so 44 tokens in 44)
+    assert rt.shapes.granule == 1 and prefills == [16] * 5 + [16] * 3 + [64] * 2 + [44]
     for key, req in (("running", running), ("newcomer", newcomer)):
         assert got[key] == reference(ref, list(req.prompt), req.max_tokens, ignore_eos=True).token_ids, key
     plan = rt.shapes
-    assert plan.chunk(0, 300, interleaved=True) == 16 and plan.chunk(0, 5, interleaved=True) == 16
+    assert plan.chunk(0, 300, interleaved=True) == 16 and plan.chunk(0, 5, interleaved=True) == 5
     assert plan.chunk(16, 284) == 16 and plan.chunk(64, 236) == 64  # a full chunk only from a full-chunk start
     assert {("prefill", 1, 16, kv) for kv in plan.kv_lens()} <= {(s.kind, s.batch, s.steps, s.kv_len)
                                                                   for s in plan.specs()}
@@ -747,9 +747,10 @@ def test_prompt_interleaved_in_short_chunks(ckpt, ref, one_thread):
 def test_prompt_in_mixed_steps(ckpt, ref, one_thread):
     """With mixed steps, a newcomer's whole interleave chunks and the running rows' decode steps run as one graph
     (the chunk on the staging row); once nothing decodes, the staged prompt goes on in mixed steps of no decode
-    rows. Outputs equal each request's alone-result, and only planned shapes run."""
+    rows. Outputs equal each request's alone-result, and only planned shapes run. (Granule 16: a short prompt's
+    chunk is then a whole interleave chunk too, and joins a mixed step.)"""
     rt = Runtime.from_pretrained(ckpt, progress=False, **dict(SETTINGS, max_batch_size=4, interleave_chunk=16,
-                                                               mixed_steps=True))
+                                                               mixed_steps=True, prefill_granule=16))
     assert rt.cache.max_batch_size == 4 and rt.cache.keys[0].shape[0] == 5  # and the staging row
     scheduler = Scheduler(rt)
     scheduler.record_graph_calls = True
@@ -767,8 +768,8 @@ def test_prompt_in_mixed_steps(ckpt, ref, one_thread):
     scheduler.run_until_idle()
     calls = scheduler.graph_calls[before:]
     # 100 tokens in 16-token chunks: 7 mixed steps, 4 beside the running rows (bucket 2) until they end, 3 with no
-    # decode rows (bucket 1, all dummies); then the 5-token prompt's first chunk (16 tokens: a whole interleave chunk) beside
-    # the first newcomer's decode steps (row 2: bucket 4)
+    # decode rows (bucket 1, all dummies); then the 5-token prompt's first chunk (16 tokens: a whole interleave
+    # chunk) beside the first newcomer's decode steps (row 2: bucket 4)
     assert calls[:8] == [("mixed", 2, 16, 128)] * 4 + [("mixed", 1, 16, 128)] * 3 + [("mixed", 4, 16, 128)], calls
     assert not any(c[0] == "prefill" for c in calls)
     planned = {(s.kind, s.batch, s.steps, s.kv_len) for s in rt.shapes.specs()}
@@ -794,7 +795,7 @@ def test_prompt_in_mixed_steps(ckpt, ref, one_thread):
 def test_staged_prompt_ends_in_a_short_chunk(ckpt, ref, one_thread):
     """With mixed steps, a staged prompt whose rest is shorter than an interleave chunk ends in a batch-1 prefill of
     its own length on the staging row (the decode rows step apart), then moves to its row: 100 tokens in 32-token
-    steps are three mixed steps and a 16-token chunk, not four mixed steps. Outputs equal the alone-results."""
+    steps are three mixed steps and a 4-token chunk, not four mixed steps. Outputs equal the alone-results."""
     rt = Runtime.from_pretrained(ckpt, progress=False, **dict(SETTINGS, max_batch_size=4, interleave_chunk=32,
                                                                mixed_steps=True))
     scheduler = Scheduler(rt)
@@ -809,7 +810,7 @@ def test_staged_prompt_ends_in_a_short_chunk(ckpt, ref, one_thread):
     scheduler.submit(newcomer, lambda e: got.setdefault("newcomer", []).append(e.token_id))
     scheduler.run_until_idle()
     calls = scheduler.graph_calls[before:]
-    assert calls[:5] == [("mixed", 1, 32, 128)] * 3 + [("prefill", 1, 16, 128), ("decode", 2, 1, 128)], calls
+    assert calls[:5] == [("mixed", 1, 32, 128)] * 3 + [("prefill", 1, 4, 128), ("decode", 2, 1, 128)], calls
     assert set(scheduler.graph_calls) <= {(s.kind, s.batch, s.steps, s.kv_len) for s in rt.shapes.specs()}
     for key, req in (("running", running), ("newcomer", newcomer)):
         assert got[key] == reference(ref, list(req.prompt), req.max_tokens, ignore_eos=True).token_ids, key

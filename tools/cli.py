@@ -26,7 +26,7 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
     ap.add_argument("--prefill-chunk", type=int, default=None, help="default 256 (or the artifacts' setting)")
     ap.add_argument("--prefill-granule", type=int, default=None,
                     help="a prompt's first and last chunk round up to a multiple of this (a power of two; 0: to a "
-                         "power of two). Default 16 on eager (less padding computed), else 0 (fewer graphs)")
+                         "power of two). Default 1 where prompts run eagerly (no padding), else 0 (fewer graphs)")
     ap.add_argument("--interleave-chunk", type=int, default=None,
                     help="serving: prompt tokens prefilled per step while other requests decode (a power of two; "
                          "default 256, or the artifacts' setting; smaller: shorter stalls of the running streams, "
