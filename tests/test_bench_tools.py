@@ -29,3 +29,12 @@ def test_the_attention_benchmark_runs_both_kernels_on_the_checkpoints_heads(tmp_
     assert "4 q heads / 2 kv heads of 8" in lines[0]
     assert len(lines) == 3 and "full" in lines[1] and "window 4" in lines[2]
     assert all(float(line.rsplit(" ", 1)[1]) < 1e-5 for line in lines[1:])  # the two kernels agree
+
+
+def test_kv_bytes_reports_the_published_models_caches(capsys):
+    """tools/dev/kv_bytes: gpt-oss-20b's cache at 8,192 positions, bf16, one row: 24 layers x 8 kv heads x 64 x 2
+    bytes x (K and V) = 0.375 GiB on full-length caches; sliding layers on rings of 383 slots."""
+    from gptoss.tools.dev.kv_bytes import main
+    assert main(["--seq-lens", "8192"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("gpt-oss-20b"))
+    assert row.split()[1:] == ["8192", "0.375", "0.196", "0.523", "383"]

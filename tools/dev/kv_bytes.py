@@ -37,6 +37,9 @@ def kv_bytes(config: GptOssConfig, settings: Settings, tp_size: int = 1) -> tupl
     """(bytes per rank, the sliding layers' slots or None) of the cache a runtime with `settings` allocates."""
     # the defaults Settings.resolve fills in, without resolving a device (torch has no "npu" without torch_npu)
     settings = settings.replace(**{k: v for k, v in DEFAULTS.items() if getattr(settings, k) is None})
+    # (resolved per backend; the cache's size depends on neither)
+    settings = settings.replace(min_prefill_chunk=settings.min_prefill_chunk or 16,
+                                prefill_granule=settings.prefill_granule or 0)
     shapes = plan_shapes(config, settings)
     cache = allocate_cache(config, ShardPlan.build(config, Parallel(tp_size, 0)), shapes, settings.torch_dtype, "meta")
     return cache.nbytes, shapes.window_slots
