@@ -35,12 +35,16 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_json(data: bytes, where: str | Path):
-    """`data` parsed as strict JSON (UTF-8, no NaN/Infinity, no repeated keys); `where` names it in errors."""
+def decode_text(data: bytes, where: str | Path) -> str:
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{where}: not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from e
+
+
+def parse_json(data: bytes, where: str | Path):
+    """`data` parsed as strict JSON (UTF-8, no NaN/Infinity, no repeated keys); `where` names it in errors."""
+    text = decode_text(data, where)
     try:
         return json.loads(text, object_pairs_hook=_object, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
@@ -56,6 +60,10 @@ def read_file(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read: {e.strerror or e}") from e
+
+
+def read_text(path: Path) -> str:
+    return decode_text(read_file(path), path)
 
 
 def read_json(path: Path):

@@ -22,7 +22,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from gptoss.model.errors import CheckpointError, json_kind, parse_json, read_file
+from gptoss.model.errors import CheckpointError, json_kind, read_json_object, read_text
 
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_DIR = "additional_chat_templates"
@@ -30,14 +30,6 @@ CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names a message's reasoning comes under
-
-
-def read_text(path: Path) -> str:
-    data = read_file(path)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from e
 
 
 def _raise_exception(message):
@@ -82,9 +74,7 @@ class ChatTemplate:
         """The checkpoint's templates; ValueError if it has none, CheckpointError naming a file that is unusable."""
         model_dir = Path(model_dir)
         config_path = model_dir / CONFIG_FILE
-        config = parse_json(read_file(config_path), config_path) if config_path.is_file() else {}
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{config_path}: expected a JSON object, found {json_kind(config)}")
+        config = read_json_object(config_path) if config_path.is_file() else {}
         sources: dict[str, tuple[str, Path]] = {}
         if (model_dir / TEMPLATE_FILE).is_file():
             sources["default"] = (read_text(model_dir / TEMPLATE_FILE), model_dir / TEMPLATE_FILE)
@@ -95,13 +85,13 @@ class ChatTemplate:
             sources = cls._config_templates(config.get("chat_template"), config_path)
         if not sources:
             raise ValueError(f"{model_dir} has no chat template ({TEMPLATE_FILE})")
-        special = {}
         special_path = model_dir / SPECIAL_TOKENS_FILE
-        if special_path.is_file():
-            found = parse_json(read_file(special_path), special_path)
-            if isinstance(found, dict):
-                special = {k: t for k in SPECIAL_TOKENS if (t := _token_text(found.get(k))) is not None}
-        special.update({k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None})
+        special_map = read_json_object(special_path) if special_path.is_file() else {}
+        special = {}
+        for name in SPECIAL_TOKENS:  # tokenizer_config.json's, else special_tokens_map.json's
+            texts = [t for t in (_token_text(config.get(name)), _token_text(special_map.get(name))) if t is not None]
+            if texts:
+                special[name] = texts[0]
         return cls(sources, special)
 
     @staticmethod

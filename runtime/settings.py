@@ -131,7 +131,7 @@ class Settings:
                              f"{'compiles every entry point' if backend.compiles else 'compiles nothing'}")
         prompts_compiled = backend.compiles and values["compiled"] == "all"
         if values["min_prefill_chunk"] is None:  # prompts run eagerly: unpadded (padding tokens route to experts
-            #                                       too: gpt-oss-20b took 1.5 s for a 1-token prompt padded to 16)
+            #                                       too: gpt-oss-20b took 1.6-2.4 s for a 1-token prompt padded to 16)
             values["min_prefill_chunk"] = 16 if prompts_compiled else 1
         if values["prefill_granule"] is None:  # prompts run eagerly: more chunk lengths cost nothing
             values["prefill_granule"] = values["min_prefill_chunk"] if not prompts_compiled else 0
