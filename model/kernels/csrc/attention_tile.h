@@ -14,7 +14,7 @@
 // leaves the row's state as it was bit for bit (its maximum stays, e^0 = 1, no weight), so skipping it changes
 // nothing.
 
-// e^x by the same range reduction and Cephes expf polynomial as avx2::exp_ps in cpu_kernels.cpp (that one was
+// e^x by the same range reduction and Cephes expf polynomial as avx2::exp_ps in cpu_avx2.h (that one was
 // checked within 1 ulp on [-87.3, 88]; this generic copy was not checked exhaustively), clamped to that range:
 // below it e^-87.3, which the callers mask to 0 where it stands for -inf. e^0 is exactly 1, which keeps a block
 // no row sees a no-op.
