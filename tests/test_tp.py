@@ -6,6 +6,8 @@ the same sampled tokens; loaded from MXFP4 checkpoints whose splits are awkward 
   (rank r reads kv head r // 2); expert width 64 -> 32 / 16 per rank (16: inside a 32-wide MXFP4 block);
 - `width96`: expert width 96 -> 48 / 24 per rank, so the down_proj rows of ranks 1.. start inside a block;
   vocab 1021 pads the last rank's embedding and lm_head rows (ceil split), 3 kv-head-divisible layers.
+- `width54` / `width72` (unquantised; `width72` also in bf16): expert slices of 27 / 18 columns at TP 2 / 4, no
+  multiple of 16 bytes; the fp32 ones ride in the same launches as the two above.
 
 Compiled (inductor) runs, the bench-size memory check and TP 4 compiled are `slow`.
 """
@@ -111,17 +113,11 @@ def _check_against_tp1(out: Path, ckpts: dict[str, Path], ref: dict[str, dict], 
             assert all(res["plan"]["intermediate"] % 32 for res in results)  # 48 or 24: not block-aligned
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tp_eager_matches_tp1(tp, eager_ckpts, eager_ref, tmp_path):
-    torchrun(tp, "parity", str(tmp_path), "eager", *map(str, eager_ckpts.values()))
-    _check_against_tp1(tmp_path, eager_ckpts, eager_ref, tp, "eager")
-
-
 # Expert widths whose per-rank slice is no multiple of 16 bytes (torch._grouped_mm's stride rule): 72 -> 18 columns
 # per rank at TP 4, 54 -> 27 at TP 2. Unquantised checkpoints (MXFP4 needs widths in whole 32-value blocks).
 ODD = {"width72": dict(intermediate_size=72, num_attention_heads=4, num_key_value_heads=2),
        "width54": dict(intermediate_size=54, num_attention_heads=4, num_key_value_heads=2)}
-ODD_CASES = [(2, "float32", ["width54"]), (4, "float32", ["width72"]), (4, "bfloat16", ["width72"])]
+ODD_FP32 = {2: ["width54"], 4: ["width72"]}  # fp32: checked in test_tp_eager_matches_tp1's launches
 
 
 @pytest.fixture(scope="module")
@@ -130,29 +126,36 @@ def odd_ckpts(tmp_path_factory):
     return {name: make_checkpoint(root / name, cfg, layout="fp32", seed=7) for name, cfg in ODD.items()}
 
 
-@pytest.mark.parametrize("tp,dtype,names", ODD_CASES, ids=[f"tp{t}-{d}" for t, d, _ in ODD_CASES])
-def test_tp_odd_expert_widths(tp, dtype, names, odd_ckpts, tmp_path, monkeypatch):
-    ckpts = {n: odd_ckpts[n] for n in names}
-    monkeypatch.setenv("TP_WORKER_DTYPE", dtype)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_eager_matches_tp1(tp, eager_ckpts, eager_ref, odd_ckpts, tmp_path):
+    """Also the unquantised checkpoint whose expert slices are no multiple of 16 bytes at this TP size (ODD_FP32), in
+    the same launch: a launch of 4 ranks costs ~25 s on 2 cores, its checks a few."""
+    odd = {name: odd_ckpts[name] for name in ODD_FP32[tp]}
+    ckpts = {**eager_ckpts, **odd}
+    torchrun(tp, "parity", str(tmp_path), "eager", *map(str, ckpts.values()))
+    _check_against_tp1(tmp_path, ckpts, {**eager_ref, **_reference(odd)}, tp, "eager")
+    for name in odd:
+        plan = torch.load(tmp_path / f"{name}_eager_rank0.pt")["plan"]
+        assert plan["intermediate"] * 4 % 16  # the odd case: a rank's fp32 expert slice is no multiple of 16 bytes
+
+
+def test_tp_odd_expert_widths_bf16(odd_ckpts, tmp_path, monkeypatch):
+    """bf16 at TP 4: a rank's expert slice of 18 columns is 36 bytes. TP must not make bf16 worse than bf16 already
+    is (its rounding flips router choices on random weights): both measured against the fp32 model."""
+    tp, ckpts = 4, {"width72": odd_ckpts["width72"]}
+    monkeypatch.setenv("TP_WORKER_DTYPE", "bfloat16")
     ref = _reference(ckpts)
-    torchrun(tp, "parity", str(tmp_path), "eager", *map(str, ckpts.values()), TP_WORKER_DTYPE=dtype)
-    if dtype == "bfloat16":  # bf16 rounding flips router choices on random weights: compare against fp32
-        monkeypatch.setenv("TP_WORKER_DTYPE", "float32")
-        exact = _reference(ckpts)
+    torchrun(tp, "parity", str(tmp_path), "eager", *map(str, ckpts.values()), TP_WORKER_DTYPE="bfloat16")
+    monkeypatch.setenv("TP_WORKER_DTYPE", "float32")
+    exact = _reference(ckpts)
     for name in ckpts:
         r0 = torch.load(tmp_path / f"{name}_eager_rank0.pt")
-        assert r0["plan"]["intermediate"] * torch.finfo(getattr(torch, dtype)).bits // 8 % 16  # the odd case
-        if dtype == "float32":
-            d = max((r0[k] - ref[name][k]).abs().max().item() for k in ("prefill", "decode"))
-            print(f"\n{name} TP{tp} fp32: max|dlogits| vs TP1 {d:.2e}; greedy equal: "
-                  f"{r0['greedy'] == ref[name]['greedy']}; intermediate per rank {r0['plan']['intermediate']}")
-            assert d <= TOL and r0["greedy"] == ref[name]["greedy"]
-        else:  # TP must not make bf16 worse than bf16 already is: both measured against the fp32 model
-            rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-            for k in ("prefill", "decode"):
-                tp_err, tp1_err = rel(r0[k], exact[name][k]), rel(ref[name][k], exact[name][k])
-                print(f"\n{name} TP{tp} bf16 {k}: relative L2 vs fp32 {tp_err:.3f} (TP1 bf16: {tp1_err:.3f})")
-                assert tp_err <= 2 * tp1_err + 0.02
+        assert r0["plan"]["intermediate"] * 2 % 16  # the odd case
+        rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+        for k in ("prefill", "decode"):
+            tp_err, tp1_err = rel(r0[k], exact[name][k]), rel(ref[name][k], exact[name][k])
+            print(f"\n{name} TP{tp} bf16 {k}: relative L2 vs fp32 {tp_err:.3f} (TP1 bf16: {tp1_err:.3f})")
+            assert tp_err <= 2 * tp1_err + 0.02
 
 
 @pytest.fixture(scope="module")
