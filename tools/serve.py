@@ -27,6 +27,7 @@ from gptoss.runtime.scheduler import Scheduler
 from gptoss.runtime.server.app import DEFAULT_MAX_BODY
 from gptoss.runtime.server.engine_core import EngineCore
 from gptoss.runtime.server.frontend import API_KEY_ENV, FrontendSpec, start_frontend
+from gptoss.runtime.server.heap import freeze_startup_objects
 
 from .cli import add_runtime_args, run_cli, settings_from_args
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if frontend is not None:
             frontend.stop()
         raise
+    freeze_startup_objects()  # every rank: a full collection on any one would stall them all
     if frontend is None:  # replay rank 0's schedule until it stops
         structured.prepare(rt.tokenizer)  # (as rank 0's engine does: no rank builds it at a first request)
         scheduler.run()

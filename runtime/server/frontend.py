@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 
 from .app import DEFAULT_MAX_BODY
+from .heap import freeze_startup_objects
 
 
 @dataclass(frozen=True)
@@ -154,4 +155,5 @@ if __name__ == "__main__":
     ap.add_argument("--listen-fd", type=int, required=True)
     ap.add_argument("--spec", required=True)
     args = ap.parse_args()
+    freeze_startup_objects()  # (its imports: FastAPI, pydantic, uvicorn)
     run_frontend(FrontendSpec(**json.loads(args.spec)), Connection(args.fd), socket.socket(fileno=args.listen_fd))
