@@ -116,6 +116,7 @@ def run_frontend(spec: FrontendSpec, conn: Connection, sock: socket.socket) -> N
     engine = EngineClient(conn, TextTokenizer(spec.model_dir))
     app = create_app(engine, spec.name, max_body_bytes=spec.max_body_bytes, api_key=os.environ.get(API_KEY_ENV))
     server = uvicorn.Server(uvicorn.Config(app, log_level=spec.log_level))
+    freeze_startup_objects()  # this is the front end's own process (its imports, the app, the tokenizer)
     address = url(spec.host, sock.getsockname()[1])
 
     def engine_exited():
@@ -155,5 +156,4 @@ if __name__ == "__main__":
     ap.add_argument("--listen-fd", type=int, required=True)
     ap.add_argument("--spec", required=True)
     args = ap.parse_args()
-    freeze_startup_objects()  # (its imports: FastAPI, pydantic, uvicorn)
     run_frontend(FrontendSpec(**json.loads(args.spec)), Connection(args.fd), socket.socket(fileno=args.listen_fd))
