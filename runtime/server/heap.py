@@ -5,8 +5,8 @@ alive until the process ends. A full collection walks every one of them: 143-191
 gpt-oss-20b runtime loaded (2 cores, Zen 3), and the engine does not step meanwhile, so every stream stalls. They
 are rare but they come: in a load test's engine process (64 requests served, then its comparisons; 4.5 minutes), 6
 full collections of 206-287 ms after the load (and 5 during it). Frozen once the model is loaded (`gc.freeze`: moved
-to a generation no collection walks), a full collection walks only what was made since: 8 of 0.8-2.0 ms in the
-same test (BENCHMARKS.md, session 39). vLLM and SGLang do the same after their start-up."""
+to a generation no collection walks), a full collection walks only what was made since: 8 of 0.8-2.8 ms in the
+same test, two runs (BENCHMARKS.md, session 39). vLLM and SGLang do the same after their start-up."""
 from __future__ import annotations
 
 import gc
