@@ -15,7 +15,9 @@ of time and steady-state serving never meets a new shape.
   chunk that starts at a multiple of the step it runs in and is no longer than that step still ends inside the
   cache and never wraps a ring;
 - attention reads `kv_len` cache slots: a power of two from `min_kv` up to the slot count, the smallest that
-  covers the furthest position in the step, so decode work follows the actual context, not max_seq_len;
+  covers the furthest position in the step, so decode work follows the actual context, not max_seq_len. Where
+  attention costs only what the slots a query sees cost (the CPU kernels skip the rest), `kv_buckets=False`: every
+  step reads the whole cache, one kv_len, so one graph per batch and chunk instead of one per kv_len as well;
 - sliding-window layers (window_cache="ring"): a ring of `window_slots`, the window plus the longest chunk a step
   writes (window + chunk - 1 slots: the first query of a chunk still sees its whole window after the chunk's last
   write). With paged attention (`slot_multiple` > 1) a row's window then starts in the first page its block table
@@ -55,6 +57,7 @@ class ShapePlan:
     window_cache: str = "ring"  # "ring": sliding layers keep only their window; "full": max_seq_len slots
     mixed: bool = False  # serving: chunk + decode steps as one graph (see the module docstring)
     granule: int = 0  # first/last chunks round up to a multiple of this; 0: to a power of two
+    kv_buckets: bool = True  # kv_len follows the context in powers of two; False: always the slot count
 
     def __post_init__(self):
         if self.window_cache not in WINDOW_CACHES:
@@ -117,6 +120,8 @@ class ShapePlan:
         return min(max(cover, self.min_chunk), step - start % step)
 
     def kv_len(self, needed: int) -> int:
+        if not self.kv_buckets:
+            return self.slots
         return min(max(_next_pow2(needed), self.min_kv), self.slots)
 
     # -- the whole set, for building graphs ahead of time ------------------------------------------------
@@ -171,7 +176,8 @@ class ShapePlan:
                 "batch_sizes": self.batch_sizes(), "slot_multiple": self.slot_multiple,
                 "interleave_chunk": self.interleave_chunk, "window": self.window,
                 "window_cache": self.window_cache, "window_slots": self.window_slots, "mixed": self.mixed,
-                **({"granule": self.granule} if self.granule else {})}  # absent: what graph sets built before it had
+                **({"granule": self.granule} if self.granule else {}),  # absent: what graph sets built before had
+                **({} if self.kv_buckets else {"kv_buckets": False})}
 
     @classmethod
     def from_record(cls, record: dict) -> "ShapePlan":
@@ -180,7 +186,7 @@ class ShapePlan:
                    batch_buckets=tuple(record["batch_sizes"]), slot_multiple=record.get("slot_multiple", 1),
                    interleave_chunk=record.get("interleave_chunk"), window=record.get("window", 0),
                    window_cache=record.get("window_cache", "full"), mixed=record.get("mixed", False),
-                   granule=record.get("granule", 0))
+                   granule=record.get("granule", 0), kv_buckets=record.get("kv_buckets", True))
 
     def specs(self) -> list["GraphSpec"]:
         """Every graph a runtime with this plan can call."""

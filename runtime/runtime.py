@@ -101,7 +101,8 @@ def plan_shapes(config: GptOssConfig, settings: Settings) -> ShapePlan:
                      min_chunk=min(settings.min_prefill_chunk, chunk), batch_buckets=settings.batch_sizes,
                      slot_multiple=get_backend(settings.backend).page_slots, window=window,
                      window_cache=settings.window_cache, interleave_chunk=min(settings.interleave_chunk, chunk),
-                     mixed=settings.mixed_steps, granule=min(settings.prefill_granule, chunk))
+                     mixed=settings.mixed_steps, granule=min(settings.prefill_granule, chunk),
+                     kv_buckets=settings.kv_buckets)
 
 
 def allocate_cache(config: GptOssConfig, plan: ShardPlan, shapes: ShapePlan, dtype: torch.dtype,

@@ -46,6 +46,10 @@ class Settings:
     #                              mixed steps then run eagerly (no prompt graphs to build, prompts padded only to
     #                              the granule) while decode steps, where eager's Python costs most, replay graphs
     window_cache: str | None = None  # "ring": sliding layers keep only their window (default); "full": max_seq_len
+    kv_buckets: bool | None = None  # attention reads a power of two of cache slots that covers the context (a graph
+    #                                 per kv_len); False: the whole cache every step. Default: False where attention
+    #                                 costs only the slots a query sees (fp32 on CPU through the torch op table's
+    #                                 kernels), True elsewhere
     tp_size: int | None = None  # tensor-parallel size; default WORLD_SIZE (1 outside torchrun)
     artifacts: str | None = None  # artifact root directory (graphs built once, loaded by later processes)
     rebuild: bool = False  # wipe and rebuild artifacts built for something else
@@ -69,8 +73,9 @@ class Settings:
             raise ValueError(f"window_cache {self.window_cache!r}: choose one of {', '.join(WINDOW_CACHES)}")
         if self.compiled is not None and self.compiled not in COMPILED:
             raise ValueError(f"compiled {self.compiled!r}: choose one of {', '.join(COMPILED)}")
-        if self.mixed_steps is not None and not isinstance(self.mixed_steps, bool):
-            raise ValueError(f"mixed_steps must be True or False, got {self.mixed_steps!r}")
+        for name in ("mixed_steps", "kv_buckets"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.backend is not None:
             get_backend(self.backend)  # an unknown name fails here, listing the known ones
         if self.device is not None:
@@ -114,6 +119,7 @@ class Settings:
                             "batch_sizes": tuple(shapes["batch_sizes"]) if "batch_sizes" in shapes else None,
                             "window_cache": shapes.get("window_cache"), "mixed_steps": shapes.get("mixed"),
                             "prefill_granule": shapes.get("granule", 0),
+                            "kv_buckets": shapes.get("kv_buckets", True) if shapes else None,
                             "compiled": key.get("compiled", "all"),
                             "threads": key.get("threads")}
         values = {}
@@ -142,10 +148,12 @@ class Settings:
             values["dtype"] = "float32" if device_type == "cpu" else "bfloat16"
         # CPU: weights as published (MXFP4 experts, bf16 matrices) through the CPU kernels of the torch op table;
         # accelerators and other op tables: dense
-        published_runs = device_type == "cpu" and backend.ops == "torch"
-        values["weights"] = values["weights"] or ("published" if published_runs else "dense")
-        if values["weights"] == "published" and not published_runs:
+        cpu_kernels = device_type == "cpu" and backend.ops == "torch"
+        values["weights"] = values["weights"] or ("published" if cpu_kernels else "dense")
+        if values["weights"] == "published" and not cpu_kernels:
             raise ValueError(f"weights='published' runs on CPU with the torch op table (its kernels are CPU "
                              f"kernels); backend '{backend.name}' on '{device_type}' needs weights='dense'")
+        if values["kv_buckets"] is None:  # the CPU kernels skip the slots a query does not see: one kv_len
+            values["kv_buckets"] = not (cpu_kernels and values["dtype"] == "float32")
         values["tp_size"] = values["tp_size"] or tp_size
         return Settings(**values)

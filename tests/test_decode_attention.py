@@ -82,3 +82,16 @@ def test_bad_inputs_are_refused_with_the_problem_named():
         kernels.decode_attention(q, k, v, sinks, torch.zeros(1, 17, dtype=torch.long), q_pos, 0, 1.0)
     with pytest.raises(RuntimeError, match="sinks"):
         kernels.decode_attention(q, k, v, sinks[:3], k_pos, q_pos, 0, 1.0)
+
+
+def test_slot_positions_are_the_latest_position_each_slot_holds():
+    """Every slot of rings and linear caches, before and after they wrap: the largest p <= the step's end with
+    p = slot (mod slots) (negative: not written yet)."""
+    for slots in (1, 7, 23, 128):
+        ends = [0, 1, slots - 1, slots, slots + 5, 3 * slots + 2, 1000]
+        q_pos = torch.tensor(ends)[:, None]
+        for kv_len in (slots, max(1, slots // 2), 4 * slots):
+            got = torch_ops.slot_positions(q_pos, kv_len, slots)
+            want = [[max(p for p in range(-slots, end + 1) if p % slots == s) for s in range(min(kv_len, slots))]
+                    for end in ends]
+            assert got.tolist() == want, (slots, kv_len)

@@ -294,6 +294,41 @@ def test_shape_plan_is_bounded():
             ShapePlan(max_batch_size=8, max_seq_len=8192, prefill_chunk=256, granule=bad)
 
 
+def test_whole_cache_plans_one_kv_len():
+    """kv_buckets=False (CPU fp32, whose attention kernels skip the slots a query does not see): every step reads
+    the whole cache, so a graph per batch and chunk, not per kv_len as well; the manifest records it."""
+    bucketed = ShapePlan(max_batch_size=8, max_seq_len=4096, prefill_chunk=256, window=128)
+    whole = ShapePlan(max_batch_size=8, max_seq_len=4096, prefill_chunk=256, window=128, kv_buckets=False)
+    assert whole.kv_lens() == [4096] and whole.kv_len(1) == whole.kv_len(4096) == 4096
+    kinds = lambda plan: [s.kind for s in plan.specs()]  # noqa: E731
+    assert kinds(bucketed).count("decode") == 4 * 6 and kinds(whole).count("decode") == 4
+    assert (len(bucketed.specs()), len(whole.specs())) == (76, 24)  # the serving defaults: 8 rows, 4,096 slots
+    assert {s.kv_len for s in whole.specs()} == {4096}
+    assert ShapePlan.from_record(whole.to_record()).specs() == whole.specs()
+    assert "kv_buckets" not in bucketed.to_record()  # graph sets built before the setting read as bucketed
+    assert ShapePlan.from_record(bucketed.to_record()).kv_buckets
+
+
+def test_kv_buckets_follow_the_attention_kernels(checkpoint):
+    """The default: off where attention runs on the CPU kernels (fp32 on CPU), on elsewhere (bf16 CPU attention
+    costs every slot it reads); either way the same tokens and, to rounding, the same logits across kv_lens."""
+    from gptoss.runtime import Settings
+    assert Settings(backend="eager").resolve().kv_buckets is False
+    assert Settings(backend="inductor").resolve().kv_buckets is False
+    assert Settings(backend="eager", dtype="bfloat16").resolve().kv_buckets is True
+    assert Settings(backend="eager", kv_buckets=True).resolve().kv_buckets is True
+    with pytest.raises(ValueError, match="kv_buckets"):
+        Settings(kv_buckets="no")
+    prompts = [list(range(3, 140)), [5, 6, 7]]  # the first row's context crosses 128 and 256 slots
+    settings = dict(max_batch_size=2, max_seq_len=512, prefill_chunk=64)
+    runs = [Runtime.from_pretrained(checkpoint, kv_buckets=b, **settings) for b in (True, False)]
+    assert runs[0].shapes.kv_lens() == [128, 256, 512] and runs[1].shapes.kv_lens() == [512]
+    out = [rt.generate(prompts, max_new_tokens=130, ignore_eos=True, logprobs=0) for rt in runs]
+    assert [r.token_ids for r in out[0]] == [r.token_ids for r in out[1]]
+    for a, b in zip(*out):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("interleave, mixed, granule", [(None, False, 0), (64, False, 0), (64, True, 0),
                                                         (16, False, 0), (None, False, 16), (64, True, 16),
                                                         (64, False, 32)])

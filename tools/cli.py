@@ -42,6 +42,10 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
                          "running eagerly (fewer graphs to build, prompts padded only to --prefill-granule)")
     ap.add_argument("--window-cache", default=None, choices=["ring", "full"],
                     help="ring: sliding-window layers keep only their window (default); full: max_seq_len slots")
+    ap.add_argument("--kv-buckets", action=argparse.BooleanOptionalAction, default=None,
+                    help="attention reads the power of two of cache slots that covers the context (a graph per "
+                         "kv_len); --no-kv-buckets: the whole cache every step (one kv_len). Default: off on CPU in "
+                         "float32, whose attention kernels skip the slots a query does not see; on elsewhere")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (run under torchrun)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the artifacts' count)")
     ap.set_defaults(backend_default=backend_default)
@@ -64,7 +68,7 @@ def settings_from_args(args, **fixed) -> Settings:
                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, batch_sizes=batch_sizes,
                     interleave_chunk=args.interleave_chunk, mixed_steps=args.mixed_steps,
                     prefill_granule=args.prefill_granule, compiled=args.compiled,
-                    window_cache=args.window_cache,
+                    window_cache=args.window_cache, kv_buckets=args.kv_buckets,
                     tp_size=args.tp, threads=args.threads, mmap=args.mmap, **fixed)
 
 

@@ -3,10 +3,13 @@
     python -m gptoss.tools.dev.bench_model --model /work/ckpt-20b [--backend eager] [--threads 2]
                                            [--batches 1,4] [--max-seq-len 256] [--prefill-chunk 64]
                                            [--prefill 512] [--no-mmap]
+                                           [--compiled decode --artifacts DIR [--batch-sizes 1,4]]
 
 Made for the full-size presets (`make_checkpoint --preset 20b`) on a small machine: the shape settings default to
 a short context, so the cache stays small beside the weights. Prompts are 32 random token ids per row; decode
-runs 16 steps twice per batch size (EOS ignored) and the better is kept.
+runs 16 steps twice per batch size (EOS ignored) and the better is kept. With `--backend inductor --compiled decode
+--artifacts DIR` the decode steps replay graphs built once into DIR (the first run compiles them: minutes at full
+size); `--batch-sizes` limits the batch buckets built (default: powers of two up to the largest batch).
 """
 from __future__ import annotations
 
@@ -47,14 +50,21 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, default=0, help="also time the prefill of one prompt this long")
     ap.add_argument("--no-mmap", dest="mmap", action="store_false",
                     help="copy the published experts and embedding instead of using the mapped checkpoint")
+    ap.add_argument("--compiled", choices=["all", "decode"], help="inductor: which entry points are graphs")
+    ap.add_argument("--artifacts", help="artifact directory (graphs built once, loaded by later runs)")
+    ap.add_argument("--batch-sizes", help="batch buckets to build graphs for, e.g. 1,4")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    buckets = tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None
     t0 = time.perf_counter()
     rt = Runtime.from_pretrained(args.model, Settings(backend=args.backend, threads=args.threads,
                                                       max_seq_len=args.max_seq_len, max_batch_size=max(batches),
-                                                      prefill_chunk=args.prefill_chunk, mmap=args.mmap))
+                                                      prefill_chunk=args.prefill_chunk, mmap=args.mmap,
+                                                      compiled=args.compiled, artifacts=args.artifacts,
+                                                      batch_sizes=buckets))
+    graphs = f"{args.backend} ({args.compiled})" if args.compiled else args.backend
     print(f"ready in {time.perf_counter() - t0:.1f} s; peak RSS {peak_rss_gb():.2f} GB; "
-          f"{args.backend}, {args.threads} threads, kernels {kernels.isa()}, prefetch {kernels.prefetch()}", flush=True)
+          f"{graphs}, {args.threads} threads, kernels {kernels.isa()}, prefetch {kernels.prefetch()}", flush=True)
     g = torch.Generator().manual_seed(0)
     for batch in batches:
         prompts = [torch.randint(0, rt.config.vocab_size, (32,), generator=g).tolist() for _ in range(batch)]

@@ -911,14 +911,27 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
   const int64_t n = k_pos.size(1);
   const int64_t group = q_heads / kv_heads, rows = batch * steps;
 
-  // each row's visible slots, and its chunks' places in the partial results
+  // each row's visible slots (lo < k_pos <= p), and its chunks' places in the partial results. A run of 64 slots
+  // none of which is visible is passed over after one branch-free test: a step may read the whole cache
+  // (kv_buckets=False), most of it slots a short context has not reached (8 rows x 4,096 slots against 128: +51 us
+  // a call slot by slot, +23 us so)
   std::vector<std::vector<int64_t>> visible(rows);
   std::vector<int64_t> first_chunk(rows + 1, 0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t* kp = k_pos.data_ptr<int64_t>() + (r / steps) * n;
     const int64_t p = q_pos.data_ptr<int64_t>()[r];
-    for (int64_t j = 0; j < n; ++j)
-      if (kp[j] >= 0 && kp[j] <= p && (window <= 0 || kp[j] > p - window)) visible[r].push_back(j);
+    const int64_t lo = window > 0 ? std::max<int64_t>(p - window, -1) : -1;
+    const auto seen = [&](int64_t j) {
+      return static_cast<uint64_t>(kp[j] - lo - 1) < static_cast<uint64_t>(p - lo);
+    };
+    for (int64_t j0 = 0; p >= 0 && j0 < n; j0 += 64) {
+      const int64_t j1 = std::min<int64_t>(n, j0 + 64);
+      bool any = false;
+      for (int64_t j = j0; j < j1; ++j) any |= seen(j);
+      if (any)
+        for (int64_t j = j0; j < j1; ++j)
+          if (seen(j)) visible[r].push_back(j);
+    }
     first_chunk[r + 1] = first_chunk[r] + (static_cast<int64_t>(visible[r].size()) + kChunk - 1) / kChunk;
   }
   const int64_t chunks = first_chunk[rows];
