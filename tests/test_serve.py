@@ -770,7 +770,8 @@ def test_prompt_in_mixed_steps(ckpt, ref, one_thread):
     # 100 tokens in 16-token chunks: 7 mixed steps, 4 beside the running rows (bucket 2) until they end, 3 with no
     # decode rows (bucket 1, all dummies); then the 5-token prompt's first chunk (16 tokens: a whole interleave
     # chunk) beside the first newcomer's decode steps (row 2: bucket 4)
-    assert calls[:8] == [("mixed", 2, 16, 128)] * 4 + [("mixed", 1, 16, 128)] * 3 + [("mixed", 4, 16, 128)], calls
+    kv = rt.shapes.kv_len(128)  # bucketed: 128; with one kv_len (fp32 on CPU), the whole cache
+    assert calls[:8] == [("mixed", 2, 16, kv)] * 4 + [("mixed", 1, 16, kv)] * 3 + [("mixed", 4, 16, kv)], calls
     assert not any(c[0] == "prefill" for c in calls)
     planned = {(s.kind, s.batch, s.steps, s.kv_len) for s in rt.shapes.specs()}
     assert set(scheduler.graph_calls) <= planned
@@ -810,7 +811,8 @@ def test_staged_prompt_ends_in_a_short_chunk(ckpt, ref, one_thread):
     scheduler.submit(newcomer, lambda e: got.setdefault("newcomer", []).append(e.token_id))
     scheduler.run_until_idle()
     calls = scheduler.graph_calls[before:]
-    assert calls[:5] == [("mixed", 1, 32, 128)] * 3 + [("prefill", 1, 4, 128), ("decode", 2, 1, 128)], calls
+    kv = rt.shapes.kv_len(128)  # bucketed: 128; with one kv_len (fp32 on CPU), the whole cache
+    assert calls[:5] == [("mixed", 1, 32, kv)] * 3 + [("prefill", 1, 4, kv), ("decode", 2, 1, kv)], calls
     assert set(scheduler.graph_calls) <= {(s.kind, s.batch, s.steps, s.kv_len) for s in rt.shapes.specs()}
     for key, req in (("running", running), ("newcomer", newcomer)):
         assert got[key] == reference(ref, list(req.prompt), req.max_tokens, ignore_eos=True).token_ids, key
