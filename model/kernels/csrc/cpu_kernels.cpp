@@ -913,8 +913,8 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
 
   // each row's visible slots (lo < k_pos <= p), and its chunks' places in the partial results. A run of 64 slots
   // none of which is visible is passed over after one branch-free test: a step may read the whole cache
-  // (kv_buckets=False), most of it slots a short context has not reached (8 rows x 4,096 slots against 128: +51 us
-  // a call slot by slot, +23 us so)
+  // (kv_buckets=False), most of it slots a short context has not reached (8 rows of 4,096 slots cost 51 us a call
+  // more than of 128 slot by slot, 23 us so: BENCHMARKS.md, session 40). A negative position sees nothing.
   std::vector<std::vector<int64_t>> visible(rows);
   std::vector<int64_t> first_chunk(rows + 1, 0);
   for (int64_t r = 0; r < rows; ++r) {
