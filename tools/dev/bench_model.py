@@ -56,9 +56,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     buckets = tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None
+    largest = max(batches + list(buckets or ()))
     t0 = time.perf_counter()
     rt = Runtime.from_pretrained(args.model, Settings(backend=args.backend, threads=args.threads,
-                                                      max_seq_len=args.max_seq_len, max_batch_size=max(batches),
+                                                      max_seq_len=args.max_seq_len, max_batch_size=largest,
                                                       prefill_chunk=args.prefill_chunk, mmap=args.mmap,
                                                       compiled=args.compiled, artifacts=args.artifacts,
                                                       batch_sizes=buckets))
