@@ -14,6 +14,7 @@ import torch
 
 from gptoss.graph import ArtifactDir, get_backend
 from gptoss.graph.shapes import WINDOW_CACHES
+from gptoss.model.ops import attention_skips_unseen_slots
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FORMATS = ("published", "dense")
@@ -47,9 +48,9 @@ class Settings:
     #                              the granule) while decode steps, where eager's Python costs most, replay graphs
     window_cache: str | None = None  # "ring": sliding layers keep only their window (default); "full": max_seq_len
     kv_buckets: bool | None = None  # attention reads a power of two of cache slots that covers the context (a graph
-    #                                 per kv_len); False: the whole cache every step. Default: False where attention
-    #                                 costs only the slots a query sees (fp32 on CPU through the torch op table's
-    #                                 kernels), True elsewhere
+    #                                 per kv_len); False: the whole cache every step. Default: False where the op
+    #                                 table's attention costs only the slots a query sees (the torch table's CPU
+    #                                 kernels, fp32 on CPU), True elsewhere
     tp_size: int | None = None  # tensor-parallel size; default WORLD_SIZE (1 outside torchrun)
     artifacts: str | None = None  # artifact root directory (graphs built once, loaded by later processes)
     rebuild: bool = False  # wipe and rebuild artifacts built for something else
@@ -153,7 +154,7 @@ class Settings:
         if values["weights"] == "published" and not cpu_kernels:
             raise ValueError(f"weights='published' runs on CPU with the torch op table (its kernels are CPU "
                              f"kernels); backend '{backend.name}' on '{device_type}' needs weights='dense'")
-        if values["kv_buckets"] is None:  # the CPU kernels skip the slots a query does not see: one kv_len
-            values["kv_buckets"] = not (cpu_kernels and values["dtype"] == "float32")
+        if values["kv_buckets"] is None:  # buckets buy nothing where attention skips the slots a query does not see
+            values["kv_buckets"] = not attention_skips_unseen_slots(backend.ops, device_type, DTYPES[values["dtype"]])
         values["tp_size"] = values["tp_size"] or tp_size
         return Settings(**values)

@@ -29,6 +29,14 @@ def _takes_mode(fn) -> bool:
     return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
 
 
+def attention_skips_unseen_slots(name: str, device_type: str, dtype) -> bool:
+    """Whether op table `name`'s attention on this device and dtype costs only the slots a query sees (then a
+    step may read the whole cache: one kv_len, fewer graphs)."""
+    if name not in _TABLES:
+        raise ValueError(f"unknown op table '{name}'; available: {sorted(_TABLES)}")
+    return importlib.import_module(_TABLES[name]).attention_skips_unseen_slots(device_type, dtype)
+
+
 def get_ops(name: str = "torch", mode: str = "eager") -> SimpleNamespace:
     """The op table `name` configured for `mode`; its `name` and `mode` attributes say which."""
     if name not in _TABLES:

@@ -217,6 +217,11 @@ def attention_lengths(q_pos: torch.Tensor, kv_len: int, layouts, *, mode: str = 
     return {lay: AttentionLengths(q_ends, kv, table) for lay, kv, table in zip(layouts, host, tables)}
 
 
+def attention_skips_unseen_slots(device_type: str, dtype: torch.dtype) -> bool:
+    """See torch_ops: no here. The fused attention reads the kv_len slots it is given (their pages), seen or not."""
+    return False
+
+
 def attention(q, k_cache, v_cache, sinks, q_pos, window: int, scale: float, kv_len: int,
               lengths: AttentionLengths | None = None, *, mode: str = "eager") -> torch.Tensor:
     """See torch_ops.attention. q [B, T, Hq, D] at positions q_pos [B, T] (consecutive within a row); cache

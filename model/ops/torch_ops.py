@@ -119,11 +119,17 @@ def attention(
     """
     k_pos = slot_positions(q_pos, kv_len, k_cache.shape[1]) if lengths is None else lengths  # [B, n]
     if q.device.type == "cpu":
-        if q.dtype == k_cache.dtype == torch.float32:
+        if attention_skips_unseen_slots(q.device.type, q.dtype) and k_cache.dtype == q.dtype:
             kernel = decode_attention if q.shape[1] == 1 else prefill_attention
             return kernel(q, k_cache, v_cache, sinks, k_pos, q_pos, window, scale)
         return attention_flash_cpu(q, k_cache, v_cache, sinks, q_pos, window, scale, k_pos)
     return attention_by_ops(q, k_cache, v_cache, sinks, q_pos, window, scale, k_pos)
+
+
+def attention_skips_unseen_slots(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `attention` on this device and dtype costs only the slots a query sees, whatever kv_len: the CPU
+    kernels (fp32 on CPU) skip the rest, so a step may read the whole cache (runtime.settings: kv_buckets)."""
+    return device_type == "cpu" and dtype == torch.float32
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
