@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .direct_call import DirectCall, capture
 from .entry import decode_entry, mixed_entry, prefill_entry
 from .shapes import GraphSpec, ShapePlan
 
@@ -96,17 +97,22 @@ class _Bound:
     Dynamo checks a compiled function's guards (every input's and parameter's shape, stride and dtype) on each
     call: ~0.1 ms, a few percent of a decode step. The first call checks them (the graph fits this model and
     the runtime's buffers); later calls skip them: the runtime calls each graph only with the static buffers and
-    shapes it was compiled for."""
+    shapes it was compiled for. Where that first call shows the layers around inductor's generated code only
+    forward inputs and outputs, later calls skip the layers too (graph/direct_call.py)."""
 
     def __init__(self, fn: Callable, model, kv_len: int):
         self.fn, self.model, self.kv_len = fn, model, kv_len
         self._checked = not hasattr(fn, "disable_guard_check")
+        self.direct: DirectCall | None = None
 
     def __call__(self, *inputs):
-        out = self.fn(self.model, *inputs, self.kv_len)
-        if not self._checked:
-            self.fn.disable_guard_check()
-            self._checked = True
+        if self.direct is not None:
+            return self.direct(inputs)
+        if self._checked:
+            return self.fn(self.model, *inputs, self.kv_len)
+        out, self.direct = capture(lambda: self.fn(self.model, *inputs, self.kv_len), inputs, self.model)
+        self.fn.disable_guard_check()
+        self._checked = True
         return out
 
 
