@@ -93,6 +93,48 @@ def test_steady_state_compiles_nothing(artifacts, monkeypatch):
     assert json.dumps(counters, sort_keys=True, default=str) == before
 
 
+def test_graphs_call_the_generated_code_directly(artifacts):
+    """After its first call, every compiled graph runs inductor's generated code without dynamo's and AOTAutograd's
+    layers (graph/direct_call.py); a step that way and through the layers gives the same logits and cache."""
+    rt = artifacts[1]
+    rt.generate(PROMPTS, max_new_tokens=4)
+    bound = {s: f for s, f in rt.graphs.fns.items() if hasattr(f, "direct")}
+    called = {s: f for s, f in bound.items() if f._checked}
+    assert {s.kind for s in called} >= {"prefill", "decode"}
+    assert all(f.direct is not None for f in called.values()), [s.name for s, f in called.items() if not f.direct]
+    keys, values = rt.cache.rows(4)
+    saved = [t.clone() for t in keys + values]
+    ids, pos, kv = torch.tensor([3, 5, 7, 9]), torch.tensor([20, 2, 37, 5]), rt.shapes.kv_len(38)
+    fn = rt.graphs.fns[GraphSpec("decode", 4, 1, kv)]
+    with torch.no_grad():
+        direct = fn(ids, pos, keys, values).clone()
+        written = [t.clone() for t in keys + values]
+        for t, s in zip(keys + values, saved):
+            t.copy_(s)
+        wrapped = fn.fn(rt.model, ids, pos, keys, values, kv)
+    assert torch.equal(direct, wrapped)
+    assert all(torch.equal(a, b) for a, b in zip(written, keys + values))
+    assert any(not torch.equal(a, b) for a, b in zip(written, saved))  # the step wrote the cache
+
+
+def test_direct_call_only_where_the_layers_just_forward():
+    """plan() refuses a graph input it cannot name, an extra graph output (a mutation epilogue) and a result
+    the layers rebuilt (a view)."""
+    from gptoss.graph.direct_call import plan
+    weight, ids, keys = torch.ones(3), torch.zeros(2), [torch.zeros(4), torch.zeros(4)]
+    held = {id(weight): weight}
+    out = torch.zeros(2)
+    inner = lambda args: [args]  # noqa: E731
+    call = plan(inner, [ids, weight, keys[1]], [out], out, (ids, keys), held)
+    assert call.template == [None, weight, None] and call.slots == [(0, 0), (2, 2)]
+    new_keys = [torch.ones(4), torch.full((4,), 2.0)]
+    assert call((ids, new_keys)) == [ids, weight, new_keys[1]]
+    assert plan(inner, [ids, torch.ones(3)], [out], out, (ids, keys), held) is None  # an RNG seed, a token
+    assert plan(inner, [ids, weight], [out, keys[0]], out, (ids, keys), held) is None  # an epilogue's output
+    assert plan(inner, [ids, weight], [out], out[:1], (ids, keys), held) is None  # an output regenerated
+    assert plan(inner, [ids, 3], [out], out, (ids, keys), held) is None  # a size
+
+
 def test_second_process_loads_without_compiling(artifacts, checkpoint):
     out, rt = artifacts
     expected = [r.token_ids for r in rt.generate(PROMPTS, max_new_tokens=12)]
