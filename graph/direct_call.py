@@ -14,10 +14,13 @@ seeds or effect tokens). Anything else keeps the wrapped call.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+_capturing = threading.Lock()  # one capture at a time: each swaps a class attribute in and out
 
 
 def _leaves(inputs: Sequence) -> list:
@@ -76,26 +79,29 @@ def plan(inner: Callable, graph_inputs: Sequence, graph_result, result, inputs: 
 
 
 def capture(call: Callable[[], torch.Tensor], inputs: Sequence, model: torch.nn.Module):
-    """Run `call` (a compiled entry point on `inputs`) once through the layers, recording the compiled graph it
-    reaches. Returns (its result, a DirectCall or None)."""
+    """Run `call` (a compiled entry point on `inputs`) once through the layers, recording the compiled graphs it
+    reaches on this thread. Returns (its result, a DirectCall or None)."""
     try:
         from torch._inductor.output_code import CompiledFxGraph
     except ImportError:
         return call(), None
-    seen = []
-    through = CompiledFxGraph.__call__
+    seen, me = [], threading.get_ident()
+    with _capturing:
+        through = CompiledFxGraph.__call__
 
-    def spy(graph, graph_inputs):
-        seen.append((graph, list(graph_inputs)))
-        out = through(graph, graph_inputs)
-        seen[-1] += (out,)
-        return out
+        def spy(graph, graph_inputs):
+            if threading.get_ident() != me:  # another thread's graph
+                return through(graph, graph_inputs)
+            seen.append([graph, list(graph_inputs)])
+            out = through(graph, graph_inputs)
+            seen[-1].append(out)
+            return out
 
-    CompiledFxGraph.__call__ = spy
-    try:
-        result = call()
-    finally:
-        CompiledFxGraph.__call__ = through
+        CompiledFxGraph.__call__ = spy
+        try:
+            result = call()
+        finally:
+            CompiledFxGraph.__call__ = through
     if len(seen) != 1 or len(seen[0]) != 3 or getattr(seen[0][0], "current_callable", None) is None:
         return result, None
     graph, graph_inputs, graph_result = seen[0]

@@ -135,6 +135,23 @@ def test_direct_call_only_where_the_layers_just_forward():
     assert plan(inner, [ids, 3], [out], out, (ids, keys), held) is None  # a size
 
 
+def test_capture_leaves_the_graph_class_as_it_was():
+    """capture() swaps CompiledFxGraph.__call__ only for its call: back after an error, and no direct call where no
+    compiled graph ran."""
+    from torch._inductor.output_code import CompiledFxGraph
+    from gptoss.graph.direct_call import capture
+    before, model = CompiledFxGraph.__call__, torch.nn.Linear(2, 2)
+
+    def fails():
+        raise ValueError("bad input")
+    with pytest.raises(ValueError, match="bad input"):
+        capture(fails, (), model)
+    assert CompiledFxGraph.__call__ is before
+    result, direct = capture(lambda: torch.ones(2), (torch.zeros(2),), model)
+    assert torch.equal(result, torch.ones(2)) and direct is None
+    assert CompiledFxGraph.__call__ is before
+
+
 def test_second_process_loads_without_compiling(artifacts, checkpoint):
     out, rt = artifacts
     expected = [r.token_ids for r in rt.generate(PROMPTS, max_new_tokens=12)]
