@@ -68,11 +68,12 @@ def small_checkpoint(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("small"), **CONFIGS["gqa-yarn"])
 
 
-@pytest.fixture(params=(("amx", None), ("avx512", "own"), ("avx512", "mkl"), ("avx2", None), ("scalar", None)),
-                ids=("amx", "avx512-own-sgemm", "avx512-mkl-sgemm", "avx2", "scalar"))
+@pytest.fixture(params=(("amx", None), ("avx512", "own"), ("avx512", "mkl"), ("avx2", "own"), ("avx2", "mkl"),
+                        ("scalar", None)),
+                ids=("amx", "avx512-own-sgemm", "avx512-mkl-sgemm", "avx2-own-sgemm", "avx2-mkl-sgemm", "scalar"))
 def isa(request):
-    """Each CPU-kernel instruction-set path this CPU runs, forced for the test (model/kernels); the AVX-512 path
-    with each of its many-rows products (its own sgemm and MKL's, whichever this CPU would pick)."""
+    """Each CPU-kernel instruction-set path this CPU runs, forced for the test (model/kernels); the AVX-512 and AVX2
+    paths with each of their many-rows products (their own sgemm and MKL's, whichever this CPU would pick)."""
     from gptoss.model import kernels
     name, sgemm = request.param
     if name not in kernels.available_isas():

@@ -162,18 +162,18 @@ def test_mxfp4_rows_do_not_depend_on_the_batch(isa):
 def test_set_sgemm_refuses_what_it_cannot_do(isa):
     with pytest.raises(RuntimeError, match="expected own, mkl or auto"):
         kernels.set_sgemm("blas")
-    if isa in ("avx2", "scalar"):
-        with pytest.raises(RuntimeError, match="only the AVX-512 path has its own sgemm"):
+    if isa == "scalar":
+        with pytest.raises(RuntimeError, match="only the AVX-512 and AVX2 paths have their own"):
             kernels.set_sgemm("own")
     kernels.set_sgemm("mkl")
     assert kernels.sgemm() == "mkl"
 
 
 def test_many_rows_do_not_depend_on_the_batch_on_the_own_sgemm(isa):
-    """The AVX-512 path's own sgemm sums each (activation row, weight row) pair in k order whatever the number of
+    """The own sgemms (AVX-512, AVX2) sum each (activation row, weight row) pair in k order whatever the number of
     rows, so beyond the register path too (MXFP4 experts take it from 25 rows on there) a row's outputs are the same
-    bit for bit in any batch: rows padded inside a vector of 16, one to three vectors a block, K across chunks of
-    128 with a tail."""
+    bit for bit in any batch: rows padded inside a vector of 16 (AVX-512: one to three vectors a block, K across
+    chunks of 128 with a tail; AVX2: panels of 16 rows, 37 weight rows in blocks of six and a tail)."""
     if kernels.sgemm() != "own":
         pytest.skip(f"the many-rows product is {kernels.sgemm()}'s here")
     blocks, scales = _mxfp4(1, 37, 7, seed=5)

@@ -137,17 +137,19 @@ using Bf16Decode = void (*)(const Bf16&, int64_t m0, int64_t m1, float* dst);
 
 // Reorders one activation row of K values into the order a dot kernel reads them in (nullptr: natural order).
 using DotLayout = void (*)(const float* x, int64_t k, float* dst);
-// out[r * ldo + i] = x[r] . t[i] for r < n, i < mt: the activations packed by pack_rows (k-major, rows padded to
-// kPackRows), t mt rows of k fp32 followed by zero rows up to a multiple of kGemmCols; acc: scratch of
+// out[r * ldo + i] = x[r] . t[i] for r < n, i < mt: the activations packed by the same path's PackRows (rows padded
+// to kPackRows), t mt rows of k fp32 followed by zero rows up to a multiple of kGemmCols; acc: scratch of
 // round_up(mt, kGemmCols) * padded_rows(n) floats.
 using GemmNt = void (*)(const float* xt, int64_t n, const float* t, int64_t mt, int64_t k, float* out, int64_t ldo,
                         float* acc);
+// x [n, k] (rows ldx apart) -> dst: padded_rows(n) * k floats in the order the path's gemm_nt reads them.
+using PackRows = void (*)(const float* x, int64_t ldx, int64_t n, int64_t k, float* dst);
 constexpr int64_t kPackRows = 16;  // activation rows per vector of the own sgemm
 constexpr int64_t kGemmCols = 8;   // weight rows (output columns) per block of the own sgemm
 inline int64_t padded_rows(int64_t n) { return (n + kPackRows - 1) / kPackRows * kPackRows; }
 
 // x [n, k] (rows ldx apart) -> dst [k, padded_rows(n)]: each step of k holds the n rows' values, then zeros.
-inline void pack_rows(const float* x, int64_t ldx, int64_t n, int64_t k, float* dst) {
+void pack_rows_k_major(const float* x, int64_t ldx, int64_t n, int64_t k, float* dst) {
   const int64_t np = padded_rows(n);
   for (int64_t c = 0; c < k; ++c, dst += np) {
     for (int64_t r = 0; r < n; ++r) dst[r] = x[r * ldx + c];
@@ -273,6 +275,7 @@ struct Kernels {
   bool prefetches_mxfp4, prefetches_bf16;  // whether this path's loops read those distances at all
   const TileKernels* tiles;  // the many-rows path on matrix tiles (AMX), or nullptr: decode fp32 for sgemm
   GemmNt gemm_nt;            // this path's own sgemm for the fp32 tiles, or nullptr: MKL's (see own_gemm)
+  PackRows pack_rows;        // the activations' layout for gemm_nt
 };
 
 #include "cpu_scalar.h"
@@ -287,14 +290,15 @@ struct Kernels {
 
 // -- instruction-set selection -------------------------------------------------------------------------------------
 const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, nullptr, scalar::bf16_dot,
-                      scalar::bf16_decode, scalar::attend, scalar::swiglu, {0, 0}, false, false, nullptr, nullptr};
+                      scalar::bf16_decode, scalar::attend, scalar::swiglu, {0, 0}, false, false, nullptr, nullptr,
+                      nullptr};
 #ifdef GPTOSS_X86
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot_layout,
                     avx2::bf16_dot, avx2::bf16_decode, avx2::attend, avx2::swiglu, {1024, 1024}, true, false, nullptr,
-                    nullptr};
+                    avx2::gemm_nt, avx2::pack_panels};
 const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
                       avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx512::attend, avx2::swiglu,
-                      {8192, 8192}, true, true, nullptr, avx512::gemm_nt};
+                      {8192, 8192}, true, true, nullptr, avx512::gemm_nt, pack_rows_k_major};
 // AVX-512 with the many-rows path on AMX tiles.
 Kernels with_tiles(Kernels ks, const char* name, const TileKernels* tiles) {
   ks.name = name;
@@ -392,7 +396,7 @@ struct Mxfp4Experts {
   // faster up to 24 (Zen 5 VM, 32 experts 1536 x 768 from memory, 2 threads: 17 rows 0.70-0.85x the time, 20
   // 0.77-0.96x, 24 0.86-0.97x; 28 rows 1.01-1.27x). At gpt-oss-20b's K = 2880 the sgemm takes them (its MoE layer
   // at 256 tokens, ~32 rows an expert: 16 against 24, 0.96-0.99x the time).
-  static int64_t own_gemm_few_rows(int64_t k) { return k <= 1024 ? 24 : 16; }
+  static int64_t own_gemm_few_rows(const Kernels&, int64_t k) { return k <= 1024 ? 24 : 16; }
   static constexpr bool kTileQuads = true;  // tile_rows() decodes in quad order
   // Weight rows [m0, m1) as bf16 rows `ld` apart, padded to a multiple of kTileRows: decoded into buf.
   static const uint16_t* tile_rows(const Kernels& ks, const Mxfp4& w, int64_t m0, int64_t m1, uint16_t* buf,
@@ -416,11 +420,14 @@ struct Bf16Experts {
   static void decode(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, float* dst) {
     ks.bf16_decode(w, m0, m1, dst);
   }
-  // bf16 weights against the own sgemm: the register tiles (bf16 read in place, no decode, no padding) keep up to
-  // 256 rows where K <= 1024, and kDecodeRows beyond (Zen 5 VM, 2 threads, register / own time at 256 rows:
+  // bf16 weights against the own sgemm: the AVX-512 register tiles (bf16 read in place, no decode, no padding) keep
+  // up to 256 rows where K <= 1024, and kDecodeRows beyond (Zen 5 VM, 2 threads, register / own time at 256 rows:
   // 1280 x 768 0.83-0.92x, 768 x 1024 0.68-0.84x; 1280 x 1536 1.10-1.15x, 2048 x 2048 1.16-1.45x; 512 rows
-  // 1280 x 768 1.09-1.18x).
-  static int64_t own_gemm_few_rows(int64_t k) { return k <= 1024 ? 256 : kDecodeRows; }
+  // 1280 x 768 1.09-1.18x). The AVX2 tiles (three activation rows of 8-float vectors a pass) keep kDecodeRows at
+  // any K (Zen 3, kernel_ab, 16384 x 768 at 256 rows: 256 on the register tiles 1.28-1.48x MKL's time).
+  static int64_t own_gemm_few_rows(const Kernels& ks, int64_t k) {
+    return k <= 1024 && ks.bf16_dot != avx2::bf16_dot ? 256 : kDecodeRows;
+  }
   static constexpr bool kTileQuads = false;  // natural order
   // The weights themselves when the rows fill whole tiles; a last partial tile is copied into buf and zero-padded.
   static const uint16_t* tile_rows(const Kernels&, const Bf16& w, int64_t m0, int64_t m1, uint16_t* buf,
@@ -510,7 +517,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
   }
   const TileKernels* tk = k % kTileStep == 0 ? ks.tiles : nullptr;
   const bool own = !tk && own_gemm(ks);  // the many-rows path on this instruction set's own sgemm
-  const int64_t few = own ? W::own_gemm_few_rows(k) : kDecodeRows;  // rows an expert takes on the register path
+  const int64_t few = own ? W::own_gemm_few_rows(ks, k) : kDecodeRows;  // rows an expert takes on the register path
   const int64_t tile_rows = std::max<int64_t>(16, std::min<int64_t>(256, kTileFloats / k) / 16 * 16);
   // A layer with few many-rows items (a linear layer: M / tile_rows of them) would leave a thread idle while the
   // last ones run (1280 outputs: 5 items for 2 threads): tiles get narrower until each thread has four, or 16 rows.
@@ -580,7 +587,7 @@ void grouped_into(const at::Tensor& x, const W& w, const std::vector<int64_t>& e
     at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t g0, int64_t g1) {
       for (int64_t gi = g0; gi < g1; ++gi)
         if (packed_at[gi] >= 0)
-          pack_rows(xp + groups[gi].start * k, k, sgemm_rows(groups[gi]), k, xt + packed_at[gi]);
+          ks.pack_rows(xp + groups[gi].start * k, k, sgemm_rows(groups[gi]), k, xt + packed_at[gi]);
     });
   }
 
@@ -1000,7 +1007,7 @@ std::string sgemm() { return own_gemm(kernels()) ? "own" : "mkl"; }
 void set_sgemm(const std::string& name) {
   TORCH_CHECK(name == "own" || name == "mkl" || name == "auto", "sgemm '", name, "': expected own, mkl or auto");
   TORCH_CHECK(name != "own" || kernels().gemm_nt, "sgemm 'own': the ", kernels().name,
-              " path has none (only the AVX-512 path has its own sgemm)");
+              " path has none (only the AVX-512 and AVX2 paths have their own)");
   g_sgemm = name;
 }
 
