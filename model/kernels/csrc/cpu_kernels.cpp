@@ -276,6 +276,12 @@ struct Kernels {
   const TileKernels* tiles;  // the many-rows path on matrix tiles (AMX), or nullptr: decode fp32 for sgemm
   GemmNt gemm_nt;            // this path's own sgemm for the fp32 tiles, or nullptr: MKL's (see own_gemm)
   PackRows pack_rows;        // the activations' layout for gemm_nt
+  // Where gemm_nt takes the many rows: the rows bf16 weights with K <= 1024 keep on this path's register tiles
+  // (bf16 read in place, no decode, no padding). Zen 5 VM, AVX-512, 2 threads, register / own time at 256 rows:
+  // 1280 x 768 0.83-0.92x, 768 x 1024 0.68-0.84x (512 rows 1280 x 768 1.09-1.18x): 256. Zen 3, AVX2 (three
+  // activation rows of 8-float vectors a pass), kernel_ab, 16384 x 768 at 256 rows on the register tiles:
+  // 1.28-1.48x MKL's time: kDecodeRows.
+  int64_t own_gemm_bf16_rows;
 };
 
 #include "cpu_scalar.h"
@@ -291,14 +297,14 @@ struct Kernels {
 // -- instruction-set selection -------------------------------------------------------------------------------------
 const Kernels kScalar{"scalar", nullptr, scalar::mxfp4_dot, scalar::mxfp4_decode, nullptr, scalar::bf16_dot,
                       scalar::bf16_decode, scalar::attend, scalar::swiglu, {0, 0}, false, false, nullptr, nullptr,
-                      nullptr};
+                      nullptr, kDecodeRows};
 #ifdef GPTOSS_X86
 const Kernels kAvx2{"avx2", avx2::mxfp4_dot_layout, avx2::mxfp4_dot, avx2::mxfp4_decode, avx2::bf16_dot_layout,
                     avx2::bf16_dot, avx2::bf16_decode, avx2::attend, avx2::swiglu, {1024, 1024}, true, false, nullptr,
-                    avx2::gemm_nt, avx2::pack_panels};
+                    avx2::gemm_nt, avx2::pack_panels, kDecodeRows};
 const Kernels kAvx512{"avx512", avx512::mxfp4_dot_layout, avx512::mxfp4_dot, avx512::mxfp4_decode,
                       avx512::bf16_dot_layout, avx512::bf16_dot, avx512::bf16_decode, avx512::attend, avx2::swiglu,
-                      {8192, 8192}, true, true, nullptr, avx512::gemm_nt, pack_rows_k_major};
+                      {8192, 8192}, true, true, nullptr, avx512::gemm_nt, pack_rows_k_major, 256};
 // AVX-512 with the many-rows path on AMX tiles.
 Kernels with_tiles(Kernels ks, const char* name, const TileKernels* tiles) {
   ks.name = name;
@@ -421,13 +427,11 @@ struct Bf16Experts {
   static void decode(const Kernels& ks, const Bf16& w, int64_t m0, int64_t m1, float* dst) {
     ks.bf16_decode(w, m0, m1, dst);
   }
-  // bf16 weights against the own sgemm: the AVX-512 register tiles (bf16 read in place, no decode, no padding) keep
-  // up to 256 rows where K <= 1024, and kDecodeRows beyond (Zen 5 VM, 2 threads, register / own time at 256 rows:
-  // 1280 x 768 0.83-0.92x, 768 x 1024 0.68-0.84x; 1280 x 1536 1.10-1.15x, 2048 x 2048 1.16-1.45x; 512 rows
-  // 1280 x 768 1.09-1.18x). The AVX2 tiles (three activation rows of 8-float vectors a pass) keep kDecodeRows at
-  // any K (Zen 3, kernel_ab, 16384 x 768 at 256 rows: 256 on the register tiles 1.28-1.48x MKL's time).
+  // bf16 weights against the own sgemm: the register tiles keep the path's own_gemm_bf16_rows where K <= 1024,
+  // and kDecodeRows beyond (Zen 5 VM, AVX-512, 2 threads, register / own time at 256 rows: 1280 x 1536
+  // 1.10-1.15x, 2048 x 2048 1.16-1.45x).
   static int64_t own_gemm_few_rows(const Kernels& ks, int64_t k) {
-    return k <= 1024 && ks.bf16_dot != avx2::bf16_dot ? 256 : kDecodeRows;
+    return k <= 1024 ? ks.own_gemm_bf16_rows : kDecodeRows;
   }
   static constexpr bool kTileQuads = false;  // natural order
   // The weights themselves when the rows fill whole tiles; a last partial tile is copied into buf and zero-padded.
