@@ -139,7 +139,8 @@ using Bf16Decode = void (*)(const Bf16&, int64_t m0, int64_t m1, float* dst);
 using DotLayout = void (*)(const float* x, int64_t k, float* dst);
 // out[r * ldo + i] = x[r] . t[i] for r < n, i < mt: the activations packed by the same path's PackRows (rows padded
 // to kPackRows), t mt rows of k fp32 followed by zero rows up to a multiple of kGemmCols; acc: scratch of
-// round_up(mt, kGemmCols) * padded_rows(n) floats.
+// round_up(mt, kGemmCols) * padded_rows(n) floats. The AVX-512 path reads the zero rows and acc; the AVX2 one
+// neither (its blocks of six weight rows repeat the last row instead, its sums stay in registers and a small buffer).
 using GemmNt = void (*)(const float* xt, int64_t n, const float* t, int64_t mt, int64_t k, float* out, int64_t ldo,
                         float* acc);
 // x [n, k] (rows ldx apart) -> dst: padded_rows(n) * k floats in the order the path's gemm_nt reads them.
