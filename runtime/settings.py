@@ -19,8 +19,7 @@ from gptoss.model.ops import attention_skips_unseen_slots
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FORMATS = ("published", "dense")
 DEFAULTS = {"backend": "eager", "max_batch_size": 8, "max_seq_len": 4096, "prefill_chunk": 256,
-            "interleave_chunk": 256, "window_cache": "ring", "mixed_steps": False,
-            "compiled": "all"}
+            "interleave_chunk": 256, "window_cache": "ring", "mixed_steps": False}
 COMPILED = ("all", "decode")  # which entry points a compiling backend builds graphs for
 
 
@@ -43,9 +42,10 @@ class Settings:
     mixed_steps: bool | None = None  # serving: such a chunk and the decode step as one graph (default False).
     #                                  Costs a cache row and a graph per batch x kv_len; saves a weight pass
     batch_sizes: tuple[int, ...] | None = None  # batch buckets to build graphs for; default powers of two
-    compiled: str | None = None  # inductor: "all" entry points (default) or "decode" only: prefill chunks and
-    #                              mixed steps then run eagerly (no prompt graphs to build, prompts padded only to
-    #                              the granule) while decode steps, where eager's Python costs most, replay graphs
+    compiled: str | None = None  # inductor: "all" entry points (the default on accelerators) or "decode" only (on
+    #                              CPU): prefill chunks and mixed steps then run eagerly (no prompt graphs to build,
+    #                              prompts padded only to the granule) while decode steps, where eager's Python costs
+    #                              most, replay graphs
     window_cache: str | None = None  # "ring": sliding layers keep only their window (default); "full": max_seq_len
     kv_buckets: bool | None = None  # attention reads a power of two of cache slots that covers the context (a graph
     #                                 per kv_len); False: the whole cache every step. Default: False where the op
@@ -133,6 +133,16 @@ class Settings:
                 value = DEFAULTS.get(name)
             values[name] = value
         backend = get_backend(values["backend"])
+        values["device"] = values["device"] or backend.devices[0]
+        device_type = torch.device(values["device"]).type
+        backend.check_device(device_type)
+        if values["compiled"] is None:
+            # CPU prompts run eagerly: a chunk computes for tens to hundreds of ms, where a graph saves nothing (a
+            # 256-token chunk of the bench checkpoint took the same time either way), while a graph per chunk length
+            # means padding each prompt's last chunk to a power of two (up to ~2x its work: the load test's prompts
+            # computed 21% padding; served 1.24x the tokens/s unpadded, BENCHMARKS.md session 43). Accelerators
+            # compile every entry point: there eager's per-op launches would dominate a chunk.
+            values["compiled"] = "decode" if backend.name == "inductor" and device_type == "cpu" else "all"
         if values["compiled"] != "all" and backend.name != "inductor":
             raise ValueError(f"compiled={values['compiled']!r} is an inductor option; backend '{backend.name}' "
                              f"{'compiles every entry point' if backend.compiles else 'compiles nothing'}")
@@ -142,9 +152,6 @@ class Settings:
             values["min_prefill_chunk"] = 16 if prompts_compiled else 1
         if values["prefill_granule"] is None:  # prompts run eagerly: more chunk lengths cost nothing
             values["prefill_granule"] = values["min_prefill_chunk"] if not prompts_compiled else 0
-        values["device"] = values["device"] or backend.devices[0]
-        device_type = torch.device(values["device"]).type
-        backend.check_device(device_type)
         if values["dtype"] is None:  # CPUs without bf16 matrix units run fp32 far faster; accelerators run bf16
             values["dtype"] = "float32" if device_type == "cpu" else "bfloat16"
         # CPU: weights as published (MXFP4 experts, bf16 matrices) through the CPU kernels of the torch op table;

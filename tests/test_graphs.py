@@ -19,7 +19,9 @@ from gptoss.tools.make_checkpoint import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(max_batch_size=4, max_seq_len=128, prefill_chunk=16, batch_sizes=[1, 4])
-SERVING = dict(SETTINGS, mixed_steps=True)  # the compiled runtime also has the server's mixed-step graphs
+# every entry point compiled (CPU's default compiles decode only: test_decode_only_graphs), and the server's
+# mixed-step graphs
+SERVING = dict(SETTINGS, mixed_steps=True, compiled="all")
 PROMPTS = [[5, 17, 300, 2, 9, 44, 12, 8, 3, 1, 400, 41, 7, 7, 9, 10, 11, 600, 3],
            [8, 9], list(range(100, 137)), [900, 3, 5, 7, 11]]
 
@@ -214,14 +216,17 @@ def test_refused_for_the_other_window_cache(artifacts, checkpoint):
 
 
 def test_prefill_granule_follows_the_backend(artifacts, checkpoint):
-    """Eager, which builds no graphs, does not pad first and last chunks (granule 1, smallest chunk 1); compiled
-    backends keep powers of two from 16 unless asked (more graphs); artifacts built without a granule refuse a run
-    that asks for one."""
+    """Where prompts run eagerly (the eager backend; inductor on CPU, which compiles decode steps only unless
+    asked) first and last chunks are not padded (granule 1, smallest chunk 1); compiled prompts keep powers of two
+    from 16 unless asked (more graphs); artifacts built without a granule refuse a run that asks for one."""
     from gptoss.runtime import Settings
     eager = Settings(backend="eager").resolve()
     assert (eager.prefill_granule, eager.min_prefill_chunk) == (1, 1)
-    assert Settings(backend="inductor").resolve().min_prefill_chunk == 16
-    assert Settings(backend="inductor").resolve().prefill_granule == 0
+    cpu = Settings(backend="inductor").resolve()
+    assert (cpu.compiled, cpu.prefill_granule, cpu.min_prefill_chunk) == ("decode", 1, 1)
+    full = Settings(backend="inductor", compiled="all").resolve()
+    assert (full.prefill_granule, full.min_prefill_chunk) == (0, 16)
+    assert Settings(artifacts=str(artifacts[0])).resolve().compiled == "all"  # as built, whatever the default
     assert Settings(artifacts=str(artifacts[0])).resolve().prefill_granule == 0
     assert Settings(backend="eager", prefill_granule=0).resolve().prefill_granule == 0
     for bad in (3, -1, True):

@@ -35,6 +35,8 @@ def _runtime(ckpt, backend: str, **kw) -> Runtime:
         kw["dtype"] = os.environ["TP_WORKER_DTYPE"]
     if os.environ.get("TP_WORKER_WEIGHTS"):
         kw.setdefault("weights", os.environ["TP_WORKER_WEIGHTS"])
+    if backend == "inductor":
+        kw.setdefault("compiled", "all")  # prompt graphs too (CPU's default compiles decode steps only)
     return Runtime.from_pretrained(ckpt, backend=backend, max_batch_size=2, max_seq_len=SLOTS,
                                    prefill_chunk=CHUNK, batch_sizes=[2], progress=False, **kw)
 

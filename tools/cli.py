@@ -38,8 +38,10 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
                          "nothing measurable (BENCHMARKS.md)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated batch buckets to build graphs for, e.g. 1,8")
     ap.add_argument("--compiled", default=None, choices=["all", "decode"],
-                    help="inductor: graphs for every entry point (default) or for decode steps only, prompts then "
-                         "running eagerly (fewer graphs to build, prompts padded only to --prefill-granule)")
+                    help="inductor: graphs for every entry point or for decode steps only, prompts then running "
+                         "eagerly (fewer graphs to build, prompts padded only to --prefill-granule). Default: decode "
+                         "on CPU (a prompt chunk costs the same eager, and unpadded), all on accelerators, or the "
+                         "artifacts' setting")
     ap.add_argument("--window-cache", default=None, choices=["ring", "full"],
                     help="ring: sliding-window layers keep only their window (default); full: max_seq_len slots")
     ap.add_argument("--kv-buckets", action=argparse.BooleanOptionalAction, default=None,
