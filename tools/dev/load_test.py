@@ -211,7 +211,7 @@ def main(argv=None) -> int:
                                                         "--artifacts)")
     ap.add_argument("--artifacts", default=None)
     ap.add_argument("--compiled", default=None, choices=["all", "decode"],
-                    help="inductor: every entry point compiled (default) or decode steps only")
+                    help="inductor: every entry point compiled or decode steps only (the default on CPU)")
     ap.add_argument("--frontend", choices=("process", "thread"), default="process",
                     help="HTTP in a process of its own (as tools.serve runs it) or in a thread beside the engine")
     ap.add_argument("--seed", type=int, default=0)
