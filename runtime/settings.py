@@ -140,7 +140,7 @@ class Settings:
             # CPU prompts run eagerly: a chunk computes for tens to hundreds of ms, where a graph saves nothing (a
             # 256-token chunk of the bench checkpoint took the same time either way), while a graph per chunk length
             # means padding each prompt's last chunk to a power of two (up to ~2x its work: the load test's prompts
-            # computed 21% padding; served 1.19-1.25x the tokens/s unpadded, BENCHMARKS.md session 43). Accelerators
+            # computed 21% padding; served 1.18-1.25x the tokens/s unpadded, BENCHMARKS.md session 43). Accelerators
             # compile every entry point: there eager's per-op launches would dominate a chunk.
             values["compiled"] = "decode" if backend.name == "inductor" and device_type == "cpu" else "all"
         if values["compiled"] != "all" and backend.name != "inductor":
