@@ -141,7 +141,7 @@ class Settings:
             # 256-token chunk of the bench checkpoint took the same time either way), while a graph per chunk length
             # means padding each prompt's last chunk to a power of two (up to ~2x its work: the load test's prompts
             # computed 21% padding; served 1.18-1.25x the tokens/s unpadded, BENCHMARKS.md session 43). Accelerators
-            # compile every entry point: there eager's per-op launches would dominate a chunk.
+            # keep every entry point compiled (not measured against eager there: each eager op is a launch).
             values["compiled"] = "decode" if backend.name == "inductor" and device_type == "cpu" else "all"
         if values["compiled"] != "all" and backend.name != "inductor":
             raise ValueError(f"compiled={values['compiled']!r} is an inductor option; backend '{backend.name}' "

@@ -40,8 +40,8 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, backend_default: str | None
     ap.add_argument("--compiled", default=None, choices=["all", "decode"],
                     help="inductor: graphs for every entry point or for decode steps only, prompts then running "
                          "eagerly (fewer graphs to build, prompts padded only to --prefill-granule). Default: decode "
-                         "on CPU (a prompt chunk costs the same eager, and unpadded), all on accelerators, or the "
-                         "artifacts' setting")
+                         "on CPU (a 256-token chunk of the bench checkpoint took the same time eager, and eager "
+                         "chunks are unpadded), all on accelerators, or the artifacts' setting")
     ap.add_argument("--window-cache", default=None, choices=["ring", "full"],
                     help="ring: sliding-window layers keep only their window (default); full: max_seq_len slots")
     ap.add_argument("--kv-buckets", action=argparse.BooleanOptionalAction, default=None,
